@@ -1,0 +1,175 @@
+//! The virksomhetssertifikat: parsing the chain, and the facts the agent needs from it
+//! (subject, issuer, organisation number, validity, fingerprint, public key).
+//!
+//! Certificates come from outside (a PEM file or a token object) and are parsed with
+//! `x509-cert`; malformed input is an error, never a panic.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use der::{Decode, Encode, asn1::ObjectIdentifier};
+use sha2::{Digest, Sha256};
+use x509_cert::Certificate;
+
+use crate::grant::is_organization_number;
+
+/// organizationIdentifier (2.5.4.97): SEID 2.0 puts `NTRNO-<orgnr>` here.
+const ORGANIZATION_IDENTIFIER: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.97");
+/// serialNumber (2.5.4.5): SEID 1 puts the bare organisation number here.
+const SERIAL_NUMBER: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.5");
+/// organizationName (2.5.4.10): older SEID 1 certificates end it with " - <orgnr>".
+const ORGANIZATION: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.10");
+/// rsaEncryption, the only key type Maskinporten's RS256/384/512 can use.
+const RSA_ENCRYPTION: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
+
+const PEM_BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+
+/// A certificate that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// The bytes are not a certificate.
+    #[error("not a valid X.509 certificate: {0}")]
+    Parse(#[source] der::Error),
+    /// The PEM file holds no certificate.
+    #[error("no certificate found (expected PEM \"-----BEGIN CERTIFICATE-----\" blocks)")]
+    Empty,
+    /// The key in the certificate is not RSA.
+    #[error("the certificate's key is not RSA ({0}); Maskinporten accepts only RS256, RS384 and RS512")]
+    NotRsa(String),
+}
+
+/// A certificate chain, leaf first, kept both parsed and as the DER that goes into `x5c`.
+#[derive(Debug, Clone)]
+pub struct CertificateChain {
+    certificates: Vec<Certificate>,
+    der: Vec<Vec<u8>>,
+}
+
+impl CertificateChain {
+    /// Parses DER certificates, leaf first.
+    pub fn from_der(der: Vec<Vec<u8>>) -> Result<Self, CertError> {
+        if der.is_empty() {
+            return Err(CertError::Empty);
+        }
+        let certificates = der
+            .iter()
+            .map(|d| Certificate::from_der(d).map_err(CertError::Parse))
+            .collect::<Result<_, _>>()?;
+        Ok(CertificateChain { certificates, der })
+    }
+
+    /// Parses a PEM chain, leaf first.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, CertError> {
+        if !pem
+            .windows(PEM_BEGIN.len())
+            .any(|w| w == PEM_BEGIN.as_bytes())
+        {
+            return Err(CertError::Empty);
+        }
+        let certificates = Certificate::load_pem_chain(pem).map_err(CertError::Parse)?;
+        if certificates.is_empty() {
+            return Err(CertError::Empty);
+        }
+        let der = certificates
+            .iter()
+            .map(|c| c.to_der().map_err(CertError::Parse))
+            .collect::<Result<_, _>>()?;
+        Ok(CertificateChain { certificates, der })
+    }
+
+    /// DER of every certificate, leaf first: the `x5c` content.
+    pub fn der(&self) -> impl Iterator<Item = &[u8]> {
+        self.der.iter().map(Vec::as_slice)
+    }
+
+    fn leaf(&self) -> &Certificate {
+        &self.certificates[0]
+    }
+
+    /// Lowercase hex SHA-256 of the leaf's DER, as `openssl x509 -fingerprint -sha256` shows it
+    /// (without colons).
+    pub fn leaf_sha256_hex(&self) -> String {
+        crate::config::hex(&Sha256::digest(&self.der[0]))
+    }
+
+    /// The leaf's subject in RFC 4514 form.
+    pub fn subject(&self) -> String {
+        self.leaf().tbs_certificate().subject().to_string()
+    }
+
+    /// The leaf's issuer in RFC 4514 form.
+    pub fn issuer(&self) -> String {
+        self.leaf().tbs_certificate().issuer().to_string()
+    }
+
+    /// Validity of the leaf as Unix seconds: (not before, not after).
+    pub fn validity(&self) -> (i64, i64) {
+        let v = self.leaf().tbs_certificate().validity();
+        (unix(v.not_before.to_system_time()), unix(v.not_after.to_system_time()))
+    }
+
+    /// The organisation number, from the SEID 2.0 `organizationIdentifier` (`NTRNO-` +
+    /// nine digits), else the SEID 1 `serialNumber`, else an `O` ending in " - <nine digits>".
+    /// Only numbers with a valid check digit count.
+    pub fn organization_number(&self) -> Option<String> {
+        let subject = self.leaf().tbs_certificate().subject();
+        let values = |oid: ObjectIdentifier| {
+            subject
+                .iter()
+                .filter(move |atv| atv.oid == oid)
+                .filter_map(|atv| directory_string(&atv.value))
+        };
+        let seid2 = values(ORGANIZATION_IDENTIFIER)
+            .filter_map(|v| v.strip_prefix("NTRNO-").map(str::to_owned));
+        let seid1 = values(SERIAL_NUMBER);
+        let old_o = values(ORGANIZATION)
+            .filter_map(|v| v.rsplit_once(" - ").map(|(_, n)| n.trim().to_owned()));
+        seid2.chain(seid1).chain(old_o).find(|n| is_organization_number(n))
+    }
+
+    /// The leaf's RSA public key as PKCS#1 `RSAPublicKey` DER, which is canonical: two
+    /// keys are equal exactly when these bytes are.
+    pub fn rsa_public_key_der(&self) -> Result<&[u8], CertError> {
+        let spki = self.leaf().tbs_certificate().subject_public_key_info();
+        if spki.algorithm.oid != RSA_ENCRYPTION {
+            return Err(CertError::NotRsa(spki.algorithm.oid.to_string()));
+        }
+        Ok(spki.subject_public_key.raw_bytes())
+    }
+}
+
+/// Reads the string types a DirectoryString may use in the names we care about.
+fn directory_string(value: &der::Any) -> Option<String> {
+    use der::asn1::{PrintableStringRef, Utf8StringRef};
+    Utf8StringRef::try_from(value)
+        .map(|s| s.as_str().to_owned())
+        .or_else(|_| PrintableStringRef::try_from(value).map(|s| s.as_str().to_owned()))
+        .ok()
+}
+
+fn unix(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(matches!(CertificateChain::from_der(vec![]), Err(CertError::Empty)));
+        assert!(matches!(
+            CertificateChain::from_der(vec![vec![0x30, 0x03, 0x02, 0x01]]),
+            Err(CertError::Parse(_))
+        ));
+        assert!(matches!(CertificateChain::from_pem(b"hello"), Err(CertError::Empty)));
+        let bad_pem = b"-----BEGIN CERTIFICATE-----\nMAMCAQE=\n-----END CERTIFICATE-----\n";
+        assert!(matches!(CertificateChain::from_pem(bad_pem), Err(CertError::Parse(_))));
+        for len in 0..64 {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 37 % 251) as u8).collect();
+            assert!(CertificateChain::from_der(vec![bytes]).is_err());
+        }
+    }
+}

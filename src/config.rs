@@ -1,0 +1,543 @@
+//! The agent's configuration: plain data parsed from TOML and validated before any
+//! socket is bound or PKCS#11 session opened.
+//!
+//! Every error names the file, the key and the fix, because the person reading it is
+//! an operator at a terminal, not a developer with a debugger. Relative paths in the
+//! file are resolved against the file's own folder, so a config and its PIN file can
+//! move together.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::grant::Algorithm;
+
+/// Where the agent listens when the config says nothing.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+
+/// Most sessions a pool may open; more buys nothing on any token we know of.
+const MAX_SESSIONS: usize = 256;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address of the gRPC listener.
+    pub listen: SocketAddr,
+    /// The PKCS#11 module, token and PIN.
+    pub pkcs11: Pkcs11Config,
+    /// Keys the agent signs with, in file order; at least one.
+    pub keys: Vec<KeyConfig>,
+    /// Name of the key used when a request names none.
+    pub default_key: String,
+    /// Environment used when a request names none; `None` makes it required.
+    pub default_environment: Option<String>,
+    /// Named environments beyond (or overriding) the built-in `test` and `prod`.
+    pub environments: BTreeMap<String, EnvironmentConfig>,
+}
+
+/// How to reach the token.
+#[derive(Debug, Clone)]
+pub struct Pkcs11Config {
+    /// Path of the PKCS#11 shared library.
+    pub module: PathBuf,
+    /// `CKA_LABEL` of the token (slot numbers move; labels do not).
+    pub token_label: String,
+    /// Where the user PIN comes from.
+    pub pin: PinSource,
+    /// Sessions in the signing pool.
+    pub sessions: usize,
+}
+
+/// The user PIN is read from a file or an environment variable, never from the command line
+/// (which every user of the machine can read in `/proc`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinSource {
+    /// A file holding the PIN; one trailing newline is ignored.
+    File(PathBuf),
+    /// The name of an environment variable holding the PIN.
+    Env(String),
+}
+
+/// One signing key.
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    /// The name callers use in `GrantParameters.key`.
+    pub name: String,
+    /// How the private key is found in the token.
+    pub locator: KeyLocator,
+    /// Where the certificate chain comes from.
+    pub certificate: CertificateSource,
+    /// JWS algorithm for grants signed with this key.
+    pub algorithm: Algorithm,
+}
+
+/// How a private key is found in the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyLocator {
+    /// By `CKA_LABEL`.
+    Label(String),
+    /// By `CKA_ID` (bytes, given in the file as hex).
+    Id(Vec<u8>),
+}
+
+impl fmt::Display for KeyLocator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyLocator::Label(label) => write!(f, "label \"{label}\""),
+            KeyLocator::Id(id) => write!(f, "id {}", hex(id)),
+        }
+    }
+}
+
+/// Where a key's certificate chain comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertificateSource {
+    /// The `CKO_CERTIFICATE` object in the token with the key's `CKA_ID`.
+    Token,
+    /// A PEM file: the leaf first, then intermediates.
+    PemFile(PathBuf),
+}
+
+/// An environment: where grants are addressed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvironmentConfig {
+    /// The `aud` claim, Maskinporten's issuer URL.
+    pub audience: String,
+}
+
+/// A configuration that cannot be used, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read the config file: {source}")]
+    Read {
+        /// The file.
+        file: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has keys of the wrong type.
+    #[error("{file}: {message}")]
+    Syntax {
+        /// The file.
+        file: String,
+        /// The TOML parser's message, which names the key and the line.
+        message: String,
+    },
+    /// A value is well-formed but cannot work.
+    #[error("{file}: `{key}`: {problem}; {fix}")]
+    Invalid {
+        /// The file.
+        file: String,
+        /// The dotted key path, e.g. `keys[0].label`.
+        key: String,
+        /// What is wrong.
+        problem: String,
+        /// What to do.
+        fix: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &path.display().to_string(), base)
+    }
+
+    /// Parses and validates config text; `origin` names it in errors and relative paths
+    /// resolve against the current directory.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        Self::parse(text, origin, Path::new("."))
+    }
+
+    fn parse(text: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |key: &str, problem: String, fix: &str| ConfigError::Invalid {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            problem,
+            fix: fix.to_owned(),
+        };
+
+        let listen = raw
+            .listen
+            .as_deref()
+            .unwrap_or(DEFAULT_LISTEN)
+            .parse::<SocketAddr>()
+            .map_err(|_| {
+                invalid(
+                    "listen",
+                    format!("{:?} is not an IP address and port", raw.listen.unwrap_or_default()),
+                    "write it as \"127.0.0.1:50051\" or \"[::1]:50051\"",
+                )
+            })?;
+
+        let p = raw.pkcs11;
+        if p.module.as_os_str().is_empty() {
+            return Err(invalid(
+                "pkcs11.module",
+                "is empty".into(),
+                "set it to the PKCS#11 library, e.g. \"/usr/lib/softhsm/libsofthsm2.so\"",
+            ));
+        }
+        if p.token_label.is_empty() || p.token_label.len() > 32 {
+            return Err(invalid(
+                "pkcs11.token_label",
+                format!("must be 1 to 32 bytes, got {}", p.token_label.len()),
+                "use the label the token was initialised with (softhsm2-util --show-slots lists them)",
+            ));
+        }
+        let pin = match (p.pin_file, p.pin_env) {
+            (Some(path), None) => PinSource::File(base.join(path)),
+            (None, Some(var)) if !var.is_empty() => PinSource::Env(var),
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "pkcs11.pin_env",
+                    "is empty".into(),
+                    "name the environment variable that holds the PIN",
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "pkcs11",
+                    "has neither pin_file nor pin_env".into(),
+                    "add pin_file = \"/run/secrets/hsm-pin\" or pin_env = \"GRANT_AGENT_PIN\"",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "pkcs11",
+                    "has both pin_file and pin_env".into(),
+                    "keep exactly one of them",
+                ));
+            }
+        };
+        let sessions = match p.sessions {
+            None => default_sessions(),
+            Some(n) if (1..=MAX_SESSIONS).contains(&n) => n,
+            Some(n) => {
+                return Err(invalid(
+                    "pkcs11.sessions",
+                    format!("{n} is out of range"),
+                    &format!("use 1 to {MAX_SESSIONS}, or leave it out for one per CPU"),
+                ));
+            }
+        };
+        let pkcs11 = Pkcs11Config {
+            module: p.module,
+            token_label: p.token_label,
+            pin,
+            sessions,
+        };
+
+        if raw.keys.is_empty() {
+            return Err(invalid(
+                "keys",
+                "no key is configured".into(),
+                "add a [[keys]] table with name, label (or id) and certificate",
+            ));
+        }
+        let mut keys: Vec<KeyConfig> = Vec::with_capacity(raw.keys.len());
+        for (i, k) in raw.keys.into_iter().enumerate() {
+            let at = |field: &str| format!("keys[{i}].{field}");
+            if !is_key_name(&k.name) {
+                return Err(invalid(
+                    &at("name"),
+                    format!("{:?} is not a usable key name", k.name),
+                    "use 1 to 64 characters from A-Z a-z 0-9 . _ -",
+                ));
+            }
+            if keys.iter().any(|seen| seen.name == k.name) {
+                return Err(invalid(
+                    &at("name"),
+                    format!("the name {:?} is used twice", k.name),
+                    "give every key its own name",
+                ));
+            }
+            let locator = match (k.label, k.id) {
+                (Some(label), None) if !label.is_empty() => KeyLocator::Label(label),
+                (None, Some(id)) => KeyLocator::Id(parse_hex(&id).ok_or_else(|| {
+                    invalid(
+                        &at("id"),
+                        format!("{id:?} is not hex"),
+                        "write the CKA_ID as hex digits, e.g. id = \"01\"",
+                    )
+                })?),
+                _ => {
+                    return Err(invalid(
+                        &at("label"),
+                        "exactly one of label and id must be set (and not empty)".into(),
+                        "find the key by its CKA_LABEL (label = \"...\") or its CKA_ID (id = \"01\")",
+                    ));
+                }
+            };
+            let certificate = match k.certificate.as_str() {
+                "token" => CertificateSource::Token,
+                "" => {
+                    return Err(invalid(
+                        &at("certificate"),
+                        "is empty".into(),
+                        "write \"token\" or the path of a PEM chain (leaf first)",
+                    ));
+                }
+                path => CertificateSource::PemFile(base.join(path)),
+            };
+            let algorithm = match k.algorithm.as_deref() {
+                None => Algorithm::Rs256,
+                Some(name) => Algorithm::from_jws_name(name).ok_or_else(|| {
+                    invalid(
+                        &at("algorithm"),
+                        format!("{name:?} is not an algorithm Maskinporten accepts"),
+                        "use RS256, RS384 or RS512",
+                    )
+                })?,
+            };
+            keys.push(KeyConfig {
+                name: k.name,
+                locator,
+                certificate,
+                algorithm,
+            });
+        }
+        let default_key = match raw.default_key {
+            None => keys[0].name.clone(),
+            Some(name) if keys.iter().any(|k| k.name == name) => name,
+            Some(name) => {
+                return Err(invalid(
+                    "default_key",
+                    format!("no key is named {name:?}"),
+                    "name one of the [[keys]], or leave it out to use the first",
+                ));
+            }
+        };
+
+        let mut environments = BTreeMap::new();
+        for (name, env) in raw.environments {
+            let key = format!("environments.{name}.audience");
+            if !is_key_name(&name) {
+                return Err(invalid(
+                    &format!("environments.{name}"),
+                    "is not a usable environment name".into(),
+                    "use 1 to 64 characters from A-Z a-z 0-9 . _ -",
+                ));
+            }
+            if !(env.audience.starts_with("https://") || env.audience.starts_with("http://"))
+                || env.audience.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(invalid(
+                    &key,
+                    format!("{:?} is not an http(s) URL", env.audience),
+                    "use the Maskinporten issuer URL, e.g. \"https://test.maskinporten.no/\"",
+                ));
+            }
+            let _ = environments.insert(name, EnvironmentConfig { audience: env.audience });
+        }
+        let config = Config {
+            listen,
+            pkcs11,
+            keys,
+            default_key,
+            default_environment: raw.default_environment,
+            environments,
+        };
+        if let Some(env) = &config.default_environment
+            && config.audience(env).is_none()
+        {
+            return Err(invalid(
+                "default_environment",
+                format!("{env:?} is not a known environment"),
+                "use \"test\", \"prod\" or a name from [environments]",
+            ));
+        }
+        Ok(config)
+    }
+
+    /// The `aud` for an environment name: the config's own first, then the built-ins.
+    pub fn audience(&self, environment: &str) -> Option<&str> {
+        if let Some(env) = self.environments.get(environment) {
+            return Some(&env.audience);
+        }
+        match environment {
+            "test" => Some("https://test.maskinporten.no/"),
+            "prod" => Some("https://maskinporten.no/"),
+            _ => None,
+        }
+    }
+
+    /// All environment names a request may use, sorted.
+    pub fn environment_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = ["prod", "test"].map(String::from).into();
+        names.extend(self.environments.keys().cloned());
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+fn default_sessions() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
+}
+
+fn is_key_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    if s.is_empty() || s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Lowercase hex of bytes.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    pkcs11: RawPkcs11,
+    #[serde(default)]
+    keys: Vec<RawKey>,
+    default_key: Option<String>,
+    default_environment: Option<String>,
+    #[serde(default)]
+    environments: BTreeMap<String, RawEnvironment>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPkcs11 {
+    module: PathBuf,
+    token_label: String,
+    pin_file: Option<PathBuf>,
+    pin_env: Option<String>,
+    sessions: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    name: String,
+    label: Option<String>,
+    id: Option<String>,
+    certificate: String,
+    algorithm: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnvironment {
+    audience: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:50051"
+[pkcs11]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "grant-agent"
+pin_file = "/run/secrets/hsm-pin"
+[[keys]]
+name = "default"
+label = "virksomhetssertifikat"
+certificate = "token"
+"#;
+
+    fn err(text: &str) -> String {
+        Config::from_toml_str(text, "agent.toml")
+            .expect_err("config should be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn the_issue_example_parses() {
+        let c = Config::from_toml_str(GOOD, "agent.toml").expect("valid");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(c.pkcs11.pin, PinSource::File("/run/secrets/hsm-pin".into()));
+        assert_eq!(c.keys[0].locator, KeyLocator::Label("virksomhetssertifikat".into()));
+        assert_eq!(c.keys[0].certificate, CertificateSource::Token);
+        assert_eq!(c.keys[0].algorithm, Algorithm::Rs256);
+        assert_eq!(c.default_key, "default");
+        assert_eq!(c.audience("test"), Some("https://test.maskinporten.no/"));
+        assert_eq!(c.audience("prod"), Some("https://maskinporten.no/"));
+        assert_eq!(c.audience("staging"), None);
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        let text = GOOD.replace("/run/secrets/hsm-pin", "pin");
+        std::fs::write(&path, text).expect("write");
+        let c = Config::load(&path).expect("valid");
+        assert_eq!(c.pkcs11.pin, PinSource::File(dir.path().join("pin")));
+    }
+
+    #[test]
+    fn key_by_id_and_named_environments() {
+        let text = GOOD.replace("label = \"virksomhetssertifikat\"", "id = \"0a1B\"")
+            + "default_environment = \"staging\"\n[environments.staging]\naudience = \"http://127.0.0.1:8080/\"\n";
+        // default_environment must sit before the tables; move it to the top.
+        let text = format!(
+            "default_environment = \"staging\"\n{}",
+            text.replace("default_environment = \"staging\"\n", "")
+        );
+        let c = Config::from_toml_str(&text, "agent.toml").expect("valid");
+        assert_eq!(c.keys[0].locator, KeyLocator::Id(vec![0x0a, 0x1b]));
+        assert_eq!(c.audience("staging"), Some("http://127.0.0.1:8080/"));
+        assert_eq!(c.environment_names(), ["prod", "staging", "test"]);
+    }
+
+    #[test]
+    fn errors_name_the_file_the_key_and_the_fix() {
+        assert_eq!(
+            err(&GOOD.replace("pin_file = \"/run/secrets/hsm-pin\"\n", "")),
+            "agent.toml: `pkcs11`: has neither pin_file nor pin_env; add pin_file = \"/run/secrets/hsm-pin\" or pin_env = \"GRANT_AGENT_PIN\""
+        );
+        assert_eq!(
+            err(&GOOD.replace("label = \"virksomhetssertifikat\"\n", "")),
+            "agent.toml: `keys[0].label`: exactly one of label and id must be set (and not empty); find the key by its CKA_LABEL (label = \"...\") or its CKA_ID (id = \"01\")"
+        );
+        assert!(err(&GOOD.replace("127.0.0.1:50051", "localhost")).starts_with("agent.toml: `listen`:"));
+        assert!(err(&(GOOD.to_owned() + "algorithm = \"ES256\"\n")).contains("`keys[0].algorithm`"));
+        assert!(err(&GOOD.replace("label = \"virksomhetssertifikat\"", "id = \"xyz\"")).contains("`keys[0].id`"));
+        assert!(err(&GOOD.replace("[pkcs11]", "[pkcs11]\nsessions = 0")).contains("`pkcs11.sessions`"));
+        assert!(err(&format!("default_key = \"nope\"\n{GOOD}")).contains("`default_key`"));
+        assert!(err(&format!("default_environment = \"nope\"\n{GOOD}")).contains("`default_environment`"));
+        let twice = GOOD.to_owned() + "[[keys]]\nname = \"default\"\nlabel = \"x\"\ncertificate = \"token\"\n";
+        assert!(err(&twice).contains("`keys[1].name`: the name \"default\" is used twice"));
+    }
+
+    #[test]
+    fn unknown_keys_and_a_pin_on_the_command_line_are_refused() {
+        let e = err(&GOOD.replace("pin_file", "pin"));
+        assert!(e.starts_with("agent.toml: "), "{e}");
+        assert!(e.contains("unknown field `pin`"), "{e}");
+    }
+}

@@ -1,0 +1,266 @@
+//! `grant-agent dev`: a development SoftHSM token, made idempotently in a state folder,
+//! so a new user (and CI) can run the real agent with no HSM and no configuration.
+//!
+//! The folder holds `softhsm2.conf` and `tokens/` (the token), `pin` and `so-pin`
+//! (random, mode 0600) and `config.toml`. The token holds an RSA-2048 key pair generated
+//! inside it (sensitive, never extractable) and a self-signed certificate shaped like a
+//! SEID 2.0 *test* virksomhetssertifikat, signed by that key and stored next to it.
+//!
+//! SoftHSM reads `SOFTHSM2_CONF` when the module is initialised, so the process must
+//! have it in its environment from the start; [`ensure_environment`] re-executes the
+//! program with it set rather than changing the environment of a running process.
+
+use std::{
+    fs,
+    io::Write,
+    net::SocketAddr,
+    os::unix::{fs::OpenOptionsExt, process::CommandExt},
+    path::{Path, PathBuf},
+    process::Command,
+    str::FromStr,
+    time::Duration,
+};
+
+use der::Encode;
+use x509_cert::{
+    builder::{Builder, CertificateBuilder, profile::BuilderProfile},
+    ext::{
+        Extension, ToExtension,
+        pkix::{KeyUsage, KeyUsages},
+    },
+    name::Name,
+    serial_number::SerialNumber,
+    spki::{SubjectPublicKeyInfoOwned, SubjectPublicKeyInfoRef},
+    time::Validity,
+};
+
+use crate::{
+    config::Config,
+    hsm::{HsmError, Token, TokenKey, TokenSigner, init_token, read_pin},
+};
+
+/// Token label of the development token.
+pub const TOKEN_LABEL: &str = "grant-agent";
+/// Key label of the development key.
+pub const KEY_LABEL: &str = "virksomhetssertifikat";
+/// A synthetic organisation number with a valid check digit, as in Digdir's test data.
+pub const ORGANIZATION_NUMBER: &str = "313367002";
+const KEY_ID: [u8; 1] = [0x01];
+const REEXEC_MARK: &str = "GRANT_AGENT_DEV_REEXEC";
+
+/// Where SoftHSM's module is installed by the distributions we support.
+const SOFTHSM_MODULES: [&str; 3] = [
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+];
+
+/// Why the development setup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// SoftHSM is not installed.
+    #[error("SoftHSM2 is not installed (looked for {0}); install it with: sudo apt-get install -y softhsm2")]
+    NoSoftHsm(String),
+    /// A file in the state folder could not be written or read.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Re-executing with `SOFTHSM2_CONF` set failed.
+    #[error("cannot re-run with SOFTHSM2_CONF set: {0}")]
+    Exec(String),
+    /// The generated config is invalid (a bug).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The token refused an operation.
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    /// The certificate could not be built.
+    #[error("cannot build the development certificate: {0}")]
+    Certificate(String),
+}
+
+/// The SoftHSM module on this machine.
+pub fn softhsm_module() -> Result<PathBuf, DevError> {
+    SOFTHSM_MODULES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| DevError::NoSoftHsm(SOFTHSM_MODULES.join(", ")))
+}
+
+/// Returns when `SOFTHSM2_CONF` names `state_dir`'s config; otherwise writes that config
+/// and re-executes this program with it set (and does not return on success).
+pub fn ensure_environment(state_dir: &Path) -> Result<(), DevError> {
+    let conf = state_dir.join("softhsm2.conf");
+    if std::env::var_os("SOFTHSM2_CONF").as_deref() == Some(conf.as_os_str()) {
+        return Ok(());
+    }
+    if std::env::var_os(REEXEC_MARK).is_some() {
+        return Err(DevError::Exec(format!(
+            "SOFTHSM2_CONF is still not {} after re-running",
+            conf.display()
+        )));
+    }
+    let tokens = state_dir.join("tokens");
+    fs::create_dir_all(&tokens).map_err(file_error(&tokens))?;
+    let text = format!(
+        "# Written by grant-agent dev.\ndirectories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+        tokens.display()
+    );
+    fs::write(&conf, text).map_err(file_error(&conf))?;
+    let exe = std::env::current_exe().map_err(|e| DevError::Exec(e.to_string()))?;
+    let error = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("SOFTHSM2_CONF", &conf)
+        .env(REEXEC_MARK, "1")
+        .exec();
+    Err(DevError::Exec(error.to_string()))
+}
+
+/// Makes (or reuses) the token, key, certificate and config in `state_dir`, and returns
+/// the config's path. Safe to run again: what exists is kept, what is missing is made.
+pub fn provision(state_dir: &Path, listen: SocketAddr) -> Result<PathBuf, DevError> {
+    let module = softhsm_module()?;
+    let pin_path = state_dir.join("pin");
+    let so_pin_path = state_dir.join("so-pin");
+    write_secret_once(&pin_path)?;
+    write_secret_once(&so_pin_path)?;
+    let config_path = state_dir.join("config.toml");
+    let config_text = format!(
+        "# Written by grant-agent dev: a development token, not for production.\n\
+         listen = \"{listen}\"\n\
+         default_environment = \"test\"\n\n\
+         [pkcs11]\n\
+         module = \"{module}\"\n\
+         token_label = \"{TOKEN_LABEL}\"\n\
+         pin_file = \"pin\"\n\n\
+         [[keys]]\n\
+         name = \"default\"\n\
+         label = \"{KEY_LABEL}\"\n\
+         certificate = \"token\"\n",
+        module = module.display(),
+    );
+    fs::write(&config_path, config_text).map_err(file_error(&config_path))?;
+    let config = Config::load(&config_path)?;
+    let pin = read_pin(&config.pkcs11.pin)?;
+
+    let token = match Token::open(&config.pkcs11, &pin) {
+        Ok(token) => token,
+        Err(HsmError::TokenNotFound { .. }) => {
+            let so_pin = read_pin(&crate::config::PinSource::File(so_pin_path))?;
+            init_token(&module, TOKEN_LABEL, &so_pin, &pin)?;
+            tracing::info!(label = TOKEN_LABEL, "initialised a development token");
+            Token::open(&config.pkcs11, &pin)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let result = ensure_key_and_certificate(&token);
+    let closed = token.close();
+    result?;
+    closed?;
+    Ok(config_path)
+}
+
+fn ensure_key_and_certificate(token: &Token) -> Result<(), DevError> {
+    let locator = crate::config::KeyLocator::Label(KEY_LABEL.into());
+    let key = match token.find_key(&locator) {
+        Ok(key) => key,
+        Err(HsmError::KeyNotFound(_)) => {
+            tracing::info!(label = KEY_LABEL, "generating an RSA-2048 key pair in the token");
+            token.generate_rsa_key(KEY_LABEL, &KEY_ID, 2048)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match token.certificate_der(&key) {
+        Ok(_) => Ok(()),
+        Err(HsmError::CertificateNotFound(_)) => {
+            let (der, subject) = self_signed_certificate(token, &key)?;
+            let _ = token.store_certificate(KEY_LABEL, &key.id, &der, &subject)?;
+            tracing::info!("stored a self-signed SEID 2.0-style test certificate in the token");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A leaf certificate for signing: digitalSignature and nonRepudiation, as Buypass and
+/// Commfides issue them. Self-signed, so issuer = subject.
+struct SelfSignedLeaf {
+    subject: Name,
+}
+
+impl BuilderProfile for SelfSignedLeaf {
+    fn get_issuer(&self, subject: &Name) -> Name {
+        subject.clone()
+    }
+
+    fn get_subject(&self) -> Name {
+        self.subject.clone()
+    }
+
+    fn build_extensions(
+        &self,
+        _spk: SubjectPublicKeyInfoRef<'_>,
+        _issuer_spk: SubjectPublicKeyInfoRef<'_>,
+        tbs: &x509_cert::TbsCertificate,
+    ) -> x509_cert::builder::Result<Vec<Extension>> {
+        let usage = KeyUsage(KeyUsages::DigitalSignature | KeyUsages::NonRepudiation);
+        Ok(vec![usage.to_extension(tbs.subject(), &[])?])
+    }
+}
+
+/// Builds the certificate inside the token; returns (certificate DER, subject DER).
+fn self_signed_certificate(token: &Token, key: &TokenKey) -> Result<(Vec<u8>, Vec<u8>), DevError> {
+    let fail = |e: &dyn std::fmt::Display| DevError::Certificate(e.to_string());
+    let subject = Name::from_str(&format!(
+        "CN=GRANT-AGENT DEV TEST,O=GRANT-AGENT DEV TEST,2.5.4.97=NTRNO-{ORGANIZATION_NUMBER},C=NO"
+    ))
+    .map_err(|e| fail(&e))?;
+    let signer = TokenSigner::new(token, key)?;
+    let spki = SubjectPublicKeyInfoOwned::from_key(&signature::Keypair::verifying_key(&signer))
+        .map_err(|e| fail(&e))?;
+    let mut serial = *uuid::Uuid::new_v4().as_bytes();
+    serial[0] &= 0x7f;
+    let serial = SerialNumber::new(&serial).map_err(|e| fail(&e))?;
+    let validity = Validity::from_now(Duration::from_secs(2 * 365 * 24 * 3600)).map_err(|e| fail(&e))?;
+    let builder = CertificateBuilder::new(SelfSignedLeaf { subject }, serial, validity, spki)
+        .map_err(|e| fail(&e))?;
+    let certificate = builder
+        .build::<_, rsa::pkcs1v15::Signature>(&signer)
+        .map_err(|e| fail(&e))?;
+    let der = certificate.to_der().map_err(|e| fail(&e))?;
+    let subject = certificate
+        .tbs_certificate()
+        .subject()
+        .to_der()
+        .map_err(|e| fail(&e))?;
+    Ok((der, subject))
+}
+
+/// Writes a random secret to `path` (mode 0600) unless the file exists.
+fn write_secret_once(path: &Path) -> Result<(), DevError> {
+    if path.exists() {
+        return Ok(());
+    }
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_error(path))?;
+    file.write_all(secret[..16].as_bytes())
+        .map_err(file_error(path))
+}
+
+fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
+    move |source| DevError::File {
+        path: path.display().to_string(),
+        source,
+    }
+}

@@ -1,0 +1,400 @@
+//! The Maskinporten JWT grant (RFC 7523): request validation, claims and JWS compact
+//! encoding. Nothing here touches PKCS#11; signing is a function handed in by the caller.
+//!
+//! The claim set is closed: a caller chooses values for the claims Maskinporten lists
+//! and nothing else, because since 2025 Maskinporten rejects claims it does not know,
+//! and because a signing agent must not sign what it was not asked to vouch for.
+//!
+//! Limits (also in `docs/architecture.md`): client_id 1..=256 bytes; 1..=100 scopes of
+//! 1..=256 bytes each; 0..=20 resources of 1..=2048 bytes each; consumer_org nine
+//! digits with a valid check digit; lifetime 1..=120 seconds.
+
+use base64::{
+    Engine,
+    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+};
+use serde::Serialize;
+
+/// Longest grant Maskinporten accepts: `exp - iat <= 120`.
+pub const MAX_LIFETIME_SECONDS: u32 = 120;
+const MAX_CLIENT_ID: usize = 256;
+const MAX_SCOPES: usize = 100;
+const MAX_SCOPE: usize = 256;
+const MAX_RESOURCES: usize = 20;
+const MAX_RESOURCE: usize = 2048;
+
+/// JWS algorithms Maskinporten accepts. All are RSASSA-PKCS1-v1_5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
+    Rs256,
+    /// RSASSA-PKCS1-v1_5 with SHA-384.
+    Rs384,
+    /// RSASSA-PKCS1-v1_5 with SHA-512.
+    Rs512,
+}
+
+impl Algorithm {
+    /// The JWS `alg` name.
+    pub fn jws_name(self) -> &'static str {
+        match self {
+            Algorithm::Rs256 => "RS256",
+            Algorithm::Rs384 => "RS384",
+            Algorithm::Rs512 => "RS512",
+        }
+    }
+
+    /// Parses a JWS `alg` name.
+    pub fn from_jws_name(name: &str) -> Option<Self> {
+        match name {
+            "RS256" => Some(Algorithm::Rs256),
+            "RS384" => Some(Algorithm::Rs384),
+            "RS512" => Some(Algorithm::Rs512),
+            _ => None,
+        }
+    }
+}
+
+/// What a caller asks for, before validation. Field names follow the gRPC
+/// `GrantParameters` so errors can name them.
+#[derive(Debug, Clone, Default)]
+pub struct GrantParameters {
+    /// Key name; empty for the default.
+    pub key: String,
+    /// The client_id, which becomes `iss`.
+    pub client_id: String,
+    /// Scopes for the `scope` claim.
+    pub scopes: Vec<String>,
+    /// Environment name; empty for the configured default.
+    pub environment: String,
+    /// Values for the `resource` claim.
+    pub resources: Vec<String>,
+    /// Organisation number for the `consumer_org` claim; empty for none.
+    pub consumer_org: String,
+    /// Lifetime in seconds; 0 means the maximum.
+    pub lifetime_seconds: u32,
+}
+
+/// A request that cannot be signed. `field` is the gRPC field path, so a caller can
+/// find the mistake without reading our code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidGrant {
+    /// e.g. `grant.scopes[2]`.
+    pub field: String,
+    /// What is wrong, without echoing secrets (the request holds none).
+    pub reason: String,
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> InvalidGrant {
+    InvalidGrant {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The claims of one grant, in the order they are serialised.
+#[derive(Debug, Clone, Serialize)]
+pub struct Claims {
+    /// Maskinporten's issuer URL for the environment.
+    pub aud: String,
+    /// The client_id.
+    pub iss: String,
+    /// Space-separated scopes.
+    pub scope: String,
+    /// Issued at, Unix seconds.
+    pub iat: i64,
+    /// Expiry, Unix seconds.
+    pub exp: i64,
+    /// Unique id (UUID v4); Maskinporten refuses a reused one.
+    pub jti: String,
+    /// Audience-restricted token targets.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub resource: Vec<String>,
+    /// Organisation acted for, by delegation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer_org: Option<String>,
+}
+
+impl Claims {
+    /// Validates `params` and builds the claims for a grant issued at `now` (Unix seconds)
+    /// to `aud`, with a fresh random `jti`.
+    pub fn new(params: &GrantParameters, aud: &str, now: i64) -> Result<Self, InvalidGrant> {
+        check_client_id(&params.client_id)?;
+        check_scopes(&params.scopes)?;
+        check_resources(&params.resources)?;
+        let consumer_org = match params.consumer_org.as_str() {
+            "" => None,
+            org if is_organization_number(org) => Some(org.to_owned()),
+            _ => {
+                return Err(invalid(
+                    "grant.consumer_org",
+                    "must be a nine-digit Norwegian organisation number with a valid check digit",
+                ));
+            }
+        };
+        let lifetime = match params.lifetime_seconds {
+            0 => MAX_LIFETIME_SECONDS,
+            n if n <= MAX_LIFETIME_SECONDS => n,
+            n => {
+                return Err(invalid(
+                    "grant.lifetime_seconds",
+                    format!("{n} is over the maximum of {MAX_LIFETIME_SECONDS} (0 means {MAX_LIFETIME_SECONDS})"),
+                ));
+            }
+        };
+        Ok(Claims {
+            aud: aud.to_owned(),
+            iss: params.client_id.clone(),
+            scope: params.scopes.join(" "),
+            iat: now,
+            exp: now + i64::from(lifetime),
+            jti: uuid::Uuid::new_v4().to_string(),
+            resource: params.resources.clone(),
+            consumer_org,
+        })
+    }
+}
+
+fn check_client_id(client_id: &str) -> Result<(), InvalidGrant> {
+    let field = "grant.client_id";
+    if client_id.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if client_id.len() > MAX_CLIENT_ID {
+        return Err(invalid(field, format!("is longer than {MAX_CLIENT_ID} bytes")));
+    }
+    if !client_id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(invalid(
+            field,
+            "must be printable ASCII without spaces (a Maskinporten client_id is usually a UUID)",
+        ));
+    }
+    Ok(())
+}
+
+/// Maskinporten scope names are `prefix:name`, where the name may hold `/`, `.`, `:`,
+/// `-` and `_`. Anything else (spaces above all, which would split one scope into two
+/// inside the `scope` claim) is refused.
+fn check_scopes(scopes: &[String]) -> Result<(), InvalidGrant> {
+    if scopes.is_empty() {
+        return Err(invalid("grant.scopes", "at least one scope is required"));
+    }
+    if scopes.len() > MAX_SCOPES {
+        return Err(invalid("grant.scopes", format!("more than {MAX_SCOPES} scopes")));
+    }
+    for (i, scope) in scopes.iter().enumerate() {
+        let field = format!("grant.scopes[{i}]");
+        if scope.is_empty() {
+            return Err(invalid(field, "must not be empty"));
+        }
+        if scope.len() > MAX_SCOPE {
+            return Err(invalid(field, format!("is longer than {MAX_SCOPE} bytes")));
+        }
+        if let Some(c) = scope
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, ':' | '/' | '.' | '-' | '_')))
+        {
+            let shown = if c == ' ' {
+                "a space".to_owned()
+            } else if c.is_ascii_graphic() {
+                format!("{c:?}")
+            } else {
+                format!("U+{:04X}", u32::from(c))
+            };
+            return Err(invalid(
+                field,
+                format!("contains {shown}; scopes use A-Z a-z 0-9 and : / . - _ only"),
+            ));
+        }
+        if !scope.contains(':') || scope.starts_with(':') {
+            return Err(invalid(field, "must have the form prefix:name"));
+        }
+        if scopes[..i].contains(scope) {
+            return Err(invalid(field, format!("repeats scope {scope:?}")));
+        }
+    }
+    Ok(())
+}
+
+fn check_resources(resources: &[String]) -> Result<(), InvalidGrant> {
+    if resources.len() > MAX_RESOURCES {
+        return Err(invalid("grant.resources", format!("more than {MAX_RESOURCES} resources")));
+    }
+    for (i, resource) in resources.iter().enumerate() {
+        let field = format!("grant.resources[{i}]");
+        if resource.is_empty() || resource.len() > MAX_RESOURCE {
+            return Err(invalid(field, format!("must be 1 to {MAX_RESOURCE} bytes")));
+        }
+        let scheme_ok = resource
+            .split_once(':')
+            .is_some_and(|(scheme, rest)| !scheme.is_empty() && !rest.is_empty());
+        if !scheme_ok || !resource.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(invalid(
+                field,
+                "must be an absolute URI without spaces, e.g. \"https://api.example.no/\"",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// True for nine digits whose last is the mod-11 check digit of the first eight
+/// (weights 3 2 7 6 5 4 3 2), as Brønnøysundregistrene assigns them.
+pub fn is_organization_number(s: &str) -> bool {
+    let digits: Vec<u32> = s.chars().filter_map(|c| c.to_digit(10)).collect();
+    if s.len() != 9 || digits.len() != 9 {
+        return false;
+    }
+    let sum: u32 = [3, 2, 7, 6, 5, 4, 3, 2]
+        .iter()
+        .zip(&digits)
+        .map(|(w, d)| w * d)
+        .sum();
+    match 11 - sum % 11 {
+        11 => digits[8] == 0,
+        10 => false,
+        check => digits[8] == check,
+    }
+}
+
+/// The JOSE header for a key: `alg` and the certificate chain in `x5c`. Built once per
+/// key and reused, since it never changes between grants.
+#[derive(Debug, Clone)]
+pub struct Header {
+    algorithm: Algorithm,
+    encoded: String,
+}
+
+impl Header {
+    /// A header carrying `x5c`: each DER certificate as standard (not URL-safe) base64,
+    /// leaf first, as RFC 7515 section 4.1.6 requires.
+    pub fn with_x5c<'a>(algorithm: Algorithm, chain: impl IntoIterator<Item = &'a [u8]>) -> Self {
+        #[derive(Serialize)]
+        struct Json<'a> {
+            alg: &'a str,
+            x5c: Vec<String>,
+        }
+        let json = Json {
+            alg: algorithm.jws_name(),
+            x5c: chain.into_iter().map(|der| STANDARD.encode(der)).collect(),
+        };
+        let bytes = serde_json::to_vec(&json).unwrap_or_default();
+        Header {
+            algorithm,
+            encoded: URL_SAFE_NO_PAD.encode(bytes),
+        }
+    }
+
+    /// The algorithm the signature must use.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+}
+
+/// `header.claims`, the bytes the token signs.
+pub fn signing_input(header: &Header, claims: &Claims) -> String {
+    // Serialising a struct of strings, integers and string vectors cannot fail.
+    let claims = serde_json::to_vec(claims).unwrap_or_default();
+    let mut input = String::with_capacity(header.encoded.len() + 1 + claims.len() * 4 / 3 + 4);
+    input.push_str(&header.encoded);
+    input.push('.');
+    URL_SAFE_NO_PAD.encode_string(claims, &mut input);
+    input
+}
+
+/// Appends the signature to the signing input, giving the compact JWS.
+pub fn compact(mut signing_input: String, signature: &[u8]) -> String {
+    signing_input.push('.');
+    URL_SAFE_NO_PAD.encode_string(signature, &mut signing_input);
+    signing_input
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> GrantParameters {
+        GrantParameters {
+            client_id: "0a3b5c7d-1111-2222-3333-444455556666".into(),
+            scopes: vec!["nav:aareg/v1/arbeidsforhold".into(), "skatteetaten:mva".into()],
+            ..GrantParameters::default()
+        }
+    }
+
+    fn refused(p: &GrantParameters) -> InvalidGrant {
+        Claims::new(p, "https://test.maskinporten.no/", 1_700_000_000).expect_err("refused")
+    }
+
+    #[test]
+    fn claims_have_exactly_the_listed_names() {
+        let mut p = params();
+        let c = Claims::new(&p, "https://test.maskinporten.no/", 1_700_000_000).expect("valid");
+        let json: serde_json::Value = serde_json::to_value(&c).expect("json");
+        let names: Vec<&String> = json.as_object().expect("object").keys().collect();
+        assert_eq!(names, ["aud", "exp", "iat", "iss", "jti", "scope"]);
+        assert_eq!(json["scope"], "nav:aareg/v1/arbeidsforhold skatteetaten:mva");
+        assert_eq!(c.exp - c.iat, 120);
+        assert!(uuid::Uuid::parse_str(&c.jti).is_ok_and(|u| u.get_version_num() == 4));
+
+        p.resources = vec!["https://api.example.no/".into()];
+        p.consumer_org = "974760673".into();
+        p.lifetime_seconds = 30;
+        let c = Claims::new(&p, "https://maskinporten.no/", 1_700_000_000).expect("valid");
+        let json = serde_json::to_value(&c).expect("json");
+        assert_eq!(json["resource"], serde_json::json!(["https://api.example.no/"]));
+        assert_eq!(json["consumer_org"], "974760673");
+        assert_eq!(c.exp - c.iat, 30);
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let cases: Vec<(fn(&mut GrantParameters), &str)> = vec![
+            (|p| p.client_id.clear(), "grant.client_id: must not be empty"),
+            (|p| p.client_id = "a b".into(), "grant.client_id: must be printable"),
+            (|p| p.client_id = "x".repeat(257), "grant.client_id: is longer than 256"),
+            (|p| p.scopes.clear(), "grant.scopes: at least one scope"),
+            (|p| p.scopes[1] = "a:b c".into(), "grant.scopes[1]: contains a space"),
+            (|p| p.scopes[0] = "a:b\u{7}".into(), "grant.scopes[0]: contains U+0007"),
+            (|p| p.scopes[0] = "nocolon".into(), "grant.scopes[0]: must have the form"),
+            (|p| p.scopes[1] = p.scopes[0].clone(), "grant.scopes[1]: repeats"),
+            (|p| p.scopes[0] = format!("a:{}", "b".repeat(300)), "grant.scopes[0]: is longer"),
+            (|p| p.scopes = (0..101).map(|i| format!("a:{i}")).collect(), "grant.scopes: more than 100"),
+            (|p| p.resources = vec!["not a uri".into()], "grant.resources[0]: must be an absolute URI"),
+            (|p| p.consumer_org = "974760674".into(), "grant.consumer_org: must be a nine-digit"),
+            (|p| p.lifetime_seconds = 121, "grant.lifetime_seconds: 121 is over the maximum of 120"),
+        ];
+        for (mutate, expected) in cases {
+            let mut p = params();
+            mutate(&mut p);
+            let e = refused(&p).to_string();
+            assert!(e.starts_with(expected), "{e:?} should start with {expected:?}");
+        }
+    }
+
+    #[test]
+    fn organization_number_check_digit() {
+        assert!(is_organization_number("974760673")); // Brønnøysundregistrene
+        assert!(is_organization_number("991825827")); // Digitaliseringsdirektoratet
+        assert!(!is_organization_number("974760672"));
+        assert!(!is_organization_number("97476067"));
+        assert!(!is_organization_number("97476067a"));
+        assert!(!is_organization_number("+97476067"));
+    }
+
+    #[test]
+    fn header_and_compact_form() {
+        let header = Header::with_x5c(Algorithm::Rs384, [&[0xfb_u8, 0xff][..], &[1, 2, 3][..]]);
+        let claims = Claims::new(&params(), "https://test.maskinporten.no/", 1).expect("valid");
+        let input = signing_input(&header, &claims);
+        let jws = compact(input.clone(), &[0xff, 0xee]);
+        let parts: Vec<&str> = jws.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        let head: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).expect("b64")).expect("json");
+        // x5c is standard base64 ('+' and '/'), the rest base64url.
+        assert_eq!(head, serde_json::json!({"alg": "RS384", "x5c": ["+/8=", "AQID"]}));
+        assert_eq!(parts[2], "_-4");
+        assert_eq!(jws, format!("{input}._-4"));
+    }
+}

@@ -1,0 +1,135 @@
+//! Finding keys and their certificates in the token.
+
+use cryptoki::{
+    object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle},
+    session::Session,
+};
+use der::{Encode, asn1::UintRef};
+
+use super::{HsmError, Token};
+use crate::config::{KeyLocator, hex};
+
+/// Smallest RSA modulus Maskinporten (and we) accept.
+const MIN_RSA_BITS: usize = 2048;
+
+/// A private key in the token: a handle and public facts, never key material.
+#[derive(Debug, Clone)]
+pub struct TokenKey {
+    /// The private key object.
+    pub handle: ObjectHandle,
+    /// Its `CKA_ID`, which ties it to its certificate object.
+    pub id: Vec<u8>,
+    /// The public key as PKCS#1 `RSAPublicKey` DER (canonical, so comparable byte for byte).
+    pub public_key_der: Vec<u8>,
+    /// Modulus size.
+    pub bits: usize,
+}
+
+impl Token {
+    /// Finds exactly one RSA private key by label or id and reads its public half.
+    pub fn find_key(&self, locator: &KeyLocator) -> Result<TokenKey, HsmError> {
+        self.pool.run_blocking(|session| find_key(session, locator))
+    }
+
+    /// Reads the DER of the certificate object that shares the key's `CKA_ID`.
+    pub fn certificate_der(&self, key: &TokenKey) -> Result<Vec<u8>, HsmError> {
+        self.pool.run_blocking(|session| certificate_der(session, &key.id))
+    }
+}
+
+pub(super) fn find_key(session: &Session, locator: &KeyLocator) -> Result<TokenKey, HsmError> {
+    let what = locator.to_string();
+    let mut template = vec![Attribute::Class(ObjectClass::PRIVATE_KEY)];
+    template.push(match locator {
+        KeyLocator::Label(label) => Attribute::Label(label.as_bytes().to_vec()),
+        KeyLocator::Id(id) => Attribute::Id(id.clone()),
+    });
+    let handles = session
+        .find_objects(&template)
+        .map_err(HsmError::call("C_FindObjects"))?;
+    let handle = match handles.as_slice() {
+        [] => return Err(HsmError::KeyNotFound(what)),
+        [one] => *one,
+        many => {
+            return Err(HsmError::KeyAmbiguous {
+                what,
+                count: many.len(),
+            });
+        }
+    };
+    let attributes = session
+        .get_attributes(
+            handle,
+            &[
+                AttributeType::KeyType,
+                AttributeType::Id,
+                AttributeType::Modulus,
+                AttributeType::PublicExponent,
+            ],
+        )
+        .map_err(HsmError::call("C_GetAttributeValue"))?;
+    let (mut key_type, mut id, mut modulus, mut exponent) = (None, Vec::new(), None, None);
+    for attribute in attributes {
+        match attribute {
+            Attribute::KeyType(t) => key_type = Some(t),
+            Attribute::Id(v) => id = v,
+            Attribute::Modulus(v) => modulus = Some(v),
+            Attribute::PublicExponent(v) => exponent = Some(v),
+            _ => {}
+        }
+    }
+    let unusable = |problem: String| HsmError::UnusableKey {
+        what: locator.to_string(),
+        problem,
+    };
+    if key_type != Some(KeyType::RSA) {
+        return Err(unusable(match key_type {
+            Some(t) => format!("a {t} key, not RSA"),
+            None => "of unknown type".into(),
+        }));
+    }
+    let (Some(modulus), Some(exponent)) = (modulus, exponent) else {
+        return Err(unusable("missing CKA_MODULUS or CKA_PUBLIC_EXPONENT".into()));
+    };
+    let modulus = UintRef::new(&modulus).map_err(|e| unusable(format!("a bad modulus ({e})")))?;
+    let bits = modulus.as_bytes().len() * 8
+        - modulus.as_bytes().first().map_or(0, |b| b.leading_zeros() as usize);
+    if bits < MIN_RSA_BITS {
+        return Err(unusable(format!("RSA-{bits}")));
+    }
+    let public_key_der = rsa::pkcs1::RsaPublicKey {
+        modulus,
+        public_exponent: UintRef::new(&exponent)
+            .map_err(|e| unusable(format!("a bad exponent ({e})")))?,
+    }
+    .to_der()
+    .map_err(|e| unusable(format!("not encodable ({e})")))?;
+    Ok(TokenKey {
+        handle,
+        id,
+        public_key_der,
+        bits,
+    })
+}
+
+fn certificate_der(session: &Session, id: &[u8]) -> Result<Vec<u8>, HsmError> {
+    let handles = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::CERTIFICATE),
+            Attribute::Id(id.to_vec()),
+        ])
+        .map_err(HsmError::call("C_FindObjects"))?;
+    let Some(&handle) = handles.first() else {
+        return Err(HsmError::CertificateNotFound(hex(id)));
+    };
+    let values = session
+        .get_attributes(handle, &[AttributeType::Value])
+        .map_err(HsmError::call("C_GetAttributeValue"))?;
+    values
+        .into_iter()
+        .find_map(|v| match v {
+            Attribute::Value(der) => Some(der),
+            _ => None,
+        })
+        .ok_or_else(|| HsmError::CertificateNotFound(hex(id)))
+}

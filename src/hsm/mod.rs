@@ -1,0 +1,270 @@
+//! The PKCS#11 token: loading the module, finding the token, logging in, finding keys and
+//! signing in parallel on a pool of sessions.
+//!
+//! **The private key never leaves the token.** No type in this crate can hold private key
+//! bytes: keys are [`ObjectHandle`]s, signing sends data in and gets a signature out, and
+//! keys are generated with `CKA_SENSITIVE` true and `CKA_EXTRACTABLE` false.
+//!
+//! Usage rules that follow from PKCS#11 (see `shared/PKCS11.md`):
+//! - Login belongs to the application, not the session, and closing the *last* session
+//!   logs everything out, so [`Token`] keeps one anchor session open for its whole life.
+//! - A `cryptoki::Session` is `Send` but not `Sync`: each call takes a session from the
+//!   pool for its own thread and gives it back.
+//! - Every PKCS#11 call blocks; async callers go through [`Token::sign`], which runs on
+//!   tokio's blocking threads and never holds a session across an `.await`.
+//! - A wrong PIN is never retried: tokens lock the user PIN after a few attempts.
+
+mod key;
+mod pool;
+mod provision;
+
+use std::{path::Path, sync::Mutex};
+
+use cryptoki::{
+    context::{CInitializeArgs, CInitializeFlags, Pkcs11},
+    error::{Error as Pkcs11Error, RvError},
+    session::{Session, UserType},
+    slot::Slot,
+    types::AuthPin,
+};
+
+pub use cryptoki::object::ObjectHandle;
+pub use key::TokenKey;
+pub use provision::{TokenSigner, init_token};
+
+use crate::{config::Pkcs11Config, grant::Algorithm};
+use pool::SessionPool;
+
+/// A failure talking to the token. The variants say what the operator should look at;
+/// the cryptoki error, with the PKCS#11 function that failed, stays as the source.
+#[derive(Debug, thiserror::Error)]
+pub enum HsmError {
+    /// The module could not be loaded or initialised.
+    #[error("cannot load PKCS#11 module {module}: {source}")]
+    Module {
+        /// Path of the module.
+        module: String,
+        /// The loader's or C_Initialize's error.
+        #[source]
+        source: Pkcs11Error,
+    },
+    /// No token with the configured label is present.
+    #[error("no token labelled \"{label}\" (tokens present: {present}); check pkcs11.token_label and that the token is initialised")]
+    TokenNotFound {
+        /// The label looked for.
+        label: String,
+        /// Labels of the tokens that are present.
+        present: String,
+    },
+    /// The user PIN was refused. Not retried, so the token is not locked by us.
+    #[error("the token refused the user PIN ({0:?}); check the PIN source, and do not retry blindly: tokens lock after a few wrong PINs")]
+    PinRefused(RvError),
+    /// The PIN could not be read from its source.
+    #[error("cannot read the user PIN: {0}")]
+    PinSource(String),
+    /// No private key matches.
+    #[error("no private key with {0} in the token")]
+    KeyNotFound(String),
+    /// More than one private key matches; signing with an arbitrary one would be wrong.
+    #[error("{count} private keys match {what}; give each key a unique label or id")]
+    KeyAmbiguous {
+        /// The locator.
+        what: String,
+        /// How many matched.
+        count: usize,
+    },
+    /// The key is not an RSA key of a size Maskinporten accepts.
+    #[error("the key with {what} is {problem}; Maskinporten needs RSA keys of 2048 bits or more")]
+    UnusableKey {
+        /// The locator.
+        what: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// No certificate object has the key's CKA_ID.
+    #[error("no certificate in the token has the CKA_ID {0} of the key; import it, or set certificate to a PEM file")]
+    CertificateNotFound(String),
+    /// A PKCS#11 call failed.
+    #[error("PKCS#11 {function} failed: {rv}")]
+    Call {
+        /// What was being done.
+        function: &'static str,
+        /// The return value.
+        rv: String,
+        /// The cryptoki error with the failing function.
+        #[source]
+        source: Pkcs11Error,
+    },
+    /// The blocking task running a PKCS#11 call did not finish.
+    #[error("the signing thread failed: {0}")]
+    Thread(String),
+}
+
+impl HsmError {
+    fn call(function: &'static str) -> impl FnOnce(Pkcs11Error) -> HsmError {
+        move |source| HsmError::Call {
+            function,
+            rv: match &source {
+                Pkcs11Error::Pkcs11(rv, _) => format!("{rv:?}"),
+                other => other.to_string(),
+            },
+            source,
+        }
+    }
+}
+
+/// An open, logged-in token with a pool of sessions.
+pub struct Token {
+    pkcs11: Pkcs11,
+    slot: Slot,
+    pool: SessionPool,
+    /// Keeps the login alive; see the module doc. Never used for operations.
+    anchor: Mutex<Option<Session>>,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token").field("slot", &self.slot).finish_non_exhaustive()
+    }
+}
+
+impl Token {
+    /// Loads the module, finds the token by label and logs in with the user PIN. Blocking.
+    pub fn open(config: &Pkcs11Config, pin: &AuthPin) -> Result<Token, HsmError> {
+        let pkcs11 = load(&config.module)?;
+        let slot = find_token(&pkcs11, &config.token_label)?;
+        let anchor = pkcs11
+            .open_ro_session(slot)
+            .map_err(HsmError::call("C_OpenSession"))?;
+        match anchor.login(UserType::User, Some(pin)) {
+            Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(Pkcs11Error::Pkcs11(
+                rv @ (RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired | RvError::PinInvalid | RvError::PinLenRange),
+                _,
+            )) => return Err(HsmError::PinRefused(rv)),
+            Err(e) => return Err(HsmError::call("C_Login")(e)),
+        }
+        Ok(Token {
+            pool: SessionPool::new(pkcs11.clone(), slot, config.sessions),
+            pkcs11,
+            slot,
+            anchor: Mutex::new(Some(anchor)),
+        })
+    }
+
+    /// Signs `data` with `key` on a pooled session, on a blocking thread. The data is
+    /// hashed inside the token (CKM_SHA256/384/512_RSA_PKCS).
+    pub async fn sign(
+        &self,
+        key: ObjectHandle,
+        algorithm: Algorithm,
+        data: Vec<u8>,
+    ) -> Result<Vec<u8>, HsmError> {
+        self.pool
+            .run(move |session| sign_with(session, key, algorithm, &data))
+            .await
+    }
+
+    /// Signs on the calling thread; for command-line tools that are not async.
+    pub fn sign_blocking(
+        &self,
+        key: ObjectHandle,
+        algorithm: Algorithm,
+        data: &[u8],
+    ) -> Result<Vec<u8>, HsmError> {
+        self.pool
+            .run_blocking(|session| sign_with(session, key, algorithm, data))
+    }
+
+    /// Closes every session (which logs out) and finalizes the module. cryptoki does not
+    /// call C_Finalize on drop, so shutdown and re-initialisation must come through here.
+    pub fn close(self) -> Result<(), HsmError> {
+        let Token {
+            pkcs11,
+            pool,
+            anchor,
+            ..
+        } = self;
+        drop(pool);
+        drop(anchor);
+        pkcs11.finalize().map_err(HsmError::call("C_Finalize"))
+    }
+}
+
+fn sign_with(
+    session: &Session,
+    key: ObjectHandle,
+    algorithm: Algorithm,
+    data: &[u8],
+) -> Result<Vec<u8>, HsmError> {
+    use cryptoki::mechanism::Mechanism;
+    let mechanism = match algorithm {
+        Algorithm::Rs256 => Mechanism::Sha256RsaPkcs,
+        Algorithm::Rs384 => Mechanism::Sha384RsaPkcs,
+        Algorithm::Rs512 => Mechanism::Sha512RsaPkcs,
+    };
+    session
+        .sign(&mechanism, key, data)
+        .map_err(HsmError::call("C_Sign"))
+}
+
+/// Loads and initialises a module with OS locking (the agent signs from many threads).
+fn load(module: &Path) -> Result<Pkcs11, HsmError> {
+    let err = |source| HsmError::Module {
+        module: module.display().to_string(),
+        source,
+    };
+    let pkcs11 = Pkcs11::new(module).map_err(err)?;
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        // Another part of the process initialised it already; that is fine.
+        Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(pkcs11),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// Finds a slot by token label. Slot numbers change when tokens are (re)initialised.
+fn find_token(pkcs11: &Pkcs11, label: &str) -> Result<Slot, HsmError> {
+    let slots = pkcs11
+        .get_slots_with_initialized_token()
+        .map_err(HsmError::call("C_GetSlotList"))?;
+    let mut present = Vec::new();
+    for slot in slots {
+        let info = pkcs11
+            .get_token_info(slot)
+            .map_err(HsmError::call("C_GetTokenInfo"))?;
+        if info.label().trim_end() == label {
+            return Ok(slot);
+        }
+        present.push(format!("\"{}\"", info.label().trim_end()));
+    }
+    Err(HsmError::TokenNotFound {
+        label: label.to_owned(),
+        present: if present.is_empty() {
+            "none".into()
+        } else {
+            present.join(", ")
+        },
+    })
+}
+
+/// Reads the user PIN from its configured source into a zeroizing secret.
+pub fn read_pin(source: &crate::config::PinSource) -> Result<AuthPin, HsmError> {
+    use crate::config::PinSource;
+    let mut pin = match source {
+        PinSource::File(path) => std::fs::read_to_string(path)
+            .map_err(|e| HsmError::PinSource(format!("pin_file {}: {e}", path.display())))?,
+        PinSource::Env(var) => std::env::var(var)
+            .map_err(|_| HsmError::PinSource(format!("pin_env {var} is not set")))?,
+    };
+    if pin.ends_with('\n') {
+        let _ = pin.pop();
+        if pin.ends_with('\r') {
+            let _ = pin.pop();
+        }
+    }
+    if pin.is_empty() {
+        zeroize::Zeroize::zeroize(&mut pin);
+        return Err(HsmError::PinSource("the PIN is empty".into()));
+    }
+    Ok(AuthPin::from(pin))
+}

@@ -1,0 +1,182 @@
+//! Putting things into a token: initialising it, generating a key pair inside it, storing a
+//! certificate next to its key, and signing certificates with a token key.
+//!
+//! Generated private keys are `CKA_SENSITIVE` and not `CKA_EXTRACTABLE`: the token will
+//! never export them, not even wrapped.
+
+use std::path::Path;
+
+use cryptoki::{
+    mechanism::Mechanism,
+    object::{Attribute, CertificateType, ObjectClass, ObjectHandle},
+    session::UserType,
+    types::AuthPin,
+};
+use der::{Any, asn1::ObjectIdentifier};
+use rsa::{pkcs1::DecodeRsaPublicKey, pkcs1v15, sha2::Sha256};
+use spki::{AlgorithmIdentifierOwned, DynSignatureAlgorithmIdentifier};
+
+use super::{HsmError, Token, TokenKey, key::find_key, load};
+use crate::{config::KeyLocator, grant::Algorithm};
+
+/// sha256WithRSAEncryption, what the token's CKM_SHA256_RSA_PKCS produces.
+const SHA256_WITH_RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.11");
+
+/// Initialises the first uninitialised token of `module` with `label`, sets its user PIN,
+/// and finalizes the module again. Returns an error when no free slot exists.
+pub fn init_token(
+    module: &Path,
+    label: &str,
+    so_pin: &AuthPin,
+    user_pin: &AuthPin,
+) -> Result<(), HsmError> {
+    let pkcs11 = load(module)?;
+    let result = (|| {
+        let slots = pkcs11
+            .get_slots_with_token()
+            .map_err(HsmError::call("C_GetSlotList"))?;
+        let mut free = None;
+        for slot in slots {
+            let info = pkcs11
+                .get_token_info(slot)
+                .map_err(HsmError::call("C_GetTokenInfo"))?;
+            if !info.token_initialized() {
+                free = Some(slot);
+                break;
+            }
+        }
+        let slot = free.ok_or_else(|| HsmError::TokenNotFound {
+            label: label.to_owned(),
+            present: "no uninitialised token to initialise".into(),
+        })?;
+        pkcs11
+            .init_token(slot, so_pin, label)
+            .map_err(HsmError::call("C_InitToken"))?;
+        let session = pkcs11
+            .open_rw_session(slot)
+            .map_err(HsmError::call("C_OpenSession"))?;
+        session
+            .login(UserType::So, Some(so_pin))
+            .map_err(HsmError::call("C_Login"))?;
+        session
+            .init_pin(user_pin)
+            .map_err(HsmError::call("C_InitPIN"))?;
+        session.logout().map_err(HsmError::call("C_Logout"))
+    })();
+    let finalized = pkcs11.finalize().map_err(HsmError::call("C_Finalize"));
+    result.and(finalized)
+}
+
+impl Token {
+    /// Generates an RSA key pair inside the token. The private key is sensitive, never
+    /// extractable, and usable only for signing.
+    pub fn generate_rsa_key(&self, label: &str, id: &[u8], bits: u64) -> Result<TokenKey, HsmError> {
+        let session = self
+            .pkcs11
+            .open_rw_session(self.slot)
+            .map_err(HsmError::call("C_OpenSession"))?;
+        let common = [
+            Attribute::Token(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.to_vec()),
+        ];
+        let mut public = vec![
+            Attribute::Verify(true),
+            Attribute::ModulusBits(bits.into()),
+            Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+            Attribute::Private(false),
+        ];
+        public.extend_from_slice(&common);
+        let mut private = vec![
+            Attribute::Sign(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Private(true),
+            Attribute::Decrypt(false),
+        ];
+        private.extend_from_slice(&common);
+        let _ = session
+            .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)
+            .map_err(HsmError::call("C_GenerateKeyPair"))?;
+        find_key(&session, &KeyLocator::Id(id.to_vec()))
+    }
+
+    /// Stores a DER certificate as a token object with the key's `CKA_ID` and a label, so
+    /// `certificate = "token"` finds it.
+    pub fn store_certificate(
+        &self,
+        label: &str,
+        id: &[u8],
+        der: &[u8],
+        subject_der: &[u8],
+    ) -> Result<ObjectHandle, HsmError> {
+        let session = self
+            .pkcs11
+            .open_rw_session(self.slot)
+            .map_err(HsmError::call("C_OpenSession"))?;
+        session
+            .create_object(&[
+                Attribute::Class(ObjectClass::CERTIFICATE),
+                Attribute::CertificateType(CertificateType::X_509),
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Id(id.to_vec()),
+                Attribute::Subject(subject_der.to_vec()),
+                Attribute::Value(der.to_vec()),
+            ])
+            .map_err(HsmError::call("C_CreateObject"))
+    }
+}
+
+/// A token key seen as a `signature::Signer`, so `x509-cert`'s builders can sign
+/// certificates and requests inside the token (sha256WithRSAEncryption).
+pub struct TokenSigner<'a> {
+    token: &'a Token,
+    key: ObjectHandle,
+    verifying_key: pkcs1v15::VerifyingKey<Sha256>,
+}
+
+impl<'a> TokenSigner<'a> {
+    /// Wraps `key` of `token`.
+    pub fn new(token: &'a Token, key: &TokenKey) -> Result<Self, HsmError> {
+        let public = rsa::PublicKey::from_pkcs1_der(&key.public_key_der).map_err(|e| {
+            HsmError::UnusableKey {
+                what: format!("handle {}", key.handle),
+                problem: format!("unreadable as an RSA public key ({e})"),
+            }
+        })?;
+        Ok(TokenSigner {
+            token,
+            key: key.handle,
+            verifying_key: pkcs1v15::VerifyingKey::new(public),
+        })
+    }
+}
+
+impl signature::Keypair for TokenSigner<'_> {
+    type VerifyingKey = pkcs1v15::VerifyingKey<Sha256>;
+
+    fn verifying_key(&self) -> Self::VerifyingKey {
+        self.verifying_key.clone()
+    }
+}
+
+impl DynSignatureAlgorithmIdentifier for TokenSigner<'_> {
+    fn signature_algorithm_identifier(&self) -> spki::Result<AlgorithmIdentifierOwned> {
+        Ok(AlgorithmIdentifierOwned {
+            oid: SHA256_WITH_RSA,
+            parameters: Some(Any::null()),
+        })
+    }
+}
+
+impl signature::Signer<pkcs1v15::Signature> for TokenSigner<'_> {
+    fn try_sign(&self, msg: &[u8]) -> Result<pkcs1v15::Signature, signature::Error> {
+        let signature = self
+            .token
+            .sign_blocking(self.key, Algorithm::Rs256, msg)
+            .map_err(signature::Error::from_source)?;
+        pkcs1v15::Signature::try_from(signature.as_slice())
+    }
+}

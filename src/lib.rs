@@ -1,0 +1,45 @@
+//! grant-agent: a gRPC signing agent for Maskinporten JWT grants, with the
+//! virksomhetssertifikat key kept inside a PKCS#11 token.
+//!
+//! A service asks over gRPC for a grant; the agent builds it, has the token sign it, and
+//! returns the compact JWS. The private key never leaves the token.
+//!
+//! # Modules
+//! - [`config`]: the TOML configuration, validated before anything starts.
+//! - [`grant`]: claims, request validation and JWS encoding; no PKCS#11.
+//! - [`cert`]: the certificate chain and what the agent reads from it.
+//! - [`hsm`]: the PKCS#11 token: login, session pool, key lookup, signing, provisioning.
+//! - [`agent`]: keys bound to certificates, and `sign_grant`, which ties the above together.
+//! - [`server`]: the gRPC services (GrantAgent, health, reflection) and status mapping.
+//! - [`dev`]: the development SoftHSM token behind `grant-agent dev`.
+//! - [`telemetry`]: log output.
+//! - [`proto`]: the generated `grantagent.v1` types, server and client.
+//!
+//! A request flows `server` → `agent` → `grant` (claims) → `hsm` (C_Sign on a pooled
+//! session, on a blocking thread) → `grant` (compact JWS) → `server`.
+
+pub mod agent;
+pub mod cert;
+pub mod config;
+pub mod dev;
+pub mod grant;
+pub mod hsm;
+pub mod server;
+pub mod telemetry;
+
+/// Generated from `proto/grantagent/v1/agent.proto`.
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    unused_results,
+    clippy::all,
+    clippy::pedantic,
+    reason = "generated code"
+)]
+pub mod proto {
+    tonic::include_proto!("grantagent.v1");
+
+    /// The encoded descriptor set, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/grantagent_descriptor.bin"));
+}

@@ -1,0 +1,31 @@
+//! The one place where errors become gRPC statuses.
+//!
+//! | error                              | code                  |
+//! |------------------------------------|-----------------------|
+//! | invalid field in the request       | `INVALID_ARGUMENT`    |
+//! | unknown key name                   | `NOT_FOUND`           |
+//! | certificate expired / not yet valid| `FAILED_PRECONDITION` |
+//! | PKCS#11 call failed                | `UNAVAILABLE`         |
+//! | signing thread lost                | `INTERNAL`            |
+//!
+//! Messages are safe to send: they name fields, keys and PKCS#11 return values, never the
+//! PIN, an assertion or key material (none of which any error type holds).
+
+use tonic::{Code, Status};
+
+use crate::{agent::SignError, hsm::HsmError};
+
+pub(super) fn from_sign_error(error: &SignError) -> Status {
+    let code = match error {
+        SignError::Invalid(_) => Code::InvalidArgument,
+        SignError::UnknownKey(_) => Code::NotFound,
+        SignError::CertificateNotValid { .. } => Code::FailedPrecondition,
+        SignError::Hsm(HsmError::Thread(_)) => Code::Internal,
+        SignError::Hsm(_) => Code::Unavailable,
+    };
+    let message = match error {
+        SignError::Hsm(e) => format!("signing in the token failed: {e}"),
+        other => other.to_string(),
+    };
+    Status::new(code, message)
+}
