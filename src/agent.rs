@@ -123,7 +123,9 @@ pub enum StartError {
         source: CertError,
     },
     /// The certificate does not belong to the key.
-    #[error("key {key:?}: the certificate's public key is not the token key's public key; configure the certificate issued for this key")]
+    #[error(
+        "key {key:?}: the certificate's public key is not the token key's public key; configure the certificate issued for this key"
+    )]
     KeyMismatch {
         /// The key name.
         key: String,
@@ -209,18 +211,25 @@ impl Agent {
             ("", Some(default)) => default.as_str(),
             (env, _) => env,
         };
-        let audience = self.audiences.get(environment).ok_or_else(|| InvalidGrant {
-            field: "grant.environment".into(),
-            reason: format!(
-                "{} is not a known environment; use one of: {}",
-                if environment.is_empty() {
-                    "empty".to_owned()
-                } else {
-                    format!("{environment:?}")
-                },
-                self.audiences.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
-        })?;
+        let audience = self
+            .audiences
+            .get(environment)
+            .ok_or_else(|| InvalidGrant {
+                field: "grant.environment".into(),
+                reason: format!(
+                    "{} is not a known environment; use one of: {}",
+                    if environment.is_empty() {
+                        "empty".to_owned()
+                    } else {
+                        format!("{environment:?}")
+                    },
+                    self.audiences
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })?;
         let now = unix_now();
         let (not_before, not_after) = key.chain.validity();
         if now > not_after || now < not_before {

@@ -33,7 +33,9 @@ pub enum CertError {
     #[error("no certificate found (expected PEM \"-----BEGIN CERTIFICATE-----\" blocks)")]
     Empty,
     /// The key in the certificate is not RSA.
-    #[error("the certificate's key is not RSA ({0}); Maskinporten accepts only RS256, RS384 and RS512")]
+    #[error(
+        "the certificate's key is not RSA ({0}); Maskinporten accepts only RS256, RS384 and RS512"
+    )]
     NotRsa(String),
 }
 
@@ -93,22 +95,25 @@ impl CertificateChain {
 
     /// The leaf's subject in RFC 4514 form.
     pub fn subject(&self) -> String {
-        self.leaf().tbs_certificate().subject().to_string()
+        rfc4514(self.leaf().tbs_certificate().subject())
     }
 
     /// The leaf's issuer in RFC 4514 form.
     pub fn issuer(&self) -> String {
-        self.leaf().tbs_certificate().issuer().to_string()
+        rfc4514(self.leaf().tbs_certificate().issuer())
     }
 
     /// Validity of the leaf as Unix seconds: (not before, not after).
     pub fn validity(&self) -> (i64, i64) {
         let v = self.leaf().tbs_certificate().validity();
-        (unix(v.not_before.to_system_time()), unix(v.not_after.to_system_time()))
+        (
+            unix(v.not_before.to_system_time()),
+            unix(v.not_after.to_system_time()),
+        )
     }
 
     /// The organisation number, from the SEID 2.0 `organizationIdentifier` (`NTRNO-` +
-    /// nine digits), else the SEID 1 `serialNumber`, else an `O` ending in " - <nine digits>".
+    /// nine digits), else the SEID 1 `serialNumber`, else an `O` ending in " - " and nine digits.
     /// Only numbers with a valid check digit count.
     pub fn organization_number(&self) -> Option<String> {
         let subject = self.leaf().tbs_certificate().subject();
@@ -123,7 +128,10 @@ impl CertificateChain {
         let seid1 = values(SERIAL_NUMBER);
         let old_o = values(ORGANIZATION)
             .filter_map(|v| v.rsplit_once(" - ").map(|(_, n)| n.trim().to_owned()));
-        seid2.chain(seid1).chain(old_o).find(|n| is_organization_number(n))
+        seid2
+            .chain(seid1)
+            .chain(old_o)
+            .find(|n| is_organization_number(n))
     }
 
     /// The leaf's RSA public key as PKCS#1 `RSAPublicKey` DER, which is canonical: two
@@ -135,6 +143,68 @@ impl CertificateChain {
         }
         Ok(spki.subject_public_key.raw_bytes())
     }
+}
+
+/// Short names for the attributes seen in Buypass and Commfides certificates; others are
+/// shown as dotted OIDs, as RFC 4514 allows.
+const ATTRIBUTE_NAMES: [(&str, &str); 9] = [
+    ("2.5.4.3", "CN"),
+    ("2.5.4.5", "serialNumber"),
+    ("2.5.4.6", "C"),
+    ("2.5.4.7", "L"),
+    ("2.5.4.8", "ST"),
+    ("2.5.4.10", "O"),
+    ("2.5.4.11", "OU"),
+    ("2.5.4.97", "organizationIdentifier"),
+    ("1.2.840.113549.1.9.1", "emailAddress"),
+];
+
+/// A distinguished name in RFC 4514 string form (last RDN first). x509-cert's own
+/// `Display` shows `organizationIdentifier`, the SEID 2.0 attribute operators look for,
+/// as hex; this shows it as text.
+fn rfc4514(name: &x509_cert::name::Name) -> String {
+    let mut rdns: Vec<String> = name
+        .iter_rdn()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|atv| {
+                    let oid = atv.oid.to_string();
+                    let key = ATTRIBUTE_NAMES
+                        .iter()
+                        .find(|(o, _)| *o == oid)
+                        .map_or(oid.as_str(), |(_, n)| n);
+                    let value = match directory_string(&atv.value) {
+                        Some(text) => escape_rfc4514(&text),
+                        None => format!(
+                            "#{}",
+                            atv.value
+                                .to_der()
+                                .map_or_else(|_| String::new(), |d| crate::config::hex(&d))
+                        ),
+                    };
+                    format!("{key}={value}")
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
+    rdns.reverse();
+    rdns.join(",")
+}
+
+fn escape_rfc4514(value: &str) -> String {
+    let last = value.chars().count().saturating_sub(1);
+    let mut out = String::with_capacity(value.len());
+    for (i, c) in value.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && matches!(c, '#' | ' '))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Reads the string types a DirectoryString may use in the names we care about.
@@ -159,14 +229,24 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        assert!(matches!(CertificateChain::from_der(vec![]), Err(CertError::Empty)));
+        assert!(matches!(
+            CertificateChain::from_der(vec![]),
+            Err(CertError::Empty)
+        ));
         assert!(matches!(
             CertificateChain::from_der(vec![vec![0x30, 0x03, 0x02, 0x01]]),
             Err(CertError::Parse(_))
         ));
-        assert!(matches!(CertificateChain::from_pem(b"hello"), Err(CertError::Empty)));
+        assert!(matches!(
+            CertificateChain::from_pem(b"hello"),
+            Err(CertError::Empty)
+        ));
         let bad_pem = b"-----BEGIN CERTIFICATE-----\nMAMCAQE=\n-----END CERTIFICATE-----\n";
-        assert!(matches!(CertificateChain::from_pem(bad_pem), Err(CertError::Parse(_))));
+        assert!(matches!(
+            CertificateChain::from_pem(bad_pem),
+            Err(CertError::Parse(_))
+        ));
+        assert_eq!(escape_rfc4514("#a, b+c "), "\\#a\\, b\\+c\\ ");
         for len in 0..64 {
             let bytes: Vec<u8> = (0..len).map(|i| (i * 37 % 251) as u8).collect();
             assert!(CertificateChain::from_der(vec![bytes]).is_err());

@@ -181,7 +181,10 @@ impl Config {
             .map_err(|_| {
                 invalid(
                     "listen",
-                    format!("{:?} is not an IP address and port", raw.listen.unwrap_or_default()),
+                    format!(
+                        "{:?} is not an IP address and port",
+                        raw.listen.unwrap_or_default()
+                    ),
                     "write it as \"127.0.0.1:50051\" or \"[::1]:50051\"",
                 )
             })?;
@@ -336,7 +339,10 @@ impl Config {
                 ));
             }
             if !(env.audience.starts_with("https://") || env.audience.starts_with("http://"))
-                || env.audience.chars().any(|c| c.is_whitespace() || c.is_control())
+                || env
+                    .audience
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control())
             {
                 return Err(invalid(
                     &key,
@@ -344,7 +350,12 @@ impl Config {
                     "use the Maskinporten issuer URL, e.g. \"https://test.maskinporten.no/\"",
                 ));
             }
-            let _ = environments.insert(name, EnvironmentConfig { audience: env.audience });
+            let _ = environments.insert(
+                name,
+                EnvironmentConfig {
+                    audience: env.audience,
+                },
+            );
         }
         let config = Config {
             listen,
@@ -400,7 +411,7 @@ fn is_key_name(name: &str) -> bool {
 }
 
 fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    if s.is_empty() || s.len() % 2 != 0 {
+    if s.is_empty() || !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -480,7 +491,10 @@ certificate = "token"
         let c = Config::from_toml_str(GOOD, "agent.toml").expect("valid");
         assert_eq!(c.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(c.pkcs11.pin, PinSource::File("/run/secrets/hsm-pin".into()));
-        assert_eq!(c.keys[0].locator, KeyLocator::Label("virksomhetssertifikat".into()));
+        assert_eq!(
+            c.keys[0].locator,
+            KeyLocator::Label("virksomhetssertifikat".into())
+        );
         assert_eq!(c.keys[0].certificate, CertificateSource::Token);
         assert_eq!(c.keys[0].algorithm, Algorithm::Rs256);
         assert_eq!(c.default_key, "default");
@@ -524,13 +538,26 @@ certificate = "token"
             err(&GOOD.replace("label = \"virksomhetssertifikat\"\n", "")),
             "agent.toml: `keys[0].label`: exactly one of label and id must be set (and not empty); find the key by its CKA_LABEL (label = \"...\") or its CKA_ID (id = \"01\")"
         );
-        assert!(err(&GOOD.replace("127.0.0.1:50051", "localhost")).starts_with("agent.toml: `listen`:"));
-        assert!(err(&(GOOD.to_owned() + "algorithm = \"ES256\"\n")).contains("`keys[0].algorithm`"));
-        assert!(err(&GOOD.replace("label = \"virksomhetssertifikat\"", "id = \"xyz\"")).contains("`keys[0].id`"));
-        assert!(err(&GOOD.replace("[pkcs11]", "[pkcs11]\nsessions = 0")).contains("`pkcs11.sessions`"));
+        assert!(
+            err(&GOOD.replace("127.0.0.1:50051", "localhost")).starts_with("agent.toml: `listen`:")
+        );
+        assert!(
+            err(&(GOOD.to_owned() + "algorithm = \"ES256\"\n")).contains("`keys[0].algorithm`")
+        );
+        assert!(
+            err(&GOOD.replace("label = \"virksomhetssertifikat\"", "id = \"xyz\""))
+                .contains("`keys[0].id`")
+        );
+        assert!(
+            err(&GOOD.replace("[pkcs11]", "[pkcs11]\nsessions = 0")).contains("`pkcs11.sessions`")
+        );
         assert!(err(&format!("default_key = \"nope\"\n{GOOD}")).contains("`default_key`"));
-        assert!(err(&format!("default_environment = \"nope\"\n{GOOD}")).contains("`default_environment`"));
-        let twice = GOOD.to_owned() + "[[keys]]\nname = \"default\"\nlabel = \"x\"\ncertificate = \"token\"\n";
+        assert!(
+            err(&format!("default_environment = \"nope\"\n{GOOD}"))
+                .contains("`default_environment`")
+        );
+        let twice = GOOD.to_owned()
+            + "[[keys]]\nname = \"default\"\nlabel = \"x\"\ncertificate = \"token\"\n";
         assert!(err(&twice).contains("`keys[1].name`: the name \"default\" is used twice"));
     }
 

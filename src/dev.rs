@@ -59,7 +59,9 @@ const SOFTHSM_MODULES: [&str; 3] = [
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
     /// SoftHSM is not installed.
-    #[error("SoftHSM2 is not installed (looked for {0}); install it with: sudo apt-get install -y softhsm2")]
+    #[error(
+        "SoftHSM2 is not installed (looked for {0}); install it with: sudo apt-get install -y softhsm2"
+    )]
     NoSoftHsm(String),
     /// A file in the state folder could not be written or read.
     #[error("{path}: {source}")]
@@ -171,7 +173,10 @@ fn ensure_key_and_certificate(token: &Token) -> Result<(), DevError> {
     let key = match token.find_key(&locator) {
         Ok(key) => key,
         Err(HsmError::KeyNotFound(_)) => {
-            tracing::info!(label = KEY_LABEL, "generating an RSA-2048 key pair in the token");
+            tracing::info!(
+                label = KEY_LABEL,
+                "generating an RSA-2048 key pair in the token"
+            );
             token.generate_rsa_key(KEY_LABEL, &KEY_ID, 2048)?
         }
         Err(e) => return Err(e.into()),
@@ -227,7 +232,8 @@ fn self_signed_certificate(token: &Token, key: &TokenKey) -> Result<(Vec<u8>, Ve
     let mut serial = *uuid::Uuid::new_v4().as_bytes();
     serial[0] &= 0x7f;
     let serial = SerialNumber::new(&serial).map_err(|e| fail(&e))?;
-    let validity = Validity::from_now(Duration::from_secs(2 * 365 * 24 * 3600)).map_err(|e| fail(&e))?;
+    let validity =
+        Validity::from_now(Duration::from_secs(2 * 365 * 24 * 3600)).map_err(|e| fail(&e))?;
     let builder = CertificateBuilder::new(SelfSignedLeaf { subject }, serial, validity, spki)
         .map_err(|e| fail(&e))?;
     let certificate = builder
@@ -254,7 +260,7 @@ fn write_secret_once(path: &Path) -> Result<(), DevError> {
         .mode(0o600)
         .open(path)
         .map_err(file_error(path))?;
-    file.write_all(secret[..16].as_bytes())
+    file.write_all(&secret.as_bytes()[..16])
         .map_err(file_error(path))
 }
 

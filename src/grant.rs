@@ -139,7 +139,9 @@ impl Claims {
             n => {
                 return Err(invalid(
                     "grant.lifetime_seconds",
-                    format!("{n} is over the maximum of {MAX_LIFETIME_SECONDS} (0 means {MAX_LIFETIME_SECONDS})"),
+                    format!(
+                        "{n} is over the maximum of {MAX_LIFETIME_SECONDS} (0 means {MAX_LIFETIME_SECONDS})"
+                    ),
                 ));
             }
         };
@@ -162,7 +164,10 @@ fn check_client_id(client_id: &str) -> Result<(), InvalidGrant> {
         return Err(invalid(field, "must not be empty"));
     }
     if client_id.len() > MAX_CLIENT_ID {
-        return Err(invalid(field, format!("is longer than {MAX_CLIENT_ID} bytes")));
+        return Err(invalid(
+            field,
+            format!("is longer than {MAX_CLIENT_ID} bytes"),
+        ));
     }
     if !client_id.chars().all(|c| c.is_ascii_graphic()) {
         return Err(invalid(
@@ -181,7 +186,10 @@ fn check_scopes(scopes: &[String]) -> Result<(), InvalidGrant> {
         return Err(invalid("grant.scopes", "at least one scope is required"));
     }
     if scopes.len() > MAX_SCOPES {
-        return Err(invalid("grant.scopes", format!("more than {MAX_SCOPES} scopes")));
+        return Err(invalid(
+            "grant.scopes",
+            format!("more than {MAX_SCOPES} scopes"),
+        ));
     }
     for (i, scope) in scopes.iter().enumerate() {
         let field = format!("grant.scopes[{i}]");
@@ -219,7 +227,10 @@ fn check_scopes(scopes: &[String]) -> Result<(), InvalidGrant> {
 
 fn check_resources(resources: &[String]) -> Result<(), InvalidGrant> {
     if resources.len() > MAX_RESOURCES {
-        return Err(invalid("grant.resources", format!("more than {MAX_RESOURCES} resources")));
+        return Err(invalid(
+            "grant.resources",
+            format!("more than {MAX_RESOURCES} resources"),
+        ));
     }
     for (i, resource) in resources.iter().enumerate() {
         let field = format!("grant.resources[{i}]");
@@ -317,7 +328,10 @@ mod tests {
     fn params() -> GrantParameters {
         GrantParameters {
             client_id: "0a3b5c7d-1111-2222-3333-444455556666".into(),
-            scopes: vec!["nav:aareg/v1/arbeidsforhold".into(), "skatteetaten:mva".into()],
+            scopes: vec![
+                "nav:aareg/v1/arbeidsforhold".into(),
+                "skatteetaten:mva".into(),
+            ],
             ..GrantParameters::default()
         }
     }
@@ -333,7 +347,10 @@ mod tests {
         let json: serde_json::Value = serde_json::to_value(&c).expect("json");
         let names: Vec<&String> = json.as_object().expect("object").keys().collect();
         assert_eq!(names, ["aud", "exp", "iat", "iss", "jti", "scope"]);
-        assert_eq!(json["scope"], "nav:aareg/v1/arbeidsforhold skatteetaten:mva");
+        assert_eq!(
+            json["scope"],
+            "nav:aareg/v1/arbeidsforhold skatteetaten:mva"
+        );
         assert_eq!(c.exp - c.iat, 120);
         assert!(uuid::Uuid::parse_str(&c.jti).is_ok_and(|u| u.get_version_num() == 4));
 
@@ -342,33 +359,76 @@ mod tests {
         p.lifetime_seconds = 30;
         let c = Claims::new(&p, "https://maskinporten.no/", 1_700_000_000).expect("valid");
         let json = serde_json::to_value(&c).expect("json");
-        assert_eq!(json["resource"], serde_json::json!(["https://api.example.no/"]));
+        assert_eq!(
+            json["resource"],
+            serde_json::json!(["https://api.example.no/"])
+        );
         assert_eq!(json["consumer_org"], "974760673");
         assert_eq!(c.exp - c.iat, 30);
     }
 
     #[test]
     fn every_bad_field_is_named() {
-        let cases: Vec<(fn(&mut GrantParameters), &str)> = vec![
-            (|p| p.client_id.clear(), "grant.client_id: must not be empty"),
-            (|p| p.client_id = "a b".into(), "grant.client_id: must be printable"),
-            (|p| p.client_id = "x".repeat(257), "grant.client_id: is longer than 256"),
+        type Mutate = fn(&mut GrantParameters);
+        let cases: Vec<(Mutate, &str)> = vec![
+            (
+                |p| p.client_id.clear(),
+                "grant.client_id: must not be empty",
+            ),
+            (
+                |p| p.client_id = "a b".into(),
+                "grant.client_id: must be printable",
+            ),
+            (
+                |p| p.client_id = "x".repeat(257),
+                "grant.client_id: is longer than 256",
+            ),
             (|p| p.scopes.clear(), "grant.scopes: at least one scope"),
-            (|p| p.scopes[1] = "a:b c".into(), "grant.scopes[1]: contains a space"),
-            (|p| p.scopes[0] = "a:b\u{7}".into(), "grant.scopes[0]: contains U+0007"),
-            (|p| p.scopes[0] = "nocolon".into(), "grant.scopes[0]: must have the form"),
-            (|p| p.scopes[1] = p.scopes[0].clone(), "grant.scopes[1]: repeats"),
-            (|p| p.scopes[0] = format!("a:{}", "b".repeat(300)), "grant.scopes[0]: is longer"),
-            (|p| p.scopes = (0..101).map(|i| format!("a:{i}")).collect(), "grant.scopes: more than 100"),
-            (|p| p.resources = vec!["not a uri".into()], "grant.resources[0]: must be an absolute URI"),
-            (|p| p.consumer_org = "974760674".into(), "grant.consumer_org: must be a nine-digit"),
-            (|p| p.lifetime_seconds = 121, "grant.lifetime_seconds: 121 is over the maximum of 120"),
+            (
+                |p| p.scopes[1] = "a:b c".into(),
+                "grant.scopes[1]: contains a space",
+            ),
+            (
+                |p| p.scopes[0] = "a:b\u{7}".into(),
+                "grant.scopes[0]: contains U+0007",
+            ),
+            (
+                |p| p.scopes[0] = "nocolon".into(),
+                "grant.scopes[0]: must have the form",
+            ),
+            (
+                |p| p.scopes[1] = p.scopes[0].clone(),
+                "grant.scopes[1]: repeats",
+            ),
+            (
+                |p| p.scopes[0] = format!("a:{}", "b".repeat(300)),
+                "grant.scopes[0]: is longer",
+            ),
+            (
+                |p| p.scopes = (0..101).map(|i| format!("a:{i}")).collect(),
+                "grant.scopes: more than 100",
+            ),
+            (
+                |p| p.resources = vec!["not a uri".into()],
+                "grant.resources[0]: must be an absolute URI",
+            ),
+            (
+                |p| p.consumer_org = "974760674".into(),
+                "grant.consumer_org: must be a nine-digit",
+            ),
+            (
+                |p| p.lifetime_seconds = 121,
+                "grant.lifetime_seconds: 121 is over the maximum of 120",
+            ),
         ];
         for (mutate, expected) in cases {
             let mut p = params();
             mutate(&mut p);
             let e = refused(&p).to_string();
-            assert!(e.starts_with(expected), "{e:?} should start with {expected:?}");
+            assert!(
+                e.starts_with(expected),
+                "{e:?} should start with {expected:?}"
+            );
         }
     }
 
@@ -393,7 +453,10 @@ mod tests {
         let head: serde_json::Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).expect("b64")).expect("json");
         // x5c is standard base64 ('+' and '/'), the rest base64url.
-        assert_eq!(head, serde_json::json!({"alg": "RS384", "x5c": ["+/8=", "AQID"]}));
+        assert_eq!(
+            head,
+            serde_json::json!({"alg": "RS384", "x5c": ["+/8=", "AQID"]})
+        );
         assert_eq!(parts[2], "_-4");
         assert_eq!(jws, format!("{input}._-4"));
     }

@@ -156,7 +156,9 @@ fn run(command: Command) -> Result<(), Failure> {
             serve(Config::load(&config_path)?, |addr| {
                 println!("grant-agent dev: listening on {addr}");
                 println!("  token, PINs and config in {}", state_dir.display());
-                println!("  sign a grant:  grant-agent client grant --addr {addr} --client-id my-client --scope test:scope");
+                println!(
+                    "  sign a grant:  grant-agent client grant --addr {addr} --client-id my-client --scope test:scope"
+                );
                 println!(
                     "  with grpcurl:  grpcurl -plaintext -d '{{\"grant\":{{\"client_id\":\"my-client\",\"scopes\":[\"test:scope\"]}}}}' {addr} grantagent.v1.GrantAgent/SignGrant"
                 );

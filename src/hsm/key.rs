@@ -33,7 +33,8 @@ impl Token {
 
     /// Reads the DER of the certificate object that shares the key's `CKA_ID`.
     pub fn certificate_der(&self, key: &TokenKey) -> Result<Vec<u8>, HsmError> {
-        self.pool.run_blocking(|session| certificate_der(session, &key.id))
+        self.pool
+            .run_blocking(|session| certificate_der(session, &key.id))
     }
 }
 
@@ -89,11 +90,16 @@ pub(super) fn find_key(session: &Session, locator: &KeyLocator) -> Result<TokenK
         }));
     }
     let (Some(modulus), Some(exponent)) = (modulus, exponent) else {
-        return Err(unusable("missing CKA_MODULUS or CKA_PUBLIC_EXPONENT".into()));
+        return Err(unusable(
+            "missing CKA_MODULUS or CKA_PUBLIC_EXPONENT".into(),
+        ));
     };
     let modulus = UintRef::new(&modulus).map_err(|e| unusable(format!("a bad modulus ({e})")))?;
     let bits = modulus.as_bytes().len() * 8
-        - modulus.as_bytes().first().map_or(0, |b| b.leading_zeros() as usize);
+        - modulus
+            .as_bytes()
+            .first()
+            .map_or(0, |b| b.leading_zeros() as usize);
     if bits < MIN_RSA_BITS {
         return Err(unusable(format!("RSA-{bits}")));
     }

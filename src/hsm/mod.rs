@@ -49,7 +49,9 @@ pub enum HsmError {
         source: Pkcs11Error,
     },
     /// No token with the configured label is present.
-    #[error("no token labelled \"{label}\" (tokens present: {present}); check pkcs11.token_label and that the token is initialised")]
+    #[error(
+        "no token labelled \"{label}\" (tokens present: {present}); check pkcs11.token_label and that the token is initialised"
+    )]
     TokenNotFound {
         /// The label looked for.
         label: String,
@@ -57,7 +59,9 @@ pub enum HsmError {
         present: String,
     },
     /// The user PIN was refused. Not retried, so the token is not locked by us.
-    #[error("the token refused the user PIN ({0:?}); check the PIN source, and do not retry blindly: tokens lock after a few wrong PINs")]
+    #[error(
+        "the token refused the user PIN ({0:?}); check the PIN source, and do not retry blindly: tokens lock after a few wrong PINs"
+    )]
     PinRefused(RvError),
     /// The PIN could not be read from its source.
     #[error("cannot read the user PIN: {0}")]
@@ -82,7 +86,9 @@ pub enum HsmError {
         problem: String,
     },
     /// No certificate object has the key's CKA_ID.
-    #[error("no certificate in the token has the CKA_ID {0} of the key; import it, or set certificate to a PEM file")]
+    #[error(
+        "no certificate in the token has the CKA_ID {0} of the key; import it, or set certificate to a PEM file"
+    )]
     CertificateNotFound(String),
     /// A PKCS#11 call failed.
     #[error("PKCS#11 {function} failed: {rv}")]
@@ -124,7 +130,9 @@ pub struct Token {
 
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token").field("slot", &self.slot).finish_non_exhaustive()
+        f.debug_struct("Token")
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
     }
 }
 
@@ -139,7 +147,11 @@ impl Token {
         match anchor.login(UserType::User, Some(pin)) {
             Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
             Err(Pkcs11Error::Pkcs11(
-                rv @ (RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired | RvError::PinInvalid | RvError::PinLenRange),
+                rv @ (RvError::PinIncorrect
+                | RvError::PinLocked
+                | RvError::PinExpired
+                | RvError::PinInvalid
+                | RvError::PinLenRange),
                 _,
             )) => return Err(HsmError::PinRefused(rv)),
             Err(e) => return Err(HsmError::call("C_Login")(e)),

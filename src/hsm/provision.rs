@@ -70,7 +70,12 @@ pub fn init_token(
 impl Token {
     /// Generates an RSA key pair inside the token. The private key is sensitive, never
     /// extractable, and usable only for signing.
-    pub fn generate_rsa_key(&self, label: &str, id: &[u8], bits: u64) -> Result<TokenKey, HsmError> {
+    pub fn generate_rsa_key(
+        &self,
+        label: &str,
+        id: &[u8],
+        bits: u64,
+    ) -> Result<TokenKey, HsmError> {
         let session = self
             .pkcs11
             .open_rw_session(self.slot)
@@ -93,6 +98,8 @@ impl Token {
             Attribute::Extractable(false),
             Attribute::Private(true),
             Attribute::Decrypt(false),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
         ];
         private.extend_from_slice(&common);
         let _ = session

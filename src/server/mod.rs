@@ -21,7 +21,9 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}; is another process using the port? (set `listen` in the config)")]
+    #[error(
+        "cannot listen on {addr}: {source}; is another process using the port? (set `listen` in the config)"
+    )]
     Bind {
         /// The address.
         addr: SocketAddr,

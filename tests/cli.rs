@@ -1,0 +1,463 @@
+//! The command line and the token, as an operator meets them: `sign`, `dev`, config and
+//! PIN errors, the key's attributes read back independently, and what the log holds.
+
+#![allow(
+    clippy::expect_used,
+    reason = "a test that cannot go on should fail loudly"
+)]
+
+mod common;
+
+use std::process::Output;
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use common::{BIN, DevAgent, TEST_AUD, read, verify};
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs `grant-agent ARGS` against the agent's token, without the server.
+fn cli(agent: &DevAgent, args: &[&str]) -> Output {
+    agent
+        .command(BIN)
+        .args(args)
+        .output()
+        .expect("run grant-agent")
+}
+
+fn sign_args<'a>(config: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "sign",
+        "--config",
+        config,
+        "--client-id",
+        "cli-client",
+        "--scope",
+        "test:one",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+#[test]
+fn sign_prints_one_verifiable_grant() {
+    let agent = DevAgent::start();
+    let config = agent.path("config.toml");
+    let config = config.to_str().expect("utf-8 path");
+    let out = cli(
+        &agent,
+        &sign_args(config, &["--scope", "test:two", "--env", "prod"]),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let jws = stdout(&out);
+    assert_eq!(jws.lines().count(), 1);
+    let claims = verify(jws.trim_end(), "https://maskinporten.no/").claims;
+    assert_eq!(claims["iss"], "cli-client");
+    assert_eq!(claims["scope"], "test:one test:two");
+}
+
+#[test]
+fn cli_errors_name_the_flag() {
+    let agent = DevAgent::start();
+    let config = agent.path("config.toml");
+    let config = config.to_str().expect("utf-8 path");
+    let cases: [(&[&str], &str); 5] = [
+        (&["--scope", "test:a b"], "--scope: contains a space"),
+        (
+            &["--env", "staging"],
+            "--env: \"staging\" is not a known environment",
+        ),
+        (
+            &["--lifetime", "600"],
+            "--lifetime: 600 is over the maximum of 120",
+        ),
+        (&["--key", "other"], "--key: no key is named \"other\""),
+        (
+            &["--consumer-org", "12345678"],
+            "--consumer-org: must be a nine-digit",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let out = cli(&agent, &sign_args(config, extra));
+        assert_eq!(out.status.code(), Some(1), "{extra:?}");
+        assert!(stdout(&out).is_empty());
+        assert!(
+            stderr(&out).contains(&format!("grant-agent: error: {expected}")),
+            "{extra:?}: {}",
+            stderr(&out)
+        );
+    }
+    let out = cli(&agent, &["sign", "--config", config, "--client-id", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--scope"), "{}", stderr(&out));
+
+    let out = cli(&agent, &["serve", "--config", "/nonexistent/agent.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("/nonexistent/agent.toml: cannot read the config file"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn dev_is_idempotent_and_keeps_its_key() {
+    let agent = DevAgent::start();
+    let first = read(&agent.path("config.toml"));
+    let pin = read(&agent.path("pin"));
+    let cert = export_certificate(&agent);
+    let dir = agent.stop();
+
+    let agent = DevAgent::start_in(dir);
+    assert_eq!(read(&agent.path("pin")), pin);
+    assert_eq!(
+        export_certificate(&agent),
+        cert,
+        "same certificate, not a new one"
+    );
+    assert_eq!(
+        first.replace(|c: char| c.is_ascii_digit(), ""),
+        read(&agent.path("config.toml")).replace(|c: char| c.is_ascii_digit(), ""),
+        "the config differs only in the port"
+    );
+    assert!(agent.log().contains("listening"));
+    assert!(!agent.log().contains("generating"), "no second key");
+}
+
+/// The certificate object, read back with OpenSC's pkcs11-tool (independent of our code).
+fn export_certificate(agent: &DevAgent) -> Vec<u8> {
+    let out_file = agent.path("exported.der");
+    let out = agent
+        .command("pkcs11-tool")
+        .args(["--module", &module(), "--token-label", "grant-agent"])
+        .args([
+            "--read-object",
+            "--type",
+            "cert",
+            "--id",
+            "01",
+            "--output-file",
+        ])
+        .arg(&out_file)
+        .output()
+        .expect("pkcs11-tool (install it with: sudo apt-get install -y opensc)");
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::read(out_file).expect("exported certificate")
+}
+
+fn module() -> String {
+    grant_agent::dev::softhsm_module()
+        .expect("softhsm")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn the_private_key_is_sensitive_and_never_extractable() {
+    let agent = DevAgent::start();
+    let pin = read(&agent.path("pin"));
+    let out = agent
+        .command("pkcs11-tool")
+        .args([
+            "--module",
+            &module(),
+            "--token-label",
+            "grant-agent",
+            "--login",
+            "--pin",
+            &pin,
+        ])
+        .args(["--list-objects", "--type", "privkey"])
+        .output()
+        .expect("pkcs11-tool (install it with: sudo apt-get install -y opensc)");
+    let listing = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        listing.contains("label:      virksomhetssertifikat"),
+        "{listing}"
+    );
+    assert!(listing.contains("Private Key Object; RSA"), "{listing}");
+    assert!(
+        listing.contains("Usage:      sign\n"),
+        "signing only: {listing}"
+    );
+    let access = listing
+        .lines()
+        .find(|l| l.trim_start().starts_with("Access:"))
+        .unwrap_or_else(|| panic!("no Access line in {listing}"));
+    for flag in [
+        "sensitive",
+        "always sensitive",
+        "never extractable",
+        "local",
+    ] {
+        assert!(access.contains(flag), "{flag} missing from {access}");
+    }
+    let flags: Vec<&str> = access
+        .split(':')
+        .nth(1)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .collect();
+    assert!(!flags.contains(&"extractable"), "{access}");
+}
+
+/// Reads the key back through PKCS#11 itself. SoftHSM takes its token folder from the
+/// environment at C_Initialize, so this test re-runs itself as a child process with the
+/// dev token's SOFTHSM2_CONF (never changing this process's environment); the child
+/// branch does the reading and asserting.
+#[test]
+fn the_token_refuses_to_reveal_or_wrap_the_private_key() {
+    const PROBE: &str = "GRANT_AGENT_TEST_KEY_PROBE";
+    if let Some(pin_file) = std::env::var_os(PROBE) {
+        probe_key(&read(std::path::Path::new(&pin_file)));
+        println!("key probe passed");
+        return;
+    }
+    let agent = DevAgent::start();
+    let out = agent
+        .command(
+            &std::env::current_exe()
+                .expect("test binary")
+                .display()
+                .to_string(),
+        )
+        .args([
+            "--exact",
+            "the_token_refuses_to_reveal_or_wrap_the_private_key",
+            "--nocapture",
+        ])
+        .env(PROBE, agent.path("pin"))
+        .output()
+        .expect("re-run the test binary");
+    assert!(
+        out.status.success() && stdout(&out).contains("key probe passed"),
+        "{}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
+fn probe_key(pin: &str) {
+    use cryptoki::{
+        context::{CInitializeArgs, CInitializeFlags, Pkcs11},
+        mechanism::Mechanism,
+        object::{Attribute, AttributeType, ObjectClass},
+        session::UserType,
+        types::AuthPin,
+    };
+    let pkcs11 = Pkcs11::new(module()).expect("load SoftHSM");
+    pkcs11
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("initialize");
+    let slot = pkcs11
+        .get_slots_with_initialized_token()
+        .expect("slots")
+        .into_iter()
+        .find(|s| {
+            pkcs11
+                .get_token_info(*s)
+                .is_ok_and(|i| i.label() == "grant-agent")
+        })
+        .expect("the dev token");
+    let session = pkcs11.open_rw_session(slot).expect("session");
+    session
+        .login(UserType::User, Some(&AuthPin::from(pin.to_owned())))
+        .expect("login");
+    let keys = session
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+        .expect("find");
+    assert_eq!(keys.len(), 1);
+    let attributes = session
+        .get_attributes(
+            keys[0],
+            &[
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::AlwaysSensitive,
+                AttributeType::NeverExtractable,
+                AttributeType::Private,
+                AttributeType::Token,
+                AttributeType::ModulusBits,
+                AttributeType::Modulus,
+            ],
+        )
+        .expect("attributes");
+    let mut seen = 0;
+    for attribute in &attributes {
+        match attribute {
+            Attribute::Sensitive(v)
+            | Attribute::AlwaysSensitive(v)
+            | Attribute::NeverExtractable(v)
+            | Attribute::Private(v)
+            | Attribute::Token(v) => {
+                assert!(*v, "{attribute:?}");
+                seen += 1;
+            }
+            Attribute::Extractable(v) => {
+                assert!(!*v, "the key is extractable");
+                seen += 1;
+            }
+            Attribute::Modulus(m) => {
+                assert_eq!(m.len() * 8, 2048, "RSA-2048");
+                seen += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(seen, 7, "{attributes:?}");
+    // CKA_VALUE and CKA_PRIVATE_EXPONENT of a sensitive key are unavailable.
+    let secret = session
+        .get_attributes(
+            keys[0],
+            &[
+                AttributeType::Value,
+                AttributeType::PrivateExponent,
+                AttributeType::Prime1,
+            ],
+        )
+        .unwrap_or_default();
+    assert!(
+        secret.is_empty(),
+        "secret parts were returned: {} attributes",
+        secret.len()
+    );
+    // And the token will not wrap it out, even under a key of our choosing.
+    let wrapping = session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(false),
+                Attribute::ValueLen(32.into()),
+                Attribute::Wrap(true),
+            ],
+        )
+        .expect("session AES key");
+    let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, wrapping, keys[0]);
+    assert!(
+        wrapped.is_err(),
+        "the private key was wrapped out of the token"
+    );
+    drop(session);
+    pkcs11.finalize().expect("finalize");
+}
+
+#[test]
+fn a_pem_certificate_and_a_key_by_id_work_and_a_foreign_certificate_is_refused() {
+    let agent = DevAgent::start();
+    std::fs::write(agent.path("cert.pem"), pem(&export_certificate(&agent))).expect("write pem");
+    let config = read(&agent.path("config.toml"))
+        .replace("label = \"virksomhetssertifikat\"", "id = \"01\"")
+        .replace("certificate = \"token\"", "certificate = \"cert.pem\"");
+    let path = agent.path("pem.toml");
+    std::fs::write(&path, config).expect("write config");
+    let path = path.to_str().expect("utf-8");
+    let out = cli(&agent, &sign_args(path, &[]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _ = verify(stdout(&out).trim_end(), TEST_AUD);
+
+    // The certificate of another token's key does not match this token's key.
+    let other = DevAgent::start();
+    std::fs::write(agent.path("cert.pem"), pem(&export_certificate(&other))).expect("write pem");
+    let out = cli(&agent, &sign_args(path, &[]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(
+            "key \"default\": the certificate's public key is not the token key's public key"
+        ),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::write(agent.path("cert.pem"), "not a certificate").expect("write");
+    let out = cli(&agent, &sign_args(path, &[]));
+    assert!(
+        stderr(&out).contains("key \"default\": no certificate found"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+fn pem(der: &[u8]) -> String {
+    let b64 = STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
+#[test]
+fn a_wrong_pin_or_token_label_is_a_clear_error() {
+    let agent = DevAgent::start();
+    std::fs::write(agent.path("wrong-pin"), "0000\n").expect("write");
+    let config =
+        read(&agent.path("config.toml")).replace("pin_file = \"pin\"", "pin_file = \"wrong-pin\"");
+    std::fs::write(agent.path("wrong.toml"), config).expect("write");
+    let out = cli(
+        &agent,
+        &sign_args(agent.path("wrong.toml").to_str().expect("utf-8"), &[]),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("pkcs11: the token refused the user PIN (PinIncorrect)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains("0000"), "the PIN is not echoed");
+
+    let config = read(&agent.path("config.toml"))
+        .replace("token_label = \"grant-agent\"", "token_label = \"missing\"");
+    std::fs::write(agent.path("label.toml"), config).expect("write");
+    let out = cli(
+        &agent,
+        &sign_args(agent.path("label.toml").to_str().expect("utf-8"), &[]),
+    );
+    assert!(
+        stderr(&out).contains("no token labelled \"missing\" (tokens present: \"grant-agent\")"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn the_log_holds_neither_the_pin_nor_an_assertion() {
+    let agent = DevAgent::start();
+    let mut client = agent.client().await;
+    let mut assertions = Vec::new();
+    for _ in 0..5 {
+        let r = client
+            .sign_grant(grant_agent::proto::SignGrantRequest {
+                grant: Some(common::params()),
+            })
+            .await
+            .expect("signed");
+        assertions.push(r.into_inner().assertion);
+    }
+    let mut bad = common::params();
+    bad.scopes = vec!["test:x y".into()];
+    let _ = client
+        .sign_grant(grant_agent::proto::SignGrantRequest { grant: Some(bad) })
+        .await
+        .expect_err("refused");
+    let log = agent.log();
+    assert!(log.contains("grant signed"), "{log}");
+    assert!(log.contains("grant refused"), "{log}");
+    let pin = read(&agent.path("pin"));
+    assert!(!log.contains(&pin), "the PIN is in the log");
+    for assertion in &assertions {
+        let signature = assertion.rsplit('.').next().expect("signature");
+        assert!(!log.contains(signature), "an assertion is in the log");
+    }
+    assert!(!log.contains("eyJ"), "something JWT-like is in the log");
+}

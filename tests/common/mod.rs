@@ -1,0 +1,185 @@
+//! Shared helpers: a real agent on a fresh SoftHSM token in a temp dir, started as a
+//! child process (PKCS#11 state is per process, and SoftHSM reads SOFTHSM2_CONF from the
+//! environment at start), and an independent verifier for the grants it signs.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different subset of these helpers"
+)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use base64::{
+    Engine,
+    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+};
+use der::Decode;
+use grant_agent::proto::{GrantParameters, grant_agent_client::GrantAgentClient};
+use tonic::transport::Channel;
+
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_grant-agent");
+pub(crate) const TEST_AUD: &str = "https://test.maskinporten.no/";
+
+/// Fails (never skips) when SoftHSM is missing, saying how to install it.
+pub(crate) fn require_softhsm() {
+    if grant_agent::dev::softhsm_module().is_err() {
+        panic!(
+            "SoftHSM2 is required for these tests and is not installed.\n\
+             Install it with: sudo apt-get install -y softhsm2 opensc\n\
+             (or run `bash softhsm/test.sh`, which installs everything and runs the suite)"
+        );
+    }
+}
+
+/// `grant-agent dev` on a fresh token in its own temp dir, killed on drop.
+pub(crate) struct DevAgent {
+    child: Child,
+    pub(crate) addr: SocketAddr,
+    pub(crate) dir: tempfile::TempDir,
+}
+
+impl DevAgent {
+    pub(crate) fn start() -> DevAgent {
+        require_softhsm();
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(dir)
+    }
+
+    /// Starts on an existing state dir (to test that `dev` is idempotent).
+    pub(crate) fn start_in(dir: tempfile::TempDir) -> DevAgent {
+        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
+        let mut child = Command::new(BIN)
+            .args(["dev", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.path())
+            .env_remove("SOFTHSM2_CONF")
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start grant-agent dev");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        let _reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("grant-agent dev: listening on ") {
+                    let _ = tx.send(addr.parse::<SocketAddr>().expect("address"));
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+                panic!("grant-agent dev did not start within 60 s; its log:\n{log}");
+            }
+        };
+        DevAgent { child, addr, dir }
+    }
+
+    pub(crate) async fn client(&self) -> GrantAgentClient<Channel> {
+        GrantAgentClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect to the agent")
+    }
+
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The agent's log so far.
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(self.path("agent.log")).expect("agent log")
+    }
+
+    /// A command with this token's SoftHSM config in its environment.
+    pub(crate) fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        let _ = command.env("SOFTHSM2_CONF", self.path("softhsm2.conf"));
+        command
+    }
+
+    /// Stops the agent and hands back its state dir.
+    pub(crate) fn stop(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = tempfile::tempdir().expect("placeholder");
+        std::mem::replace(&mut self.dir, dir)
+    }
+}
+
+impl Drop for DevAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Grant parameters with a client and one scope; tests change what they test.
+pub(crate) fn params() -> GrantParameters {
+    GrantParameters {
+        client_id: "0a3b5c7d-1111-2222-3333-444455556666".into(),
+        scopes: vec!["test:scope".into()],
+        environment: "test".into(),
+        ..GrantParameters::default()
+    }
+}
+
+/// A grant checked by an independent JWT library against the public key of its own x5c leaf.
+pub(crate) struct Verified {
+    pub(crate) header: serde_json::Value,
+    pub(crate) claims: serde_json::Value,
+    pub(crate) leaf_der: Vec<u8>,
+}
+
+pub(crate) fn verify(assertion: &str, audience: &str) -> Verified {
+    let head = assertion.split('.').next().expect("header part");
+    let header: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(head).expect("base64url header"))
+            .expect("JSON header");
+    let leaf_der = STANDARD
+        .decode(header["x5c"][0].as_str().expect("x5c[0]"))
+        .expect("x5c is standard base64");
+    let cert = x509_cert::Certificate::from_der(&leaf_der).expect("x5c[0] is a certificate");
+    let rsa_public_key = cert
+        .tbs_certificate()
+        .subject_public_key_info()
+        .subject_public_key
+        .raw_bytes();
+    let key = jsonwebtoken::DecodingKey::from_rsa_der(rsa_public_key);
+    let alg = match header["alg"].as_str().expect("alg") {
+        "RS256" => jsonwebtoken::Algorithm::RS256,
+        "RS384" => jsonwebtoken::Algorithm::RS384,
+        "RS512" => jsonwebtoken::Algorithm::RS512,
+        other => panic!("unexpected alg {other}"),
+    };
+    let mut validation = jsonwebtoken::Validation::new(alg);
+    validation.set_audience(&[audience]);
+    validation.set_required_spec_claims(&["exp", "iat", "aud", "iss"]);
+    validation.leeway = 0;
+    let data = jsonwebtoken::decode::<serde_json::Value>(assertion, &key, &validation)
+        .expect("signature and claims verify with jsonwebtoken");
+    Verified {
+        header,
+        claims: data.claims,
+        leaf_der,
+    }
+}
+
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
+
+pub(crate) fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
