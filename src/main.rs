@@ -153,6 +153,10 @@ fn run(command: Command) -> Result<(), Failure> {
             dev::ensure_environment(&state_dir)?;
             let config_path = dev::provision(&state_dir, listen)?;
             let conf = state_dir.join("softhsm2.conf");
+            let exe = std::env::current_exe().map_or_else(
+                |_| "grant-agent".to_owned(),
+                |p| p.display().to_string(),
+            );
             serve(Config::load(&config_path)?, |addr| {
                 println!("grant-agent dev: listening on {addr}");
                 println!("  token, PINs and config in {}", state_dir.display());
@@ -163,7 +167,7 @@ fn run(command: Command) -> Result<(), Failure> {
                     "  with grpcurl:  grpcurl -plaintext -d '{{\"grant\":{{\"client_id\":\"my-client\",\"scopes\":[\"test:scope\"]}}}}' {addr} grantagent.v1.GrantAgent/SignGrant"
                 );
                 println!(
-                    "  run it again:  SOFTHSM2_CONF={} grant-agent serve --config {}",
+                    "  run it again:  SOFTHSM2_CONF={} {exe} serve --config {}",
                     conf.display(),
                     config_path.display()
                 );
