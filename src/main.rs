@@ -153,10 +153,8 @@ fn run(command: Command) -> Result<(), Failure> {
             dev::ensure_environment(&state_dir)?;
             let config_path = dev::provision(&state_dir, listen)?;
             let conf = state_dir.join("softhsm2.conf");
-            let exe = std::env::current_exe().map_or_else(
-                |_| "grant-agent".to_owned(),
-                |p| p.display().to_string(),
-            );
+            let exe = std::env::current_exe()
+                .map_or_else(|_| "grant-agent".to_owned(), |p| p.display().to_string());
             serve(Config::load(&config_path)?, |addr| {
                 println!("grant-agent dev: listening on {addr}");
                 println!("  token, PINs and config in {}", state_dir.display());
