@@ -301,6 +301,16 @@ fn load_key(token: &Token, config: &KeyConfig) -> Result<SigningKey, StartError>
     if chain.rsa_public_key_der().map_err(cert)? != token_key.public_key_der {
         return Err(StartError::KeyMismatch { key: name.clone() });
     }
+    let (_, not_after) = chain.validity();
+    tracing::info!(
+        key = %name,
+        bits = token_key.bits,
+        algorithm = config.algorithm.jws_name(),
+        subject = %chain.subject(),
+        certificate_sha256 = %chain.leaf_sha256_hex(),
+        not_after,
+        "key ready"
+    );
     Ok(SigningKey {
         name: name.clone(),
         handle: token_key.handle,

@@ -274,9 +274,9 @@ pub fn read_pin(source: &crate::config::PinSource) -> Result<AuthPin, HsmError> 
             let _ = pin.pop();
         }
     }
-    if pin.is_empty() {
-        zeroize::Zeroize::zeroize(&mut pin);
-        return Err(HsmError::PinSource("the PIN is empty".into()));
-    }
-    Ok(AuthPin::from(pin))
+    // Copy into an exactly-sized box and wipe the original: converting the String itself
+    // could reallocate and leave an unwiped copy in freed memory.
+    let secret = (!pin.is_empty()).then(|| AuthPin::new(Box::from(pin.as_str())));
+    zeroize::Zeroize::zeroize(&mut pin);
+    secret.ok_or_else(|| HsmError::PinSource("the PIN is empty".into()))
 }
