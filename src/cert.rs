@@ -8,10 +8,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use der::{Decode, Encode, asn1::ObjectIdentifier};
 use sha2::{Digest, Sha256};
-use x509_cert::Certificate;
+use x509_cert::{
+    Certificate,
+    ext::pkix::{CertificatePolicies, KeyUsage, KeyUsages},
+};
 
 use crate::grant::is_organization_number;
 
+/// commonName (2.5.4.3).
+const COMMON_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.3");
 /// organizationIdentifier (2.5.4.97): SEID 2.0 puts `NTRNO-<orgnr>` here.
 const ORGANIZATION_IDENTIFIER: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.97");
 /// serialNumber (2.5.4.5): SEID 1 puts the bare organisation number here.
@@ -20,6 +25,80 @@ const SERIAL_NUMBER: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.5");
 const ORGANIZATION: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.10");
 /// rsaEncryption, the only key type Maskinporten's RS256/384/512 can use.
 const RSA_ENCRYPTION: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
+
+/// Whether a certificate is for Maskinporten's test or production environment.
+/// Maskinporten refuses production certificates in test and test certificates in production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertEnvironment {
+    /// A test certificate (Buypass "Test4", Commfides "TEST" issuers).
+    Test,
+    /// A production certificate.
+    Production,
+    /// An issuer not in [`ISSUERS`]; the config must say which it is.
+    Unknown,
+}
+
+impl CertEnvironment {
+    /// "test", "prod" or "unknown", as in the config and ListKeys.
+    pub fn name(self) -> &'static str {
+        match self {
+            CertEnvironment::Test => "test",
+            CertEnvironment::Production => "prod",
+            CertEnvironment::Unknown => "unknown",
+        }
+    }
+}
+
+/// How an issuer is recognised.
+#[derive(Debug)]
+pub enum IssuerMatch {
+    /// The issuer DN contains both strings (case-sensitive).
+    DnContainsBoth(&'static str, &'static str),
+    /// The issuer's CN is exactly this.
+    CommonName(&'static str),
+    /// A certificate policy OID starts with this arc.
+    PolicyArc(&'static str),
+}
+
+/// The issuers the agent knows, first match wins. Test rules come first because test
+/// issuer names extend production ones ("Buypass Class 3 Test4 CA G2 ST Business"). Buypass
+/// test and production SEID 2 certificates share policy OIDs, so for Buypass the DN is the
+/// signal; Commfides marks test issuers with "TEST" and a test policy arc. To add an issuer,
+/// add a row here and a test.
+pub const ISSUERS: [(IssuerMatch, CertEnvironment); 8] = [
+    (
+        IssuerMatch::DnContainsBoth("Buypass", "Test4"),
+        CertEnvironment::Test,
+    ),
+    (
+        IssuerMatch::DnContainsBoth("Commfides", "TEST"),
+        CertEnvironment::Test,
+    ),
+    (
+        IssuerMatch::PolicyArc("2.16.578.1.29.913"),
+        CertEnvironment::Test,
+    ),
+    (
+        IssuerMatch::CommonName("Buypass Class 3 CA 3"),
+        CertEnvironment::Production,
+    ),
+    (
+        IssuerMatch::CommonName("Buypass Class 3 CA G2 ST Business"),
+        CertEnvironment::Production,
+    ),
+    (
+        IssuerMatch::CommonName("Buypass Class 3 CA G2 HT Business"),
+        CertEnvironment::Production,
+    ),
+    (
+        IssuerMatch::CommonName("Commfides Legal Person - G3"),
+        CertEnvironment::Production,
+    ),
+    (
+        IssuerMatch::CommonName("CPN Enterprise SHA256 CLASS 3"),
+        CertEnvironment::Production,
+    ),
+];
 
 const PEM_BEGIN: &str = "-----BEGIN CERTIFICATE-----";
 
@@ -32,6 +111,14 @@ pub enum CertError {
     /// The PEM file holds no certificate.
     #[error("no certificate found (expected PEM \"-----BEGIN CERTIFICATE-----\" blocks)")]
     Empty,
+    /// No certificate holds the key's public key.
+    #[error("no certificate matches the key's public key")]
+    NoLeaf,
+    /// The key usage extension does not allow signatures.
+    #[error(
+        "the certificate's key usage allows neither digitalSignature nor nonRepudiation; order a signing (not an encryption) certificate"
+    )]
+    KeyUsage,
     /// The key in the certificate is not RSA.
     #[error(
         "the certificate's key is not RSA ({0}); Maskinporten accepts only RS256, RS384 and RS512"
@@ -56,6 +143,43 @@ impl CertificateChain {
             .iter()
             .map(|d| Certificate::from_der(d).map_err(CertError::Parse))
             .collect::<Result<_, _>>()?;
+        Ok(CertificateChain { certificates, der })
+    }
+
+    /// Parses DER certificates in any order and puts them in chain order: the one whose
+    /// public key is `public_key_der` (PKCS#1) first, then each certificate's issuer. The
+    /// token stores a key's certificates as unordered objects; this recovers the chain.
+    pub fn for_key(der: Vec<Vec<u8>>, public_key_der: &[u8]) -> Result<Self, CertError> {
+        let mut pool = Self::from_der(der)?;
+        let leaf = pool
+            .certificates
+            .iter()
+            .position(|c| {
+                c.tbs_certificate()
+                    .subject_public_key_info()
+                    .subject_public_key
+                    .raw_bytes()
+                    == public_key_der
+            })
+            .ok_or(CertError::NoLeaf)?;
+        let mut order = vec![leaf];
+        while let Some(next) = (0..pool.certificates.len()).find(|i| {
+            let last = &pool.certificates[order[order.len() - 1]];
+            !order.contains(i)
+                && pool.certificates[*i].tbs_certificate().subject()
+                    == last.tbs_certificate().issuer()
+        }) {
+            order.push(next);
+        }
+        // Certificates that are not part of the chain are left out of x5c.
+        let certificates = order
+            .iter()
+            .map(|i| pool.certificates[*i].clone())
+            .collect();
+        let der = order
+            .iter()
+            .map(|i| std::mem::take(&mut pool.der[*i]))
+            .collect();
         Ok(CertificateChain { certificates, der })
     }
 
@@ -132,6 +256,52 @@ impl CertificateChain {
             .chain(seid1)
             .chain(old_o)
             .find(|n| is_organization_number(n))
+    }
+
+    /// Test or production, from the leaf's issuer (see [`ISSUERS`]).
+    pub fn environment(&self) -> CertEnvironment {
+        let tbs = self.leaf().tbs_certificate();
+        let issuer_dn = rfc4514(tbs.issuer());
+        let issuer_cn: Vec<String> = tbs
+            .issuer()
+            .iter()
+            .filter(|atv| atv.oid == COMMON_NAME)
+            .filter_map(|atv| directory_string(&atv.value))
+            .collect();
+        let policies: Vec<String> = match tbs.get_extension::<CertificatePolicies>() {
+            Ok(Some((_, policies))) => policies
+                .0
+                .iter()
+                .map(|p| p.policy_identifier.to_string())
+                .collect(),
+            _ => Vec::new(),
+        };
+        ISSUERS
+            .iter()
+            .find(|(rule, _)| match rule {
+                IssuerMatch::DnContainsBoth(a, b) => issuer_dn.contains(a) && issuer_dn.contains(b),
+                IssuerMatch::CommonName(cn) => issuer_cn.iter().any(|c| c == cn),
+                IssuerMatch::PolicyArc(arc) => policies
+                    .iter()
+                    .any(|p| p == arc || p.starts_with(&format!("{arc}."))),
+            })
+            .map_or(CertEnvironment::Unknown, |(_, env)| *env)
+    }
+
+    /// Whether the leaf may sign: its key usage, when present, must include
+    /// digitalSignature or nonRepudiation (Buypass and Commfides use either).
+    pub fn allows_signing(&self) -> Result<(), CertError> {
+        match self.leaf().tbs_certificate().get_extension::<KeyUsage>() {
+            Ok(None) => Ok(()),
+            Ok(Some((_, usage)))
+                if usage.0.contains(KeyUsages::DigitalSignature)
+                    || usage.0.contains(KeyUsages::NonRepudiation) =>
+            {
+                Ok(())
+            }
+            Ok(Some(_)) => Err(CertError::KeyUsage),
+            Err(e) => Err(CertError::Parse(e)),
+        }
     }
 
     /// The leaf's RSA public key as PKCS#1 `RSAPublicKey` DER, which is canonical: two

@@ -15,13 +15,16 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::grant::Algorithm;
+use crate::{cert::CertEnvironment, grant::Algorithm};
 
 /// Where the agent listens when the config says nothing.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 
 /// Most sessions a pool may open; more buys nothing on any token we know of.
 const MAX_SESSIONS: usize = 256;
+
+/// Days before expiry when the agent starts warning, unless the config says otherwise.
+pub const DEFAULT_EXPIRY_WARNING_DAYS: u32 = 30;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -30,7 +33,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The PKCS#11 module, token and PIN.
     pub pkcs11: Pkcs11Config,
-    /// Keys the agent signs with, in file order; at least one.
+    /// Keys the agent signs with, in file order; at least one. Entries that share a name
+    /// are versions of one key (rollover): the newest valid one signs.
     pub keys: Vec<KeyConfig>,
     /// Name of the key used when a request names none.
     pub default_key: String,
@@ -38,10 +42,12 @@ pub struct Config {
     pub default_environment: Option<String>,
     /// Named environments beyond (or overriding) the built-in `test` and `prod`.
     pub environments: BTreeMap<String, EnvironmentConfig>,
+    /// Warn when a certificate expires within this many days.
+    pub expiry_warning_days: u32,
 }
 
 /// How to reach the token.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pkcs11Config {
     /// Path of the PKCS#11 shared library.
     pub module: PathBuf,
@@ -70,10 +76,34 @@ pub struct KeyConfig {
     pub name: String,
     /// How the private key is found in the token.
     pub locator: KeyLocator,
-    /// Where the certificate chain comes from.
-    pub certificate: CertificateSource,
+    /// How Maskinporten knows the key: by certificate (`x5c`) or registered key (`kid`).
+    pub binding: KeyBinding,
     /// JWS algorithm for grants signed with this key.
     pub algorithm: Algorithm,
+    /// Sign for an environment that does not match the certificate's (test vs production).
+    pub allow_environment_mismatch: bool,
+}
+
+/// How the grant tells Maskinporten which key signed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyBinding {
+    /// Virksomhetssertifikat mode: the certificate chain goes in `x5c`.
+    Certificate {
+        /// Where the chain comes from.
+        source: CertificateSource,
+        /// Declares test or production for an issuer the agent does not recognise.
+        environment: Option<CertEnvironment>,
+    },
+    /// A key registered on the Maskinporten client: `kid` in the header, no `x5c`.
+    /// Registered keys expire (at most a year), so the validity drives rollover.
+    Kid {
+        /// The key id registered with the client.
+        kid: String,
+        /// Unix seconds from which this key may be used.
+        not_before: Option<i64>,
+        /// Unix seconds after which this key is no longer used.
+        not_after: Option<i64>,
+    },
 }
 
 /// How a private key is found in the token.
@@ -108,6 +138,8 @@ pub enum CertificateSource {
 pub struct EnvironmentConfig {
     /// The `aud` claim, Maskinporten's issuer URL.
     pub audience: String,
+    /// Which certificates it accepts (test or production).
+    pub certificates: CertEnvironment,
 }
 
 /// A configuration that cannot be used, with what to do about it.
@@ -155,6 +187,21 @@ impl Config {
         Self::parse(&text, &path.display().to_string(), base)
     }
 
+    /// Reads only the `[pkcs11]` section, for key management commands that run before any
+    /// key is configured.
+    pub fn load_token_settings(path: &Path) -> Result<Pkcs11Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.display().to_string(),
+            source,
+        })?;
+        let file = path.display().to_string();
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            file: file.clone(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        pkcs11_section(raw.pkcs11, &file, path.parent().unwrap_or(Path::new(".")))
+    }
+
     /// Parses and validates config text; `origin` names it in errors and relative paths
     /// resolve against the current directory.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
@@ -189,62 +236,17 @@ impl Config {
                 )
             })?;
 
-        let p = raw.pkcs11;
-        if p.module.as_os_str().is_empty() {
-            return Err(invalid(
-                "pkcs11.module",
-                "is empty".into(),
-                "set it to the PKCS#11 library, e.g. \"/usr/lib/softhsm/libsofthsm2.so\"",
-            ));
-        }
-        if p.token_label.is_empty() || p.token_label.len() > 32 {
-            return Err(invalid(
-                "pkcs11.token_label",
-                format!("must be 1 to 32 bytes, got {}", p.token_label.len()),
-                "use the label the token was initialised with (softhsm2-util --show-slots lists them)",
-            ));
-        }
-        let pin = match (p.pin_file, p.pin_env) {
-            (Some(path), None) => PinSource::File(base.join(path)),
-            (None, Some(var)) if !var.is_empty() => PinSource::Env(var),
-            (None, Some(_)) => {
+        let pkcs11 = pkcs11_section(raw.pkcs11, file, base)?;
+        let expiry_warning_days = match raw.expiry_warning_days {
+            None => DEFAULT_EXPIRY_WARNING_DAYS,
+            Some(days) if days <= 3650 => days,
+            Some(days) => {
                 return Err(invalid(
-                    "pkcs11.pin_env",
-                    "is empty".into(),
-                    "name the environment variable that holds the PIN",
+                    "expiry_warning_days",
+                    format!("{days} is more than ten years"),
+                    "use 0 to 3650 days",
                 ));
             }
-            (None, None) => {
-                return Err(invalid(
-                    "pkcs11",
-                    "has neither pin_file nor pin_env".into(),
-                    "add pin_file = \"/run/secrets/hsm-pin\" or pin_env = \"GRANT_AGENT_PIN\"",
-                ));
-            }
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "pkcs11",
-                    "has both pin_file and pin_env".into(),
-                    "keep exactly one of them",
-                ));
-            }
-        };
-        let sessions = match p.sessions {
-            None => default_sessions(),
-            Some(n) if (1..=MAX_SESSIONS).contains(&n) => n,
-            Some(n) => {
-                return Err(invalid(
-                    "pkcs11.sessions",
-                    format!("{n} is out of range"),
-                    &format!("use 1 to {MAX_SESSIONS}, or leave it out for one per CPU"),
-                ));
-            }
-        };
-        let pkcs11 = Pkcs11Config {
-            module: p.module,
-            token_label: p.token_label,
-            pin,
-            sessions,
         };
 
         if raw.keys.is_empty() {
@@ -264,13 +266,6 @@ impl Config {
                     "use 1 to 64 characters from A-Z a-z 0-9 . _ -",
                 ));
             }
-            if keys.iter().any(|seen| seen.name == k.name) {
-                return Err(invalid(
-                    &at("name"),
-                    format!("the name {:?} is used twice", k.name),
-                    "give every key its own name",
-                ));
-            }
             let locator = match (k.label, k.id) {
                 (Some(label), None) if !label.is_empty() => KeyLocator::Label(label),
                 (None, Some(id)) => KeyLocator::Id(parse_hex(&id).ok_or_else(|| {
@@ -288,16 +283,87 @@ impl Config {
                     ));
                 }
             };
-            let certificate = match k.certificate.as_str() {
-                "token" => CertificateSource::Token,
-                "" => {
+            if let Some(earlier) = keys.iter().find(|seen| seen.locator == locator) {
+                return Err(invalid(
+                    &at("label"),
+                    format!(
+                        "the same token key is configured again (as {:?})",
+                        earlier.name
+                    ),
+                    "a new certificate for the same name needs its own key; give it its own label or id",
+                ));
+            }
+            let environment = match k.certificate_environment.as_deref() {
+                None => None,
+                Some(name) => Some(cert_environment(name).ok_or_else(|| {
+                    invalid(
+                        &at("certificate_environment"),
+                        format!("{name:?} is neither \"test\" nor \"prod\""),
+                        "say which Maskinporten environment the certificate's issuer serves",
+                    )
+                })?),
+            };
+            let binding = match (k.certificate.as_deref(), k.kid) {
+                (Some(""), None) | (None, None) => {
                     return Err(invalid(
                         &at("certificate"),
-                        "is empty".into(),
-                        "write \"token\" or the path of a PEM chain (leaf first)",
+                        "is missing".into(),
+                        "write \"token\" or the path of a PEM chain (leaf first), or set kid for a key registered on the client",
                     ));
                 }
-                path => CertificateSource::PemFile(base.join(path)),
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        &at("kid"),
+                        "is set together with certificate".into(),
+                        "a grant carries either x5c (certificate) or kid (registered key): keep one",
+                    ));
+                }
+                (Some(source), None) => {
+                    if k.not_before.is_some() || k.not_after.is_some() {
+                        return Err(invalid(
+                            &at("not_after"),
+                            "is only for kid keys".into(),
+                            "a certificate's own validity decides when it is used; remove not_before/not_after",
+                        ));
+                    }
+                    KeyBinding::Certificate {
+                        source: match source {
+                            "token" => CertificateSource::Token,
+                            path => CertificateSource::PemFile(base.join(path)),
+                        },
+                        environment,
+                    }
+                }
+                (None, Some(kid)) => {
+                    if kid.is_empty()
+                        || kid.len() > 256
+                        || !kid.chars().all(|c| c.is_ascii_graphic())
+                    {
+                        return Err(invalid(
+                            &at("kid"),
+                            "must be 1 to 256 printable ASCII characters".into(),
+                            "use the kid registered on the Maskinporten client (grant-agent key jwk prints one)",
+                        ));
+                    }
+                    if environment.is_some() {
+                        return Err(invalid(
+                            &at("certificate_environment"),
+                            "has no certificate to describe".into(),
+                            "remove it from the kid key",
+                        ));
+                    }
+                    KeyBinding::Kid {
+                        kid,
+                        not_before: k
+                            .not_before
+                            .map(|d| unix_seconds(&d, &at("not_before"), &invalid))
+                            .transpose()?,
+                        not_after: k
+                            .not_after
+                            .map(|d| unix_seconds(&d, &at("not_after"), &invalid))
+                            .transpose()?,
+                    }
+                }
             };
             let algorithm = match k.algorithm.as_deref() {
                 None => Algorithm::Rs256,
@@ -312,8 +378,9 @@ impl Config {
             keys.push(KeyConfig {
                 name: k.name,
                 locator,
-                certificate,
+                binding,
                 algorithm,
+                allow_environment_mismatch: k.allow_environment_mismatch,
             });
         }
         let default_key = match raw.default_key {
@@ -350,10 +417,21 @@ impl Config {
                     "use the Maskinporten issuer URL, e.g. \"https://test.maskinporten.no/\"",
                 ));
             }
+            let certificates = match env.certificates.as_deref() {
+                None => CertEnvironment::Test,
+                Some(c) => cert_environment(c).ok_or_else(|| {
+                    invalid(
+                        &format!("environments.{name}.certificates"),
+                        format!("{c:?} is neither \"test\" nor \"prod\""),
+                        "say which certificates this environment accepts",
+                    )
+                })?,
+            };
             let _ = environments.insert(
                 name,
                 EnvironmentConfig {
                     audience: env.audience,
+                    certificates,
                 },
             );
         }
@@ -364,9 +442,10 @@ impl Config {
             default_key,
             default_environment: raw.default_environment,
             environments,
+            expiry_warning_days,
         };
         if let Some(env) = &config.default_environment
-            && config.audience(env).is_none()
+            && config.environment(env).is_none()
         {
             return Err(invalid(
                 "default_environment",
@@ -377,14 +456,24 @@ impl Config {
         Ok(config)
     }
 
-    /// The `aud` for an environment name: the config's own first, then the built-ins.
-    pub fn audience(&self, environment: &str) -> Option<&str> {
-        if let Some(env) = self.environments.get(environment) {
-            return Some(&env.audience);
+    /// An environment by name: the config's own first, then the built-in `test` and `prod`.
+    pub fn environment(&self, name: &str) -> Option<EnvironmentConfig> {
+        if let Some(env) = self.environments.get(name) {
+            return Some(env.clone());
         }
-        match environment {
-            "test" => Some("https://test.maskinporten.no/"),
-            "prod" => Some("https://maskinporten.no/"),
+        let builtin = |audience: &str, certificates| EnvironmentConfig {
+            audience: audience.to_owned(),
+            certificates,
+        };
+        match name {
+            "test" => Some(builtin(
+                "https://test.maskinporten.no/",
+                CertEnvironment::Test,
+            )),
+            "prod" => Some(builtin(
+                "https://maskinporten.no/",
+                CertEnvironment::Production,
+            )),
             _ => None,
         }
     }
@@ -397,6 +486,121 @@ impl Config {
         names.dedup();
         names
     }
+}
+
+fn pkcs11_section(p: RawPkcs11, file: &str, base: &Path) -> Result<Pkcs11Config, ConfigError> {
+    let invalid = |key: &str, problem: String, fix: &str| ConfigError::Invalid {
+        file: file.to_owned(),
+        key: key.to_owned(),
+        problem,
+        fix: fix.to_owned(),
+    };
+    if p.module.as_os_str().is_empty() {
+        return Err(invalid(
+            "pkcs11.module",
+            "is empty".into(),
+            "set it to the PKCS#11 library, e.g. \"/usr/lib/softhsm/libsofthsm2.so\"",
+        ));
+    }
+    if p.token_label.is_empty() || p.token_label.len() > 32 {
+        return Err(invalid(
+            "pkcs11.token_label",
+            format!("must be 1 to 32 bytes, got {}", p.token_label.len()),
+            "use the label the token was initialised with (softhsm2-util --show-slots lists them)",
+        ));
+    }
+    let pin = match (p.pin_file, p.pin_env) {
+        (Some(path), None) => PinSource::File(base.join(path)),
+        (None, Some(var)) if !var.is_empty() => PinSource::Env(var),
+        (None, Some(_)) => {
+            return Err(invalid(
+                "pkcs11.pin_env",
+                "is empty".into(),
+                "name the environment variable that holds the PIN",
+            ));
+        }
+        (None, None) => {
+            return Err(invalid(
+                "pkcs11",
+                "has neither pin_file nor pin_env".into(),
+                "add pin_file = \"/run/secrets/hsm-pin\" or pin_env = \"GRANT_AGENT_PIN\"",
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "pkcs11",
+                "has both pin_file and pin_env".into(),
+                "keep exactly one of them",
+            ));
+        }
+    };
+    let sessions = match p.sessions {
+        None => default_sessions(),
+        Some(n) if (1..=MAX_SESSIONS).contains(&n) => n,
+        Some(n) => {
+            return Err(invalid(
+                "pkcs11.sessions",
+                format!("{n} is out of range"),
+                &format!("use 1 to {MAX_SESSIONS}, or leave it out for one per CPU"),
+            ));
+        }
+    };
+    Ok(Pkcs11Config {
+        module: p.module,
+        token_label: p.token_label,
+        pin,
+        sessions,
+    })
+}
+
+fn cert_environment(name: &str) -> Option<CertEnvironment> {
+    match name {
+        "test" => Some(CertEnvironment::Test),
+        "prod" => Some(CertEnvironment::Production),
+        _ => None,
+    }
+}
+
+/// A TOML offset date-time as Unix seconds; a bare date means midnight UTC.
+fn unix_seconds(
+    value: &toml::value::Datetime,
+    key: &str,
+    invalid: &dyn Fn(&str, String, &str) -> ConfigError,
+) -> Result<i64, ConfigError> {
+    let Some(date) = value.date else {
+        return Err(invalid(
+            key,
+            format!("{value} has no date"),
+            "write it as 2027-01-31T00:00:00Z",
+        ));
+    };
+    let (h, m, sec) = value.time.map_or((0, 0, 0), |t| {
+        (i64::from(t.hour), i64::from(t.minute), i64::from(t.second))
+    });
+    let offset_minutes = match value.offset {
+        None if value.time.is_some() => {
+            return Err(invalid(
+                key,
+                format!("{value} has no time zone"),
+                "add Z or an offset, e.g. 2027-01-31T00:00:00Z",
+            ));
+        }
+        None | Some(toml::value::Offset::Z) => 0,
+        Some(toml::value::Offset::Custom { minutes }) => i64::from(minutes),
+    };
+    // Days from 1970-01-01 to the civil date (Howard Hinnant's algorithm).
+    let (y, mo, d) = (
+        i64::from(date.year),
+        i64::from(date.month),
+        i64::from(date.day),
+    );
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (mo + if mo > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Ok(days * 86_400 + h * 3600 + m * 60 + sec - offset_minutes * 60)
 }
 
 fn default_sessions() -> usize {
@@ -436,6 +640,7 @@ struct RawConfig {
     default_environment: Option<String>,
     #[serde(default)]
     environments: BTreeMap<String, RawEnvironment>,
+    expiry_warning_days: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -454,14 +659,21 @@ struct RawKey {
     name: String,
     label: Option<String>,
     id: Option<String>,
-    certificate: String,
+    certificate: Option<String>,
+    kid: Option<String>,
+    not_before: Option<toml::value::Datetime>,
+    not_after: Option<toml::value::Datetime>,
     algorithm: Option<String>,
+    certificate_environment: Option<String>,
+    #[serde(default)]
+    allow_environment_mismatch: bool,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEnvironment {
     audience: String,
+    certificates: Option<String>,
 }
 
 #[cfg(test)]
@@ -495,12 +707,24 @@ certificate = "token"
             c.keys[0].locator,
             KeyLocator::Label("virksomhetssertifikat".into())
         );
-        assert_eq!(c.keys[0].certificate, CertificateSource::Token);
+        assert_eq!(
+            c.keys[0].binding,
+            KeyBinding::Certificate {
+                source: CertificateSource::Token,
+                environment: None
+            }
+        );
+        assert!(!c.keys[0].allow_environment_mismatch);
+        assert_eq!(c.expiry_warning_days, 30);
         assert_eq!(c.keys[0].algorithm, Algorithm::Rs256);
         assert_eq!(c.default_key, "default");
-        assert_eq!(c.audience("test"), Some("https://test.maskinporten.no/"));
-        assert_eq!(c.audience("prod"), Some("https://maskinporten.no/"));
-        assert_eq!(c.audience("staging"), None);
+        let test = c.environment("test").expect("built in");
+        assert_eq!(test.audience, "https://test.maskinporten.no/");
+        assert_eq!(test.certificates, CertEnvironment::Test);
+        let prod = c.environment("prod").expect("built in");
+        assert_eq!(prod.audience, "https://maskinporten.no/");
+        assert_eq!(prod.certificates, CertEnvironment::Production);
+        assert_eq!(c.environment("staging"), None);
     }
 
     #[test]
@@ -524,7 +748,13 @@ certificate = "token"
         );
         let c = Config::from_toml_str(&text, "agent.toml").expect("valid");
         assert_eq!(c.keys[0].locator, KeyLocator::Id(vec![0x0a, 0x1b]));
-        assert_eq!(c.audience("staging"), Some("http://127.0.0.1:8080/"));
+        assert_eq!(
+            c.environment("staging"),
+            Some(EnvironmentConfig {
+                audience: "http://127.0.0.1:8080/".into(),
+                certificates: CertEnvironment::Test
+            })
+        );
         assert_eq!(c.environment_names(), ["prod", "staging", "test"]);
     }
 
@@ -557,8 +787,82 @@ certificate = "token"
                 .contains("`default_environment`")
         );
         let twice = GOOD.to_owned()
-            + "[[keys]]\nname = \"default\"\nlabel = \"x\"\ncertificate = \"token\"\n";
-        assert!(err(&twice).contains("`keys[1].name`: the name \"default\" is used twice"));
+            + "[[keys]]\nname = \"other\"\nlabel = \"virksomhetssertifikat\"\ncertificate = \"token\"\n";
+        assert!(
+            err(&twice).contains(
+                "`keys[1].label`: the same token key is configured again (as \"default\")"
+            ),
+            "{}",
+            err(&twice)
+        );
+        assert!(
+            err(&GOOD.replace("certificate = \"token\"", ""))
+                .contains("`keys[0].certificate`: is missing")
+        );
+        assert!(
+            err(&(GOOD.to_owned() + "kid = \"k\"\n"))
+                .contains("`keys[0].kid`: is set together with certificate")
+        );
+        assert!(
+            err(&(GOOD.to_owned() + "certificate_environment = \"staging\"\n"))
+                .contains("`keys[0].certificate_environment`")
+        );
+        assert!(
+            err(&(GOOD.to_owned() + "not_after = 2027-01-01T00:00:00Z\n"))
+                .contains("`keys[0].not_after`: is only for kid keys")
+        );
+        assert!(
+            err(&format!("expiry_warning_days = 5000\n{GOOD}")).contains("`expiry_warning_days`")
+        );
+    }
+
+    #[test]
+    fn versions_kid_keys_and_overrides() {
+        let text = format!(
+            "expiry_warning_days = 60\n{GOOD}certificate_environment = \"prod\"\nallow_environment_mismatch = true\n\
+             [[keys]]\nname = \"default\"\nlabel = \"renewed\"\ncertificate = \"renewed.pem\"\n\
+             [[keys]]\nname = \"registered\"\nid = \"02\"\nkid = \"my-key-2026\"\nalgorithm = \"RS512\"\n\
+             not_before = 2026-01-01T00:00:00Z\nnot_after = 2026-12-31T23:00:00-01:00\n"
+        );
+        let c = Config::from_toml_str(&text, "agent.toml").expect("valid");
+        assert_eq!(c.expiry_warning_days, 60);
+        assert_eq!(c.keys.len(), 3);
+        assert_eq!(c.keys[0].name, c.keys[1].name, "two versions of one key");
+        assert!(c.keys[0].allow_environment_mismatch);
+        assert_eq!(
+            c.keys[0].binding,
+            KeyBinding::Certificate {
+                source: CertificateSource::Token,
+                environment: Some(CertEnvironment::Production)
+            }
+        );
+        assert_eq!(
+            c.keys[1].binding,
+            KeyBinding::Certificate {
+                source: CertificateSource::PemFile("./renewed.pem".into()),
+                environment: None
+            }
+        );
+        assert_eq!(
+            c.keys[2].binding,
+            KeyBinding::Kid {
+                kid: "my-key-2026".into(),
+                not_before: Some(1_767_225_600),
+                not_after: Some(1_767_225_600 + 365 * 86_400),
+            }
+        );
+        assert_eq!(c.keys[2].algorithm, Algorithm::Rs512);
+    }
+
+    #[test]
+    fn token_settings_load_without_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        let pkcs11_only = GOOD[..GOOD.find("[[keys]]").expect("keys")].to_owned();
+        std::fs::write(&path, &pkcs11_only).expect("write");
+        assert!(Config::load(&path).is_err(), "serving needs a key");
+        let token = Config::load_token_settings(&path).expect("token settings");
+        assert_eq!(token.token_label, "grant-agent");
     }
 
     #[test]

@@ -144,7 +144,9 @@ pub fn provision(state_dir: &Path, listen: SocketAddr) -> Result<PathBuf, DevErr
          [[keys]]\n\
          name = \"default\"\n\
          label = \"{KEY_LABEL}\"\n\
-         certificate = \"token\"\n",
+         certificate = \"token\"\n\
+         # The self-signed dev certificate has no known issuer: declare it a test certificate.\n\
+         certificate_environment = \"test\"\n",
         module = module.display(),
     );
     fs::write(&config_path, config_text).map_err(file_error(&config_path))?;
@@ -181,7 +183,7 @@ fn ensure_key_and_certificate(token: &Token) -> Result<(), DevError> {
         }
         Err(e) => return Err(e.into()),
     };
-    match token.certificate_der(&key) {
+    match token.certificates_der(&key) {
         Ok(_) => Ok(()),
         Err(HsmError::CertificateNotFound(_)) => {
             let (der, subject) = self_signed_certificate(token, &key)?;

@@ -297,6 +297,24 @@ impl Header {
         }
     }
 
+    /// A header carrying `kid`, for a key registered on the Maskinporten client.
+    pub fn with_kid(algorithm: Algorithm, kid: &str) -> Self {
+        #[derive(Serialize)]
+        struct Json<'a> {
+            alg: &'a str,
+            kid: &'a str,
+        }
+        let json = Json {
+            alg: algorithm.jws_name(),
+            kid,
+        };
+        let bytes = serde_json::to_vec(&json).unwrap_or_default();
+        Header {
+            algorithm,
+            encoded: URL_SAFE_NO_PAD.encode(bytes),
+        }
+    }
+
     /// The algorithm the signature must use.
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm
@@ -459,5 +477,18 @@ mod tests {
         );
         assert_eq!(parts[2], "_-4");
         assert_eq!(jws, format!("{input}._-4"));
+
+        let kid = Header::with_kid(Algorithm::Rs512, "my-key-2026");
+        let jws = compact(signing_input(&kid, &claims), &[1]);
+        let head: serde_json::Value = serde_json::from_slice(
+            &URL_SAFE_NO_PAD
+                .decode(jws.split('.').next().expect("header"))
+                .expect("b64"),
+        )
+        .expect("json");
+        assert_eq!(
+            head,
+            serde_json::json!({"alg": "RS512", "kid": "my-key-2026"})
+        );
     }
 }

@@ -138,7 +138,7 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Serve { config } => serve(Config::load(&config)?, |_| {}),
+        Command::Serve { config } => serve(&config, |_| {}),
         Command::Sign { config, grant } => {
             let agent = Agent::start(&Config::load(&config)?)?;
             let signed = agent.sign_grant_blocking(&grant.into());
@@ -155,7 +155,7 @@ fn run(command: Command) -> Result<(), Failure> {
             let conf = state_dir.join("softhsm2.conf");
             let exe = std::env::current_exe()
                 .map_or_else(|_| "grant-agent".to_owned(), |p| p.display().to_string());
-            serve(Config::load(&config_path)?, |addr| {
+            serve(&config_path, |addr| {
                 println!("grant-agent dev: listening on {addr}");
                 println!("  token, PINs and config in {}", state_dir.display());
                 println!(
@@ -203,15 +203,29 @@ fn run(command: Command) -> Result<(), Failure> {
     }
 }
 
-/// Starts the agent, serves until SIGINT/SIGTERM, then logs out and finalizes the module.
-fn serve(config: Config, on_ready: impl FnOnce(SocketAddr)) -> Result<(), Failure> {
+/// Starts the agent, serves until SIGINT/SIGTERM (reloading on SIGHUP), then logs out and
+/// finalizes the module.
+fn serve(config_path: &Path, on_ready: impl FnOnce(SocketAddr)) -> Result<(), Failure> {
+    let config = Config::load(config_path)?;
     let agent = Arc::new(Agent::start(&config)?);
-    runtime()?.block_on(server::run(
-        Arc::clone(&agent),
-        config.listen,
-        on_ready,
-        server::shutdown_signal(),
-    ))?;
+    let runtime = runtime()?;
+    runtime.block_on(async {
+        let _reload = tokio::spawn(server::reload_on_hangup(
+            Arc::clone(&agent),
+            config_path.to_owned(),
+            config.listen,
+        ));
+        let _watch = tokio::spawn(Arc::clone(&agent).watch());
+        server::run(
+            Arc::clone(&agent),
+            config.listen,
+            on_ready,
+            server::shutdown_signal(),
+        )
+        .await
+    })?;
+    // Stopping the runtime ends the background tasks and releases their handles.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     match Arc::try_unwrap(agent) {
         Ok(agent) => agent.close()?,
         Err(_) => tracing::warn!("requests still hold the token at exit; skipped C_Finalize"),

@@ -51,12 +51,12 @@ fn sign_prints_one_verifiable_grant() {
     let config = config.to_str().expect("utf-8 path");
     let out = cli(
         &agent,
-        &sign_args(config, &["--scope", "test:two", "--env", "prod"]),
+        &sign_args(config, &["--scope", "test:two", "--env", "test"]),
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let jws = stdout(&out);
     assert_eq!(jws.lines().count(), 1);
-    let claims = verify(jws.trim_end(), "https://maskinporten.no/").claims;
+    let claims = verify(jws.trim_end(), TEST_AUD).claims;
     assert_eq!(claims["iss"], "cli-client");
     assert_eq!(claims["scope"], "test:one test:two");
 }

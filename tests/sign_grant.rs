@@ -70,11 +70,10 @@ async fn a_grant_verifies_against_its_x5c_with_every_claim_right() {
 }
 
 #[tokio::test]
-async fn optional_claims_prod_audience_and_short_lifetime() {
+async fn optional_claims_and_short_lifetime() {
     let agent = DevAgent::start();
     let mut client = agent.client().await;
     let mut p = params();
-    p.environment = "prod".into();
     p.scopes = vec![
         "nav:aareg/v1/arbeidsforhold".into(),
         "skatteetaten:mva.read".into(),
@@ -90,7 +89,7 @@ async fn optional_claims_prod_audience_and_short_lifetime() {
         .await
         .expect("signed")
         .into_inner();
-    let claims = verify(&response.assertion, "https://maskinporten.no/").claims;
+    let claims = verify(&response.assertion, TEST_AUD).claims;
     assert_eq!(
         claims["scope"],
         "nav:aareg/v1/arbeidsforhold skatteetaten:mva.read"
@@ -115,6 +114,28 @@ async fn optional_claims_prod_audience_and_short_lifetime() {
     assert_eq!(
         verify(&response.assertion, TEST_AUD).claims["aud"],
         TEST_AUD
+    );
+}
+
+#[tokio::test]
+async fn a_test_certificate_is_refused_for_prod() {
+    let agent = DevAgent::start();
+    let mut client = agent.client().await;
+    let mut p = params();
+    p.environment = "prod".into();
+    let status = client.sign_grant(request(p)).await.expect_err("refused");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status
+            .message()
+            .starts_with("key \"default\" has a test certificate (issuer CN=GRANT-AGENT DEV TEST,"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status
+            .message()
+            .contains("which Maskinporten refuses in environment \"prod\"")
     );
 }
 

@@ -31,10 +31,11 @@ impl Token {
         self.pool.run_blocking(|session| find_key(session, locator))
     }
 
-    /// Reads the DER of the certificate object that shares the key's `CKA_ID`.
-    pub fn certificate_der(&self, key: &TokenKey) -> Result<Vec<u8>, HsmError> {
+    /// Reads the DER of every certificate object that shares the key's `CKA_ID` (the leaf
+    /// and any intermediates imported with it), in no particular order.
+    pub fn certificates_der(&self, key: &TokenKey) -> Result<Vec<Vec<u8>>, HsmError> {
         self.pool
-            .run_blocking(|session| certificate_der(session, &key.id))
+            .run_blocking(|session| certificates_der(session, &key.id))
     }
 }
 
@@ -118,24 +119,25 @@ pub(super) fn find_key(session: &Session, locator: &KeyLocator) -> Result<TokenK
     })
 }
 
-fn certificate_der(session: &Session, id: &[u8]) -> Result<Vec<u8>, HsmError> {
+fn certificates_der(session: &Session, id: &[u8]) -> Result<Vec<Vec<u8>>, HsmError> {
     let handles = session
         .find_objects(&[
             Attribute::Class(ObjectClass::CERTIFICATE),
             Attribute::Id(id.to_vec()),
         ])
         .map_err(HsmError::call("C_FindObjects"))?;
-    let Some(&handle) = handles.first() else {
-        return Err(HsmError::CertificateNotFound(hex(id)));
-    };
-    let values = session
-        .get_attributes(handle, &[AttributeType::Value])
-        .map_err(HsmError::call("C_GetAttributeValue"))?;
-    values
-        .into_iter()
-        .find_map(|v| match v {
+    let mut ders = Vec::with_capacity(handles.len());
+    for handle in handles {
+        let values = session
+            .get_attributes(handle, &[AttributeType::Value])
+            .map_err(HsmError::call("C_GetAttributeValue"))?;
+        ders.extend(values.into_iter().filter_map(|v| match v {
             Attribute::Value(der) => Some(der),
             _ => None,
-        })
-        .ok_or_else(|| HsmError::CertificateNotFound(hex(id)))
+        }));
+    }
+    if ders.is_empty() {
+        return Err(HsmError::CertificateNotFound(hex(id)));
+    }
+    Ok(ders)
 }

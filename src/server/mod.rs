@@ -4,13 +4,13 @@
 mod service;
 mod status;
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
-use crate::{agent::Agent, proto};
+use crate::{agent::Agent, config::Config, proto};
 use service::GrantAgentService;
 
 /// Largest request accepted, far above any valid grant request (see `grant` for the
@@ -99,4 +99,39 @@ pub async fn shutdown_signal() {
         () = term => {}
     }
     tracing::info!("shutdown requested");
+}
+
+/// Reloads the config on SIGHUP: new keys, certificates, environments and default key take
+/// effect for the next request; in-flight requests finish with the old set. A config that
+/// fails to load or validate is logged and the running keys are kept.
+pub async fn reload_on_hangup(agent: Arc<Agent>, path: PathBuf, listen: SocketAddr) {
+    let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("cannot listen for SIGHUP; reload by restarting");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        let agent = Arc::clone(&agent);
+        let file = path.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let config = Config::load(&file).map_err(|e| e.to_string())?;
+            agent.reload(&config).map_err(|e| e.to_string())?;
+            Ok::<_, String>(config)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        match result {
+            Ok(config) => {
+                let versions = config.keys.len();
+                tracing::info!(config = %path.display(), versions, "reloaded");
+                if config.listen != listen {
+                    tracing::warn!(listen = %config.listen, "`listen` changed; restart the agent to apply it");
+                }
+            }
+            Err(error) => {
+                tracing::error!(config = %path.display(), %error, "reload failed; keeping the running keys");
+            }
+        }
+    }
 }

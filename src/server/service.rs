@@ -5,7 +5,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    agent::Agent,
+    agent::{Agent, unix_now},
+    cert::{CertEnvironment, CertificateChain},
     grant::GrantParameters,
     proto::{
         KeyInfo, ListKeysRequest, ListKeysResponse, SignGrantRequest, SignGrantResponse,
@@ -88,25 +89,39 @@ impl GrantAgent for GrantAgentService {
         &self,
         _request: Request<ListKeysRequest>,
     ) -> Result<Response<ListKeysResponse>, Status> {
-        let keys = self
-            .agent
-            .keys()
+        let keys = self.agent.keys();
+        let now = unix_now();
+        let window = i64::from(keys.expiry_warning_days) * 86_400;
+        let infos = keys
+            .versions()
             .map(|key| {
+                let (not_before, not_after) = key.validity();
                 let chain = key.chain();
-                let (not_before, not_after) = chain.validity();
                 KeyInfo {
                     name: key.name().to_owned(),
                     algorithm: key.algorithm().jws_name().to_owned(),
-                    subject: chain.subject(),
-                    issuer: chain.issuer(),
-                    organization_number: chain.organization_number().unwrap_or_default(),
-                    not_before,
-                    not_after,
+                    subject: chain.map(CertificateChain::subject).unwrap_or_default(),
+                    issuer: chain.map(CertificateChain::issuer).unwrap_or_default(),
+                    organization_number: chain
+                        .and_then(CertificateChain::organization_number)
+                        .unwrap_or_default(),
+                    not_before: not_before.unwrap_or_default(),
+                    not_after: not_after.unwrap_or_default(),
                     certificate_sha256: key.certificate_sha256().to_owned(),
-                    is_default: key.name() == self.agent.default_key(),
+                    is_default: key.name() == keys.default_key(),
+                    environment: key
+                        .environment()
+                        .map_or("", CertEnvironment::name)
+                        .to_owned(),
+                    days_to_expiry: not_after.map_or(0, |t| (t - now).div_euclid(86_400)),
+                    expires_soon: not_after.is_some_and(|t| t - now <= window),
+                    active: keys
+                        .select(key.name(), now)
+                        .is_ok_and(|active| std::ptr::eq(active, key)),
+                    kid: key.kid().unwrap_or_default().to_owned(),
                 }
             })
             .collect();
-        Ok(Response::new(ListKeysResponse { keys }))
+        Ok(Response::new(ListKeysResponse { keys: infos }))
     }
 }

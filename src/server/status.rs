@@ -5,6 +5,7 @@
 //! | invalid field in the request       | `INVALID_ARGUMENT`    |
 //! | unknown key name                   | `NOT_FOUND`           |
 //! | certificate expired / not yet valid| `FAILED_PRECONDITION` |
+//! | certificate for the other environment | `FAILED_PRECONDITION` |
 //! | PKCS#11 call failed                | `UNAVAILABLE`         |
 //! | signing thread lost                | `INTERNAL`            |
 //!
@@ -19,7 +20,9 @@ pub(super) fn from_sign_error(error: &SignError) -> Status {
     let code = match error {
         SignError::Invalid(_) => Code::InvalidArgument,
         SignError::UnknownKey(_) => Code::NotFound,
-        SignError::CertificateNotValid { .. } => Code::FailedPrecondition,
+        SignError::CertificateNotValid { .. } | SignError::WrongEnvironment { .. } => {
+            Code::FailedPrecondition
+        }
         SignError::Hsm(HsmError::Thread(_)) => Code::Internal,
         SignError::Hsm(_) => Code::Unavailable,
     };

@@ -1,0 +1,352 @@
+//! Keys as the agent sees them: each configured entry bound to its token key and
+//! certificate (or registered `kid`), grouped by name into versions for rollover.
+
+use std::collections::BTreeMap;
+
+use crate::{
+    cert::{CertEnvironment, CertificateChain},
+    config::{CertificateSource, Config, EnvironmentConfig, KeyBinding, KeyConfig},
+    grant::{Algorithm, Claims, GrantParameters, Header, InvalidGrant},
+    hsm::{ObjectHandle, Token},
+};
+
+use super::{SignError, StartError};
+
+/// One version of a key: a token key and how Maskinporten knows it.
+#[derive(Debug)]
+pub struct SigningKey {
+    name: String,
+    pub(super) handle: ObjectHandle,
+    pub(super) header: Header,
+    identity: Identity,
+    not_before: Option<i64>,
+    not_after: Option<i64>,
+    allow_environment_mismatch: bool,
+}
+
+#[derive(Debug)]
+enum Identity {
+    Certificate {
+        chain: CertificateChain,
+        sha256: String,
+        environment: CertEnvironment,
+    },
+    Kid(String),
+}
+
+impl SigningKey {
+    /// The configured name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The JWS algorithm.
+    pub fn algorithm(&self) -> Algorithm {
+        self.header.algorithm()
+    }
+
+    /// The certificate chain, leaf first; `None` for a `kid` key.
+    pub fn chain(&self) -> Option<&CertificateChain> {
+        match &self.identity {
+            Identity::Certificate { chain, .. } => Some(chain),
+            Identity::Kid(_) => None,
+        }
+    }
+
+    /// Lowercase hex SHA-256 of the leaf certificate; empty for a `kid` key.
+    pub fn certificate_sha256(&self) -> &str {
+        match &self.identity {
+            Identity::Certificate { sha256, .. } => sha256,
+            Identity::Kid(_) => "",
+        }
+    }
+
+    /// Test or production (after any config override); `None` for a `kid` key.
+    pub fn environment(&self) -> Option<CertEnvironment> {
+        match &self.identity {
+            Identity::Certificate { environment, .. } => Some(*environment),
+            Identity::Kid(_) => None,
+        }
+    }
+
+    /// The registered key id, for a `kid` key.
+    pub fn kid(&self) -> Option<&str> {
+        match &self.identity {
+            Identity::Kid(kid) => Some(kid),
+            Identity::Certificate { .. } => None,
+        }
+    }
+
+    /// When this version may be used, as Unix seconds (`None` = unbounded).
+    pub fn validity(&self) -> (Option<i64>, Option<i64>) {
+        (self.not_before, self.not_after)
+    }
+
+    fn valid_at(&self, now: i64) -> bool {
+        self.not_before.is_none_or(|t| t <= now) && self.not_after.is_none_or(|t| now <= t)
+    }
+}
+
+/// Every key the agent signs with, and the environments it signs for. Replaced whole on
+/// reload; requests in flight keep the set they started with.
+#[derive(Debug)]
+pub struct KeySet {
+    keys: BTreeMap<String, Vec<SigningKey>>,
+    default_key: String,
+    environments: BTreeMap<String, EnvironmentConfig>,
+    default_environment: Option<String>,
+    /// Days before expiry when warnings start.
+    pub expiry_warning_days: u32,
+}
+
+impl KeySet {
+    /// Binds every configured key to its token key and certificate, and checks that each
+    /// name has a version usable now. Blocking.
+    pub(super) fn load(token: &Token, config: &Config, now: i64) -> Result<KeySet, StartError> {
+        let mut keys: BTreeMap<String, Vec<SigningKey>> = BTreeMap::new();
+        for key_config in &config.keys {
+            let key = load_key(token, key_config)?;
+            keys.entry(key.name.clone()).or_default().push(key);
+        }
+        let set = KeySet {
+            keys,
+            default_key: config.default_key.clone(),
+            environments: config
+                .environment_names()
+                .into_iter()
+                .filter_map(|name| Some((name.clone(), config.environment(&name)?)))
+                .collect(),
+            default_environment: config.default_environment.clone(),
+            expiry_warning_days: config.expiry_warning_days,
+        };
+        for (name, versions) in &set.keys {
+            if let Err(SignError::CertificateNotValid { state, .. }) = set.select(name, now) {
+                return Err(StartError::NotValid {
+                    key: name.clone(),
+                    state,
+                });
+            }
+            for v in versions {
+                if v.environment() == Some(CertEnvironment::Unknown)
+                    && !v.allow_environment_mismatch
+                {
+                    tracing::warn!(
+                        key = %name,
+                        issuer = %v.chain().map(CertificateChain::issuer).unwrap_or_default(),
+                        "the certificate's issuer is not known as test or production; grants will be refused until keys[].certificate_environment says which"
+                    );
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    /// The version of `name` that signs at `now`: the newest (latest start) valid one.
+    pub fn select(&self, name: &str, now: i64) -> Result<&SigningKey, SignError> {
+        let versions = self
+            .keys
+            .get(name)
+            .ok_or_else(|| SignError::UnknownKey(name.to_owned()))?;
+        versions
+            .iter()
+            .filter(|v| v.valid_at(now))
+            .max_by_key(|v| v.not_before.unwrap_or(i64::MIN))
+            .ok_or_else(|| {
+                let future = versions
+                    .iter()
+                    .filter_map(|v| v.not_before.filter(|t| *t > now))
+                    .min();
+                let expired = versions.iter().filter_map(|v| v.not_after).max();
+                SignError::CertificateNotValid {
+                    key: name.to_owned(),
+                    state: match (future, expired) {
+                        (Some(t), _) => format!("not valid yet (from {})", rfc3339(t)),
+                        (None, Some(t)) => format!("expired (on {})", rfc3339(t)),
+                        (None, None) => "not valid".to_owned(),
+                    },
+                }
+            })
+    }
+
+    /// Validates `params` and picks the key and claims for a grant issued at `now`.
+    pub(super) fn prepare(
+        &self,
+        params: &GrantParameters,
+        now: i64,
+    ) -> Result<(&SigningKey, Claims), SignError> {
+        let name = if params.key.is_empty() {
+            &self.default_key
+        } else {
+            &params.key
+        };
+        let environment_name = match (params.environment.as_str(), &self.default_environment) {
+            ("", Some(default)) => default.as_str(),
+            (env, _) => env,
+        };
+        let environment = self
+            .environments
+            .get(environment_name)
+            .ok_or_else(|| InvalidGrant {
+                field: "grant.environment".into(),
+                reason: format!(
+                    "{} is not a known environment; use one of: {}",
+                    if environment_name.is_empty() {
+                        "empty".to_owned()
+                    } else {
+                        format!("{environment_name:?}")
+                    },
+                    self.environments
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })?;
+        let claims = Claims::new(params, &environment.audience, now)?;
+        let key = self.select(name, now)?;
+        if let Some(certificate) = key.environment()
+            && certificate != environment.certificates
+            && !key.allow_environment_mismatch
+        {
+            return Err(SignError::WrongEnvironment {
+                key: key.name.clone(),
+                certificate,
+                environment: environment_name.to_owned(),
+                issuer: key
+                    .chain()
+                    .map(CertificateChain::issuer)
+                    .unwrap_or_default(),
+            });
+        }
+        Ok((key, claims))
+    }
+
+    /// Every version of every key, by name then file order.
+    pub fn versions(&self) -> impl Iterator<Item = &SigningKey> {
+        self.keys.values().flatten()
+    }
+
+    /// The name used when a request names none.
+    pub fn default_key(&self) -> &str {
+        &self.default_key
+    }
+}
+
+fn load_key(token: &Token, config: &KeyConfig) -> Result<SigningKey, StartError> {
+    let name = &config.name;
+    let hsm = |source| StartError::Hsm {
+        context: format!("key {name:?} ({})", config.locator),
+        source,
+    };
+    let cert = |source| StartError::Certificate {
+        key: name.clone(),
+        source,
+    };
+    let token_key = token.find_key(&config.locator).map_err(hsm)?;
+    let (identity, header, not_before, not_after) = match &config.binding {
+        KeyBinding::Kid {
+            kid,
+            not_before,
+            not_after,
+        } => (
+            Identity::Kid(kid.clone()),
+            Header::with_kid(config.algorithm, kid),
+            *not_before,
+            *not_after,
+        ),
+        KeyBinding::Certificate {
+            source,
+            environment,
+        } => {
+            let chain = match source {
+                CertificateSource::Token => CertificateChain::for_key(
+                    token.certificates_der(&token_key).map_err(hsm)?,
+                    &token_key.public_key_der,
+                ),
+                CertificateSource::PemFile(path) => {
+                    let pem =
+                        std::fs::read(path).map_err(|source| StartError::CertificateFile {
+                            key: name.clone(),
+                            path: path.display().to_string(),
+                            source,
+                        })?;
+                    CertificateChain::from_pem(&pem)
+                }
+            }
+            .map_err(cert)?;
+            if chain.rsa_public_key_der().map_err(cert)? != token_key.public_key_der {
+                return Err(StartError::KeyMismatch { key: name.clone() });
+            }
+            chain.allows_signing().map_err(cert)?;
+            let (not_before, not_after) = chain.validity();
+            let header = Header::with_x5c(config.algorithm, chain.der());
+            (
+                Identity::Certificate {
+                    sha256: chain.leaf_sha256_hex(),
+                    environment: environment.unwrap_or_else(|| chain.environment()),
+                    chain,
+                },
+                header,
+                Some(not_before),
+                Some(not_after),
+            )
+        }
+    };
+    let key = SigningKey {
+        name: name.clone(),
+        handle: token_key.handle,
+        header,
+        identity,
+        not_before,
+        not_after,
+        allow_environment_mismatch: config.allow_environment_mismatch,
+    };
+    tracing::info!(
+        key = %name,
+        locator = %config.locator,
+        bits = token_key.bits,
+        algorithm = config.algorithm.jws_name(),
+        kid = key.kid().unwrap_or_default(),
+        subject = %key.chain().map(CertificateChain::subject).unwrap_or_default(),
+        environment = key.environment().map_or("", CertEnvironment::name),
+        certificate_sha256 = key.certificate_sha256(),
+        not_after = %not_after.map(rfc3339).unwrap_or_default(),
+        "key ready"
+    );
+    Ok(key)
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`, for messages people read.
+pub fn rfc3339(t: i64) -> String {
+    let days = t.div_euclid(86_400);
+    let secs = t.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn formats_unix_seconds() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_543_043), "2026-11-24T17:57:23Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
+    }
+}

@@ -1,0 +1,317 @@
+//! The signing agent: the configured keys, found in the token and bound to their
+//! certificates, and the one operation everything else calls, [`Agent::sign_grant`].
+//!
+//! Start-up checks what can be checked before the first request, so a misconfiguration
+//! stops the agent with a message naming the key instead of failing calls later: each key
+//! exists exactly once, is RSA-2048 or larger, its certificate's public key is the key's,
+//! its key usage allows signing, and every key name has a version valid now.
+//!
+//! A key name may have several versions (a renewed certificate, a new registered key):
+//! each request signs with the newest version valid at that moment, so renewal needs no
+//! restart and no cut-over at midnight. [`Agent::reload`] swaps in a new key set built
+//! from a new config; requests in flight finish with the set they started with.
+
+mod keys;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+pub use keys::{KeySet, SigningKey, rfc3339};
+
+use crate::{
+    cert::{CertEnvironment, CertError},
+    config::{Config, Pkcs11Config},
+    grant::{self, Algorithm, GrantParameters, InvalidGrant},
+    hsm::{HsmError, Token, read_pin},
+};
+
+/// A signed grant and the facts a caller may want without decoding it.
+#[derive(Debug)]
+pub struct SignedGrant {
+    /// The compact JWS. A bearer credential for up to two minutes: never log it.
+    pub assertion: String,
+    /// The grant's unique id.
+    pub jti: String,
+    /// `iat`, Unix seconds.
+    pub issued_at: i64,
+    /// `exp`, Unix seconds.
+    pub expires_at: i64,
+    /// The JWS algorithm.
+    pub algorithm: Algorithm,
+    /// The key name that signed.
+    pub key: String,
+    /// SHA-256 of the leaf certificate in `x5c`; empty for a `kid` key.
+    pub certificate_sha256: String,
+}
+
+/// Why a grant was not signed.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// The request is malformed; the message names the field.
+    #[error(transparent)]
+    Invalid(#[from] InvalidGrant),
+    /// The request names a key the agent does not have.
+    #[error("grant.key: no key is named {0:?}")]
+    UnknownKey(String),
+    /// No version of the key is valid now.
+    #[error("key {key:?} has no certificate valid now: {state}; renew it or configure another key")]
+    CertificateNotValid {
+        /// The key name.
+        key: String,
+        /// "expired (on ...)" or "not valid yet (from ...)".
+        state: String,
+    },
+    /// The certificate is for the other Maskinporten environment, which would refuse it.
+    #[error("key {key:?} has a {} certificate (issuer {issuer}), which Maskinporten refuses in environment {environment:?}; {}", describe(*certificate), fix(*certificate))]
+    WrongEnvironment {
+        /// The key name.
+        key: String,
+        /// What the certificate is.
+        certificate: CertEnvironment,
+        /// The environment asked for.
+        environment: String,
+        /// The certificate's issuer.
+        issuer: String,
+    },
+    /// The token failed.
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+}
+
+fn describe(certificate: CertEnvironment) -> &'static str {
+    match certificate {
+        CertEnvironment::Test => "test",
+        CertEnvironment::Production => "production",
+        CertEnvironment::Unknown => "unrecognised",
+    }
+}
+
+fn fix(certificate: CertEnvironment) -> &'static str {
+    match certificate {
+        CertEnvironment::Unknown => {
+            "set keys[].certificate_environment to \"test\" or \"prod\" for this issuer"
+        }
+        _ => {
+            "use a key with a certificate for that environment (or set keys[].allow_environment_mismatch = true)"
+        }
+    }
+}
+
+/// Why the agent could not start (or a reload was refused). Each variant names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The token could not be opened or a key not found.
+    #[error("{context}: {source}")]
+    Hsm {
+        /// What was being done, e.g. `key "default"`.
+        context: String,
+        /// The cause.
+        #[source]
+        source: HsmError,
+    },
+    /// The certificate file could not be read.
+    #[error("key {key:?}: cannot read certificate file {path}: {source}")]
+    CertificateFile {
+        /// The key name.
+        key: String,
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The certificate is malformed or unusable.
+    #[error("key {key:?}: {source}")]
+    Certificate {
+        /// The key name.
+        key: String,
+        /// The cause.
+        #[source]
+        source: CertError,
+    },
+    /// The certificate does not belong to the key.
+    #[error(
+        "key {key:?}: the certificate's public key is not the token key's public key; configure the certificate issued for this key"
+    )]
+    KeyMismatch {
+        /// The key name.
+        key: String,
+    },
+    /// No version of a key is valid now.
+    #[error(
+        "key {key:?} has no certificate valid now: {state}; renew it (docs/operations.md) or remove the key"
+    )]
+    NotValid {
+        /// The key name.
+        key: String,
+        /// Why.
+        state: String,
+    },
+    /// A reload would need settings that only a restart can apply.
+    #[error(
+        "the [pkcs11] section changed; restart the agent to apply it (the running keys are kept)"
+    )]
+    TokenChanged,
+}
+
+/// The running agent. Share it behind an `Arc`; all methods take `&self`.
+#[derive(Debug)]
+pub struct Agent {
+    token: Token,
+    pkcs11: Pkcs11Config,
+    keys: RwLock<Arc<KeySet>>,
+}
+
+impl Agent {
+    /// Opens the token, logs in, and binds every configured key to its certificate.
+    /// Blocking: call it before serving or from a blocking thread.
+    pub fn start(config: &Config) -> Result<Agent, StartError> {
+        let hsm = |source| StartError::Hsm {
+            context: "pkcs11".into(),
+            source,
+        };
+        let pin = read_pin(&config.pkcs11.pin).map_err(hsm)?;
+        let token = Token::open(&config.pkcs11, &pin).map_err(hsm)?;
+        drop(pin);
+        let keys = KeySet::load(&token, config, unix_now())?;
+        let agent = Agent {
+            token,
+            pkcs11: config.pkcs11.clone(),
+            keys: RwLock::new(Arc::new(keys)),
+        };
+        agent.warn_about_expiry();
+        Ok(agent)
+    }
+
+    /// Replaces the keys with those of `config`, or keeps the current ones and says why.
+    /// Blocking (it reads the token).
+    pub fn reload(&self, config: &Config) -> Result<(), StartError> {
+        if config.pkcs11 != self.pkcs11 {
+            return Err(StartError::TokenChanged);
+        }
+        let keys = Arc::new(KeySet::load(&self.token, config, unix_now())?);
+        match self.keys.write() {
+            Ok(mut current) => *current = keys,
+            Err(poisoned) => *poisoned.into_inner() = keys,
+        }
+        self.warn_about_expiry();
+        Ok(())
+    }
+
+    /// The current key set (a snapshot; a reload does not change it).
+    pub fn keys(&self) -> Arc<KeySet> {
+        match self.keys.read() {
+            Ok(keys) => Arc::clone(&keys),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Builds a grant from `params`, signs it in the token and returns it. Every call signs
+    /// a new grant with a new `jti`.
+    pub async fn sign_grant(&self, params: &GrantParameters) -> Result<SignedGrant, SignError> {
+        let keys = self.keys();
+        let (key, claims) = keys.prepare(params, unix_now())?;
+        let input = grant::signing_input(&key.header, &claims);
+        let signature = self
+            .token
+            .sign(key.handle, key.algorithm(), input.as_bytes().to_vec())
+            .await?;
+        Ok(finish(key, claims, input, &signature))
+    }
+
+    /// [`Agent::sign_grant`] on the calling thread, for the command line.
+    pub fn sign_grant_blocking(&self, params: &GrantParameters) -> Result<SignedGrant, SignError> {
+        let keys = self.keys();
+        let (key, claims) = keys.prepare(params, unix_now())?;
+        let input = grant::signing_input(&key.header, &claims);
+        let signature = self
+            .token
+            .sign_blocking(key.handle, key.algorithm(), input.as_bytes())?;
+        Ok(finish(key, claims, input, &signature))
+    }
+
+    /// Logs a warning for every version in use that expires within the warning window.
+    pub fn warn_about_expiry(&self) {
+        let keys = self.keys();
+        let now = unix_now();
+        let window = i64::from(keys.expiry_warning_days) * 86_400;
+        for key in keys.versions() {
+            let (_, not_after) = key.validity();
+            let Some(not_after) = not_after else { continue };
+            let in_use = keys
+                .select(key.name(), now)
+                .is_ok_and(|active| std::ptr::eq(active, key));
+            if in_use && not_after - now <= window {
+                tracing::warn!(
+                    key = %key.name(),
+                    certificate_sha256 = key.certificate_sha256(),
+                    kid = key.kid().unwrap_or_default(),
+                    not_after = %rfc3339(not_after),
+                    days_left = (not_after - now) / 86_400,
+                    "the key in use expires soon; renew it (docs/operations.md)"
+                );
+            }
+        }
+    }
+
+    /// Runs until dropped: logs when a key switches to another version (rollover) and
+    /// repeats expiry warnings daily. Spawn it next to the server.
+    pub async fn watch(self: Arc<Self>) {
+        let mut active: BTreeMap<String, String> = BTreeMap::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut last_warning = tokio::time::Instant::now();
+        loop {
+            let _ = tick.tick().await;
+            let keys = self.keys();
+            let now = unix_now();
+            let names: Vec<&str> = keys.versions().map(SigningKey::name).collect();
+            for name in names {
+                let current = keys.select(name, now).map_or_else(
+                    |_| "none".to_owned(),
+                    |k| format!("{}{}", k.certificate_sha256(), k.kid().unwrap_or_default()),
+                );
+                let previous = active.insert(name.to_owned(), current.clone());
+                if previous.is_some_and(|p| p != current) {
+                    tracing::info!(key = %name, now_signing_with = %current, "key rolled over to another version");
+                }
+            }
+            if last_warning.elapsed() >= Duration::from_secs(86_400) {
+                last_warning = tokio::time::Instant::now();
+                self.warn_about_expiry();
+            }
+        }
+    }
+
+    /// Logs out and finalizes the PKCS#11 module.
+    pub fn close(self) -> Result<(), HsmError> {
+        drop(self.keys);
+        self.token.close()
+    }
+
+    /// The token, for key management commands.
+    pub fn token(&self) -> &Token {
+        &self.token
+    }
+}
+
+fn finish(key: &SigningKey, claims: grant::Claims, input: String, signature: &[u8]) -> SignedGrant {
+    SignedGrant {
+        assertion: grant::compact(input, signature),
+        jti: claims.jti,
+        issued_at: claims.iat,
+        expires_at: claims.exp,
+        algorithm: key.algorithm(),
+        key: key.name().to_owned(),
+        certificate_sha256: key.certificate_sha256().to_owned(),
+    }
+}
+
+/// Now, as Unix seconds.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
