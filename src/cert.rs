@@ -207,6 +207,14 @@ impl CertificateChain {
         self.der.iter().map(Vec::as_slice)
     }
 
+    /// DER of every certificate's subject name, in chain order (PKCS#11 wants `CKA_SUBJECT`).
+    pub fn subjects_der(&self) -> Vec<Vec<u8>> {
+        self.certificates
+            .iter()
+            .map(|c| c.tbs_certificate().subject().to_der().unwrap_or_default())
+            .collect()
+    }
+
     fn leaf(&self) -> &Certificate {
         &self.certificates[0]
     }
@@ -362,7 +370,8 @@ fn rfc4514(name: &x509_cert::name::Name) -> String {
     rdns.join(",")
 }
 
-fn escape_rfc4514(value: &str) -> String {
+/// Escapes a value for an RFC 4514 distinguished name string.
+pub fn escape_rfc4514(value: &str) -> String {
     let last = value.chars().count().saturating_sub(1);
     let mut out = String::with_capacity(value.len());
     for (i, c) in value.chars().enumerate() {

@@ -9,6 +9,7 @@
 //! - [`grant`]: claims, request validation and JWS encoding; no PKCS#11.
 //! - [`cert`]: the certificate chain and what the agent reads from it.
 //! - [`hsm`]: the PKCS#11 token: login, session pool, key lookup, signing, provisioning.
+//! - [`admin`]: key management commands: generate, CSR, certificate import, JWK, list.
 //! - [`agent`]: keys bound to certificates, and `sign_grant`, which ties the above together.
 //! - [`server`]: the gRPC services (GrantAgent, health, reflection) and status mapping.
 //! - [`dev`]: the development SoftHSM token behind `grant-agent dev`.
@@ -18,6 +19,7 @@
 //! A request flows `server` → `agent` → `grant` (claims) → `hsm` (C_Sign on a pooled
 //! session, on a blocking thread) → `grant` (compact JWS) → `server`.
 
+pub mod admin;
 pub mod agent;
 pub mod cert;
 pub mod config;

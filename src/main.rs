@@ -9,10 +9,11 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 use grant_agent::{
+    admin,
     agent::{Agent, SignError},
     config::Config,
     dev,
-    grant::GrantParameters,
+    grant::{Algorithm, GrantParameters},
     proto::{self, grant_agent_client::GrantAgentClient},
     server,
     telemetry::{self, LogFormat},
@@ -59,6 +60,100 @@ enum Command {
         #[command(subcommand)]
         command: ClientCommand,
     },
+    /// Manage keys in the token (made in it or moved into it, never out).
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Manage certificates in the token.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+}
+
+/// The config whose `[pkcs11]` section names the token (keys need not be configured yet).
+#[derive(Args)]
+struct TokenArgs {
+    /// The TOML config file.
+    #[arg(long, env = "GRANT_AGENT_CONFIG")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Generate an RSA key pair inside the token: sensitive, never extractable, sign-only.
+    Generate {
+        #[command(flatten)]
+        token: TokenArgs,
+        /// CKA_LABEL of the new key (and later of its certificate).
+        #[arg(long)]
+        label: String,
+        /// Key type.
+        #[arg(long = "type", value_enum, default_value_t = KeyType::Rsa2048)]
+        key_type: KeyType,
+    },
+    /// Write a PKCS#10 certificate request (SEID 2.0 subject), signed inside the token.
+    Csr {
+        #[command(flatten)]
+        token: TokenArgs,
+        /// Label of the key.
+        #[arg(long)]
+        label: String,
+        /// The organisation number (nine digits).
+        #[arg(long)]
+        org_number: String,
+        /// The organisation's registered name.
+        #[arg(long)]
+        org_name: String,
+        /// Write the PEM here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print the public key as a JWK, to register on a Maskinporten client (kid mode).
+    Jwk {
+        #[command(flatten)]
+        token: TokenArgs,
+        /// Label of the key.
+        #[arg(long)]
+        label: String,
+        /// The kid to put in the JWK [default: the RFC 7638 thumbprint].
+        #[arg(long)]
+        kid: Option<String>,
+        /// The `alg` to put in the JWK.
+        #[arg(long, default_value = "RS256", value_parser = ["RS256", "RS384", "RS512"])]
+        algorithm: String,
+    },
+    /// List the keys and certificates in the token.
+    List {
+        #[command(flatten)]
+        token: TokenArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Store an issued certificate (and its chain) in the token next to its key.
+    Import {
+        #[command(flatten)]
+        token: TokenArgs,
+        /// Label of the key the certificate was issued for.
+        #[arg(long)]
+        label: String,
+        /// PEM file: the certificate, optionally followed by its chain.
+        file: PathBuf,
+    },
+}
+
+/// RSA key sizes Maskinporten accepts.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KeyType {
+    /// RSA, 2048 bits.
+    Rsa2048,
+    /// RSA, 3072 bits.
+    Rsa3072,
+    /// RSA, 4096 bits.
+    Rsa4096,
 }
 
 #[derive(Subcommand)]
@@ -138,7 +233,27 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Serve { config } => serve(&config, |_| {}),
+        Command::Serve { config } => serve(&config, |addr| {
+            println!("grant-agent: listening on {addr}");
+        }),
+        Command::Key { command } => key_command(command),
+        Command::Cert {
+            command: CertCommand::Import { token, label, file },
+        } => {
+            let pem = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let token = admin::open_token(&token.config)?;
+            let result = admin::import_certificate(&token, &label, &pem);
+            let closed = token.close();
+            let (chain, written) = result?;
+            closed?;
+            println!(
+                "imported {written} certificate object(s) for key {label:?}: {} (sha256 {}, environment {})",
+                chain.subject(),
+                chain.leaf_sha256_hex(),
+                chain.environment().name()
+            );
+            Ok(())
+        }
         Command::Sign { config, grant } => {
             let agent = Agent::start(&Config::load(&config)?)?;
             let signed = agent.sign_grant_blocking(&grant.into());
@@ -201,6 +316,67 @@ fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }),
     }
+}
+
+fn key_command(command: KeyCommand) -> Result<(), Failure> {
+    let (KeyCommand::Generate { token, .. }
+    | KeyCommand::Csr { token, .. }
+    | KeyCommand::Jwk { token, .. }
+    | KeyCommand::List { token }) = &command;
+    let token = admin::open_token(&token.config)?;
+    let result: Result<String, admin::AdminError> = match command {
+        KeyCommand::Generate {
+            label, key_type, ..
+        } => {
+            let bits = match key_type {
+                KeyType::Rsa2048 => 2048,
+                KeyType::Rsa3072 => 3072,
+                KeyType::Rsa4096 => 4096,
+            };
+            admin::generate(&token, &label, bits).map(|key| {
+                format!(
+                    "generated RSA-{} key {label:?} (id {}) in the token: sensitive, never extractable\n\
+                     next: grant-agent key csr --label {label:?} --org-number N --org-name NAME",
+                    key.bits,
+                    key.id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+                )
+            })
+        }
+        KeyCommand::Csr {
+            label,
+            org_number,
+            org_name,
+            out,
+            ..
+        } => admin::csr(&token, &label, &org_number, &org_name).and_then(|pem| match out {
+            None => Ok(pem.trim_end().to_owned()),
+            Some(path) => std::fs::write(&path, pem)
+                .map(|()| format!("wrote the certificate request to {}", path.display()))
+                .map_err(|e| admin::AdminError::Invalid {
+                    flag: "--out",
+                    problem: format!("{}: {e}", path.display()),
+                }),
+        }),
+        KeyCommand::Jwk {
+            label,
+            kid,
+            algorithm,
+            ..
+        } => token
+            .find_key(&grant_agent::config::KeyLocator::Label(label))
+            .map_err(admin::AdminError::from)
+            .and_then(|key| {
+                let alg = Algorithm::from_jws_name(&algorithm).unwrap_or(Algorithm::Rs256);
+                admin::jwk(&key, alg, kid.as_deref())
+            })
+            .map(|jwk| jwk.to_string()),
+        KeyCommand::List { .. } => {
+            admin::list(&token, grant_agent::agent::unix_now()).map(|s| s.trim_end().to_owned())
+        }
+    };
+    let closed = token.close();
+    println!("{}", result?);
+    Ok(closed?)
 }
 
 /// Starts the agent, serves until SIGINT/SIGTERM (reloading on SIGHUP), then logs out and

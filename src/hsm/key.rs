@@ -141,3 +141,62 @@ fn certificates_der(session: &Session, id: &[u8]) -> Result<Vec<Vec<u8>>, HsmErr
     }
     Ok(ders)
 }
+
+/// A private key object as `key list` shows it.
+#[derive(Debug, Clone)]
+pub struct KeyObject {
+    /// `CKA_LABEL`.
+    pub label: String,
+    /// `CKA_ID`.
+    pub id: Vec<u8>,
+    /// The RSA key's public facts, when it is an RSA key of a usable size.
+    pub rsa: Option<TokenKey>,
+    /// `CKA_SENSITIVE`: the token never reveals the value.
+    pub sensitive: bool,
+    /// `CKA_EXTRACTABLE`: the token would wrap it out.
+    pub extractable: bool,
+}
+
+impl Token {
+    /// Every private key object in the token, with its protection attributes.
+    pub fn private_keys(&self) -> Result<Vec<KeyObject>, HsmError> {
+        self.pool.run_blocking(|session| {
+            let handles = session
+                .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+                .map_err(HsmError::call("C_FindObjects"))?;
+            let mut keys = Vec::with_capacity(handles.len());
+            for handle in handles {
+                let attributes = session
+                    .get_attributes(
+                        handle,
+                        &[
+                            AttributeType::Label,
+                            AttributeType::Id,
+                            AttributeType::Sensitive,
+                            AttributeType::Extractable,
+                        ],
+                    )
+                    .map_err(HsmError::call("C_GetAttributeValue"))?;
+                let mut key = KeyObject {
+                    label: String::new(),
+                    id: Vec::new(),
+                    rsa: None,
+                    sensitive: false,
+                    extractable: true,
+                };
+                for attribute in attributes {
+                    match attribute {
+                        Attribute::Label(l) => key.label = String::from_utf8_lossy(&l).into_owned(),
+                        Attribute::Id(id) => key.id = id,
+                        Attribute::Sensitive(v) => key.sensitive = v,
+                        Attribute::Extractable(v) => key.extractable = v,
+                        _ => {}
+                    }
+                }
+                key.rsa = find_key(session, &KeyLocator::Id(key.id.clone())).ok();
+                keys.push(key);
+            }
+            Ok(keys)
+        })
+    }
+}

@@ -29,7 +29,7 @@ use cryptoki::{
 };
 
 pub use cryptoki::object::ObjectHandle;
-pub use key::TokenKey;
+pub use key::{KeyObject, TokenKey};
 pub use provision::{TokenSigner, init_token};
 
 use crate::{config::Pkcs11Config, grant::Algorithm};

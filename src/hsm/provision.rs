@@ -136,6 +136,19 @@ impl Token {
     }
 }
 
+impl Token {
+    /// Deletes an object this process created, to undo a half-finished import.
+    pub fn destroy_object(&self, object: ObjectHandle) -> Result<(), HsmError> {
+        let session = self
+            .pkcs11
+            .open_rw_session(self.slot)
+            .map_err(HsmError::call("C_OpenSession"))?;
+        session
+            .destroy_object(object)
+            .map_err(HsmError::call("C_DestroyObject"))
+    }
+}
+
 /// A token key seen as a `signature::Signer`, so `x509-cert`'s builders can sign
 /// certificates and requests inside the token (sha256WithRSAEncryption).
 pub struct TokenSigner<'a> {

@@ -54,21 +54,38 @@ impl DevAgent {
 
     /// Starts on an existing state dir (to test that `dev` is idempotent).
     pub(crate) fn start_in(dir: tempfile::TempDir) -> DevAgent {
-        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        let _ = command
             .args(["dev", "--listen", "127.0.0.1:0", "--state-dir"])
             .arg(dir.path())
-            .env_remove("SOFTHSM2_CONF")
+            .env_remove("SOFTHSM2_CONF");
+        Self::spawn(command, dir)
+    }
+
+    /// `grant-agent serve --config DIR/CONFIG` on the token a dev agent made in `dir`.
+    /// The config's `listen` must use port 0.
+    pub(crate) fn serve(dir: tempfile::TempDir, config: &str) -> DevAgent {
+        let mut command = Command::new(BIN);
+        let _ = command
+            .args(["serve", "--config"])
+            .arg(dir.path().join(config))
+            .env("SOFTHSM2_CONF", dir.path().join("softhsm2.conf"));
+        Self::spawn(command, dir)
+    }
+
+    fn spawn(mut command: Command, dir: tempfile::TempDir) -> DevAgent {
+        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
+        let mut child = command
             .env("RUST_LOG", "debug")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
-            .expect("start grant-agent dev");
+            .expect("start grant-agent");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         let _reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("grant-agent dev: listening on ") {
+                if let Some((_, addr)) = line.split_once(": listening on ") {
                     let _ = tx.send(addr.parse::<SocketAddr>().expect("address"));
                 }
             }
@@ -78,7 +95,7 @@ impl DevAgent {
             Err(_) => {
                 let _ = child.kill();
                 let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
-                panic!("grant-agent dev did not start within 60 s; its log:\n{log}");
+                panic!("grant-agent did not start within 60 s; its log:\n{log}");
             }
         };
         DevAgent { child, addr, dir }
@@ -104,6 +121,28 @@ impl DevAgent {
         let mut command = Command::new(program);
         let _ = command.env("SOFTHSM2_CONF", self.path("softhsm2.conf"));
         command
+    }
+
+    /// Sends a signal (e.g. "HUP") to the agent process.
+    pub(crate) fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the agent to exit by itself, for up to `timeout`; its exit status.
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// Stops the agent and hands back its state dir.
@@ -178,6 +217,108 @@ pub(crate) fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")
         .as_secs() as i64
+}
+
+/// Runs openssl, failing with an install hint when it is missing.
+pub(crate) fn openssl(args: &[&str], dir: &Path) -> std::process::Output {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is required: sudo apt-get install -y openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A certificate authority made with openssl, standing in for Buypass or Commfides: it
+/// issues certificates for CSRs made in the token, with any subject and validity window.
+pub(crate) struct TestCa {
+    dir: PathBuf,
+}
+
+impl TestCa {
+    /// A self-signed CA whose subject (openssl `-subj` form) becomes the issuer name.
+    pub(crate) fn new(parent: &Path, name: &str, subject: &str) -> TestCa {
+        let dir = parent.join(name);
+        std::fs::create_dir_all(dir.join("issued")).expect("ca dir");
+        std::fs::write(dir.join("index.txt"), "").expect("index");
+        std::fs::write(dir.join("serial"), "1000\n").expect("serial");
+        std::fs::write(
+            dir.join("ca.cnf"),
+            "[ca]\ndefault_ca = test_ca\n[test_ca]\ndatabase = index.txt\nnew_certs_dir = issued\n\
+             serial = serial\ndefault_md = sha256\npolicy = anything\nunique_subject = no\n\
+             copy_extensions = none\nx509_extensions = leaf\n[anything]\ncommonName = optional\n\
+             [leaf]\nkeyUsage = critical,nonRepudiation\n[encrypt]\nkeyUsage = critical,keyEncipherment\n",
+        )
+        .expect("ca config");
+        let _ = openssl(
+            &[
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+                "ca.pem", "-days", "3650", "-subj", subject,
+            ],
+            &dir,
+        );
+        TestCa { dir }
+    }
+
+    /// Issues a certificate for `csr` with `subject`, valid from `start` to `end` (Unix
+    /// seconds); returns a PEM file holding the certificate followed by the CA.
+    pub(crate) fn issue(&self, csr: &Path, subject: &str, start: i64, end: i64) -> PathBuf {
+        self.issue_with(csr, subject, start, end, "leaf")
+    }
+
+    /// As [`TestCa::issue`], with a named extension section (`encrypt` for a certificate
+    /// that may not sign).
+    pub(crate) fn issue_with(
+        &self,
+        csr: &Path,
+        subject: &str,
+        start: i64,
+        end: i64,
+        extensions: &str,
+    ) -> PathBuf {
+        let name = format!("{}.pem", uuid::Uuid::new_v4());
+        let time = |t: i64| grant_agent::agent::rfc3339(t).replace(['-', 'T', ':'], "");
+        let _ = openssl(
+            &[
+                "ca",
+                "-batch",
+                "-config",
+                "ca.cnf",
+                "-cert",
+                "ca.pem",
+                "-keyfile",
+                "ca.key",
+                "-in",
+                csr.to_str().expect("utf-8"),
+                "-out",
+                &name,
+                "-notext",
+                "-preserveDN",
+                "-extensions",
+                extensions,
+                "-startdate",
+                &time(start),
+                "-enddate",
+                &time(end),
+                "-subj",
+                subject,
+            ],
+            &self.dir,
+        );
+        let chain = format!(
+            "{}{}",
+            read(&self.dir.join(&name)),
+            read(&self.dir.join("ca.pem"))
+        );
+        let path = self.dir.join(format!("chain-{name}"));
+        std::fs::write(&path, chain).expect("chain");
+        path
+    }
 }
 
 pub(crate) fn read(path: &Path) -> String {
