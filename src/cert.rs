@@ -406,6 +406,172 @@ fn unix(t: SystemTime) -> i64 {
 mod tests {
     use super::*;
 
+    /// A self-signed certificate made by openssl with `subject` (which is also the issuer)
+    /// and optional extra `-addext` values.
+    fn openssl_certificate(subject: &str, addext: &[&str]) -> CertificateChain {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut args = vec![
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "k.pem", "-out", "c.pem",
+            "-days", "2", "-subj", subject,
+        ];
+        for ext in addext {
+            args.extend_from_slice(&["-addext", ext]);
+        }
+        let out = std::process::Command::new("openssl")
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl is required: sudo apt-get install -y openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        CertificateChain::from_pem(&std::fs::read(dir.path().join("c.pem")).expect("pem"))
+            .expect("parses")
+    }
+
+    #[test]
+    fn organization_number_from_both_profiles_in_order() {
+        let seid2 = openssl_certificate(
+            "/C=NO/organizationIdentifier=NTRNO-974760673/O=ACME/CN=ACME",
+            &[],
+        );
+        assert_eq!(seid2.organization_number().as_deref(), Some("974760673"));
+        let seid1 = openssl_certificate("/C=NO/serialNumber=991825827/O=ACME/CN=ACME", &[]);
+        assert_eq!(seid1.organization_number().as_deref(), Some("991825827"));
+        let old = openssl_certificate("/C=NO/O=ACME AS - 974760673/CN=ACME", &[]);
+        assert_eq!(old.organization_number().as_deref(), Some("974760673"));
+        // SEID 2.0 wins over SEID 1, which wins over O.
+        let both = openssl_certificate(
+            "/C=NO/serialNumber=991825827/organizationIdentifier=NTRNO-974760673/O=X - 313367002/CN=ACME",
+            &[],
+        );
+        assert_eq!(both.organization_number().as_deref(), Some("974760673"));
+        let seid1_and_o =
+            openssl_certificate("/C=NO/serialNumber=991825827/O=X - 313367002/CN=A", &[]);
+        assert_eq!(
+            seid1_and_o.organization_number().as_deref(),
+            Some("991825827")
+        );
+        // A bad check digit is no organisation number; the next layout is tried.
+        let bad = openssl_certificate(
+            "/C=NO/organizationIdentifier=NTRNO-974760672/O=X - 313367002/CN=A",
+            &[],
+        );
+        assert_eq!(bad.organization_number().as_deref(), Some("313367002"));
+        let none = openssl_certificate("/C=NO/serialNumber=12345/O=ACME/CN=ACME", &[]);
+        assert_eq!(none.organization_number(), None);
+        assert_eq!(
+            seid2.subject(),
+            "CN=ACME,O=ACME,organizationIdentifier=NTRNO-974760673,C=NO"
+        );
+    }
+
+    #[test]
+    fn every_issuer_rule_classifies() {
+        let cases = [
+            (
+                "/C=NO/O=Buypass AS-983163327/CN=Buypass Class 3 Test4 CA G2 ST Business",
+                CertEnvironment::Test,
+            ),
+            (
+                "/C=NO/O=Buypass AS-983163327/CN=Buypass Class 3 Test4 CA 3",
+                CertEnvironment::Test,
+            ),
+            (
+                "/C=NO/O=Commfides Norge AS/CN=Commfides Legal Person - G3 - TEST",
+                CertEnvironment::Test,
+            ),
+            (
+                "/C=NO/O=Buypass AS-983163327/CN=Buypass Class 3 CA 3",
+                CertEnvironment::Production,
+            ),
+            (
+                "/C=NO/O=Buypass AS-983163327/CN=Buypass Class 3 CA G2 ST Business",
+                CertEnvironment::Production,
+            ),
+            (
+                "/C=NO/O=Buypass AS-983163327/CN=Buypass Class 3 CA G2 HT Business",
+                CertEnvironment::Production,
+            ),
+            (
+                "/C=NO/O=Commfides Norge AS/CN=Commfides Legal Person - G3",
+                CertEnvironment::Production,
+            ),
+            (
+                "/C=NO/O=Commfides Norge AS/CN=CPN Enterprise SHA256 CLASS 3",
+                CertEnvironment::Production,
+            ),
+            ("/C=NO/O=Example/CN=Example CA", CertEnvironment::Unknown),
+            // "TEST" alone is not a Commfides test issuer, nor "Test4" a Buypass one.
+            (
+                "/C=NO/O=ACME TEST/CN=ACME TEST CA",
+                CertEnvironment::Unknown,
+            ),
+            ("/C=NO/O=Other/CN=Other Test4 CA", CertEnvironment::Unknown),
+        ];
+        for (issuer, expected) in cases {
+            assert_eq!(
+                openssl_certificate(issuer, &[]).environment(),
+                expected,
+                "{issuer}"
+            );
+        }
+        let policy = openssl_certificate(
+            "/C=NO/O=Example/CN=Example CA",
+            &["certificatePolicies=2.16.578.1.29.913.200.1"],
+        );
+        assert_eq!(
+            policy.environment(),
+            CertEnvironment::Test,
+            "Commfides test policy arc"
+        );
+    }
+
+    #[test]
+    fn key_usage_must_allow_signing() {
+        let usage =
+            |value: &str| openssl_certificate("/CN=x", &[&format!("keyUsage=critical,{value}")]);
+        assert!(usage("digitalSignature").allows_signing().is_ok());
+        assert!(usage("nonRepudiation").allows_signing().is_ok());
+        assert!(matches!(
+            usage("keyEncipherment").allows_signing(),
+            Err(CertError::KeyUsage)
+        ));
+    }
+
+    #[test]
+    fn an_ec_certificate_is_not_rsa() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+            ])
+            .args([
+                "-keyout", "k.pem", "-out", "c.pem", "-days", "1", "-subj", "/CN=ec",
+            ])
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl");
+        assert!(out.status.success());
+        let chain =
+            CertificateChain::from_pem(&std::fs::read(dir.path().join("c.pem")).expect("pem"))
+                .expect("parses");
+        let err = chain.rsa_public_key_der().expect_err("EC");
+        assert!(
+            err.to_string()
+                .contains("Maskinporten accepts only RS256, RS384 and RS512"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(matches!(
