@@ -247,7 +247,17 @@ pub fn list(token: &Token, now: i64) -> Result<String, AdminError> {
                 .organization_number()
                 .unwrap_or_else(|| "none found".into())
         );
-        let _ = writeln!(out, "  environment: {}", chain.environment().name());
+        let environment = chain.environment();
+        let _ = writeln!(
+            out,
+            "  environment: {}{}",
+            environment.name(),
+            if environment == crate::cert::CertEnvironment::Unknown {
+                " (issuer not known: set certificate_environment on the key in the config)"
+            } else {
+                ""
+            }
+        );
         let _ = writeln!(
             out,
             "  valid:       {} to {} ({})",

@@ -1,9 +1,12 @@
 //! The PKCS#11 token: loading the module, finding the token, logging in, finding keys and
 //! signing in parallel on a pool of sessions.
 //!
-//! **The private key never leaves the token.** No type in this crate can hold private key
+//! **The private key never leaves the token.** No type in this crate holds a token key's
 //! bytes: keys are [`ObjectHandle`]s, signing sends data in and gets a signature out, and
-//! keys are generated with `CKA_SENSITIVE` true and `CKA_EXTRACTABLE` false.
+//! keys are generated (or imported) with `CKA_SENSITIVE` true and `CKA_EXTRACTABLE` false.
+//! The one way key material passes through the agent is *into* a token: `key import-p12`
+//! moves an existing key in through [`RsaKeyParts`], which borrows the parts for the one
+//! `C_CreateObject` call; the caller wipes them right after.
 //!
 //! Usage rules that follow from PKCS#11 (see `shared/PKCS11.md`):
 //! - Login belongs to the application, not the session, and closing the *last* session
@@ -30,7 +33,7 @@ use cryptoki::{
 
 pub use cryptoki::object::ObjectHandle;
 pub use key::{KeyObject, TokenKey};
-pub use provision::{TokenSigner, init_token};
+pub use provision::{RsaKeyParts, TokenSigner, init_token};
 
 use crate::{config::Pkcs11Config, grant::Algorithm};
 use pool::SessionPool;

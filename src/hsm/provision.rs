@@ -8,7 +8,7 @@ use std::path::Path;
 
 use cryptoki::{
     mechanism::Mechanism,
-    object::{Attribute, CertificateType, ObjectClass, ObjectHandle},
+    object::{Attribute, CertificateType, KeyType, ObjectClass, ObjectHandle},
     session::UserType,
     types::AuthPin,
 };
@@ -108,6 +108,73 @@ impl Token {
         find_key(&session, &KeyLocator::Id(id.to_vec()))
     }
 
+    /// Creates an RSA key pair in the token from key parts brought in from outside (a
+    /// PKCS#12 file): the private key sensitive, never extractable and sign-only, like a
+    /// generated one. Returns the handles (private, public) so a failed import can be undone.
+    pub fn import_rsa_key(
+        &self,
+        label: &str,
+        id: &[u8],
+        parts: &RsaKeyParts<'_>,
+    ) -> Result<(ObjectHandle, ObjectHandle), HsmError> {
+        let session = self
+            .pkcs11
+            .open_rw_session(self.slot)
+            .map_err(HsmError::call("C_OpenSession"))?;
+        let common = [
+            Attribute::Token(true),
+            Attribute::KeyType(KeyType::RSA),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.to_vec()),
+            Attribute::Modulus(parts.modulus.to_vec()),
+            Attribute::PublicExponent(parts.public_exponent.to_vec()),
+        ];
+        let mut private = vec![
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Decrypt(false),
+            Attribute::Unwrap(false),
+            Attribute::Derive(false),
+            Attribute::PrivateExponent(parts.private_exponent.to_vec()),
+            Attribute::Prime1(parts.prime1.to_vec()),
+            Attribute::Prime2(parts.prime2.to_vec()),
+            Attribute::Exponent1(parts.exponent1.to_vec()),
+            Attribute::Exponent2(parts.exponent2.to_vec()),
+            Attribute::Coefficient(parts.coefficient.to_vec()),
+        ];
+        private.extend_from_slice(&common);
+        let created = session.create_object(&private);
+        // The template held copies of the secret parts; wipe them whatever happened.
+        for attribute in &mut private {
+            if let Attribute::PrivateExponent(v)
+            | Attribute::Prime1(v)
+            | Attribute::Prime2(v)
+            | Attribute::Exponent1(v)
+            | Attribute::Exponent2(v)
+            | Attribute::Coefficient(v) = attribute
+            {
+                zeroize::Zeroize::zeroize(v);
+            }
+        }
+        let private = created.map_err(HsmError::call("C_CreateObject"))?;
+        let mut public = vec![
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::Private(false),
+            Attribute::Verify(true),
+        ];
+        public.extend_from_slice(&common);
+        match session.create_object(&public) {
+            Ok(public) => Ok((private, public)),
+            Err(e) => {
+                let _ = session.destroy_object(private);
+                Err(HsmError::call("C_CreateObject")(e))
+            }
+        }
+    }
+
     /// Stores a DER certificate as a token object with the key's `CKA_ID` and a label, so
     /// `certificate = "token"` finds it.
     pub fn store_certificate(
@@ -146,6 +213,33 @@ impl Token {
         session
             .destroy_object(object)
             .map_err(HsmError::call("C_DestroyObject"))
+    }
+}
+
+/// RSA private key parts to import, borrowed so the caller keeps (and wipes) the only copy.
+#[derive(Clone, Copy)]
+pub struct RsaKeyParts<'a> {
+    /// n.
+    pub modulus: &'a [u8],
+    /// e.
+    pub public_exponent: &'a [u8],
+    /// d.
+    pub private_exponent: &'a [u8],
+    /// p.
+    pub prime1: &'a [u8],
+    /// q.
+    pub prime2: &'a [u8],
+    /// d mod (p-1).
+    pub exponent1: &'a [u8],
+    /// d mod (q-1).
+    pub exponent2: &'a [u8],
+    /// q^-1 mod p.
+    pub coefficient: &'a [u8],
+}
+
+impl std::fmt::Debug for RsaKeyParts<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RsaKeyParts { .. }")
     }
 }
 
