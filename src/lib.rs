@@ -13,6 +13,7 @@
 //! - [`agent`]: keys bound to certificates, and `sign_grant`, which ties the above together.
 //! - [`server`]: the gRPC services (GrantAgent, health, reflection) and status mapping.
 //! - [`dev`]: the development SoftHSM token behind `grant-agent dev`.
+//! - [`p12`]: reading a PKCS#12 (.p12/.pfx) file into its RSA key parts and certificate chain.
 //! - [`telemetry`]: log output.
 //! - [`proto`]: the generated `grantagent.v1` types, server and client.
 //!
@@ -26,6 +27,7 @@ pub mod config;
 pub mod dev;
 pub mod grant;
 pub mod hsm;
+pub mod p12;
 pub mod server;
 pub mod telemetry;
 
