@@ -1,6 +1,7 @@
 //! Token administration for the key management commands: generate a key pair in the
-//! token, request a certificate for it, import the issued certificate, print a JWK for
-//! `kid` registration, and list what the token holds.
+//! token, request a certificate for it, import the issued certificate, move an existing
+//! PKCS#12 key into the token, print a JWK for `kid` registration, and list what the
+//! token holds.
 //!
 //! Keys are made in the token or moved into it, never out: every command here works with
 //! object handles and public values only.
@@ -8,7 +9,7 @@
 use std::str::FromStr;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use der::{Decode, EncodePem, pem::LineEnding};
+use der::{Decode, Encode, EncodePem, pem::LineEnding};
 use sha2::{Digest, Sha256};
 use x509_cert::{builder::Builder, name::Name, request::RequestBuilder};
 
@@ -16,7 +17,7 @@ use crate::{
     cert::{CertError, CertificateChain, escape_rfc4514},
     config::{Config, ConfigError, KeyLocator, hex},
     grant::{Algorithm, is_organization_number},
-    hsm::{HsmError, Token, TokenKey, TokenSigner, read_pin},
+    hsm::{HsmError, ObjectHandle, RsaKeyParts, Token, TokenKey, TokenSigner, read_pin},
 };
 
 /// Why a key management command failed.
@@ -54,6 +55,9 @@ pub enum AdminError {
         /// What is wrong.
         problem: String,
     },
+    /// The PKCS#12 file could not be read.
+    #[error("FILE: {0}")]
+    P12(#[from] crate::p12::P12Error),
     /// A request or JWK could not be built.
     #[error("cannot build the {what}: {detail}")]
     Build {
@@ -154,6 +158,19 @@ pub fn import_certificate(
     {
         return Err(AdminError::DifferentCertificate(label.to_owned()));
     }
+    let written = store_chain(token, label, &key.id, &chain, &stored)?;
+    Ok((chain, written.len()))
+}
+
+/// Stores each certificate of `chain` not in `stored` with the key's id: the leaf under
+/// `label`, the others as "`label` chain N". On failure removes what it wrote.
+fn store_chain(
+    token: &Token,
+    label: &str,
+    id: &[u8],
+    chain: &CertificateChain,
+    stored: &[Vec<u8>],
+) -> Result<Vec<ObjectHandle>, AdminError> {
     let mut written = Vec::new();
     for (i, (der, subject)) in chain.der().zip(chain.subjects_der()).enumerate() {
         if stored.iter().any(|s| s == der) {
@@ -164,18 +181,96 @@ pub fn import_certificate(
         } else {
             format!("{label} chain {i}")
         };
-        match token.store_certificate(&object_label, &key.id, der, &subject) {
+        match token.store_certificate(&object_label, id, der, &subject) {
             Ok(handle) => written.push(handle),
             Err(e) => {
-                // Leave the token as it was: remove what this import wrote.
-                for handle in written {
-                    let _ = token.destroy_object(handle);
-                }
+                undo(token, written);
                 return Err(e.into());
             }
         }
     }
-    Ok((chain, written.len()))
+    Ok(written)
+}
+
+/// Removes objects an unfinished import wrote, so the token is left as it was.
+fn undo(token: &Token, objects: Vec<ObjectHandle>) {
+    for object in objects {
+        let _ = token.destroy_object(object);
+    }
+}
+
+/// Moves the RSA key and chain of a PKCS#12 file into the token under a new label: the key
+/// sensitive and never extractable. Everything is read and checked before anything is
+/// written, and a failure while writing removes what was written.
+pub fn import_p12(
+    token: &Token,
+    label: &str,
+    data: &[u8],
+    password: &str,
+) -> Result<(TokenKey, CertificateChain), AdminError> {
+    check_label(label)?;
+    match token.find_key(&KeyLocator::Label(label.to_owned())) {
+        Err(HsmError::KeyNotFound(_)) => {}
+        Ok(_) | Err(HsmError::KeyAmbiguous { .. }) => {
+            return Err(AdminError::Exists(label.to_owned()));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let contents = crate::p12::read_pkcs12(data, password)?;
+    let key = &contents.key;
+    let modulus = der::asn1::UintRef::new(&key.modulus).map_err(|e| build("public key", &e))?;
+    let bits = modulus.as_bytes().len() * 8
+        - modulus
+            .as_bytes()
+            .first()
+            .map_or(0, |b| b.leading_zeros() as usize);
+    if bits < 2048 {
+        return Err(AdminError::Invalid {
+            flag: "FILE",
+            problem: format!("the key is RSA-{bits}; Maskinporten needs 2048 bits or more"),
+        });
+    }
+    let public_key_der = rsa::pkcs1::RsaPublicKey {
+        modulus,
+        public_exponent: der::asn1::UintRef::new(&key.public_exponent)
+            .map_err(|e| build("public key", &e))?,
+    }
+    .to_der()
+    .map_err(|e| build("public key", &e))?;
+    let chain = CertificateChain::for_key(contents.chain.clone(), &public_key_der)?;
+    chain.allows_signing()?;
+
+    let id = uuid::Uuid::new_v4();
+    let id = &id.as_bytes()[..8];
+    let parts = RsaKeyParts {
+        modulus: &key.modulus,
+        public_exponent: &key.public_exponent,
+        private_exponent: &key.private_exponent,
+        prime1: &key.prime1,
+        prime2: &key.prime2,
+        exponent1: &key.exponent1,
+        exponent2: &key.exponent2,
+        coefficient: &key.coefficient,
+    };
+    let (private, public) = token.import_rsa_key(label, id, &parts)?;
+    drop(contents);
+    let written = match store_chain(token, label, id, &chain, &[]) {
+        Ok(written) => written,
+        Err(e) => {
+            undo(token, vec![private, public]);
+            return Err(e);
+        }
+    };
+    match token.find_key(&KeyLocator::Label(label.to_owned())) {
+        Ok(imported) if imported.public_key_der == public_key_der => Ok((imported, chain)),
+        other => {
+            undo(token, [vec![private, public], written].concat());
+            Err(match other {
+                Err(e) => e.into(),
+                Ok(_) => build("key", &"the token holds a different key after the import"),
+            })
+        }
+    }
 }
 
 /// The key's public half as a JWK for registering on a Maskinporten client. The `kid`

@@ -129,6 +129,19 @@ enum KeyCommand {
         #[command(flatten)]
         token: TokenArgs,
     },
+    /// Move the key and chain of a PKCS#12 file into the token (sensitive, never extractable).
+    ImportP12 {
+        #[command(flatten)]
+        token: TokenArgs,
+        /// CKA_LABEL for the imported key and certificate.
+        #[arg(long)]
+        label: String,
+        /// File holding the PKCS#12 password [default: ask on the terminal].
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// The .p12/.pfx file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -322,7 +335,22 @@ fn key_command(command: KeyCommand) -> Result<(), Failure> {
     let (KeyCommand::Generate { token, .. }
     | KeyCommand::Csr { token, .. }
     | KeyCommand::Jwk { token, .. }
+    | KeyCommand::ImportP12 { token, .. }
     | KeyCommand::List { token }) = &command;
+    // Read the file and password before touching the token, so a typo costs nothing.
+    let p12 = match &command {
+        KeyCommand::ImportP12 {
+            file,
+            password_file,
+            ..
+        } => Some((
+            zeroize::Zeroizing::new(
+                std::fs::read(file).map_err(|e| format!("FILE {}: {e}", file.display()))?,
+            ),
+            p12_password(password_file.as_deref())?,
+        )),
+        _ => None,
+    };
     let token = admin::open_token(&token.config)?;
     let result: Result<String, admin::AdminError> = match command {
         KeyCommand::Generate {
@@ -370,6 +398,21 @@ fn key_command(command: KeyCommand) -> Result<(), Failure> {
                 admin::jwk(&key, alg, kid.as_deref())
             })
             .map(|jwk| jwk.to_string()),
+        KeyCommand::ImportP12 { label, .. } => {
+            let (data, password) = p12.unwrap_or_default();
+            admin::import_p12(&token, &label, &data, &password).map(|(key, chain)| {
+                format!(
+                    "imported RSA-{} key {label:?} with {} certificate(s) into the token: sensitive, never extractable\n\
+                     certificate: {} (sha256 {}, environment {})\n\
+                     the token now holds the key: delete the .p12 file and its password",
+                    key.bits,
+                    chain.der().count(),
+                    chain.subject(),
+                    chain.leaf_sha256_hex(),
+                    chain.environment().name()
+                )
+            })
+        }
         KeyCommand::List { .. } => {
             admin::list(&token, grant_agent::agent::unix_now()).map(|s| s.trim_end().to_owned())
         }
@@ -377,6 +420,28 @@ fn key_command(command: KeyCommand) -> Result<(), Failure> {
     let closed = token.close();
     println!("{}", result?);
     Ok(closed?)
+}
+
+/// The PKCS#12 password, from `--password-file` or asked for on the terminal.
+fn p12_password(file: Option<&Path>) -> Result<zeroize::Zeroizing<String>, Failure> {
+    use std::io::IsTerminal;
+    let mut password = match file {
+        Some(path) => zeroize::Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("--password-file {}: {e}", path.display()))?,
+        ),
+        None if std::io::stdin().is_terminal() => {
+            zeroize::Zeroizing::new(rpassword::prompt_password("PKCS#12 password: ")?)
+        }
+        None => return Err("--password-file: required when there is no terminal to ask on".into()),
+    };
+    if password.ends_with('\n') {
+        let _ = password.pop();
+        if password.ends_with('\r') {
+            let _ = password.pop();
+        }
+    }
+    Ok(password)
 }
 
 /// Starts the agent, serves until SIGINT/SIGTERM (reloading on SIGHUP), then logs out and

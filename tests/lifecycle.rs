@@ -807,3 +807,183 @@ fn an_ec_key_in_the_token_is_refused_for_maskinporten() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_pkcs12_file_moves_into_the_token_and_signs() {
+    let dir = token();
+    let p = dir.path();
+    let path = |name: &str| p.join(name).to_str().expect("utf-8").to_owned();
+    // A virksomhetssertifikat as a CA delivers it: key and certificate (with chain) in a .p12.
+    let ca = TestCa::new(p, "ca", BUYPASS_TEST);
+    let _ = openssl(
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "delivered.key",
+            "-out",
+            "delivered.csr",
+            "-subj",
+            "/CN=ACME",
+        ],
+        p,
+    );
+    let chain = ca.issue(
+        &p.join("delivered.csr"),
+        SEID2,
+        unix_now() - DAY,
+        unix_now() + 300 * DAY,
+    );
+    std::fs::write(p.join("password"), "correct horse\n").expect("password file");
+    let export = |out: &str, legacy: bool| {
+        let mut args = vec![
+            "pkcs12",
+            "-export",
+            "-inkey",
+            "delivered.key",
+            "-in",
+            chain.to_str().expect("utf-8"),
+            "-out",
+            out,
+            "-passout",
+            "pass:correct horse",
+        ];
+        if legacy {
+            args.push("-legacy");
+        }
+        let _ = openssl(&args, p);
+    };
+    export("modern.p12", false);
+    export("legacy.p12", true);
+    let import = |label: &str, file: &str, password: &str| {
+        run(
+            &dir,
+            &[
+                "key",
+                "import-p12",
+                "--label",
+                label,
+                "--password-file",
+                &path(password),
+                &path(file),
+            ],
+        )
+    };
+
+    let listing = ok(run(&dir, &["key", "list"]));
+    let out = ok(import("p12-modern", "modern.p12", "password"));
+    assert!(out.starts_with("imported RSA-2048 key \"p12-modern\" with 2 certificate(s) into the token: sensitive, never extractable"), "{out}");
+    let out = ok(import("p12-legacy", "legacy.p12", "password"));
+    assert!(out.contains("environment test"), "{out}");
+    let err = fails(import("p12-modern", "modern.p12", "password"));
+    assert!(
+        err.contains("a key labelled \"p12-modern\" exists already"),
+        "{err}"
+    );
+
+    // A wrong password or a damaged file: a clear error, and nothing written.
+    std::fs::write(p.join("wrong"), "battery staple\n").expect("write");
+    let before = ok(run(&dir, &["key", "list"]));
+    let err = fails(import("bad", "modern.p12", "wrong"));
+    assert!(
+        err.contains("FILE: wrong password, or the file is damaged"),
+        "{err}"
+    );
+    let err = fails(import("bad", "legacy.p12", "wrong"));
+    assert!(
+        err.contains("FILE: wrong password, or the file is damaged"),
+        "{err}"
+    );
+    let mut damaged = std::fs::read(p.join("modern.p12")).expect("p12");
+    damaged.truncate(damaged.len() / 2);
+    std::fs::write(p.join("damaged.p12"), damaged).expect("write");
+    let err = fails(import("bad", "damaged.p12", "password"));
+    assert!(err.contains("FILE: "), "{err}");
+    let err = fails(run(
+        &dir,
+        &["key", "import-p12", "--label", "bad", &path("modern.p12")],
+    ));
+    assert!(
+        err.contains("--password-file: required when there is no terminal"),
+        "{err}"
+    );
+    assert_eq!(
+        ok(run(&dir, &["key", "list"])),
+        before,
+        "the failed imports wrote nothing"
+    );
+    assert!(!before.contains("\"bad\""));
+    assert_ne!(before, listing);
+
+    // The imported key is as protected as a generated one.
+    let module = grant_agent::dev::softhsm_module().expect("softhsm");
+    let pin = read(&p.join("pin"));
+    let out = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", p.join("softhsm2.conf"))
+        .args([
+            "--module",
+            module.to_str().expect("utf-8"),
+            "--token-label",
+            "grant-agent",
+            "--login",
+            "--pin",
+            &pin,
+        ])
+        .args([
+            "--list-objects",
+            "--type",
+            "privkey",
+            "--label",
+            "p12-legacy",
+        ])
+        .output()
+        .expect("pkcs11-tool (install it with: sudo apt-get install -y opensc)");
+    let objects = String::from_utf8_lossy(&out.stdout);
+    let access = objects
+        .lines()
+        .find(|l| l.contains("Access:"))
+        .unwrap_or_else(|| panic!("{objects}"));
+    let flags: Vec<&str> = access
+        .split(':')
+        .nth(1)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .collect();
+    for flag in ["sensitive", "always sensitive", "never extractable"] {
+        assert!(flags.contains(&flag), "{flag} missing: {access}");
+    }
+    assert!(!flags.contains(&"extractable"), "{access}");
+    assert!(objects.contains("Usage:      sign\n"), "{objects}");
+
+    // And it signs grants that verify against the delivered certificate.
+    config(
+        &dir,
+        "agent.toml",
+        &[
+            key_toml("default", "p12-modern", ""),
+            key_toml("legacy", "p12-legacy", ""),
+        ]
+        .concat(),
+    );
+    let delivered = read(&chain);
+    let agent = DevAgent::serve(dir, "agent.toml");
+    for key in ["default", "legacy"] {
+        let grant = verify(&sign(&agent, key, "test").await.expect("signed"), TEST_AUD);
+        let leaf_pem = &delivered[..delivered.find("-----END CERTIFICATE-----").expect("pem")];
+        use base64::Engine;
+        let b64: String = leaf_pem
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        assert_eq!(
+            grant.leaf_der,
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .expect("pem body")
+        );
+    }
+}
