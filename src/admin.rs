@@ -77,14 +77,7 @@ pub fn open_token(config: &std::path::Path) -> Result<Token, AdminError> {
 
 /// Generates an RSA key pair of `bits` in the token under a new label and a random id.
 pub fn generate(token: &Token, label: &str, bits: u64) -> Result<TokenKey, AdminError> {
-    check_label(label)?;
-    match token.find_key(&KeyLocator::Label(label.to_owned())) {
-        Err(HsmError::KeyNotFound(_)) => {}
-        Ok(_) | Err(HsmError::KeyAmbiguous { .. }) => {
-            return Err(AdminError::Exists(label.to_owned()));
-        }
-        Err(e) => return Err(e.into()),
-    }
+    ensure_new_label(token, label)?;
     let id = uuid::Uuid::new_v4();
     Ok(token.generate_rsa_key(label, &id.as_bytes()[..8], bits)?)
 }
@@ -208,14 +201,7 @@ pub fn import_p12(
     data: &[u8],
     password: &str,
 ) -> Result<(TokenKey, CertificateChain), AdminError> {
-    check_label(label)?;
-    match token.find_key(&KeyLocator::Label(label.to_owned())) {
-        Err(HsmError::KeyNotFound(_)) => {}
-        Ok(_) | Err(HsmError::KeyAmbiguous { .. }) => {
-            return Err(AdminError::Exists(label.to_owned()));
-        }
-        Err(e) => return Err(e.into()),
-    }
+    ensure_new_label(token, label)?;
     let contents = crate::p12::read_pkcs12(data, password)?;
     let key = &contents.key;
     let modulus = der::asn1::UintRef::new(&key.modulus).map_err(|e| build("public key", &e))?;
@@ -310,10 +296,13 @@ pub fn list(token: &Token, now: i64) -> Result<String, AdminError> {
             || "not a usable RSA key".to_owned(),
             |k| format!("RSA-{}", k.bits),
         );
-        let protection = match (key.sensitive, key.extractable) {
-            (true, false) => "sensitive, never extractable",
-            (true, true) => "sensitive but EXTRACTABLE",
-            (false, _) => "NOT SENSITIVE: the token reveals this key",
+        let protection = match (key.sensitive, key.extractable, key.never_extractable) {
+            (true, false, true) => "sensitive, never extractable",
+            (true, false, false) => {
+                "sensitive, not extractable (imported: it existed outside the token before)"
+            }
+            (true, true, _) => "sensitive but EXTRACTABLE",
+            (false, _, _) => "NOT SENSITIVE: the token reveals this key",
         };
         let _ = writeln!(
             out,
@@ -372,6 +361,16 @@ pub fn list(token: &Token, now: i64) -> Result<String, AdminError> {
         }
     }
     Ok(out)
+}
+
+/// A new key needs a usable label that no key in the token has yet.
+fn ensure_new_label(token: &Token, label: &str) -> Result<(), AdminError> {
+    check_label(label)?;
+    match token.find_key(&KeyLocator::Label(label.to_owned())) {
+        Err(HsmError::KeyNotFound(_)) => Ok(()),
+        Ok(_) | Err(HsmError::KeyAmbiguous { .. }) => Err(AdminError::Exists(label.to_owned())),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn check_label(label: &str) -> Result<(), AdminError> {

@@ -160,52 +160,24 @@ fn module() -> String {
 #[test]
 fn the_private_key_is_sensitive_and_never_extractable() {
     let agent = DevAgent::start();
-    let pin = read(&agent.path("pin"));
-    let out = agent
-        .command("pkcs11-tool")
-        .args([
-            "--module",
-            &module(),
-            "--token-label",
-            "grant-agent",
-            "--login",
-            "--pin",
-            &pin,
-        ])
-        .args(["--list-objects", "--type", "privkey"])
-        .output()
-        .expect("pkcs11-tool (install it with: sudo apt-get install -y opensc)");
-    let listing = stdout(&out);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let (flags, block) = common::private_key_access(agent.dir.path(), "virksomhetssertifikat");
+    assert!(block.contains("; RSA"), "{block}");
     assert!(
-        listing.contains("label:      virksomhetssertifikat"),
-        "{listing}"
+        block.contains("Usage:      sign\n"),
+        "signing only: {block}"
     );
-    assert!(listing.contains("Private Key Object; RSA"), "{listing}");
-    assert!(
-        listing.contains("Usage:      sign\n"),
-        "signing only: {listing}"
-    );
-    let access = listing
-        .lines()
-        .find(|l| l.trim_start().starts_with("Access:"))
-        .unwrap_or_else(|| panic!("no Access line in {listing}"));
     for flag in [
         "sensitive",
         "always sensitive",
         "never extractable",
         "local",
     ] {
-        assert!(access.contains(flag), "{flag} missing from {access}");
+        assert!(
+            flags.contains(&flag.to_owned()),
+            "{flag} missing: {flags:?}"
+        );
     }
-    let flags: Vec<&str> = access
-        .split(':')
-        .nth(1)
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .collect();
-    assert!(!flags.contains(&"extractable"), "{access}");
+    assert!(!flags.contains(&"extractable".to_owned()), "{flags:?}");
 }
 
 /// Reads the key back through PKCS#11 itself. SoftHSM takes its token folder from the

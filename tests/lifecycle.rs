@@ -268,6 +268,18 @@ async fn a_key_made_in_the_token_gets_a_csr_a_certificate_and_signs() {
         "{err}"
     );
 
+    let (flags, _) = common::private_key_access(dir.path(), "vs-2027");
+    for flag in [
+        "sensitive",
+        "always sensitive",
+        "never extractable",
+        "local",
+    ] {
+        assert!(
+            flags.contains(&flag.to_owned()),
+            "{flag} missing: {flags:?}"
+        );
+    }
     let listing = ok(run(&dir, &["key", "list"]));
     assert!(listing.contains("key \"vs-2027\" (id "), "{listing}");
     assert!(
@@ -910,54 +922,37 @@ async fn a_pkcs12_file_moves_into_the_token_and_signs() {
         err.contains("--password-file: required when there is no terminal"),
         "{err}"
     );
+    // Compare the keys and certificates, not the day counters, which may tick meanwhile.
+    let identity = |listing: &str| -> Vec<String> {
+        listing
+            .lines()
+            .filter(|l| l.starts_with("key ") || l.contains("sha256:"))
+            .map(str::to_owned)
+            .collect()
+    };
     assert_eq!(
-        ok(run(&dir, &["key", "list"])),
-        before,
+        identity(&ok(run(&dir, &["key", "list"]))),
+        identity(&before),
         "the failed imports wrote nothing"
+    );
+    assert!(
+        before.contains("key \"p12-modern\" (id ")
+            && before.contains("not extractable (imported: it existed outside the token before)"),
+        "{before}"
     );
     assert!(!before.contains("\"bad\""));
     assert_ne!(before, listing);
 
-    // The imported key is as protected as a generated one.
-    let module = grant_agent::dev::softhsm_module().expect("softhsm");
-    let pin = read(&p.join("pin"));
-    let out = std::process::Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", p.join("softhsm2.conf"))
-        .args([
-            "--module",
-            module.to_str().expect("utf-8"),
-            "--token-label",
-            "grant-agent",
-            "--login",
-            "--pin",
-            &pin,
-        ])
-        .args([
-            "--list-objects",
-            "--type",
-            "privkey",
-            "--label",
-            "p12-legacy",
-        ])
-        .output()
-        .expect("pkcs11-tool (install it with: sudo apt-get install -y opensc)");
-    let objects = String::from_utf8_lossy(&out.stdout);
-    let access = objects
-        .lines()
-        .find(|l| l.contains("Access:"))
-        .unwrap_or_else(|| panic!("{objects}"));
-    let flags: Vec<&str> = access
-        .split(':')
-        .nth(1)
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .collect();
-    for flag in ["sensitive", "always sensitive", "never extractable"] {
-        assert!(flags.contains(&flag), "{flag} missing: {access}");
-    }
-    assert!(!flags.contains(&"extractable"), "{access}");
-    assert!(objects.contains("Usage:      sign\n"), "{objects}");
+    // Sensitive and not extractable from now on. The token truthfully does not claim
+    // "always sensitive" or "never extractable": the key once lived in a file.
+    let (flags, block) = common::private_key_access(p, "p12-legacy");
+    assert!(flags.contains(&"sensitive".to_owned()), "{flags:?}");
+    assert!(!flags.contains(&"extractable".to_owned()), "{flags:?}");
+    assert!(
+        !flags.contains(&"never extractable".to_owned()),
+        "{flags:?}"
+    );
+    assert!(block.contains("Usage:      sign\n"), "{block}");
 
     // And it signs grants that verify against the delivered certificate.
     config(

@@ -155,6 +155,9 @@ pub struct KeyObject {
     pub sensitive: bool,
     /// `CKA_EXTRACTABLE`: the token would wrap it out.
     pub extractable: bool,
+    /// `CKA_NEVER_EXTRACTABLE`: it was never extractable, so it never existed outside a
+    /// token (false for an imported key).
+    pub never_extractable: bool,
 }
 
 impl Token {
@@ -174,6 +177,7 @@ impl Token {
                             AttributeType::Id,
                             AttributeType::Sensitive,
                             AttributeType::Extractable,
+                            AttributeType::NeverExtractable,
                         ],
                     )
                     .map_err(HsmError::call("C_GetAttributeValue"))?;
@@ -183,6 +187,7 @@ impl Token {
                     rsa: None,
                     sensitive: false,
                     extractable: true,
+                    never_extractable: false,
                 };
                 for attribute in attributes {
                     match attribute {
@@ -190,6 +195,7 @@ impl Token {
                         Attribute::Id(id) => key.id = id,
                         Attribute::Sensitive(v) => key.sensitive = v,
                         Attribute::Extractable(v) => key.extractable = v,
+                        Attribute::NeverExtractable(v) => key.never_extractable = v,
                         _ => {}
                     }
                 }

@@ -219,6 +219,55 @@ pub(crate) fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
+/// The `Access:` flags pkcs11-tool lists for the private key labelled `label`, read with
+/// OpenSC (independent of our code).
+pub(crate) fn private_key_access(dir: &Path, label: &str) -> (Vec<String>, String) {
+    let module = grant_agent::dev::softhsm_module().expect("softhsm");
+    let pin = read(&dir.join("pin"));
+    let out = Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
+        .args([
+            "--module",
+            module.to_str().expect("utf-8"),
+            "--token-label",
+            "grant-agent",
+        ])
+        .args([
+            "--login",
+            "--pin",
+            &pin,
+            "--list-objects",
+            "--type",
+            "privkey",
+        ])
+        .output()
+        .expect("pkcs11-tool (install it with: sudo apt-get install -y opensc)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    // It lists every private key; take the block of the one asked for.
+    let block = listing
+        .split("Private Key Object")
+        .find(|b| b.contains(&format!("label:      {label}\n")))
+        .unwrap_or_else(|| panic!("no key {label:?} in {listing}"))
+        .to_owned();
+    let access = block
+        .lines()
+        .find(|l| l.contains("Access:"))
+        .unwrap_or_else(|| panic!("no Access line in {block}"));
+    let flags = access
+        .split(':')
+        .nth(1)
+        .unwrap_or_default()
+        .split(',')
+        .map(|f| f.trim().to_owned())
+        .collect();
+    (flags, block)
+}
+
 /// Runs openssl, failing with an install hint when it is missing.
 pub(crate) fn openssl(args: &[&str], dir: &Path) -> std::process::Output {
     let out = Command::new("openssl")
