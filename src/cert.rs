@@ -323,6 +323,47 @@ impl CertificateChain {
     }
 }
 
+/// The names in a caller's client certificate that the policy can match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientCertificate {
+    /// subjectAltName URIs (e.g. SPIFFE ids).
+    pub uris: Vec<String>,
+    /// subjectAltName DNS names.
+    pub dns_names: Vec<String>,
+    /// The subject's common name.
+    pub common_name: Option<String>,
+}
+
+impl ClientCertificate {
+    /// Reads the names from a DER certificate (already verified by the TLS layer).
+    pub fn parse(der: &[u8]) -> Result<Self, CertError> {
+        use x509_cert::ext::pkix::{SubjectAltName, name::GeneralName};
+        let certificate = Certificate::from_der(der).map_err(CertError::Parse)?;
+        let tbs = certificate.tbs_certificate();
+        let mut names = ClientCertificate {
+            common_name: tbs
+                .subject()
+                .iter()
+                .filter(|atv| atv.oid == COMMON_NAME)
+                .find_map(|atv| directory_string(&atv.value)),
+            ..ClientCertificate::default()
+        };
+        if let Some((_, san)) = tbs
+            .get_extension::<SubjectAltName>()
+            .map_err(CertError::Parse)?
+        {
+            for name in san.0 {
+                match name {
+                    GeneralName::UniformResourceIdentifier(uri) => names.uris.push(uri.to_string()),
+                    GeneralName::DnsName(dns) => names.dns_names.push(dns.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        Ok(names)
+    }
+}
+
 /// Short names for the attributes seen in Buypass and Commfides certificates; others are
 /// shown as dotted OIDs, as RFC 4514 allows.
 const ATTRIBUTE_NAMES: [(&str, &str); 9] = [

@@ -136,11 +136,22 @@ pub fn provision(state_dir: &Path, listen: SocketAddr) -> Result<PathBuf, DevErr
     let config_text = format!(
         "# Written by grant-agent dev: a development token, not for production.\n\
          listen = \"{listen}\"\n\
+         # Plain TCP on loopback for development; production uses [tls] or unix_socket.\n\
+         insecure = true\n\
          default_environment = \"test\"\n\n\
          [pkcs11]\n\
          module = \"{module}\"\n\
          token_label = \"{TOKEN_LABEL}\"\n\
          pin_file = \"pin\"\n\n\
+         # Every local process may ask for anything: fine for a dev token, never for production.\n\
+         [[policy]]\n\
+         caller = \"anonymous\"\n\
+         keys = [\"*\"]\n\
+         client_ids = [\"*\"]\n\
+         scopes = [\"*\"]\n\
+         environments = [\"*\"]\n\
+         consumer_orgs = [\"*\"]\n\
+         requests_per_second = 100000\n\n\
          [[keys]]\n\
          name = \"default\"\n\
          label = \"{KEY_LABEL}\"\n\

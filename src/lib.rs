@@ -8,6 +8,7 @@
 //! - [`config`]: the TOML configuration, validated before anything starts.
 //! - [`grant`]: claims, request validation and JWS encoding; no PKCS#11.
 //! - [`cert`]: the certificate chain and what the agent reads from it.
+//! - [`client`]: connecting to a running agent (Unix socket, TCP, mutual TLS).
 //! - [`hsm`]: the PKCS#11 token: login, session pool, key lookup, signing, provisioning.
 //! - [`admin`]: key management commands: generate, CSR, certificate import, JWK, list.
 //! - [`agent`]: keys bound to certificates, and `sign_grant`, which ties the above together.
@@ -20,9 +21,12 @@
 //! A request flows `server` → `agent` → `grant` (claims) → `hsm` (C_Sign on a pooled
 //! session, on a blocking thread) → `grant` (compact JWS) → `server`.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod agent;
 pub mod cert;
+pub mod client;
 pub mod config;
 pub mod dev;
 pub mod grant;

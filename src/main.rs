@@ -11,11 +11,12 @@ use clap::{Args, Parser, Subcommand};
 use grant_agent::{
     admin,
     agent::{Agent, SignError},
-    config::Config,
+    client,
+    config::{Config, PinSource},
     dev,
     grant::{Algorithm, GrantParameters},
-    proto::{self, grant_agent_client::GrantAgentClient},
-    server,
+    hsm::read_pin,
+    proto, server,
     telemetry::{self, LogFormat},
 };
 
@@ -173,12 +174,46 @@ enum KeyType {
 enum ClientCommand {
     /// Sign a grant on the agent and print it to stdout.
     Grant {
-        /// The agent's address.
-        #[arg(long, default_value = "127.0.0.1:50051")]
-        addr: String,
+        #[command(flatten)]
+        connection: Connection,
         #[command(flatten)]
         grant: GrantArgs,
     },
+}
+
+/// Where the agent is, and the caller's TLS identity for mutual TLS.
+#[derive(Args)]
+struct Connection {
+    /// The agent: HOST:PORT, or unix:/path/to/socket.
+    #[arg(long, default_value = "127.0.0.1:50051", env = "GRANT_AGENT_ADDR")]
+    addr: String,
+    /// CA bundle for the agent's certificate (mutual TLS).
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// This caller's certificate (mutual TLS).
+    #[arg(long, requires = "tls_ca")]
+    tls_cert: Option<PathBuf>,
+    /// This caller's private key (mutual TLS).
+    #[arg(long, requires = "tls_ca")]
+    tls_key: Option<PathBuf>,
+    /// Name to expect in the agent's certificate [default: the host in --addr].
+    #[arg(long, requires = "tls_ca")]
+    tls_domain: Option<String>,
+}
+
+impl Connection {
+    fn tls(&self) -> Result<Option<client::ClientTls>, Failure> {
+        Ok(match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(certificate), Some(key)) => Some(client::ClientTls {
+                ca: ca.clone(),
+                certificate: certificate.clone(),
+                key: key.clone(),
+                domain: self.tls_domain.clone(),
+            }),
+            (None, None, None) => None,
+            _ => return Err("--tls-ca, --tls-cert and --tls-key go together".into()),
+        })
+    }
 }
 
 /// What goes into a grant.
@@ -246,8 +281,10 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Serve { config } => serve(&config, |addr| {
-            println!("grant-agent: listening on {addr}");
+        Command::Serve { config } => serve(&config, |endpoints| {
+            for endpoint in endpoints {
+                println!("grant-agent: listening on {endpoint}");
+            }
         }),
         Command::Key { command } => key_command(command),
         Command::Cert {
@@ -283,11 +320,12 @@ fn run(command: Command) -> Result<(), Failure> {
             let conf = state_dir.join("softhsm2.conf");
             let exe = std::env::current_exe()
                 .map_or_else(|_| "grant-agent".to_owned(), |p| p.display().to_string());
-            serve(&config_path, |addr| {
+            serve(&config_path, |endpoints| {
+                let addr = endpoints.first().map_or("", String::as_str);
                 println!("grant-agent dev: listening on {addr}");
                 println!("  token, PINs and config in {}", state_dir.display());
                 println!(
-                    "  sign a grant:  grant-agent client grant --addr {addr} --client-id my-client --scope test:scope"
+                    "  sign a grant:  {exe} client grant --addr {addr} --client-id my-client --scope test:scope"
                 );
                 println!(
                     "  with grpcurl:  grpcurl -plaintext -d '{{\"grant\":{{\"client_id\":\"my-client\",\"scopes\":[\"test:scope\"]}}}}' {addr} grantagent.v1.GrantAgent/SignGrant"
@@ -300,16 +338,9 @@ fn run(command: Command) -> Result<(), Failure> {
             })
         }
         Command::Client {
-            command: ClientCommand::Grant { addr, grant },
+            command: ClientCommand::Grant { connection, grant },
         } => runtime()?.block_on(async {
-            let endpoint = if addr.contains("://") {
-                addr
-            } else {
-                format!("http://{addr}")
-            };
-            let mut client = GrantAgentClient::connect(endpoint.clone())
-                .await
-                .map_err(|e| format!("--addr {endpoint}: cannot connect: {e}"))?;
+            let mut client = client::connect(&connection.addr, connection.tls()?.as_ref()).await?;
             let params: GrantParameters = grant.into();
             let response = client
                 .sign_grant(proto::SignGrantRequest {
@@ -446,20 +477,27 @@ fn p12_password(file: Option<&Path>) -> Result<zeroize::Zeroizing<String>, Failu
 
 /// Starts the agent, serves until SIGINT/SIGTERM (reloading on SIGHUP), then logs out and
 /// finalizes the module.
-fn serve(config_path: &Path, on_ready: impl FnOnce(SocketAddr)) -> Result<(), Failure> {
+fn serve(config_path: &Path, on_ready: impl FnOnce(&[String])) -> Result<(), Failure> {
     let config = Config::load(config_path)?;
-    let agent = Arc::new(Agent::start(&config)?);
+    let pin = read_pin(&config.pkcs11.pin)?;
+    if let PinSource::Env(var) = &config.pkcs11.pin {
+        // The PIN now lives only in a zeroizing secret; take it out of the environment so
+        // it does not stay readable in /proc/<pid>/environ or pass to child processes.
+        // SAFETY: no other thread exists yet (the runtime is built below and the PKCS#11
+        // module is loaded after this), so nothing reads the environment concurrently.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::remove_var(var);
+        }
+    }
+    let agent = Arc::new(Agent::start_with_pin(&config, pin)?);
     let runtime = runtime()?;
     runtime.block_on(async {
-        let _reload = tokio::spawn(server::reload_on_hangup(
-            Arc::clone(&agent),
-            config_path.to_owned(),
-            config.listen,
-        ));
         let _watch = tokio::spawn(Arc::clone(&agent).watch());
         server::run(
             Arc::clone(&agent),
-            config.listen,
+            &config,
+            Some(config_path.to_owned()),
             on_ready,
             server::shutdown_signal(),
         )

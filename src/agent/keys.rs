@@ -230,6 +230,11 @@ impl KeySet {
     pub fn default_key(&self) -> &str {
         &self.default_key
     }
+
+    /// The environment used when a request names none.
+    pub fn default_environment(&self) -> Option<&str> {
+        self.default_environment.as_deref()
+    }
 }
 
 fn load_key(token: &Token, config: &KeyConfig) -> Result<SigningKey, StartError> {

@@ -21,6 +21,8 @@ use std::{
 
 pub use keys::{KeySet, SigningKey, rfc3339};
 
+use cryptoki::types::AuthPin;
+
 use crate::{
     cert::{CertEnvironment, CertError},
     config::{Config, Pkcs11Config},
@@ -169,11 +171,19 @@ impl Agent {
     /// Opens the token, logs in, and binds every configured key to its certificate.
     /// Blocking: call it before serving or from a blocking thread.
     pub fn start(config: &Config) -> Result<Agent, StartError> {
+        let pin = read_pin(&config.pkcs11.pin).map_err(|source| StartError::Hsm {
+            context: "pkcs11".into(),
+            source,
+        })?;
+        Self::start_with_pin(config, pin)
+    }
+
+    /// [`Agent::start`] with the PIN already read (so the caller can clear its source).
+    pub fn start_with_pin(config: &Config, pin: AuthPin) -> Result<Agent, StartError> {
         let hsm = |source| StartError::Hsm {
             context: "pkcs11".into(),
             source,
         };
-        let pin = read_pin(&config.pkcs11.pin).map_err(hsm)?;
         let token = Token::open(&config.pkcs11, &pin).map_err(hsm)?;
         drop(pin);
         let keys = KeySet::load(&token, config, unix_now())?;

@@ -1,32 +1,72 @@
 //! The gRPC front: the `grantagent.v1.GrantAgent` service, the standard health service
-//! and server reflection (so `grpcurl` works without the .proto), on one listener.
+//! and server reflection (so `grpcurl` works without the .proto), on a TCP listener with
+//! mutual TLS (or plain on loopback with `insecure`) and/or a Unix socket.
+//!
+//! Every GrantAgent call is tied to a caller identity proven by the transport
+//! ([`caller`]), checked against the policy ([`policy`]) and recorded in the audit log
+//! ([`audit`]). Health and reflection are open: they reveal nothing secret and
+//! orchestrators probe them without credentials.
 
+mod audit;
+mod caller;
+mod policy;
 mod service;
 mod status;
 
-use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{
+    future::Future,
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::watch,
+};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::Router};
 
-use crate::{agent::Agent, config::Config, proto};
+use crate::{
+    agent::Agent,
+    config::{Config, IdentityField},
+    proto,
+};
+use audit::AuditLog;
+use caller::Identification;
+use policy::Policy;
 use service::GrantAgentService;
 
 /// Largest request accepted, far above any valid grant request (see `grant` for the
 /// per-field limits), so an oversized message is refused before it is parsed.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
-/// Why the server stopped with an error.
+/// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The listen address could not be bound.
-    #[error(
-        "cannot listen on {addr}: {source}; is another process using the port? (set `listen` in the config)"
-    )]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
+    /// A listener could not be set up.
+    #[error("cannot listen on {what}: {source}")]
+    Listen {
+        /// The address or socket path.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A TLS file could not be read.
+    #[error("tls: cannot read {path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The audit log could not be opened.
+    #[error("audit.file {path}: {source}")]
+    Audit {
+        /// The file.
+        path: String,
         /// The cause.
         #[source]
         source: std::io::Error,
@@ -34,24 +74,140 @@ pub enum ServeError {
     /// Reflection could not load the descriptor set (a build problem).
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// The HTTP/2 server failed.
+    /// The HTTP/2 or TLS layer failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Binds `addr`, reports the bound address to `on_ready` (port 0 picks a free port), and
-/// serves `agent` until `shutdown` completes; in-flight calls finish first.
+/// Sets up the listeners of `config`, reports their addresses to `on_ready` in the form
+/// `grant-agent client --addr` takes ("127.0.0.1:50051", "unix:/run/grant-agent.sock";
+/// port 0 picks a free port), and serves
+/// until `shutdown` completes; in-flight calls finish first. On SIGHUP, `config_path` is
+/// read again and keys and policy are replaced (a bad file changes nothing).
 pub async fn run(
     agent: Arc<Agent>,
-    addr: SocketAddr,
-    on_ready: impl FnOnce(SocketAddr),
+    config: &Config,
+    config_path: Option<PathBuf>,
+    on_ready: impl FnOnce(&[String]),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let bind = |source| ServeError::Bind { addr, source };
-    let listener = TcpListener::bind(addr).await.map_err(bind)?;
-    let local = listener.local_addr().map_err(bind)?;
+    let access = &config.access;
+    if access.insecure {
+        tracing::warn!(
+            "insecure = true: plain TCP on loopback, every local process may call as `anonymous`"
+        );
+    }
+    if access.policy.is_empty() {
+        tracing::warn!("the policy has no rules: every grant request will be refused");
+    }
+    let audit =
+        AuditLog::open(access.audit_file.as_deref()).map_err(|source| ServeError::Audit {
+            path: access
+                .audit_file
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            source,
+        })?;
+    let policy = Arc::new(Policy::new(&access.policy));
+    let service = GrantAgentService::new(
+        Arc::clone(&agent),
+        Arc::clone(&policy),
+        Arc::new(audit),
+        Identification {
+            field: access
+                .tls
+                .as_ref()
+                .map_or(IdentityField::SanUri, |t| t.caller_identity),
+            insecure: access.insecure,
+        },
+    );
 
+    let (stop, stopped) = watch::channel(false);
+    let mut endpoints = Vec::new();
+    let mut servers = Vec::new();
+    if let Some(addr) = access.listen {
+        let listen_error = |source| ServeError::Listen {
+            what: format!("{addr} (set `listen` in the config)"),
+            source,
+        };
+        let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
+        let local = listener.local_addr().map_err(listen_error)?;
+        let mut builder = Server::builder();
+        if let Some(tls) = &access.tls {
+            let read = |path: &Path| {
+                std::fs::read(path).map_err(|source| ServeError::TlsFile {
+                    path: path.display().to_string(),
+                    source,
+                })
+            };
+            builder = builder.tls_config(
+                ServerTlsConfig::new()
+                    .identity(Identity::from_pem(read(&tls.certificate)?, read(&tls.key)?))
+                    .client_ca_root(Certificate::from_pem(read(&tls.client_ca)?)),
+            )?;
+        }
+        let router = routes(builder, &service).await?;
+        let incoming = TcpListenerStream::new(listener);
+        let done = wait(stopped.clone());
+        servers.push(tokio::spawn(async move {
+            router.serve_with_incoming_shutdown(incoming, done).await
+        }));
+        endpoints.push(local.to_string());
+    }
+    let socket_path = access.unix_socket.as_ref().map(|s| s.path.clone());
+    if let Some(socket) = &access.unix_socket {
+        let listen_error = |source| ServeError::Listen {
+            what: format!(
+                "{} (set `unix_socket` in the config)",
+                socket.path.display()
+            ),
+            source,
+        };
+        remove_stale_socket(&socket.path).map_err(listen_error)?;
+        let listener = UnixListener::bind(&socket.path).map_err(listen_error)?;
+        std::fs::set_permissions(&socket.path, std::fs::Permissions::from_mode(socket.mode))
+            .map_err(listen_error)?;
+        let router = routes(Server::builder(), &service).await?;
+        let incoming = UnixListenerStream::new(listener);
+        let done = wait(stopped.clone());
+        servers.push(tokio::spawn(async move {
+            router.serve_with_incoming_shutdown(incoming, done).await
+        }));
+        endpoints.push(format!("unix:{}", socket.path.display()));
+    }
+    if let Some(path) = config_path {
+        let _reload = tokio::spawn(reload_on_hangup(
+            Arc::clone(&agent),
+            Arc::clone(&policy),
+            path,
+            config.access.clone(),
+        ));
+    }
+    tracing::info!(endpoints = %endpoints.join(", "), "listening");
+    on_ready(&endpoints);
+
+    shutdown.await;
+    let _ = stop.send(true);
+    let mut result = Ok(());
+    for server in servers {
+        match server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e.into()),
+            Err(e) => tracing::error!(error = %e, "a listener task failed"),
+        }
+    }
+    if let Some(path) = socket_path {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("stopped serving");
+    result
+}
+
+/// GrantAgent, health and reflection on one server builder.
+async fn routes(mut builder: Server, service: &GrantAgentService) -> Result<Router, ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
+    // Set before serving starts, so a probe never sees UNKNOWN.
     health
         .set_serving::<proto::grant_agent_server::GrantAgentServer<GrantAgentService>>()
         .await;
@@ -63,20 +219,30 @@ pub async fn run(
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let grants = proto::grant_agent_server::GrantAgentServer::new(GrantAgentService::new(agent))
+    let grants = proto::grant_agent_server::GrantAgentServer::new(service.clone())
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-
-    tracing::info!(%local, "listening");
-    on_ready(local);
-    Server::builder()
+    Ok(builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(grants)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
-    tracing::info!("stopped serving");
-    Ok(())
+        .add_service(grants))
+}
+
+/// A socket file left by an agent that did not stop cleanly would make bind fail; remove
+/// it, but never a file that is not a socket.
+fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "a file that is not a socket is in the way",
+        )),
+        Err(_) => Ok(()),
+    }
+}
+
+async fn wait(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM, the signals operators and init systems send.
@@ -101,10 +267,15 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown requested");
 }
 
-/// Reloads the config on SIGHUP: new keys, certificates, environments and default key take
-/// effect for the next request; in-flight requests finish with the old set. A config that
-/// fails to load or validate is logged and the running keys are kept.
-pub async fn reload_on_hangup(agent: Arc<Agent>, path: PathBuf, listen: SocketAddr) {
+/// Reloads the config on SIGHUP: keys, certificates, environments, the default key and
+/// the policy take effect for the next request; in-flight requests finish with the old
+/// ones. A config that fails to load or validate is logged and nothing changes.
+async fn reload_on_hangup(
+    agent: Arc<Agent>,
+    policy: Arc<Policy>,
+    path: PathBuf,
+    running: crate::config::Access,
+) {
     let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     else {
         tracing::warn!("cannot listen for SIGHUP; reload by restarting");
@@ -123,10 +294,22 @@ pub async fn reload_on_hangup(agent: Arc<Agent>, path: PathBuf, listen: SocketAd
         .and_then(|r| r);
         match result {
             Ok(config) => {
-                let versions = config.keys.len();
-                tracing::info!(config = %path.display(), versions, "reloaded");
-                if config.listen != listen {
-                    tracing::warn!(listen = %config.listen, "`listen` changed; restart the agent to apply it");
+                policy.replace(&config.access.policy);
+                tracing::info!(
+                    config = %path.display(),
+                    versions = config.keys.len(),
+                    rules = config.access.policy.len(),
+                    "reloaded"
+                );
+                let listeners_changed = config.access.listen != running.listen
+                    || config.access.unix_socket != running.unix_socket
+                    || config.access.tls != running.tls
+                    || config.access.insecure != running.insecure
+                    || config.access.audit_file != running.audit_file;
+                if listeners_changed {
+                    tracing::warn!(
+                        "listeners, [tls], insecure or [audit] changed; restart the agent to apply them"
+                    );
                 }
             }
             Err(error) => {

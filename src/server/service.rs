@@ -1,11 +1,11 @@
-//! `grantagent.v1.GrantAgent`: wire types in, domain types out, one log line per call.
+//! `grantagent.v1.GrantAgent`: identify the caller, check the policy, sign, audit.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use crate::{
-    agent::{Agent, unix_now},
+    agent::{Agent, SignError, unix_now},
     cert::{CertEnvironment, CertificateChain},
     grant::GrantParameters,
     proto::{
@@ -14,15 +14,34 @@ use crate::{
     },
 };
 
-use super::status::from_sign_error;
+use super::{
+    audit::{AuditLog, Decision},
+    caller::{Caller, Identification},
+    policy::{Ask, Policy},
+    status,
+};
 
+#[derive(Clone)]
 pub(crate) struct GrantAgentService {
     agent: Arc<Agent>,
+    policy: Arc<Policy>,
+    audit: Arc<AuditLog>,
+    identification: Identification,
 }
 
 impl GrantAgentService {
-    pub(super) fn new(agent: Arc<Agent>) -> Self {
-        GrantAgentService { agent }
+    pub(super) fn new(
+        agent: Arc<Agent>,
+        policy: Arc<Policy>,
+        audit: Arc<AuditLog>,
+        identification: Identification,
+    ) -> Self {
+        GrantAgentService {
+            agent,
+            policy,
+            audit,
+            identification,
+        }
     }
 }
 
@@ -40,26 +59,88 @@ impl From<crate::proto::GrantParameters> for GrantParameters {
     }
 }
 
+/// What the audit line says about a request before the outcome is known.
+struct Audited<'a> {
+    caller: &'a Caller,
+    peer: String,
+    params: &'a GrantParameters,
+    key: &'a str,
+    environment: &'a str,
+}
+
+impl GrantAgentService {
+    fn record(
+        &self,
+        at: &Audited<'_>,
+        outcome: &'static str,
+        status: Option<&Status>,
+        signed: Option<&crate::agent::SignedGrant>,
+    ) {
+        self.audit.record(&Decision {
+            audit: "grant",
+            time: crate::agent::rfc3339(unix_now()),
+            caller: at.caller.name(),
+            peer: at.peer.clone(),
+            key: at.key,
+            certificate_sha256: signed.map_or("", |g| g.certificate_sha256.as_str()),
+            client_id: &at.params.client_id,
+            scopes: &at.params.scopes,
+            environment: at.environment,
+            resources: &at.params.resources,
+            consumer_org: &at.params.consumer_org,
+            jti: signed.map_or("", |g| g.jti.as_str()),
+            expires_at: signed.map(|g| g.expires_at),
+            outcome,
+            code: format!("{:?}", status.map_or(tonic::Code::Ok, Status::code)),
+            reason: status.map(|s| s.message().to_owned()).unwrap_or_default(),
+        });
+    }
+}
+
 #[tonic::async_trait]
 impl GrantAgent for GrantAgentService {
     async fn sign_grant(
         &self,
         request: Request<SignGrantRequest>,
     ) -> Result<Response<SignGrantResponse>, Status> {
-        let peer = request.remote_addr();
+        let caller = self.identification.identify(&request);
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unix".to_owned(), |a| a.to_string());
         let params: GrantParameters = request.into_inner().grant.unwrap_or_default().into();
+        // The policy judges what will really be used, so resolve the defaults first.
+        let keys = self.agent.keys();
+        let key = if params.key.is_empty() {
+            keys.default_key()
+        } else {
+            &params.key
+        };
+        let environment = match (params.environment.as_str(), keys.default_environment()) {
+            ("", Some(default)) => default,
+            (env, _) => env,
+        };
+        let audited = Audited {
+            caller: &caller,
+            peer,
+            params: &params,
+            key,
+            environment,
+        };
+        let ask = Ask {
+            key,
+            client_id: &params.client_id,
+            scopes: &params.scopes,
+            environment,
+            consumer_org: &params.consumer_org,
+        };
+        if let Err(refusal) = self.policy.authorize(&caller, &ask) {
+            let status = status::from_refusal(&refusal);
+            self.record(&audited, "denied", Some(&status), None);
+            return Err(status);
+        }
         match self.agent.sign_grant(&params).await {
             Ok(grant) => {
-                tracing::info!(
-                    ?peer,
-                    key = %grant.key,
-                    client_id = %params.client_id,
-                    scopes = %params.scopes.join(" "),
-                    environment = %params.environment,
-                    jti = %grant.jti,
-                    expires_at = grant.expires_at,
-                    "grant signed"
-                );
+                self.record(&audited, "signed", None, Some(&grant));
                 Ok(Response::new(SignGrantResponse {
                     assertion: grant.assertion,
                     jti: grant.jti,
@@ -71,15 +152,14 @@ impl GrantAgent for GrantAgentService {
                 }))
             }
             Err(error) => {
-                let status = from_sign_error(&error);
-                tracing::warn!(
-                    ?peer,
-                    key = %params.key,
-                    client_id = %params.client_id.escape_debug(),
-                    code = ?status.code(),
-                    error = %error,
-                    "grant refused"
-                );
+                let status = status::from_sign_error(&error);
+                let outcome = if matches!(error, SignError::Hsm(_)) {
+                    tracing::error!(error = %error, "signing failed");
+                    "failed"
+                } else {
+                    "refused"
+                };
+                self.record(&audited, outcome, Some(&status), None);
                 Err(status)
             }
         }
@@ -87,8 +167,12 @@ impl GrantAgent for GrantAgentService {
 
     async fn list_keys(
         &self,
-        _request: Request<ListKeysRequest>,
+        request: Request<ListKeysRequest>,
     ) -> Result<Response<ListKeysResponse>, Status> {
+        let caller = self.identification.identify(&request);
+        self.policy
+            .knows(&caller)
+            .map_err(|refusal| status::from_refusal(&refusal))?;
         let keys = self.agent.keys();
         let now = unix_now();
         let window = i64::from(keys.expiry_warning_days) * 86_400;

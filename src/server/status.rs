@@ -8,6 +8,8 @@
 //! | certificate for the other environment | `FAILED_PRECONDITION` |
 //! | PKCS#11 call failed                | `UNAVAILABLE`         |
 //! | signing thread lost                | `INTERNAL`            |
+//! | caller not in the policy / not allowed | `PERMISSION_DENIED` |
+//! | caller over its rate               | `RESOURCE_EXHAUSTED`  |
 //!
 //! Messages are safe to send: they name fields, keys and PKCS#11 return values, never the
 //! PIN, an assertion or key material (none of which any error type holds).
@@ -15,6 +17,16 @@
 use tonic::{Code, Status};
 
 use crate::{agent::SignError, hsm::HsmError};
+
+use super::policy::Refusal;
+
+pub(super) fn from_refusal(refusal: &Refusal) -> Status {
+    let code = match refusal {
+        Refusal::UnknownCaller(_) | Refusal::NotAllowed { .. } => Code::PermissionDenied,
+        Refusal::RateLimited { .. } => Code::ResourceExhausted,
+    };
+    Status::new(code, refusal.to_string())
+}
 
 pub(super) fn from_sign_error(error: &SignError) -> Status {
     let code = match error {

@@ -9,7 +9,6 @@
 
 use std::{
     io::{BufRead, BufReader},
-    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -41,7 +40,8 @@ pub(crate) fn require_softhsm() {
 /// `grant-agent dev` on a fresh token in its own temp dir, killed on drop.
 pub(crate) struct DevAgent {
     child: Child,
-    pub(crate) addr: SocketAddr,
+    /// Where it listens, as `client --addr` takes it ("127.0.0.1:P" or "unix:/path").
+    pub(crate) addr: String,
     pub(crate) dir: tempfile::TempDir,
 }
 
@@ -86,7 +86,7 @@ impl DevAgent {
         let _reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some((_, addr)) = line.split_once(": listening on ") {
-                    let _ = tx.send(addr.parse::<SocketAddr>().expect("address"));
+                    let _ = tx.send(addr.to_owned());
                 }
             }
         });
@@ -102,7 +102,7 @@ impl DevAgent {
     }
 
     pub(crate) async fn client(&self) -> GrantAgentClient<Channel> {
-        GrantAgentClient::connect(format!("http://{}", self.addr))
+        grant_agent::client::connect(&self.addr, None)
             .await
             .expect("connect to the agent")
     }

@@ -9,13 +9,18 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
 use serde::Deserialize;
 
 use crate::{cert::CertEnvironment, grant::Algorithm};
+
+mod access;
+
+pub use access::{
+    Access, DEFAULT_REQUESTS_PER_SECOND, IdentityField, Pattern, PolicyRule, Tls, UnixSocket,
+};
 
 /// Where the agent listens when the config says nothing.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -29,8 +34,8 @@ pub const DEFAULT_EXPIRY_WARNING_DAYS: u32 = 30;
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Address of the gRPC listener.
-    pub listen: SocketAddr,
+    /// Listeners, mutual TLS, caller policy and audit.
+    pub access: Access,
     /// The PKCS#11 module, token and PIN.
     pub pkcs11: Pkcs11Config,
     /// Keys the agent signs with, in file order; at least one. Entries that share a name
@@ -220,22 +225,19 @@ impl Config {
             fix: fix.to_owned(),
         };
 
-        let listen = raw
-            .listen
-            .as_deref()
-            .unwrap_or(DEFAULT_LISTEN)
-            .parse::<SocketAddr>()
-            .map_err(|_| {
-                invalid(
-                    "listen",
-                    format!(
-                        "{:?} is not an IP address and port",
-                        raw.listen.unwrap_or_default()
-                    ),
-                    "write it as \"127.0.0.1:50051\" or \"[::1]:50051\"",
-                )
-            })?;
-
+        let access = access::access(
+            access::RawAccess {
+                listen: raw.listen,
+                unix_socket: raw.unix_socket,
+                socket_mode: raw.socket_mode,
+                insecure: raw.insecure,
+                tls: raw.tls,
+                policy: raw.policy,
+                audit: raw.audit,
+            },
+            base,
+            &invalid,
+        )?;
         let pkcs11 = pkcs11_section(raw.pkcs11, file, base)?;
         let expiry_warning_days = match raw.expiry_warning_days {
             None => DEFAULT_EXPIRY_WARNING_DAYS,
@@ -436,7 +438,7 @@ impl Config {
             );
         }
         let config = Config {
-            listen,
+            access,
             pkcs11,
             keys,
             default_key,
@@ -633,6 +635,14 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: Option<String>,
+    unix_socket: Option<PathBuf>,
+    socket_mode: Option<String>,
+    #[serde(default)]
+    insecure: bool,
+    tls: Option<access::RawTls>,
+    #[serde(default)]
+    policy: Vec<access::RawPolicy>,
+    audit: Option<access::RawAudit>,
     pkcs11: RawPkcs11,
     #[serde(default)]
     keys: Vec<RawKey>,
@@ -682,6 +692,7 @@ mod tests {
 
     const GOOD: &str = r#"
 listen = "127.0.0.1:50051"
+insecure = true
 [pkcs11]
 module = "/usr/lib/softhsm/libsofthsm2.so"
 token_label = "grant-agent"
@@ -701,7 +712,12 @@ certificate = "token"
     #[test]
     fn the_issue_example_parses() {
         let c = Config::from_toml_str(GOOD, "agent.toml").expect("valid");
-        assert_eq!(c.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(
+            c.access.listen,
+            Some("127.0.0.1:50051".parse().expect("addr"))
+        );
+        assert!(c.access.insecure);
+        assert!(c.access.policy.is_empty());
         assert_eq!(c.pkcs11.pin, PinSource::File("/run/secrets/hsm-pin".into()));
         assert_eq!(
             c.keys[0].locator,
@@ -852,6 +868,73 @@ certificate = "token"
             }
         );
         assert_eq!(c.keys[2].algorithm, Algorithm::Rs512);
+    }
+
+    #[test]
+    fn listeners_without_caller_identity_are_refused() {
+        let no_insecure = GOOD.replace("insecure = true\n", "");
+        assert!(err(&no_insecure).contains(
+            "`listen`: 127.0.0.1:50051 would serve plain TCP, where callers cannot be identified"
+        ));
+        let public = GOOD.replace("127.0.0.1:50051", "0.0.0.0:50051");
+        assert!(
+            err(&public).contains(
+                "`listen`: 0.0.0.0:50051 is not a loopback address, and there is no [tls]"
+            )
+        );
+        let tls = no_insecure.replace("[pkcs11]", "[tls]\ncertificate = \"s.pem\"\nkey = \"s.key\"\nclient_ca = \"ca.pem\"\ncaller_identity = \"subject_cn\"\n[pkcs11]")
+            .replace("127.0.0.1:50051", "0.0.0.0:50051");
+        let c = Config::from_toml_str(&tls, "agent.toml").expect("mutual TLS on any address");
+        let t = c.access.tls.expect("tls");
+        assert_eq!(t.caller_identity, IdentityField::SubjectCn);
+        assert_eq!(t.client_ca, PathBuf::from("./ca.pem"));
+        let both = tls.replace("listen =", "insecure = true\nlisten =");
+        assert!(err(&both).contains("`insecure`: is set together with [tls]"));
+
+        let unix = format!(
+            "unix_socket = \"/run/ga.sock\"\n{}",
+            no_insecure.replace("listen = \"127.0.0.1:50051\"\n", "")
+        );
+        let c = Config::from_toml_str(&unix, "agent.toml").expect("unix socket only");
+        assert_eq!(c.access.listen, None);
+        assert_eq!(c.access.unix_socket.as_ref().map(|u| u.mode), Some(0o660));
+        let open = unix.replace("unix_socket", "socket_mode = \"0666\"\nunix_socket");
+        assert!(err(&open).contains("`socket_mode`"));
+    }
+
+    #[test]
+    fn policy_rules_are_checked() {
+        let rule = |body: &str| format!("{GOOD}[[policy]]\n{body}\n");
+        let c = Config::from_toml_str(
+            &rule("caller = \"uid:1000\"\nkeys = [\"default\"]\nscopes = [\"nav:*\", \"skatteetaten:mva\"]\nrequests_per_second = 5"),
+            "agent.toml",
+        )
+        .expect("valid");
+        let p = &c.access.policy[0];
+        assert_eq!(p.caller, "uid:1000");
+        assert_eq!((p.requests_per_second, p.burst), (5, 5));
+        assert!(p.scopes[0].matches("nav:aareg/v1"));
+        assert!(!p.scopes[0].matches("navx:a"));
+        assert!(p.scopes[1].matches("skatteetaten:mva"));
+        assert!(!p.scopes[1].matches("skatteetaten:mva.read"));
+        assert!(p.client_ids.is_empty(), "nothing allowed unless listed");
+        assert!(
+            err(&rule("caller = \"root\""))
+                .contains("`policy[0].caller`: \"root\" is not a caller")
+        );
+        assert!(err(&rule("caller = \"uid:x\"")).contains("`policy[0].caller`"));
+        assert!(
+            err(&rule("caller = \"cn:a\"\nscopes = [\"a*b\"]"))
+                .contains("`policy[0].scopes`: \"a*b\" is not a pattern")
+        );
+        assert!(
+            err(&rule("caller = \"cn:a\"\nrequests_per_second = 0"))
+                .contains("`policy[0].requests_per_second`")
+        );
+        let anonymous = rule("caller = \"anonymous\"")
+            .replace("insecure = true\n", "unix_socket = \"/s\"\n")
+            .replace("listen = \"127.0.0.1:50051\"\n", "");
+        assert!(err(&anonymous).contains("anonymous callers exist only with insecure = true"));
     }
 
     #[test]

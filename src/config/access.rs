@@ -1,0 +1,320 @@
+//! Who may reach the agent and what they may ask for: listeners, mutual TLS, the caller
+//! policy and the audit log. Validated with the rest of the config, so an agent that would
+//! accept unauthenticated callers on a network address never starts.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use super::ConfigError;
+
+/// Requests per second per caller when a policy rule sets no `requests_per_second`.
+pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 100;
+
+/// Listeners and caller rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    /// TCP address, served with mutual TLS (or plain on loopback with `insecure`).
+    pub listen: Option<SocketAddr>,
+    /// Unix socket path and file mode; callers are known by their uid and gid.
+    pub unix_socket: Option<UnixSocket>,
+    /// Plain TCP on loopback, every caller `anonymous`. Logged as a warning at start-up.
+    pub insecure: bool,
+    /// Mutual TLS for the TCP listener.
+    pub tls: Option<Tls>,
+    /// Who may ask for what; default deny.
+    pub policy: Vec<PolicyRule>,
+    /// Where audit lines go; `None` is stderr.
+    pub audit_file: Option<PathBuf>,
+}
+
+/// A Unix socket listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixSocket {
+    /// Socket file path.
+    pub path: PathBuf,
+    /// File mode (e.g. 0o660: the agent's user and group).
+    pub mode: u32,
+}
+
+/// Mutual TLS settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// Server certificate chain (PEM).
+    pub certificate: PathBuf,
+    /// Server private key (PEM). The TLS key, not the signing key.
+    pub key: PathBuf,
+    /// CA bundle that caller certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+    /// Which name in the caller's certificate identifies it.
+    pub caller_identity: IdentityField,
+}
+
+/// The name in a client certificate that identifies the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityField {
+    /// A subjectAltName URI (e.g. a SPIFFE id): `uri:...`.
+    SanUri,
+    /// A subjectAltName DNS name: `dns:...`.
+    SanDns,
+    /// The subject common name: `cn:...`.
+    SubjectCn,
+}
+
+/// One policy rule: a caller and what it may request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRule {
+    /// Who: `uri:`, `dns:`, `cn:`, `uid:`, `gid:` or `anonymous`.
+    pub caller: String,
+    /// Key names (empty request = the default key's name).
+    pub keys: Vec<Pattern>,
+    /// client_id values.
+    pub client_ids: Vec<Pattern>,
+    /// Scopes; every requested scope must match.
+    pub scopes: Vec<Pattern>,
+    /// Environment names.
+    pub environments: Vec<Pattern>,
+    /// consumer_org values a caller may delegate to; a request without one is always fine.
+    pub consumer_orgs: Vec<Pattern>,
+    /// Requests per second for each caller matching the rule.
+    pub requests_per_second: u32,
+    /// Requests a caller may make at once above the rate.
+    pub burst: u32,
+}
+
+/// A value pattern: `*` (anything), `prefix*`, or an exact value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(String);
+
+impl Pattern {
+    /// Whether `value` matches.
+    pub fn matches(&self, value: &str) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => value.starts_with(prefix),
+            None => value == self.0,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    certificate: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+    caller_identity: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPolicy {
+    caller: String,
+    #[serde(default)]
+    keys: Vec<String>,
+    #[serde(default)]
+    client_ids: Vec<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    environments: Vec<String>,
+    #[serde(default)]
+    consumer_orgs: Vec<String>,
+    requests_per_second: Option<u32>,
+    burst: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAudit {
+    file: Option<PathBuf>,
+}
+
+/// The raw access settings, as they appear at the top level of the file.
+pub(super) struct RawAccess {
+    pub(super) listen: Option<String>,
+    pub(super) unix_socket: Option<PathBuf>,
+    pub(super) socket_mode: Option<String>,
+    pub(super) insecure: bool,
+    pub(super) tls: Option<RawTls>,
+    pub(super) policy: Vec<RawPolicy>,
+    pub(super) audit: Option<RawAudit>,
+}
+
+type Invalid<'a> = &'a dyn Fn(&str, String, &str) -> ConfigError;
+
+pub(super) fn access(
+    raw: RawAccess,
+    base: &Path,
+    invalid: Invalid<'_>,
+) -> Result<Access, ConfigError> {
+    let listen = match (&raw.listen, &raw.unix_socket) {
+        (None, None) => Some(super::DEFAULT_LISTEN),
+        (None, Some(_)) => None,
+        (Some(text), _) => Some(text.as_str()),
+    }
+    .map(|text| {
+        text.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "listen",
+                format!("{text:?} is not an IP address and port"),
+                "write it as \"127.0.0.1:50051\" or \"[::1]:50051\"",
+            )
+        })
+    })
+    .transpose()?;
+
+    let tls = raw
+        .tls
+        .map(|t| {
+            let caller_identity = match t.caller_identity.as_deref() {
+                None | Some("san_uri") => IdentityField::SanUri,
+                Some("san_dns") => IdentityField::SanDns,
+                Some("subject_cn") => IdentityField::SubjectCn,
+                Some(other) => {
+                    return Err(invalid(
+                        "tls.caller_identity",
+                        format!("{other:?} is not a certificate field the agent reads"),
+                        "use \"san_uri\", \"san_dns\" or \"subject_cn\"",
+                    ));
+                }
+            };
+            Ok(Tls {
+                certificate: base.join(t.certificate),
+                key: base.join(t.key),
+                client_ca: base.join(t.client_ca),
+                caller_identity,
+            })
+        })
+        .transpose()?;
+
+    match (listen, &tls) {
+        (Some(addr), None) if !addr.ip().is_loopback() => {
+            return Err(invalid(
+                "listen",
+                format!(
+                    "{addr} is not a loopback address, and there is no [tls]: anyone who reaches it could get grants"
+                ),
+                "configure [tls] with client_ca (mutual TLS), or serve callers on unix_socket",
+            ));
+        }
+        (Some(addr), None) if !raw.insecure => {
+            return Err(invalid(
+                "listen",
+                format!("{addr} would serve plain TCP, where callers cannot be identified"),
+                "configure [tls] with client_ca (mutual TLS), use unix_socket, or set insecure = true to accept every local process as `anonymous`",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "tls",
+                "is set but there is no TCP listener".into(),
+                "set listen, or remove [tls]",
+            ));
+        }
+        _ => {}
+    }
+    if raw.insecure && tls.is_some() {
+        return Err(invalid(
+            "insecure",
+            "is set together with [tls]".into(),
+            "remove insecure: with mutual TLS every caller is identified",
+        ));
+    }
+
+    let unix_socket = match raw.unix_socket {
+        None => None,
+        Some(path) => {
+            let mode = match raw.socket_mode.as_deref() {
+                None => 0o660,
+                Some(text) => u32::from_str_radix(text, 8)
+                    .ok()
+                    .filter(|m| *m <= 0o777 && m & 0o007 == 0)
+                    .ok_or_else(|| {
+                        invalid(
+                            "socket_mode",
+                            format!("{text:?} is not an octal mode without access for others"),
+                            "use \"0660\" (user and group) or \"0600\" (user only)",
+                        )
+                    })?,
+            };
+            Some(UnixSocket {
+                path: base.join(path),
+                mode,
+            })
+        }
+    };
+
+    let mut policy = Vec::with_capacity(raw.policy.len());
+    for (i, rule) in raw.policy.into_iter().enumerate() {
+        let at = |field: &str| format!("policy[{i}].{field}");
+        let caller = rule.caller;
+        let known = match caller.split_once(':') {
+            Some(("uri" | "dns" | "cn", rest)) => !rest.is_empty(),
+            Some(("uid" | "gid", n)) => n.parse::<u32>().is_ok(),
+            None => caller == "anonymous",
+            Some(_) => false,
+        };
+        if !known {
+            return Err(invalid(
+                &at("caller"),
+                format!("{caller:?} is not a caller the agent can identify"),
+                "use uri:..., dns:..., cn:... (mutual TLS), uid:N or gid:N (unix socket), or anonymous (insecure loopback)",
+            ));
+        }
+        if caller == "anonymous" && !raw.insecure {
+            return Err(invalid(
+                &at("caller"),
+                "anonymous callers exist only with insecure = true".into(),
+                "identify the caller by certificate or uid, or set insecure = true on a loopback listener",
+            ));
+        }
+        let patterns = |field: &str, values: Vec<String>| -> Result<Vec<Pattern>, ConfigError> {
+            values
+                .into_iter()
+                .map(|v| {
+                    if v.is_empty() || v[..v.len() - 1].contains('*') {
+                        Err(invalid(
+                            &at(field),
+                            format!("{v:?} is not a pattern"),
+                            "use an exact value, a prefix ending in * (\"nav:*\"), or \"*\"",
+                        ))
+                    } else {
+                        Ok(Pattern(v))
+                    }
+                })
+                .collect()
+        };
+        let requests_per_second = rule
+            .requests_per_second
+            .unwrap_or(DEFAULT_REQUESTS_PER_SECOND);
+        if requests_per_second == 0 || rule.burst == Some(0) {
+            return Err(invalid(
+                &at("requests_per_second"),
+                "a rate of 0 refuses everything".into(),
+                "remove the rule to refuse the caller, or set a rate of at least 1",
+            ));
+        }
+        policy.push(PolicyRule {
+            caller,
+            keys: patterns("keys", rule.keys)?,
+            client_ids: patterns("client_ids", rule.client_ids)?,
+            scopes: patterns("scopes", rule.scopes)?,
+            environments: patterns("environments", rule.environments)?,
+            consumer_orgs: patterns("consumer_orgs", rule.consumer_orgs)?,
+            requests_per_second,
+            burst: rule.burst.unwrap_or(requests_per_second),
+        });
+    }
+
+    Ok(Access {
+        listen,
+        unix_socket,
+        insecure: raw.insecure,
+        tls,
+        policy,
+        audit_file: raw.audit.and_then(|a| a.file).map(|f| base.join(f)),
+    })
+}
