@@ -613,6 +613,79 @@ mod tests {
         );
     }
 
+    /// One real certificate, made once by openssl, for the mutation tests.
+    fn sample_der() -> &'static [u8] {
+        static DER: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        DER.get_or_init(|| {
+            let chain = openssl_certificate(
+                "/C=NO/organizationIdentifier=NTRNO-974760673/O=ACME/CN=ACME",
+                &[
+                    "keyUsage=critical,nonRepudiation",
+                    "subjectAltName=URI:spiffe://a/b,DNS:a.example",
+                ],
+            );
+            chain.der().next().expect("leaf").to_vec()
+        })
+    }
+
+    /// Exercises every accessor the agent uses on a parsed chain.
+    fn read_everything(chain: &CertificateChain) {
+        let _ = (
+            chain.subject(),
+            chain.issuer(),
+            chain.validity(),
+            chain.environment(),
+        );
+        let _ = (
+            chain.organization_number(),
+            chain.allows_signing(),
+            chain.rsa_public_key_der(),
+        );
+        let _ = (chain.leaf_sha256_hex(), chain.subjects_der());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+
+        /// Random bytes never parse into a panic.
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            if let Ok(chain) = CertificateChain::from_der(vec![bytes.clone()]) {
+                read_everything(&chain);
+            }
+            let _ = ClientCertificate::parse(&bytes);
+            let _ = CertificateChain::from_pem(&bytes);
+        }
+
+        /// A real certificate with bytes changed, cut or extended parses or fails cleanly,
+        /// and whatever parses can be read in full.
+        #[test]
+        fn mutated_certificates_never_panic(
+            flips in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 1..8),
+            cut in proptest::prelude::any::<usize>(),
+        ) {
+            let mut der = sample_der().to_vec();
+            for (at, value) in flips {
+                let i = at % der.len();
+                der[i] = value;
+            }
+            der.truncate(der.len() - cut % 16);
+            if let Ok(chain) = CertificateChain::from_der(vec![der.clone()]) {
+                read_everything(&chain);
+            }
+            let _ = ClientCertificate::parse(&der);
+            let _ = CertificateChain::for_key(vec![der], b"key");
+        }
+    }
+
+    #[test]
+    fn a_real_client_certificate_has_its_names_read() {
+        let names = ClientCertificate::parse(sample_der()).expect("parses");
+        assert_eq!(names.uris, ["spiffe://a/b"]);
+        assert_eq!(names.dns_names, ["a.example"]);
+        assert_eq!(names.common_name.as_deref(), Some("ACME"));
+    }
+
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(matches!(

@@ -450,6 +450,33 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any request either becomes claims that serialise, or is refused naming a
+        /// `grant.` field; never a panic.
+        #[test]
+        fn validation_never_panics_and_names_the_field(
+            client_id in ".{0,300}",
+            scopes in proptest::collection::vec(".{0,40}|[a-z]{1,8}:[a-z/._-]{0,20}", 0..6),
+            resources in proptest::collection::vec(".{0,40}|https://[a-z.]{1,20}/", 0..4),
+            consumer_org in "[0-9]{0,10}|.{0,12}",
+            lifetime_seconds in proptest::prelude::any::<u32>(),
+        ) {
+            let p = GrantParameters { client_id, scopes, resources, consumer_org, lifetime_seconds, ..GrantParameters::default() };
+            match Claims::new(&p, "https://test.maskinporten.no/", 1_700_000_000) {
+                Ok(claims) => {
+                    let json = serde_json::to_value(&claims).expect("serialises");
+                    proptest::prop_assert!(claims.exp - claims.iat <= 120 && claims.exp > claims.iat);
+                    proptest::prop_assert!(!claims.scope.is_empty());
+                    proptest::prop_assert_eq!(claims.scope.split(' ').count(), p.scopes.len());
+                    proptest::prop_assert!(json.as_object().is_some_and(|o| o.len() <= 8));
+                }
+                Err(e) => proptest::prop_assert!(e.field.starts_with("grant."), "{}", e),
+            }
+        }
+    }
+
     #[test]
     fn organization_number_check_digit() {
         assert!(is_organization_number("974760673")); // Brønnøysundregistrene

@@ -21,8 +21,6 @@
 //! A request flows `server` → `agent` → `grant` (claims) → `hsm` (C_Sign on a pooled
 //! session, on a blocking thread) → `grant` (compact JWS) → `server`.
 
-#![forbid(unsafe_code)]
-
 pub mod admin;
 pub mod agent;
 pub mod cert;

@@ -475,21 +475,48 @@ fn p12_password(file: Option<&Path>) -> Result<zeroize::Zeroizing<String>, Failu
     Ok(password)
 }
 
+/// Set on the re-executed agent whose PIN arrives on stdin.
+const PIN_ON_STDIN: &str = "GRANT_AGENT_PIN_ON_STDIN";
+
+/// The PIN for a serving agent. A PIN from a file is read. A PIN from the environment is
+/// read and then the agent re-executes itself without that variable, handing the PIN over
+/// on a pipe as stdin: unsetting a variable leaves it in the process's original
+/// environment block, which /proc/<pid>/environ shows for the life of the process.
+fn take_pin(source: &PinSource) -> Result<cryptoki::types::AuthPin, Failure> {
+    use std::{io::Write, os::unix::process::CommandExt};
+    let PinSource::Env(var) = source else {
+        return Ok(read_pin(source)?);
+    };
+    if std::env::var_os(PIN_ON_STDIN).is_some() {
+        let mut pin = zeroize::Zeroizing::new(String::new());
+        let _ = std::io::Read::read_to_string(&mut std::io::stdin(), &mut pin)
+            .map_err(|e| format!("reading the PIN handed over on stdin: {e}"))?;
+        if pin.is_empty() {
+            return Err(format!("pkcs11.pin_env: no PIN arrived on stdin (is {var} set?)").into());
+        }
+        return Ok(cryptoki::types::AuthPin::new(Box::from(pin.as_str())));
+    }
+    let pin = zeroize::Zeroizing::new(
+        std::env::var(var).map_err(|_| format!("pkcs11.pin_env: {var} is not set"))?,
+    );
+    let (reader, mut writer) = std::io::pipe()?;
+    writer.write_all(pin.as_bytes())?;
+    drop(writer);
+    drop(pin);
+    let error = std::process::Command::new(std::env::current_exe()?)
+        .args(std::env::args_os().skip(1))
+        .env_remove(var)
+        .env(PIN_ON_STDIN, "1")
+        .stdin(reader)
+        .exec();
+    Err(format!("cannot re-run without {var} in the environment: {error}").into())
+}
+
 /// Starts the agent, serves until SIGINT/SIGTERM (reloading on SIGHUP), then logs out and
 /// finalizes the module.
 fn serve(config_path: &Path, on_ready: impl FnOnce(&[String])) -> Result<(), Failure> {
     let config = Config::load(config_path)?;
-    let pin = read_pin(&config.pkcs11.pin)?;
-    if let PinSource::Env(var) = &config.pkcs11.pin {
-        // The PIN now lives only in a zeroizing secret; take it out of the environment so
-        // it does not stay readable in /proc/<pid>/environ or pass to child processes.
-        // SAFETY: no other thread exists yet (the runtime is built below and the PKCS#11
-        // module is loaded after this), so nothing reads the environment concurrently.
-        #[allow(unsafe_code)]
-        unsafe {
-            std::env::remove_var(var);
-        }
-    }
+    let pin = take_pin(&config.pkcs11.pin)?;
     let agent = Arc::new(Agent::start_with_pin(&config, pin)?);
     let runtime = runtime()?;
     runtime.block_on(async {

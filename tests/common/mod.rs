@@ -65,12 +65,27 @@ impl DevAgent {
     /// `grant-agent serve --config DIR/CONFIG` on the token a dev agent made in `dir`.
     /// The config's `listen` must use port 0.
     pub(crate) fn serve(dir: tempfile::TempDir, config: &str) -> DevAgent {
+        Self::serve_with_env(dir, config, &[])
+    }
+
+    /// [`DevAgent::serve`] with extra environment variables.
+    pub(crate) fn serve_with_env(
+        dir: tempfile::TempDir,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> DevAgent {
         let mut command = Command::new(BIN);
         let _ = command
             .args(["serve", "--config"])
             .arg(dir.path().join(config))
-            .env("SOFTHSM2_CONF", dir.path().join("softhsm2.conf"));
+            .env("SOFTHSM2_CONF", dir.path().join("softhsm2.conf"))
+            .envs(env.iter().copied());
         Self::spawn(command, dir)
+    }
+
+    /// The agent's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     fn spawn(mut command: Command, dir: tempfile::TempDir) -> DevAgent {
