@@ -773,31 +773,17 @@ async fn a_certificate_near_expiry_is_warned_about_and_flagged() {
 #[test]
 fn an_ec_key_in_the_token_is_refused_for_maskinporten() {
     let dir = token();
-    let module = grant_agent::dev::softhsm_module().expect("softhsm");
-    let pin = read(&dir.path().join("pin"));
-    let out = std::process::Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", dir.path().join("softhsm2.conf"))
-        .args([
-            "--module",
-            module.to_str().expect("utf-8"),
-            "--token-label",
-            "grant-agent",
-        ])
-        .args([
-            "--login",
-            "--pin",
-            &pin,
+    let _ = common::pkcs11_tool(
+        dir.path(),
+        &[
             "--keypairgen",
             "--key-type",
             "EC:prime256v1",
-        ])
-        .args(["--label", "ec", "--id", "ec"])
-        .output()
-        .expect("pkcs11-tool (install it with: sudo apt-get install -y opensc)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            "--label",
+            "ec",
+            "--id",
+            "ec",
+        ],
     );
     config(&dir, "agent.toml", &key_toml("default", "ec", ""));
     let config = dir.path().join("agent.toml");

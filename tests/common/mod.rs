@@ -234,9 +234,8 @@ pub(crate) fn unix_now() -> i64 {
         .as_secs() as i64
 }
 
-/// The `Access:` flags pkcs11-tool lists for the private key labelled `label`, read with
-/// OpenSC (independent of our code).
-pub(crate) fn private_key_access(dir: &Path, label: &str) -> (Vec<String>, String) {
+/// OpenSC's pkcs11-tool, logged in to the dev token in `dir`; fails on a non-zero exit.
+pub(crate) fn pkcs11_tool(dir: &Path, args: &[&str]) -> std::process::Output {
     let module = grant_agent::dev::softhsm_module().expect("softhsm");
     let pin = read(&dir.join("pin"));
     let out = Command::new("pkcs11-tool")
@@ -247,14 +246,8 @@ pub(crate) fn private_key_access(dir: &Path, label: &str) -> (Vec<String>, Strin
             "--token-label",
             "grant-agent",
         ])
-        .args([
-            "--login",
-            "--pin",
-            &pin,
-            "--list-objects",
-            "--type",
-            "privkey",
-        ])
+        .args(["--login", "--pin", &pin])
+        .args(args)
         .output()
         .expect("pkcs11-tool (install it with: sudo apt-get install -y opensc)");
     assert!(
@@ -262,6 +255,13 @@ pub(crate) fn private_key_access(dir: &Path, label: &str) -> (Vec<String>, Strin
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+/// The `Access:` flags pkcs11-tool lists for the private key labelled `label`, read with
+/// OpenSC (independent of our code).
+pub(crate) fn private_key_access(dir: &Path, label: &str) -> (Vec<String>, String) {
+    let out = pkcs11_tool(dir, &["--list-objects", "--type", "privkey"]);
     let listing = String::from_utf8_lossy(&out.stdout).into_owned();
     // It lists every private key; take the block of the one asked for.
     let block = listing
