@@ -3,8 +3,8 @@
 //! mutual TLS (or plain on loopback with `insecure`) and/or a Unix socket.
 //!
 //! Every GrantAgent call is tied to a caller identity proven by the transport
-//! ([`caller`]), checked against the policy ([`policy`]) and recorded in the audit log
-//! ([`audit`]). Health and reflection are open: they reveal nothing secret and
+//! (`caller`), checked against the policy (`policy`) and recorded in the audit log
+//! (`audit`). Health and reflection are open: they reveal nothing secret and
 //! orchestrators probe them without credentials.
 
 mod audit;
