@@ -47,6 +47,8 @@ pub struct SignedGrant {
     pub key: String,
     /// SHA-256 of the leaf certificate in `x5c`; empty for a `kid` key.
     pub certificate_sha256: String,
+    /// How long the request waited for a token session.
+    pub queued: Duration,
 }
 
 /// Why a grant was not signed.
@@ -219,17 +221,29 @@ impl Agent {
         }
     }
 
-    /// Builds a grant from `params`, signs it in the token and returns it. Every call signs
-    /// a new grant with a new `jti`.
-    pub async fn sign_grant(&self, params: &GrantParameters) -> Result<SignedGrant, SignError> {
+    /// Builds a grant from `params`, signs it in the token and returns it, unless the
+    /// token cannot get to it before `deadline`. Every call signs a new grant with a new
+    /// `jti`.
+    pub async fn sign_grant(
+        &self,
+        params: &GrantParameters,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<SignedGrant, SignError> {
         let keys = self.keys();
         let (key, claims) = keys.prepare(params, unix_now())?;
         let input = grant::signing_input(&key.header, &claims);
-        let signature = self
+        let (signature, queued) = self
             .token
-            .sign(key.handle, key.algorithm(), input.as_bytes().to_vec())
+            .sign(
+                key.handle,
+                key.algorithm(),
+                input.as_bytes().to_vec(),
+                deadline,
+            )
             .await?;
-        Ok(finish(key, claims, input, &signature))
+        let mut grant = finish(key, claims, input, &signature);
+        grant.queued = queued;
+        Ok(grant)
     }
 
     /// [`Agent::sign_grant`] on the calling thread, for the command line.
@@ -316,6 +330,7 @@ fn finish(key: &SigningKey, claims: grant::Claims, input: String, signature: &[u
         algorithm: key.algorithm(),
         key: key.name().to_owned(),
         certificate_sha256: key.certificate_sha256().to_owned(),
+        queued: Duration::ZERO,
     }
 }
 

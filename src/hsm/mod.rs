@@ -36,6 +36,7 @@ pub use key::{KeyObject, TokenKey};
 pub use provision::{RsaKeyParts, TokenSigner, init_token};
 
 use crate::{config::Pkcs11Config, grant::Algorithm};
+pub use pool::PoolLoad;
 use pool::SessionPool;
 
 /// A failure talking to the token. The variants say what the operator should look at;
@@ -104,6 +105,17 @@ pub enum HsmError {
         #[source]
         source: Pkcs11Error,
     },
+    /// Too many requests are waiting for a session.
+    #[error(
+        "the token is busy: {queued} requests are already waiting for a session; retry with backoff"
+    )]
+    Busy {
+        /// Requests ahead.
+        queued: usize,
+    },
+    /// The caller's deadline would pass before a session is free.
+    #[error("the caller's deadline cannot be met with the queue ahead of it")]
+    Deadline,
     /// The blocking task running a PKCS#11 call did not finish.
     #[error("the signing thread failed: {0}")]
     Thread(String),
@@ -160,24 +172,33 @@ impl Token {
             Err(e) => return Err(HsmError::call("C_Login")(e)),
         }
         Ok(Token {
-            pool: SessionPool::new(pkcs11.clone(), slot, config.sessions),
+            pool: SessionPool::new(pkcs11.clone(), slot, config.sessions, config.queue),
             pkcs11,
             slot,
             anchor: Mutex::new(Some(anchor)),
         })
     }
 
-    /// Signs `data` with `key` on a pooled session, on a blocking thread. The data is
-    /// hashed inside the token (CKM_SHA256/384/512_RSA_PKCS).
+    /// Signs `data` with `key` on a pooled session, on a blocking thread, if a session
+    /// frees up before `deadline`. The data is hashed inside the token
+    /// (CKM_SHA256/384/512_RSA_PKCS). Returns the signature and the time spent queued.
     pub async fn sign(
         &self,
         key: ObjectHandle,
         algorithm: Algorithm,
         data: Vec<u8>,
-    ) -> Result<Vec<u8>, HsmError> {
+        deadline: Option<std::time::Instant>,
+    ) -> Result<(Vec<u8>, std::time::Duration), HsmError> {
         self.pool
-            .run(move |session| sign_with(session, key, algorithm, &data))
+            .run(deadline, move |session| {
+                sign_with(session, key, algorithm, &data)
+            })
             .await
+    }
+
+    /// How busy the session pool is now.
+    pub fn load(&self) -> PoolLoad {
+        self.pool.load()
     }
 
     /// Signs on the calling thread; for command-line tools that are not async.

@@ -24,8 +24,11 @@ use tokio::{
     net::{TcpListener, UnixListener},
     sync::watch,
 };
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::Router};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{
+    Certificate, Identity, Server, ServerTlsConfig,
+    server::{Router, TcpIncoming},
+};
 
 use crate::{
     agent::Agent,
@@ -148,7 +151,12 @@ pub async fn run(
             )?;
         }
         let router = routes(builder, &service).await?;
-        let incoming = TcpListenerStream::new(listener);
+        // Without TCP_NODELAY, Nagle and delayed ACKs add ~40 ms to every small
+        // request/response pair (measured: p50 44 ms at concurrency 1). tonic sets it only
+        // on sockets it binds itself, so set it here.
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(std::time::Duration::from_secs(60)));
         let done = wait(stopped.clone());
         servers.push(tokio::spawn(async move {
             router.serve_with_incoming_shutdown(incoming, done).await

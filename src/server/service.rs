@@ -97,6 +97,23 @@ impl GrantAgentService {
     }
 }
 
+/// The caller's deadline from the `grpc-timeout` header ("100m" = 100 ms), if it sent one.
+fn grpc_deadline<T>(request: &Request<T>) -> Option<std::time::Instant> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => std::time::Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(amount.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(amount),
+        "m" => std::time::Duration::from_millis(amount),
+        "u" => std::time::Duration::from_micros(amount),
+        "n" => std::time::Duration::from_nanos(amount),
+        _ => return None,
+    };
+    std::time::Instant::now().checked_add(timeout)
+}
+
 #[tonic::async_trait]
 impl GrantAgent for GrantAgentService {
     async fn sign_grant(
@@ -104,6 +121,7 @@ impl GrantAgent for GrantAgentService {
         request: Request<SignGrantRequest>,
     ) -> Result<Response<SignGrantResponse>, Status> {
         let caller = self.identification.identify(&request);
+        let deadline = grpc_deadline(&request);
         let peer = request
             .remote_addr()
             .map_or_else(|| "unix".to_owned(), |a| a.to_string());
@@ -138,7 +156,7 @@ impl GrantAgent for GrantAgentService {
             self.record(&audited, "denied", Some(&status), None);
             return Err(status);
         }
-        match self.agent.sign_grant(&params).await {
+        match self.agent.sign_grant(&params, deadline).await {
             Ok(grant) => {
                 self.record(&audited, "signed", None, Some(&grant));
                 Ok(Response::new(SignGrantResponse {

@@ -7,6 +7,8 @@
 //! | certificate expired / not yet valid| `FAILED_PRECONDITION` |
 //! | certificate for the other environment | `FAILED_PRECONDITION` |
 //! | PKCS#11 call failed                | `UNAVAILABLE`         |
+//! | session queue full                 | `RESOURCE_EXHAUSTED`  |
+//! | deadline cannot be met             | `DEADLINE_EXCEEDED`   |
 //! | signing thread lost                | `INTERNAL`            |
 //! | caller not in the policy / not allowed | `PERMISSION_DENIED` |
 //! | caller over its rate               | `RESOURCE_EXHAUSTED`  |
@@ -36,6 +38,8 @@ pub(super) fn from_sign_error(error: &SignError) -> Status {
             Code::FailedPrecondition
         }
         SignError::Hsm(HsmError::Thread(_)) => Code::Internal,
+        SignError::Hsm(HsmError::Busy { .. }) => Code::ResourceExhausted,
+        SignError::Hsm(HsmError::Deadline) => Code::DeadlineExceeded,
         SignError::Hsm(_) => Code::Unavailable,
     };
     let message = match error {

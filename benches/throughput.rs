@@ -1,0 +1,343 @@
+//! Signing throughput and latency, measured in one run on one fresh SoftHSM token:
+//! (a) raw PKCS#11 C_Sign/s with the agent's key and session count, (b) SignGrant
+//! grants/s and p50/p99 latency through gRPC at concurrency 1, 4, 16 and 64, the ratio
+//! (b)/(a) at saturation, the agent's peak RSS, and its RSS across a soak.
+//!
+//! `cargo bench --bench throughput`. Environment: `BENCH_SECONDS` per step (default 5),
+//! `BENCH_SOAK` requests in the soak (default 200000; 0 skips it).
+//!
+//! The machine is noisy, so the figures that matter are ratios to the baseline measured in
+//! the same run, not absolute numbers.
+
+#![allow(
+    clippy::expect_used,
+    reason = "a benchmark that cannot go on should stop loudly"
+)]
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use grant_agent::proto::{GrantParameters, SignGrantRequest};
+
+const RAW_MODE: &str = "GRANT_AGENT_BENCH_RAW";
+
+fn main() {
+    if let Ok(dir) = std::env::var(RAW_MODE) {
+        raw(Path::new(&dir));
+        return;
+    }
+    if grant_agent::dev::softhsm_module().is_err() {
+        eprintln!(
+            "SoftHSM2 is required: sudo apt-get install -y softhsm2 (or bash softhsm/setup.sh)"
+        );
+        std::process::exit(1);
+    }
+    let seconds: u64 = env_number("BENCH_SECONDS", 5);
+    let soak: u64 = env_number("BENCH_SOAK", 200_000);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut agent, addr) = start_agent(dir.path());
+    let pid = agent.id();
+    let sessions = grant_agent::config::default_sessions();
+    println!(
+        "grant-agent throughput on SoftHSM RSA-2048, {sessions} sessions, {seconds} s per step"
+    );
+
+    // (a) The baseline: the token's own signing rate, without the agent.
+    let out = Command::new(std::env::current_exe().expect("bench binary"))
+        .env(RAW_MODE, dir.path())
+        .env("SOFTHSM2_CONF", dir.path().join("softhsm2.conf"))
+        .env("BENCH_SECONDS", seconds.to_string())
+        .env("BENCH_SESSIONS", sessions.to_string())
+        .output()
+        .expect("raw baseline");
+    let raw_text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "raw baseline failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |name: &str| -> f64 {
+        raw_text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from {raw_text}"))
+    };
+    let raw_rate = field("raw_signs_per_second");
+    let raw_latency_us = field("raw_single_sign_p50_us");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "(a) raw C_Sign: {raw_rate:.0}/s on {sessions} sessions, {cores} cores ({:.0} µs of CPU each); one sign p50 {raw_latency_us:.0} µs",
+        cores as f64 / raw_rate * 1e6
+    );
+
+    // (b) Through the agent.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut best = 0.0_f64;
+    let mut p50_at_1 = 0.0;
+    println!("(b) SignGrant over gRPC:");
+    println!(
+        "    concurrency   grants/s   ratio to (a)   p50 µs   p99 µs   errors   agent CPU µs/grant"
+    );
+    for concurrency in [1_usize, 4, 16, 64] {
+        let cpu_before = cpu_seconds(pid);
+        let run = runtime.block_on(load(&addr, concurrency, Duration::from_secs(seconds), None));
+        let cpu = (cpu_seconds(pid) - cpu_before) / run.latencies.len().max(1) as f64 * 1e6;
+        let rate = run.latencies.len() as f64 / run.elapsed.as_secs_f64();
+        let (p50, p99) = (
+            percentile(&run.latencies, 0.50),
+            percentile(&run.latencies, 0.99),
+        );
+        if concurrency == 1 {
+            p50_at_1 = p50;
+        }
+        best = best.max(rate);
+        println!(
+            "    {concurrency:>11}   {rate:>8.0}   {:>12.3}   {p50:>6.0}   {p99:>6.0}   {:>6}   {cpu:>18.0}",
+            rate / raw_rate,
+            run.errors
+        );
+    }
+    let (rss, hwm) = memory(pid);
+    println!(
+        "    saturation ratio (b)/(a): {:.3} (target >= 0.90)",
+        best / raw_rate
+    );
+    println!(
+        "    p50 at concurrency 1 minus one raw sign: {:.0} µs (target <= 200 µs)",
+        p50_at_1 - raw_latency_us
+    );
+    println!(
+        "    agent RSS {:.1} MiB, peak {:.1} MiB (target < 50 MiB)",
+        rss, hwm
+    );
+    println!("(c) cached GetAccessToken: not measured; GetAccessToken arrives with issue 5");
+
+    if soak > 0 {
+        let before = memory(pid).0;
+        let run = runtime.block_on(load(
+            &addr,
+            16,
+            Duration::from_secs(3600),
+            Some(soak as usize),
+        ));
+        let after = memory(pid);
+        println!(
+            "soak: {} requests in {:.0} s ({} errors); RSS {before:.1} MiB before, {:.1} MiB after (peak {:.1} MiB)",
+            run.latencies.len() + run.errors,
+            run.elapsed.as_secs_f64(),
+            run.errors,
+            after.0,
+            after.1
+        );
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+struct Run {
+    latencies: Vec<f64>,
+    errors: usize,
+    elapsed: Duration,
+}
+
+/// `concurrency` callers signing for `duration` (or until `total` requests are done).
+async fn load(addr: &str, concurrency: usize, duration: Duration, total: Option<usize>) -> Run {
+    let client = grant_agent::client::connect(addr, None)
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let mut client = client.clone();
+            let done = std::sync::Arc::clone(&done);
+            tokio::spawn(async move {
+                let (mut latencies, mut errors) = (Vec::new(), 0);
+                while started.elapsed() < duration
+                    && total
+                        .is_none_or(|t| done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < t)
+                {
+                    let sent = Instant::now();
+                    let request = SignGrantRequest {
+                        grant: Some(GrantParameters {
+                            client_id: "0a3b5c7d-1111-2222-3333-444455556666".into(),
+                            scopes: vec!["nav:aareg/v1/arbeidsforhold".into()],
+                            environment: "test".into(),
+                            ..GrantParameters::default()
+                        }),
+                    };
+                    match client.sign_grant(request).await {
+                        Ok(_) => latencies.push(sent.elapsed().as_secs_f64() * 1e6),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut run = Run {
+        latencies: Vec::new(),
+        errors: 0,
+        elapsed: Duration::ZERO,
+    };
+    for task in tasks {
+        let (latencies, errors) = task.await.expect("load task");
+        run.latencies.extend(latencies);
+        run.errors += errors;
+    }
+    run.elapsed = started.elapsed();
+    run.latencies.sort_by(f64::total_cmp);
+    run
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// User plus system CPU time of a process, in seconds (Linux clock ticks of 1/100 s).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the parenthesised command name come state, ppid, ...; utime and stime are
+    // fields 14 and 15 of the line, so 12th and 13th from the state.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// (VmRSS, VmHWM) of a process in MiB.
+fn memory(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |name: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .trim()
+                    .trim_end_matches(" kB")
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(f64::NAN)
+    };
+    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
+
+fn start_agent(dir: &Path) -> (std::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_grant-agent"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir)
+        .env_remove("SOFTHSM2_CONF")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start grant-agent dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.split_once(": listening on ").map(|(_, a)| a.to_owned()))
+        .expect("the agent did not start");
+    // Keep draining stdout so the agent never blocks on a full pipe.
+    let _drain = std::thread::spawn(move || lines.for_each(drop));
+    (child, addr)
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The baseline, in a child process whose SOFTHSM2_CONF points at the bench token: the
+/// same key and mechanism as the agent, one session per thread, no gRPC, no grant building.
+fn raw(dir: &Path) {
+    use cryptoki::{
+        context::{CInitializeArgs, CInitializeFlags, Pkcs11},
+        mechanism::Mechanism,
+        object::{Attribute, ObjectClass},
+        session::UserType,
+        types::AuthPin,
+    };
+    let seconds = env_number("BENCH_SECONDS", 5);
+    let sessions = env_number("BENCH_SESSIONS", 2) as usize;
+    let pkcs11 = Pkcs11::new(grant_agent::dev::softhsm_module().expect("softhsm")).expect("load");
+    pkcs11
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("initialize");
+    let slot = pkcs11
+        .get_slots_with_initialized_token()
+        .expect("slots")
+        .into_iter()
+        .find(|s| {
+            pkcs11
+                .get_token_info(*s)
+                .is_ok_and(|i| i.label() == "grant-agent")
+        })
+        .expect("token");
+    let pin = std::fs::read_to_string(dir.join("pin")).expect("pin");
+    let login = pkcs11.open_ro_session(slot).expect("session");
+    login
+        .login(UserType::User, Some(&AuthPin::from(pin)))
+        .expect("login");
+    let key = login
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(b"virksomhetssertifikat".to_vec()),
+        ])
+        .expect("find")[0];
+    // A message the size of a real signing input (header with x5c, and claims).
+    let message = vec![b'a'; 1600];
+    let measure = |threads: usize, duration: Duration| -> (f64, Vec<f64>) {
+        let started = Instant::now();
+        let results: Vec<Vec<f64>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    let session = pkcs11.open_ro_session(slot).expect("session");
+                    let message = &message;
+                    scope.spawn(move || {
+                        let mut latencies = Vec::new();
+                        while started.elapsed() < duration {
+                            let t = Instant::now();
+                            let _ = session
+                                .sign(&Mechanism::Sha256RsaPkcs, key, message)
+                                .expect("C_Sign");
+                            latencies.push(t.elapsed().as_secs_f64() * 1e6);
+                        }
+                        latencies
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread"))
+                .collect()
+        });
+        let mut all: Vec<f64> = results.into_iter().flatten().collect();
+        all.sort_by(f64::total_cmp);
+        (all.len() as f64 / started.elapsed().as_secs_f64(), all)
+    };
+    let (_, single) = measure(1, Duration::from_secs(seconds.div_ceil(2)));
+    let (rate, _) = measure(sessions, Duration::from_secs(seconds));
+    println!("raw_signs_per_second {rate}");
+    println!("raw_single_sign_p50_us {}", percentile(&single, 0.5));
+}
