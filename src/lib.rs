@@ -12,6 +12,7 @@
 //! - [`hsm`]: the PKCS#11 token: login, session pool, key lookup, signing, provisioning.
 //! - [`admin`]: key management commands: generate, CSR, certificate import, JWK, list.
 //! - [`agent`]: keys bound to certificates, and `sign_grant`, which ties the above together.
+//! - [`metrics`]: Prometheus metrics on their own address.
 //! - [`server`]: the gRPC services (GrantAgent, health, reflection) and status mapping.
 //! - [`dev`]: the development SoftHSM token behind `grant-agent dev`.
 //! - [`p12`]: reading a PKCS#12 (.p12/.pfx) file into its RSA key parts and certificate chain.
@@ -29,6 +30,7 @@ pub mod config;
 pub mod dev;
 pub mod grant;
 pub mod hsm;
+pub mod metrics;
 pub mod p12;
 pub mod server;
 pub mod telemetry;

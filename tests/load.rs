@@ -150,3 +150,108 @@ async fn a_deadline_that_cannot_be_met_is_refused_at_once() {
         let _ = task.await.expect("task").expect("the backlog is signed");
     }
 }
+
+/// `GET path` over plain HTTP/1.1; the body.
+fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (host, path) = rest.split_once('/').expect("path");
+    let mut stream = std::net::TcpStream::connect(host).expect("connect");
+    write!(
+        stream,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).expect("response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn metrics_count_what_happened_and_logs_carry_request_ids() {
+    let dir = DevAgent::start().stop();
+    let config = read(&dir.path().join("config.toml")).replace(
+        "[pkcs11]\n",
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[pkcs11]\nsessions = 3\n",
+    );
+    std::fs::write(dir.path().join("agent.toml"), config).expect("config");
+    let agent = DevAgent::serve(dir, "agent.toml");
+    let metrics_url = agent
+        .endpoints
+        .iter()
+        .find(|e| e.ends_with("/metrics"))
+        .unwrap_or_else(|| panic!("no metrics endpoint in {:?}", agent.endpoints))
+        .clone();
+    let mut client = agent.client().await;
+    for _ in 0..3 {
+        let _ = client
+            .sign_grant(SignGrantRequest {
+                grant: Some(params()),
+            })
+            .await
+            .expect("signed");
+    }
+    let mut bad = params();
+    bad.lifetime_seconds = 500;
+    let _ = client
+        .sign_grant(SignGrantRequest { grant: Some(bad) })
+        .await
+        .expect_err("refused");
+
+    let text = http_get(&metrics_url);
+    for expected in [
+        "grant_agent_grants_total{key=\"default\",outcome=\"signed\"} 3",
+        "grant_agent_grants_total{key=\"default\",outcome=\"refused\"} 1",
+        "grant_agent_sign_seconds_count 3",
+        "grant_agent_queue_wait_seconds_count 3",
+        "grant_agent_sessions 3",
+        "grant_agent_queue_depth 0",
+        "grant_agent_sessions_busy 0",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from\n{text}");
+    }
+    let expiry = text
+        .lines()
+        .find(|l| l.starts_with("grant_agent_certificate_expiry_seconds{"))
+        .unwrap_or_else(|| panic!("no expiry gauge in\n{text}"));
+    let seconds: i64 = expiry
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("value");
+    assert!((700 * 86_400..=731 * 86_400).contains(&seconds), "{expiry}");
+
+    // Each audit line (on stderr here) has a request id.
+    let log = agent.log();
+    let ids: Vec<String> = log
+        .lines()
+        .filter(|l| l.starts_with("{\"audit\""))
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["request_id"]
+                .as_str()
+                .expect("id")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 4, "{log}");
+    assert!(ids.iter().all(|id| id.len() == 32), "{ids:?}");
+}
+
+#[test]
+fn sigterm_stops_the_agent_cleanly() {
+    let mut agent = DevAgent::start();
+    agent.signal("TERM");
+    let status = agent
+        .wait_exit(Duration::from_secs(15))
+        .expect("the agent stopped");
+    assert!(status.success(), "{status:?}");
+    let log = agent.log();
+    assert!(
+        log.contains("shutdown requested") && log.contains("stopped serving"),
+        "{log}"
+    );
+}

@@ -52,6 +52,8 @@ pub struct Config {
     pub environments: BTreeMap<String, EnvironmentConfig>,
     /// Warn when a certificate expires within this many days.
     pub expiry_warning_days: u32,
+    /// Address for Prometheus metrics (`GET /metrics`); `None` serves none.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// How to reach the token.
@@ -450,6 +452,16 @@ impl Config {
             default_environment: raw.default_environment,
             environments,
             expiry_warning_days,
+            metrics_listen: match raw.metrics.map(|m| m.listen) {
+                None => None,
+                Some(text) => Some(text.parse().map_err(|_| {
+                    invalid(
+                        "metrics.listen",
+                        format!("{text:?} is not an IP address and port"),
+                        "write it as \"127.0.0.1:9464\"",
+                    )
+                })?),
+            },
         };
         if let Some(env) = &config.default_environment
             && config.environment(env).is_none()
@@ -672,6 +684,13 @@ struct RawConfig {
     #[serde(default)]
     environments: BTreeMap<String, RawEnvironment>,
     expiry_warning_days: Option<u32>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: String,
 }
 
 #[derive(Deserialize)]

@@ -11,6 +11,8 @@ use serde::Serialize;
 pub(crate) struct Decision<'a> {
     /// Always "grant", to pick audit lines out of a mixed stream.
     pub(crate) audit: &'static str,
+    /// Ties the line to the log lines of the same request.
+    pub(crate) request_id: &'a str,
     pub(crate) time: String,
     pub(crate) caller: &'a str,
     pub(crate) peer: String,

@@ -33,12 +33,16 @@ use tonic::transport::{
 use crate::{
     agent::Agent,
     config::{Config, IdentityField},
+    metrics::Metrics,
     proto,
 };
 use audit::AuditLog;
 use caller::Identification;
 use policy::Policy;
 use service::GrantAgentService;
+
+/// How long in-flight requests may run after SIGTERM before the agent stops anyway.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Largest request accepted, far above any valid grant request (see `grant` for the
 /// per-field limits), so an oversized message is refused before it is parsed.
@@ -113,10 +117,12 @@ pub async fn run(
             source,
         })?;
     let policy = Arc::new(Policy::new(&access.policy));
+    let metrics = Arc::new(Metrics::new());
     let service = GrantAgentService::new(
         Arc::clone(&agent),
         Arc::clone(&policy),
         Arc::new(audit),
+        Arc::clone(&metrics),
         Identification {
             field: access
                 .tls
@@ -184,6 +190,26 @@ pub async fn run(
         }));
         endpoints.push(format!("unix:{}", socket.path.display()));
     }
+    if let Some(addr) = config.metrics_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Listen {
+                what: format!("{addr} (set [metrics] listen in the config)"),
+                source,
+            })?;
+        let local = listener.local_addr().map_err(|source| ServeError::Listen {
+            what: addr.to_string(),
+            source,
+        })?;
+        let done = wait(stopped.clone());
+        let agent = Arc::clone(&agent);
+        let _metrics = tokio::spawn(async move {
+            if let Err(error) = crate::metrics::serve(listener, metrics, agent, done).await {
+                tracing::error!(%error, "the metrics listener failed");
+            }
+        });
+        endpoints.push(crate::metrics::describe(local));
+    }
     if let Some(path) = config_path {
         let _reload = tokio::spawn(reload_on_hangup(
             Arc::clone(&agent),
@@ -198,12 +224,22 @@ pub async fn run(
     shutdown.await;
     let _ = stop.send(true);
     let mut result = Ok(());
-    for server in servers {
-        match server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => result = Err(e.into()),
-            Err(e) => tracing::error!(error = %e, "a listener task failed"),
+    let drain = async {
+        for server in servers {
+            match server.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(e.into()),
+                Err(e) => tracing::error!(error = %e, "a listener task failed"),
+            }
         }
+    };
+    // In-flight requests get a bounded time to finish; an HSM that hangs must not keep
+    // the process from stopping.
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        tracing::warn!(
+            seconds = SHUTDOWN_GRACE.as_secs(),
+            "requests still in flight after the shutdown grace period; stopping anyway"
+        );
     }
     if let Some(path) = socket_path {
         let _ = std::fs::remove_file(path);

@@ -8,6 +8,8 @@ use crate::{
     agent::{Agent, SignError, unix_now},
     cert::{CertEnvironment, CertificateChain},
     grant::GrantParameters,
+    hsm::HsmError,
+    metrics::Metrics,
     proto::{
         KeyInfo, ListKeysRequest, ListKeysResponse, SignGrantRequest, SignGrantResponse,
         grant_agent_server::GrantAgent,
@@ -26,6 +28,7 @@ pub(crate) struct GrantAgentService {
     agent: Arc<Agent>,
     policy: Arc<Policy>,
     audit: Arc<AuditLog>,
+    metrics: Arc<Metrics>,
     identification: Identification,
 }
 
@@ -34,12 +37,14 @@ impl GrantAgentService {
         agent: Arc<Agent>,
         policy: Arc<Policy>,
         audit: Arc<AuditLog>,
+        metrics: Arc<Metrics>,
         identification: Identification,
     ) -> Self {
         GrantAgentService {
             agent,
             policy,
             audit,
+            metrics,
             identification,
         }
     }
@@ -61,6 +66,7 @@ impl From<crate::proto::GrantParameters> for GrantParameters {
 
 /// What the audit line says about a request before the outcome is known.
 struct Audited<'a> {
+    request_id: &'a str,
     caller: &'a Caller,
     peer: String,
     params: &'a GrantParameters,
@@ -76,8 +82,10 @@ impl GrantAgentService {
         status: Option<&Status>,
         signed: Option<&crate::agent::SignedGrant>,
     ) {
+        self.metrics.grant(at.key, outcome);
         self.audit.record(&Decision {
             audit: "grant",
+            request_id: at.request_id,
             time: crate::agent::rfc3339(unix_now()),
             caller: at.caller.name(),
             peer: at.peer.clone(),
@@ -114,12 +122,14 @@ fn grpc_deadline<T>(request: &Request<T>) -> Option<std::time::Instant> {
     std::time::Instant::now().checked_add(timeout)
 }
 
-#[tonic::async_trait]
-impl GrantAgent for GrantAgentService {
-    async fn sign_grant(
+impl GrantAgentService {
+    /// SignGrant inside the request's span: identify, authorize, sign, audit.
+    async fn sign(
         &self,
         request: Request<SignGrantRequest>,
+        request_id: &str,
     ) -> Result<Response<SignGrantResponse>, Status> {
+        let started = std::time::Instant::now();
         let caller = self.identification.identify(&request);
         let deadline = grpc_deadline(&request);
         let peer = request
@@ -138,6 +148,7 @@ impl GrantAgent for GrantAgentService {
             (env, _) => env,
         };
         let audited = Audited {
+            request_id,
             caller: &caller,
             peer,
             params: &params,
@@ -158,6 +169,8 @@ impl GrantAgent for GrantAgentService {
         }
         match self.agent.sign_grant(&params, deadline).await {
             Ok(grant) => {
+                self.metrics
+                    .signed(grant.queued, started.elapsed().saturating_sub(grant.queued));
                 self.record(&audited, "signed", None, Some(&grant));
                 Ok(Response::new(SignGrantResponse {
                     assertion: grant.assertion,
@@ -171,7 +184,10 @@ impl GrantAgent for GrantAgentService {
             }
             Err(error) => {
                 let status = status::from_sign_error(&error);
-                let outcome = if matches!(error, SignError::Hsm(_)) {
+                let outcome = if let SignError::Hsm(hsm) = &error {
+                    if let HsmError::Call { rv, .. } = hsm {
+                        self.metrics.pkcs11_error(rv);
+                    }
                     tracing::error!(error = %error, "signing failed");
                     "failed"
                 } else {
@@ -181,6 +197,19 @@ impl GrantAgent for GrantAgentService {
                 Err(status)
             }
         }
+    }
+}
+
+#[tonic::async_trait]
+impl GrantAgent for GrantAgentService {
+    async fn sign_grant(
+        &self,
+        request: Request<SignGrantRequest>,
+    ) -> Result<Response<SignGrantResponse>, Status> {
+        use tracing::Instrument;
+        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let span = tracing::info_span!("sign_grant", request_id = %request_id);
+        self.sign(request, &request_id).instrument(span).await
     }
 
     async fn list_keys(

@@ -42,6 +42,8 @@ pub(crate) struct DevAgent {
     child: Child,
     /// Where it listens, as `client --addr` takes it ("127.0.0.1:P" or "unix:/path").
     pub(crate) addr: String,
+    /// Every endpoint it printed (gRPC listeners, then metrics).
+    pub(crate) endpoints: Vec<String>,
     pub(crate) dir: tempfile::TempDir,
 }
 
@@ -113,7 +115,17 @@ impl DevAgent {
                 panic!("grant-agent did not start within 60 s; its log:\n{log}");
             }
         };
-        DevAgent { child, addr, dir }
+        let mut endpoints = vec![addr.clone()];
+        // The others are printed right after the first.
+        while let Ok(more) = rx.recv_timeout(Duration::from_millis(50)) {
+            endpoints.push(more);
+        }
+        DevAgent {
+            child,
+            addr,
+            endpoints,
+            dir,
+        }
     }
 
     pub(crate) async fn client(&self) -> GrantAgentClient<Channel> {

@@ -1,0 +1,214 @@
+//! Prometheus metrics, served on their own address (`[metrics] listen`) so scraping needs
+//! no caller identity and never shares a port with grants.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `grant_agent_grants_total` | counter | `key`, `outcome` (signed, denied, refused, failed) |
+//! | `grant_agent_sign_seconds` | histogram | time from a free session to a signed grant |
+//! | `grant_agent_queue_wait_seconds` | histogram | time waiting for a session |
+//! | `grant_agent_queue_depth` | gauge | requests waiting for a session now |
+//! | `grant_agent_sessions_busy` | gauge | sessions signing now (of `grant_agent_sessions`) |
+//! | `grant_agent_pkcs11_errors_total` | counter | `rv` (the PKCS#11 return value) |
+//! | `grant_agent_certificate_expiry_seconds` | gauge | `key`, `certificate_sha256`: seconds until notAfter |
+//!
+//! Values that describe the present (queue, sessions, expiry) are read when scraped.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::agent::{Agent, unix_now};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrantLabels {
+    key: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    rv: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabels {
+    key: String,
+    certificate_sha256: String,
+}
+
+/// The agent's metrics. Cheap to update from any thread.
+pub struct Metrics {
+    registry: Registry,
+    grants: Family<GrantLabels, Counter>,
+    sign_seconds: Histogram,
+    queue_wait_seconds: Histogram,
+    queue_depth: Gauge,
+    sessions_busy: Gauge,
+    sessions: Gauge,
+    pkcs11_errors: Family<ErrorLabels, Counter>,
+    certificate_expiry: Family<CertificateLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let buckets = [
+            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+        ];
+        let metrics = Metrics {
+            registry: Registry::with_prefix("grant_agent"),
+            grants: Family::default(),
+            sign_seconds: Histogram::new(buckets),
+            queue_wait_seconds: Histogram::new(buckets),
+            queue_depth: Gauge::default(),
+            sessions_busy: Gauge::default(),
+            sessions: Gauge::default(),
+            pkcs11_errors: Family::default(),
+            certificate_expiry: Family::default(),
+        };
+        let mut registry = metrics.registry;
+        registry.register(
+            "grants",
+            "Grant decisions by key and outcome",
+            metrics.grants.clone(),
+        );
+        registry.register(
+            "sign_seconds",
+            "Time from a free session to a signed grant",
+            metrics.sign_seconds.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time waiting for a PKCS#11 session",
+            metrics.queue_wait_seconds.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Requests waiting for a PKCS#11 session",
+            metrics.queue_depth.clone(),
+        );
+        registry.register(
+            "sessions_busy",
+            "PKCS#11 sessions signing now",
+            metrics.sessions_busy.clone(),
+        );
+        registry.register(
+            "sessions",
+            "PKCS#11 sessions in the pool",
+            metrics.sessions.clone(),
+        );
+        registry.register(
+            "pkcs11_errors",
+            "Failed PKCS#11 calls by return value",
+            metrics.pkcs11_errors.clone(),
+        );
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until the certificate's notAfter",
+            metrics.certificate_expiry.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Counts a decision.
+    pub fn grant(&self, key: &str, outcome: &'static str) {
+        let _ = self
+            .grants
+            .get_or_create(&GrantLabels {
+                key: key.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Records a signed grant's queue wait and signing time.
+    pub fn signed(&self, queued: Duration, signing: Duration) {
+        self.queue_wait_seconds.observe(queued.as_secs_f64());
+        self.sign_seconds.observe(signing.as_secs_f64());
+    }
+
+    /// Counts a failed PKCS#11 call.
+    pub fn pkcs11_error(&self, rv: &str) {
+        let _ = self
+            .pkcs11_errors
+            .get_or_create(&ErrorLabels { rv: rv.to_owned() })
+            .inc();
+    }
+
+    /// The text exposition, with the present-tense values read from `agent` now.
+    pub fn render(&self, agent: &Agent) -> String {
+        let load = agent.token().load();
+        let _ = self
+            .queue_depth
+            .set(i64::try_from(load.waiting).unwrap_or(i64::MAX));
+        let _ = self
+            .sessions_busy
+            .set(i64::try_from(load.busy).unwrap_or(i64::MAX));
+        let _ = self
+            .sessions
+            .set(i64::try_from(load.size).unwrap_or(i64::MAX));
+        let now = unix_now();
+        self.certificate_expiry.clear();
+        for key in agent.keys().versions() {
+            if let (_, Some(not_after)) = key.validity() {
+                let _ = self
+                    .certificate_expiry
+                    .get_or_create(&CertificateLabels {
+                        key: key.name().to_owned(),
+                        certificate_sha256: key.certificate_sha256().to_owned(),
+                    })
+                    .set(not_after - now);
+            }
+        }
+        let mut text = String::new();
+        if encode(&mut text, &self.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    agent: Arc<Agent>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = metrics.render(&agent);
+            async move {
+                (
+                    [(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    text,
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The address metrics were bound to, for the start-up line.
+pub fn describe(addr: SocketAddr) -> String {
+    format!("http://{addr}/metrics")
+}
