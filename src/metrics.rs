@@ -10,6 +10,8 @@
 //! | `grant_agent_sessions_busy` | gauge | sessions signing now (of `grant_agent_sessions`) |
 //! | `grant_agent_pkcs11_errors_total` | counter | `rv` (the PKCS#11 return value) |
 //! | `grant_agent_certificate_expiry_seconds` | gauge | `key`, `certificate_sha256`: seconds until notAfter |
+//! | `grant_agent_serving` | gauge | 1 when the token is usable, 0 while it is being recovered |
+//! | `grant_agent_recoveries_total` | counter | times the token was found gone |
 //!
 //! Values that describe the present (queue, sessions, expiry) are read when scraped.
 
@@ -51,6 +53,8 @@ pub struct Metrics {
     sessions: Gauge,
     pkcs11_errors: Family<ErrorLabels, Counter>,
     certificate_expiry: Family<CertificateLabels, Gauge>,
+    serving: Gauge,
+    recoveries: Counter,
 }
 
 impl Default for Metrics {
@@ -75,6 +79,8 @@ impl Metrics {
             sessions: Gauge::default(),
             pkcs11_errors: Family::default(),
             certificate_expiry: Family::default(),
+            serving: Gauge::default(),
+            recoveries: Counter::default(),
         };
         let mut registry = metrics.registry;
         registry.register(
@@ -150,10 +156,24 @@ impl Metrics {
 
     /// The text exposition, with the present-tense values read from `agent` now.
     pub fn render(&self, agent: &Agent) -> String {
-        let load = agent.token().load();
+        let load = agent.load().unwrap_or(crate::hsm::PoolLoad {
+            size: 0,
+            busy: 0,
+            waiting: 0,
+        });
         let _ = self
             .queue_depth
             .set(i64::try_from(load.waiting).unwrap_or(i64::MAX));
+        let _ = self
+            .sessions_busy
+            .set(i64::try_from(load.busy).unwrap_or(i64::MAX));
+        let _ = self
+            .sessions
+            .set(i64::try_from(load.size).unwrap_or(i64::MAX));
+        let _ = self.serving.set(i64::from(*agent.serving().borrow()));
+        let _ = self
+            .recoveries
+            .inc_by(agent.recoveries().saturating_sub(self.recoveries.get()));
         let _ = self
             .sessions_busy
             .set(i64::try_from(load.busy).unwrap_or(i64::MAX));

@@ -12,6 +12,7 @@
 //! from a new config; requests in flight finish with the set they started with.
 
 mod keys;
+mod recovery;
 
 use std::{
     collections::BTreeMap,
@@ -162,11 +163,30 @@ pub enum StartError {
 }
 
 /// The running agent. Share it behind an `Arc`; all methods take `&self`.
-#[derive(Debug)]
+///
+/// The token may go away under it (HSM restart, re-provisioned token, network HSM
+/// disconnect). Then `token` is `None` while [`Agent::watch`] re-initialises the module,
+/// logs in again and finds the keys again (their handles change); requests meanwhile fail
+/// fast with `UNAVAILABLE` and `serving` says so to the health service.
 pub struct Agent {
-    token: Token,
+    token: RwLock<Option<Arc<Token>>>,
     pkcs11: Pkcs11Config,
+    /// Kept (zeroizing) to log in again after the token comes back.
+    pin: AuthPin,
+    /// The last config that loaded, to find the keys again after recovery.
+    config: std::sync::Mutex<Config>,
     keys: RwLock<Arc<KeySet>>,
+    serving: tokio::sync::watch::Sender<bool>,
+    recover: tokio::sync::Notify,
+    recoveries: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("serving", &*self.serving.borrow())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Agent {
@@ -187,12 +207,16 @@ impl Agent {
             source,
         };
         let token = Token::open(&config.pkcs11, &pin).map_err(hsm)?;
-        drop(pin);
         let keys = KeySet::load(&token, config, unix_now())?;
         let agent = Agent {
-            token,
+            token: RwLock::new(Some(Arc::new(token))),
             pkcs11: config.pkcs11.clone(),
+            pin,
+            config: std::sync::Mutex::new(config.clone()),
             keys: RwLock::new(Arc::new(keys)),
+            serving: tokio::sync::watch::Sender::new(true),
+            recover: tokio::sync::Notify::new(),
+            recoveries: std::sync::atomic::AtomicU64::new(0),
         };
         agent.warn_about_expiry();
         Ok(agent)
@@ -204,10 +228,18 @@ impl Agent {
         if config.pkcs11 != self.pkcs11 {
             return Err(StartError::TokenChanged);
         }
-        let keys = Arc::new(KeySet::load(&self.token, config, unix_now())?);
+        let token = self.current_token().ok_or(StartError::Hsm {
+            context: "reload".into(),
+            source: HsmError::Unavailable,
+        })?;
+        let keys = Arc::new(KeySet::load(&token, config, unix_now())?);
         match self.keys.write() {
             Ok(mut current) => *current = keys,
             Err(poisoned) => *poisoned.into_inner() = keys,
+        }
+        match self.config.lock() {
+            Ok(mut current) => *current = config.clone(),
+            Err(poisoned) => *poisoned.into_inner() = config.clone(),
         }
         self.warn_about_expiry();
         Ok(())
@@ -229,11 +261,30 @@ impl Agent {
         params: &GrantParameters,
         deadline: Option<std::time::Instant>,
     ) -> Result<SignedGrant, SignError> {
+        match self.try_sign(params, deadline).await {
+            Err(SignError::Hsm(e)) if e.token_is_gone() => {
+                // Safe to retry: nothing was returned, and the retry is a new grant.
+                tracing::warn!(error = %e, "the token is gone; recovering");
+                if self.await_recovery(deadline).await {
+                    self.try_sign(params, deadline).await
+                } else {
+                    Err(SignError::Hsm(HsmError::Unavailable))
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn try_sign(
+        &self,
+        params: &GrantParameters,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<SignedGrant, SignError> {
+        let token = self.current_token().ok_or(HsmError::Unavailable)?;
         let keys = self.keys();
         let (key, claims) = keys.prepare(params, unix_now())?;
         let input = grant::signing_input(&key.header, &claims);
-        let (signature, queued) = self
-            .token
+        let (signature, queued) = token
             .sign(
                 key.handle,
                 key.algorithm(),
@@ -248,12 +299,11 @@ impl Agent {
 
     /// [`Agent::sign_grant`] on the calling thread, for the command line.
     pub fn sign_grant_blocking(&self, params: &GrantParameters) -> Result<SignedGrant, SignError> {
+        let token = self.current_token().ok_or(HsmError::Unavailable)?;
         let keys = self.keys();
         let (key, claims) = keys.prepare(params, unix_now())?;
         let input = grant::signing_input(&key.header, &claims);
-        let signature = self
-            .token
-            .sign_blocking(key.handle, key.algorithm(), input.as_bytes())?;
+        let signature = token.sign_blocking(key.handle, key.algorithm(), input.as_bytes())?;
         Ok(finish(key, claims, input, &signature))
     }
 
@@ -281,14 +331,21 @@ impl Agent {
         }
     }
 
-    /// Runs until dropped: logs when a key switches to another version (rollover) and
-    /// repeats expiry warnings daily. Spawn it next to the server.
+    /// Runs until dropped: recovers the token when a request found it gone, logs when a
+    /// key switches to another version (rollover), and repeats expiry warnings daily.
+    /// Spawn it next to the server.
     pub async fn watch(self: Arc<Self>) {
         let mut active: BTreeMap<String, String> = BTreeMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         let mut last_warning = tokio::time::Instant::now();
         loop {
-            let _ = tick.tick().await;
+            tokio::select! {
+                () = self.recover.notified() => {
+                    Arc::clone(&self).recover_until_back().await;
+                    continue;
+                }
+                _ = tick.tick() => {}
+            }
             let keys = self.keys();
             let now = unix_now();
             let names: Vec<&str> = keys.versions().map(SigningKey::name).collect();
@@ -312,12 +369,40 @@ impl Agent {
     /// Logs out and finalizes the PKCS#11 module.
     pub fn close(self) -> Result<(), HsmError> {
         drop(self.keys);
-        self.token.close()
+        let token = match self.token.into_inner() {
+            Ok(token) => token,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match token.map(Arc::try_unwrap) {
+            Some(Ok(token)) => token.close(),
+            Some(Err(_)) => {
+                tracing::warn!("the token is still in use at exit; skipped C_Finalize");
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
-    /// The token, for key management commands.
-    pub fn token(&self) -> &Token {
-        &self.token
+    /// How busy the token's session pool is; `None` while the token is being recovered.
+    pub fn load(&self) -> Option<crate::hsm::PoolLoad> {
+        self.current_token().map(|t| t.load())
+    }
+
+    /// How many times the token was found gone since start.
+    pub fn recoveries(&self) -> u64 {
+        self.recoveries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Follows whether the agent can sign (false while the token is being recovered).
+    pub fn serving(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.serving.subscribe()
+    }
+
+    fn current_token(&self) -> Option<Arc<Token>> {
+        match self.token.read() {
+            Ok(token) => token.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 }
 

@@ -105,6 +105,11 @@ pub enum HsmError {
         #[source]
         source: Pkcs11Error,
     },
+    /// The token is out of service while the agent recovers it.
+    #[error(
+        "the token is unavailable (being recovered, or waiting for an operator: see the agent log)"
+    )]
+    Unavailable,
     /// Too many requests are waiting for a session.
     #[error(
         "the token is busy: {queued} requests are already waiting for a session; retry with backoff"
@@ -122,6 +127,30 @@ pub enum HsmError {
 }
 
 impl HsmError {
+    /// Whether this error means the session, login or token is gone, so that opening the
+    /// token again (and finding the keys again) is the way back.
+    pub fn token_is_gone(&self) -> bool {
+        matches!(
+            self,
+            HsmError::Call {
+                source: Pkcs11Error::Pkcs11(
+                    RvError::SessionHandleInvalid
+                        | RvError::SessionClosed
+                        | RvError::UserNotLoggedIn
+                        | RvError::TokenNotPresent
+                        | RvError::TokenNotRecognized
+                        | RvError::DeviceRemoved
+                        | RvError::DeviceError
+                        | RvError::ObjectHandleInvalid
+                        | RvError::KeyHandleInvalid
+                        | RvError::CryptokiNotInitialized,
+                    _
+                ),
+                ..
+            }
+        )
+    }
+
     fn call(function: &'static str) -> impl FnOnce(Pkcs11Error) -> HsmError {
         move |source| HsmError::Call {
             function,

@@ -156,7 +156,7 @@ pub async fn run(
                     .client_ca_root(Certificate::from_pem(read(&tls.client_ca)?)),
             )?;
         }
-        let router = routes(builder, &service).await?;
+        let router = routes(builder, &service, agent.serving()).await?;
         // Without TCP_NODELAY, Nagle and delayed ACKs add ~40 ms to every small
         // request/response pair (measured: p50 44 ms at concurrency 1). tonic sets it only
         // on sockets it binds itself, so set it here.
@@ -182,7 +182,7 @@ pub async fn run(
         let listener = UnixListener::bind(&socket.path).map_err(listen_error)?;
         std::fs::set_permissions(&socket.path, std::fs::Permissions::from_mode(socket.mode))
             .map_err(listen_error)?;
-        let router = routes(Server::builder(), &service).await?;
+        let router = routes(Server::builder(), &service, agent.serving()).await?;
         let incoming = UnixListenerStream::new(listener);
         let done = wait(stopped.clone());
         servers.push(tokio::spawn(async move {
@@ -248,13 +248,33 @@ pub async fn run(
     result
 }
 
-/// GrantAgent, health and reflection on one server builder.
-async fn routes(mut builder: Server, service: &GrantAgentService) -> Result<Router, ServeError> {
+/// GrantAgent, health and reflection on one server builder. Health follows `serving`:
+/// NOT_SERVING while the token is being recovered.
+async fn routes(
+    mut builder: Server,
+    service: &GrantAgentService,
+    mut serving: watch::Receiver<bool>,
+) -> Result<Router, ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
+    type Grants = proto::grant_agent_server::GrantAgentServer<GrantAgentService>;
     // Set before serving starts, so a probe never sees UNKNOWN.
-    health
-        .set_serving::<proto::grant_agent_server::GrantAgentServer<GrantAgentService>>()
-        .await;
+    health.set_serving::<Grants>().await;
+    let _follow = tokio::spawn(async move {
+        while serving.changed().await.is_ok() {
+            let up = *serving.borrow_and_update();
+            if up {
+                health.set_serving::<Grants>().await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::Serving)
+                    .await;
+            } else {
+                health.set_not_serving::<Grants>().await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+        }
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -38,6 +38,7 @@ pub(super) fn from_sign_error(error: &SignError) -> Status {
             Code::FailedPrecondition
         }
         SignError::Hsm(HsmError::Thread(_)) => Code::Internal,
+        SignError::Hsm(HsmError::Unavailable) => Code::Unavailable,
         SignError::Hsm(HsmError::Busy { .. }) => Code::ResourceExhausted,
         SignError::Hsm(HsmError::Deadline) => Code::DeadlineExceeded,
         SignError::Hsm(_) => Code::Unavailable,

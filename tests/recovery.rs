@@ -1,0 +1,299 @@
+//! The token goes away under a running agent and comes back: the agent heals by itself.
+//! The token is deleted and re-created with `softhsm2-util` (the same key imported again
+//! from a PKCS#12 file) while callers keep signing; requests fail with UNAVAILABLE during
+//! the outage, health says NOT_SERVING, and service returns with no restart.
+
+#![allow(
+    clippy::expect_used,
+    reason = "a test that cannot go on should fail loudly"
+)]
+
+mod common;
+
+use std::{
+    path::Path,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{BIN, DevAgent, TEST_AUD, openssl, params, read, verify};
+use grant_agent::proto::SignGrantRequest;
+use tonic::Code;
+
+fn softhsm2_util(dir: &Path, args: &[&str]) {
+    let out = Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
+        .args(args)
+        .output()
+        .expect("softhsm2-util (install it with: sudo apt-get install -y softhsm2)");
+    assert!(
+        out.status.success(),
+        "softhsm2-util {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn import(dir: &Path) {
+    let out = Command::new(BIN)
+        .args(["key", "import-p12", "--label", "vs", "--password-file"])
+        .arg(dir.join("p12-password"))
+        .arg(dir.join("vs.p12"))
+        .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
+        .env("GRANT_AGENT_CONFIG", dir.join("config.toml"))
+        .output()
+        .expect("import");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Deletes the token and makes it again with `user_pin`, importing the same key.
+fn recreate_token(dir: &Path, user_pin: &str) {
+    softhsm2_util(dir, &["--delete-token", "--token", "grant-agent"]);
+    let so_pin = read(&dir.join("so-pin"));
+    softhsm2_util(
+        dir,
+        &[
+            "--init-token",
+            "--free",
+            "--label",
+            "grant-agent",
+            "--so-pin",
+            &so_pin,
+            "--pin",
+            user_pin,
+        ],
+    );
+    if user_pin == read(&dir.join("pin")) {
+        import(dir);
+    }
+}
+
+/// An agent signing with a key that exists outside the token (so it can be imported again).
+fn agent_with_importable_key() -> DevAgent {
+    let dir = DevAgent::start().stop();
+    let p = dir.path();
+    let _ = openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "vs.key",
+            "-out",
+            "vs.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/C=NO/O=Buypass AS-983163327/CN=Buypass Class 3 Test4 CA G2 ST Business",
+            "-addext",
+            "keyUsage=critical,nonRepudiation",
+        ],
+        p,
+    );
+    std::fs::write(p.join("p12-password"), "pw\n").expect("password");
+    let _ = openssl(
+        &[
+            "pkcs12", "-export", "-inkey", "vs.key", "-in", "vs.pem", "-out", "vs.p12", "-passout",
+            "pass:pw",
+        ],
+        p,
+    );
+    import(p);
+    let dev = read(&p.join("config.toml"));
+    let head = &dev[..dev.find("[[keys]]").expect("keys")];
+    let config =
+        format!("{head}[[keys]]\nname = \"default\"\nlabel = \"vs\"\ncertificate = \"token\"\n")
+            .replace(
+                "[pkcs11]\n",
+                "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[pkcs11]\n",
+            );
+    std::fs::write(p.join("agent.toml"), config).expect("config");
+    DevAgent::serve(dir, "agent.toml")
+}
+
+async fn health(agent: &DevAgent) -> i32 {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agent.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "grantagent.v1.GrantAgent".into(),
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .status
+}
+
+#[tokio::test]
+async fn the_agent_heals_when_the_token_is_deleted_and_recreated_under_load() {
+    let agent = agent_with_importable_key();
+    let client = agent.client().await;
+    let before = client
+        .clone()
+        .sign_grant(SignGrantRequest {
+            grant: Some(params()),
+        })
+        .await
+        .expect("signed")
+        .into_inner();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (mut c, stop) = (client.clone(), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let result = c
+                        .sign_grant(SignGrantRequest {
+                            grant: Some(params()),
+                        })
+                        .await;
+                    outcomes.push((
+                        Instant::now(),
+                        result
+                            .map(|r| r.into_inner())
+                            .map_err(|s| (s.code(), s.message().to_owned())),
+                    ));
+                }
+                outcomes
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let outage = Instant::now();
+    let dir = agent.dir.path().to_owned();
+    tokio::task::spawn_blocking(move || recreate_token(&dir, &read(&dir.join("pin")).clone()))
+        .await
+        .expect("recreate");
+    // Service comes back with no restart.
+    let mut back = None;
+    for _ in 0..300 {
+        if client
+            .clone()
+            .sign_grant(SignGrantRequest {
+                grant: Some(params()),
+            })
+            .await
+            .is_ok()
+        {
+            back = Some(outage.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let back = back.expect("the agent did not recover within 30 s");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+
+    let mut outcomes = Vec::new();
+    for task in load {
+        outcomes.extend(task.await.expect("load task"));
+    }
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().err())
+        .collect();
+    let signed = outcomes.iter().filter(|(_, r)| r.is_ok()).count();
+    println!(
+        "recovery: {} requests, {} failed during the outage, service back after {back:?}",
+        outcomes.len(),
+        failed.len()
+    );
+    for (code, message) in &failed {
+        assert_eq!(*code, Code::Unavailable, "{message}");
+    }
+    // Everything after the token was back succeeded.
+    let settled = outage + back + Duration::from_millis(200);
+    assert!(
+        outcomes
+            .iter()
+            .filter(|(t, _)| *t > settled)
+            .all(|(_, r)| r.is_ok()),
+        "failures after recovery"
+    );
+    assert!(
+        signed > failed.len(),
+        "{signed} signed, {} failed",
+        failed.len()
+    );
+    let after = client
+        .clone()
+        .sign_grant(SignGrantRequest {
+            grant: Some(params()),
+        })
+        .await
+        .expect("signed")
+        .into_inner();
+    assert_eq!(
+        after.certificate_sha256, before.certificate_sha256,
+        "the same key and certificate"
+    );
+    let _ = verify(&after.assertion, TEST_AUD);
+    assert_eq!(health(&agent).await, 1, "SERVING again");
+    let log = agent.log();
+    assert!(log.contains("the token is gone; recovering"), "{log}");
+    assert!(log.contains("the token is back; serving again"), "{log}");
+}
+
+#[tokio::test]
+async fn a_refused_pin_while_recovering_is_not_retried() {
+    let agent = agent_with_importable_key();
+    let mut client = agent.client().await;
+    let _ = client
+        .sign_grant(SignGrantRequest {
+            grant: Some(params()),
+        })
+        .await
+        .expect("signed");
+    let dir = agent.dir.path().to_owned();
+    tokio::task::spawn_blocking(move || recreate_token(&dir, "a-different-pin"))
+        .await
+        .expect("recreate");
+    let status = client
+        .sign_grant(SignGrantRequest {
+            grant: Some(params()),
+        })
+        .await
+        .expect_err("token gone");
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = agent.log();
+    assert_eq!(
+        log.matches("refused the PIN while recovering; not retrying")
+            .count(),
+        1,
+        "one attempt, then no more: {log}"
+    );
+    assert_eq!(
+        log.matches("the token is still unavailable").count(),
+        0,
+        "{log}"
+    );
+    let status = client
+        .sign_grant(SignGrantRequest {
+            grant: Some(params()),
+        })
+        .await
+        .expect_err("still down");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(
+        status.message(),
+        "signing in the token failed: the token is unavailable (being recovered, or waiting for an operator: see the agent log)"
+    );
+    assert_eq!(health(&agent).await, 2, "NOT_SERVING");
+}
