@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Sets up everything and runs the whole test suite against real SoftHSM2 tokens, each
-# made fresh in a temp dir.
+# Sets up everything and runs the whole test suite: against real SoftHSM2 tokens, each
+# made fresh in a temp dir, and against opencryptoki's soft token.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash softhsm/setup.sh
+# A second PKCS#11 implementation (opencryptoki's soft token) for tests/opencryptoki.rs.
+bash softhsm/opencryptoki.sh
 cargo test --locked "$@"

@@ -248,6 +248,7 @@ fn load_key(token: &Token, config: &KeyConfig) -> Result<SigningKey, StartError>
         source,
     };
     let token_key = token.find_key(&config.locator).map_err(hsm)?;
+    let path = token.sign_path(config.algorithm).map_err(hsm)?;
     let (identity, header, not_before, not_after) = match &config.binding {
         KeyBinding::Kid {
             kid,
@@ -311,6 +312,7 @@ fn load_key(token: &Token, config: &KeyConfig) -> Result<SigningKey, StartError>
         locator = %config.locator,
         bits = token_key.bits,
         algorithm = config.algorithm.jws_name(),
+        mechanism = path.describe(config.algorithm),
         kid = key.kid().unwrap_or_default(),
         subject = %key.chain().map(CertificateChain::subject).unwrap_or_default(),
         environment = key.environment().map_or("", CertEnvironment::name),

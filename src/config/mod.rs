@@ -61,14 +61,35 @@ pub struct Config {
 pub struct Pkcs11Config {
     /// Path of the PKCS#11 shared library.
     pub module: PathBuf,
-    /// `CKA_LABEL` of the token (slot numbers move; labels do not).
-    pub token_label: String,
+    /// Which token: by label (slot numbers move; labels do not), serial number or slot id.
+    pub token: TokenSelector,
     /// Where the user PIN comes from.
     pub pin: PinSource,
     /// Sessions in the signing pool.
     pub sessions: usize,
     /// Requests that may wait for a session; more are refused at once.
     pub queue: usize,
+}
+
+/// How the token is found among the module's slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSelector {
+    /// By token label (`token_label`).
+    Label(String),
+    /// By token serial number (`token_serial`).
+    Serial(String),
+    /// By slot id (`slot_id`), for modules whose slots are fixed (opencryptoki, some HSMs).
+    Slot(u64),
+}
+
+impl fmt::Display for TokenSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSelector::Label(label) => write!(f, "labelled \"{label}\""),
+            TokenSelector::Serial(serial) => write!(f, "with serial number \"{serial}\""),
+            TokenSelector::Slot(slot) => write!(f, "in slot {slot}"),
+        }
+    }
 }
 
 /// The user PIN is read from a file or an environment variable, never from the command line
@@ -521,13 +542,29 @@ fn pkcs11_section(p: RawPkcs11, file: &str, base: &Path) -> Result<Pkcs11Config,
             "set it to the PKCS#11 library, e.g. \"/usr/lib/softhsm/libsofthsm2.so\"",
         ));
     }
-    if p.token_label.is_empty() || p.token_label.len() > 32 {
-        return Err(invalid(
-            "pkcs11.token_label",
-            format!("must be 1 to 32 bytes, got {}", p.token_label.len()),
-            "use the label the token was initialised with (softhsm2-util --show-slots lists them)",
-        ));
-    }
+    let token = match (p.token_label, p.token_serial, p.slot_id) {
+        (Some(label), None, None) if !label.is_empty() && label.len() <= 32 => {
+            TokenSelector::Label(label)
+        }
+        (Some(label), None, None) => {
+            return Err(invalid(
+                "pkcs11.token_label",
+                format!("must be 1 to 32 bytes, got {}", label.len()),
+                "use the label the token was initialised with (softhsm2-util --show-slots lists them)",
+            ));
+        }
+        (None, Some(serial), None) if !serial.is_empty() && serial.len() <= 16 => {
+            TokenSelector::Serial(serial)
+        }
+        (None, None, Some(slot)) => TokenSelector::Slot(slot),
+        _ => {
+            return Err(invalid(
+                "pkcs11.token_label",
+                "exactly one of token_label, token_serial (1 to 16 characters) and slot_id must be set".into(),
+                "prefer token_label; use slot_id only where slots are fixed",
+            ));
+        }
+    };
     let pin = match (p.pin_file, p.pin_env) {
         (Some(path), None) => PinSource::File(base.join(path)),
         (None, Some(var)) if !var.is_empty() => PinSource::Env(var),
@@ -577,7 +614,7 @@ fn pkcs11_section(p: RawPkcs11, file: &str, base: &Path) -> Result<Pkcs11Config,
     };
     Ok(Pkcs11Config {
         module: p.module,
-        token_label: p.token_label,
+        token,
         pin,
         sessions,
         queue,
@@ -697,7 +734,9 @@ struct RawMetrics {
 #[serde(deny_unknown_fields)]
 struct RawPkcs11 {
     module: PathBuf,
-    token_label: String,
+    token_label: Option<String>,
+    token_serial: Option<String>,
+    slot_id: Option<u64>,
     pin_file: Option<PathBuf>,
     pin_env: Option<String>,
     sessions: Option<usize>,
@@ -986,7 +1025,7 @@ certificate = "token"
         std::fs::write(&path, &pkcs11_only).expect("write");
         assert!(Config::load(&path).is_err(), "serving needs a key");
         let token = Config::load_token_settings(&path).expect("token settings");
-        assert_eq!(token.token_label, "grant-agent");
+        assert_eq!(token.token, TokenSelector::Label("grant-agent".into()));
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! - A wrong PIN is never retried: tokens lock the user PIN after a few attempts.
 
 mod key;
+mod mechanism;
 mod pool;
 mod provision;
 
@@ -33,9 +34,13 @@ use cryptoki::{
 
 pub use cryptoki::object::ObjectHandle;
 pub use key::{KeyObject, TokenKey};
+pub use mechanism::SignPath;
 pub use provision::{RsaKeyParts, TokenSigner, init_token};
 
-use crate::{config::Pkcs11Config, grant::Algorithm};
+use crate::{
+    config::{Pkcs11Config, TokenSelector},
+    grant::Algorithm,
+};
 pub use pool::PoolLoad;
 use pool::SessionPool;
 
@@ -110,6 +115,9 @@ pub enum HsmError {
         "the token is unavailable (being recovered, or waiting for an operator: see the agent log)"
     )]
     Unavailable,
+    /// The token can sign this algorithm neither directly nor over a DigestInfo.
+    #[error("the token has neither the combined mechanism nor CKM_RSA_PKCS for {0}")]
+    NoMechanism(&'static str),
     /// Too many requests are waiting for a session.
     #[error(
         "the token is busy: {queued} requests are already waiting for a session; retry with backoff"
@@ -167,6 +175,7 @@ impl HsmError {
 pub struct Token {
     pkcs11: Pkcs11,
     slot: Slot,
+    mechanisms: mechanism::Mechanisms,
     pool: SessionPool,
     /// Keeps the login alive; see the module doc. Never used for operations.
     anchor: Mutex<Option<Session>>,
@@ -184,7 +193,31 @@ impl Token {
     /// Loads the module, finds the token by label and logs in with the user PIN. Blocking.
     pub fn open(config: &Pkcs11Config, pin: &AuthPin) -> Result<Token, HsmError> {
         let pkcs11 = load(&config.module)?;
-        let slot = find_token(&pkcs11, &config.token_label)?;
+        let slot = find_token(&pkcs11, &config.token)?;
+        let mechanisms = mechanism::Mechanisms::detect(&pkcs11, slot)?;
+        // Respect the token's session limit, keeping one for the anchor session. Some
+        // tokens' information does not parse (opencryptoki's clock field); then the
+        // configured size stands.
+        let sessions = match pkcs11.get_token_info(slot).map(|i| i.max_session_count()) {
+            Ok(cryptoki::slot::Limit::Max(max)) => {
+                let allowed = usize::try_from(max.saturating_sub(1))
+                    .unwrap_or(usize::MAX)
+                    .max(1);
+                if allowed < config.sessions {
+                    tracing::warn!(
+                        configured = config.sessions,
+                        allowed,
+                        "the token allows fewer sessions; using fewer"
+                    );
+                }
+                config.sessions.min(allowed)
+            }
+            Ok(_) => config.sessions,
+            Err(error) => {
+                tracing::debug!(%error, "cannot read the token's session limit");
+                config.sessions
+            }
+        };
         let anchor = pkcs11
             .open_ro_session(slot)
             .map_err(HsmError::call("C_OpenSession"))?;
@@ -201,7 +234,8 @@ impl Token {
             Err(e) => return Err(HsmError::call("C_Login")(e)),
         }
         Ok(Token {
-            pool: SessionPool::new(pkcs11.clone(), slot, config.sessions, config.queue),
+            pool: SessionPool::new(pkcs11.clone(), slot, sessions, config.queue),
+            mechanisms,
             pkcs11,
             slot,
             anchor: Mutex::new(Some(anchor)),
@@ -209,8 +243,8 @@ impl Token {
     }
 
     /// Signs `data` with `key` on a pooled session, on a blocking thread, if a session
-    /// frees up before `deadline`. The data is hashed inside the token
-    /// (CKM_SHA256/384/512_RSA_PKCS). Returns the signature and the time spent queued.
+    /// frees up before `deadline`, by the token's [`SignPath`] for `algorithm`. Returns the
+    /// signature and the time spent queued.
     pub async fn sign(
         &self,
         key: ObjectHandle,
@@ -218,11 +252,19 @@ impl Token {
         data: Vec<u8>,
         deadline: Option<std::time::Instant>,
     ) -> Result<(Vec<u8>, std::time::Duration), HsmError> {
+        let path = self.sign_path(algorithm)?;
         self.pool
             .run(deadline, move |session| {
-                sign_with(session, key, algorithm, &data)
+                mechanism::sign(session, key, algorithm, path, &data)
             })
             .await
+    }
+
+    /// How this token signs `algorithm`: in the token, or over a DigestInfo.
+    pub fn sign_path(&self, algorithm: Algorithm) -> Result<SignPath, HsmError> {
+        self.mechanisms
+            .path(algorithm)
+            .ok_or(HsmError::NoMechanism(algorithm.jws_name()))
     }
 
     /// How busy the session pool is now.
@@ -237,8 +279,9 @@ impl Token {
         algorithm: Algorithm,
         data: &[u8],
     ) -> Result<Vec<u8>, HsmError> {
+        let path = self.sign_path(algorithm)?;
         self.pool
-            .run_blocking(|session| sign_with(session, key, algorithm, data))
+            .run_blocking(|session| mechanism::sign(session, key, algorithm, path, data))
     }
 
     /// Closes every session (which logs out) and finalizes the module. cryptoki does not
@@ -256,23 +299,6 @@ impl Token {
     }
 }
 
-fn sign_with(
-    session: &Session,
-    key: ObjectHandle,
-    algorithm: Algorithm,
-    data: &[u8],
-) -> Result<Vec<u8>, HsmError> {
-    use cryptoki::mechanism::Mechanism;
-    let mechanism = match algorithm {
-        Algorithm::Rs256 => Mechanism::Sha256RsaPkcs,
-        Algorithm::Rs384 => Mechanism::Sha384RsaPkcs,
-        Algorithm::Rs512 => Mechanism::Sha512RsaPkcs,
-    };
-    session
-        .sign(&mechanism, key, data)
-        .map_err(HsmError::call("C_Sign"))
-}
-
 /// Loads and initialises a module with OS locking (the agent signs from many threads).
 fn load(module: &Path) -> Result<Pkcs11, HsmError> {
     let err = |source| HsmError::Module {
@@ -287,23 +313,48 @@ fn load(module: &Path) -> Result<Pkcs11, HsmError> {
     }
 }
 
-/// Finds a slot by token label. Slot numbers change when tokens are (re)initialised.
-fn find_token(pkcs11: &Pkcs11, label: &str) -> Result<Slot, HsmError> {
+/// Finds the token's slot. Slot numbers change when tokens are (re)initialised on some
+/// modules (SoftHSM), so a label or serial number is the stable choice.
+fn find_token(pkcs11: &Pkcs11, selector: &TokenSelector) -> Result<Slot, HsmError> {
+    // Slots are listed without reading their tokens: some modules have slots whose token
+    // information does not parse (opencryptoki's TPM slot), which must not hide the others.
     let slots = pkcs11
-        .get_slots_with_initialized_token()
+        .get_slots_with_token()
         .map_err(HsmError::call("C_GetSlotList"))?;
     let mut present = Vec::new();
     for slot in slots {
-        let info = pkcs11
-            .get_token_info(slot)
-            .map_err(HsmError::call("C_GetTokenInfo"))?;
-        if info.label().trim_end() == label {
+        if let TokenSelector::Slot(id) = selector {
+            if slot.id() == *id {
+                return Ok(slot);
+            }
+            present.push(format!("slot {}", slot.id()));
+            continue;
+        }
+        let info = match pkcs11.get_token_info(slot) {
+            Ok(info) if info.token_initialized() => info,
+            Ok(_) => continue,
+            Err(error) => {
+                tracing::debug!(slot = slot.id(), %error, "skipping a slot whose token cannot be read");
+                continue;
+            }
+        };
+        let found = match selector {
+            TokenSelector::Label(label) => info.label().trim_end() == label,
+            TokenSelector::Serial(serial) => info.serial_number().trim_end() == serial,
+            TokenSelector::Slot(_) => false,
+        };
+        if found {
             return Ok(slot);
         }
-        present.push(format!("\"{}\"", info.label().trim_end()));
+        present.push(format!(
+            "\"{}\" (serial {}, slot {})",
+            info.label().trim_end(),
+            info.serial_number().trim_end(),
+            slot.id()
+        ));
     }
     Err(HsmError::TokenNotFound {
-        label: label.to_owned(),
+        label: selector.to_string(),
         present: if present.is_empty() {
             "none".into()
         } else {

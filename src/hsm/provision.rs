@@ -46,7 +46,7 @@ pub fn init_token(
             }
         }
         let slot = free.ok_or_else(|| HsmError::TokenNotFound {
-            label: label.to_owned(),
+            label: format!("labelled \"{label}\""),
             present: "no uninitialised token to initialise".into(),
         })?;
         pkcs11
