@@ -12,5 +12,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Server reflection serves this descriptor set so grpcurl works without the .proto.
     fs::write(out.join("grantagent_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure().compile_fds(fds)?;
+
+    // `grant-agent --version` says which commit and compiler built it, so an operator can
+    // tell exactly what runs. A build outside a git checkout says "unknown".
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    let date = git(&["log", "-1", "--format=%cs"]).unwrap_or_else(|| "unknown".into());
+    let rustc = std::process::Command::new(env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "rustc unknown".into());
+    println!(
+        "cargo:rustc-env=GRANT_AGENT_BUILD_INFO=commit {commit}{} ({date}), {rustc}, {} {}",
+        if dirty { "-dirty" } else { "" },
+        env::var("PROFILE").unwrap_or_default(),
+        env::var("TARGET").unwrap_or_default()
+    );
+    println!("cargo:rerun-if-changed=.git/HEAD");
+    println!("cargo:rerun-if-changed=.git/index");
     Ok(())
 }

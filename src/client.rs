@@ -50,6 +50,22 @@ pub async fn connect(
     addr: &str,
     tls: Option<&ClientTls>,
 ) -> Result<GrantAgentClient<Channel>, ClientError> {
+    Ok(GrantAgentClient::new(channel(addr, tls).await?))
+}
+
+/// Whether the agent at `addr` says it is SERVING (`grpc.health.v1`, service
+/// `grantagent.v1.GrantAgent`): what liveness and readiness probes ask.
+pub async fn serving(addr: &str, tls: Option<&ClientTls>) -> Result<bool, ClientError> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let response = HealthClient::new(channel(addr, tls).await?)
+        .check(HealthCheckRequest {
+            service: "grantagent.v1.GrantAgent".into(),
+        })
+        .await;
+    Ok(matches!(response, Ok(r) if r.get_ref().status == 1))
+}
+
+async fn channel(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, ClientError> {
     let fail = |source| ClientError::Connect {
         addr: addr.to_owned(),
         source,
@@ -68,7 +84,7 @@ pub async fn connect(
             }))
             .await
             .map_err(fail)?;
-        return Ok(GrantAgentClient::new(channel));
+        return Ok(channel);
     }
     let channel = match tls {
         None => Endpoint::from_shared(format!("http://{addr}")).map_err(fail)?,
@@ -92,7 +108,7 @@ pub async fn connect(
     .connect()
     .await
     .map_err(fail)?;
-    Ok(GrantAgentClient::new(channel))
+    Ok(channel)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ClientError> {

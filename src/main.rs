@@ -20,9 +20,16 @@ use grant_agent::{
     telemetry::{self, LogFormat},
 };
 
+/// `--version`: the release, the commit, the compiler and the target.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\n",
+    env!("GRANT_AGENT_BUILD_INFO")
+);
+
 /// Signs Maskinporten JWT grants with a key that never leaves a PKCS#11 token.
 #[derive(Parser)]
-#[command(name = "grant-agent", version, about)]
+#[command(name = "grant-agent", version, long_version = LONG_VERSION, about)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t, global = true)]
@@ -35,6 +42,12 @@ struct Cli {
 enum Command {
     /// Serve gRPC (GrantAgent, health, reflection) with the keys in the config.
     Serve {
+        /// The TOML config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a config file without touching the token (run it before a reload).
+    Check {
         /// The TOML config file.
         #[arg(long)]
         config: PathBuf,
@@ -179,6 +192,11 @@ enum ClientCommand {
         #[command(flatten)]
         grant: GrantArgs,
     },
+    /// Exit 0 when the agent is SERVING, 1 otherwise: for liveness and readiness probes.
+    Health {
+        #[command(flatten)]
+        connection: Connection,
+    },
 }
 
 /// Where the agent is, and the caller's TLS identity for mutual TLS.
@@ -287,6 +305,42 @@ fn run(command: Command) -> Result<(), Failure> {
             }
         }),
         Command::Key { command } => key_command(command),
+        Command::Check { config } => {
+            let c = Config::load(&config)?;
+            let names: std::collections::BTreeSet<&str> =
+                c.keys.iter().map(|k| k.name.as_str()).collect();
+            println!(
+                "{}: valid: {} key name(s) ({} version(s)), {} policy rule(s), listeners: {}{}",
+                config.display(),
+                names.len(),
+                c.keys.len(),
+                c.access.policy.len(),
+                [
+                    c.access.listen.map(|a| {
+                        let mode = if c.access.tls.is_some() {
+                            "mutual TLS"
+                        } else {
+                            "insecure loopback"
+                        };
+                        format!("{a} ({mode})")
+                    }),
+                    c.access
+                        .unix_socket
+                        .as_ref()
+                        .map(|u| format!("unix:{}", u.path.display())),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(", "),
+                if c.access.policy.is_empty() {
+                    "; WARNING: no policy rules, every grant request will be refused"
+                } else {
+                    ""
+                }
+            );
+            Ok(())
+        }
         Command::Cert {
             command: CertCommand::Import { token, label, file },
         } => {
@@ -337,6 +391,16 @@ fn run(command: Command) -> Result<(), Failure> {
                 );
             })
         }
+        Command::Client {
+            command: ClientCommand::Health { connection },
+        } => runtime()?.block_on(async {
+            if client::serving(&connection.addr, connection.tls()?.as_ref()).await? {
+                println!("SERVING");
+                Ok(())
+            } else {
+                Err("the agent is NOT_SERVING (its token is unavailable)".into())
+            }
+        }),
         Command::Client {
             command: ClientCommand::Grant { connection, grant },
         } => runtime()?.block_on(async {

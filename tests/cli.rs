@@ -433,3 +433,63 @@ async fn the_log_holds_neither_the_pin_nor_an_assertion() {
     }
     assert!(!log.contains("eyJ"), "something JWT-like is in the log");
 }
+
+#[test]
+fn version_names_the_build_and_check_validates_without_a_token() {
+    let out = std::process::Command::new(BIN)
+        .arg("--version")
+        .output()
+        .expect("version");
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(&format!(
+            "grant-agent {}\ncommit ",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+    assert!(text.contains("rustc "), "{text}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "unix_socket = \"a.sock\"\n[pkcs11]\nmodule = \"/nonexistent.so\"\ntoken_label = \"t\"\npin_env = \"UNSET\"\n\
+         [[keys]]\nname = \"default\"\nlabel = \"k\"\ncertificate = \"token\"\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .expect("check");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out)
+            .contains("valid: 1 key name(s) (1 version(s)), 0 policy rule(s), listeners: unix:"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("WARNING: no policy rules"),
+        "{}",
+        stdout(&out)
+    );
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        read(&good).replace("unix_socket = \"a.sock\"", "listen = \"0.0.0.0:1\""),
+    )
+    .expect("write");
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("check");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("`listen`: 0.0.0.0:1 is not a loopback address"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -245,6 +245,16 @@ async fn the_agent_heals_when_the_token_is_deleted_and_recreated_under_load() {
     );
     let _ = verify(&after.assertion, TEST_AUD);
     assert_eq!(health(&agent).await, 1, "SERVING again");
+    let out = Command::new(BIN)
+        .args(["client", "health", "--addr", &agent.addr])
+        .output()
+        .expect("client health");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "SERVING\n");
     let log = agent.log();
     assert!(log.contains("the token is gone; recovering"), "{log}");
     assert!(log.contains("the token is back; serving again"), "{log}");
@@ -296,4 +306,11 @@ async fn a_refused_pin_while_recovering_is_not_retried() {
         "signing in the token failed: the token is unavailable (being recovered, or waiting for an operator: see the agent log)"
     );
     assert_eq!(health(&agent).await, 2, "NOT_SERVING");
+    // The probe command says so too.
+    let out = Command::new(BIN)
+        .args(["client", "health", "--addr", &agent.addr])
+        .output()
+        .expect("client health");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT_SERVING"));
 }
