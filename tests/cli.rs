@@ -396,7 +396,8 @@ fn a_wrong_pin_or_token_label_is_a_clear_error() {
         &sign_args(agent.path("label.toml").to_str().expect("utf-8"), &[]),
     );
     assert!(
-        stderr(&out).contains("no token labelled \"missing\" (tokens present: \"grant-agent\")"),
+        stderr(&out)
+            .contains("no token labelled \"missing\" (tokens present: \"grant-agent\" (serial "),
         "{}",
         stderr(&out)
     );
@@ -489,6 +490,53 @@ fn version_names_the_build_and_check_validates_without_a_token() {
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("`listen`: 0.0.0.0:1 is not a loopback address"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn the_token_can_be_chosen_by_serial_number() {
+    let agent = DevAgent::start();
+    let slots = agent
+        .command("softhsm2-util")
+        .arg("--show-slots")
+        .output()
+        .expect("softhsm2-util (sudo apt-get install -y softhsm2)");
+    let listing = stdout(&slots);
+    let serial = listing
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Serial number:"))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| panic!("no serial in {listing}"))
+        .to_owned();
+    let config = read(&agent.path("config.toml")).replace(
+        "token_label = \"grant-agent\"",
+        &format!("token_serial = \"{serial}\""),
+    );
+    std::fs::write(agent.path("serial.toml"), config).expect("config");
+    let out = cli(
+        &agent,
+        &sign_args(agent.path("serial.toml").to_str().expect("utf-8"), &[]),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _ = verify(stdout(&out).trim_end(), TEST_AUD);
+
+    let config = read(&agent.path("config.toml")).replace(
+        "token_label = \"grant-agent\"",
+        "token_serial = \"0000000000000000\"",
+    );
+    std::fs::write(agent.path("wrong-serial.toml"), config).expect("config");
+    let out = cli(
+        &agent,
+        &sign_args(
+            agent.path("wrong-serial.toml").to_str().expect("utf-8"),
+            &[],
+        ),
+    );
+    assert!(
+        stderr(&out).contains("no token with serial number \"0000000000000000\" (tokens present: \"grant-agent\" (serial "),
         "{}",
         stderr(&out)
     );

@@ -59,7 +59,7 @@ pub enum HsmError {
     },
     /// No token with the configured label is present.
     #[error(
-        "no token labelled \"{label}\" (tokens present: {present}); check pkcs11.token_label and that the token is initialised"
+        "no token {label} (tokens present: {present}); check pkcs11.token_label (or token_serial, slot_id) and that the token is initialised"
     )]
     TokenNotFound {
         /// The label looked for.
