@@ -55,7 +55,21 @@ fn import(dir: &Path) {
 
 /// Deletes the token and makes it again with `user_pin`, importing the same key.
 fn recreate_token(dir: &Path, user_pin: &str) {
-    softhsm2_util(dir, &["--delete-token", "--token", "grant-agent"]);
+    // The token's files disappear, as when a token is re-provisioned. (softhsm2-util
+    // --delete-token can fail while the agent's SoftHSM writes lock files under load, so
+    // the folder is removed here, retrying while files come and go.)
+    let tokens = dir.join("tokens");
+    for attempt in 0.. {
+        let mut gone = true;
+        for entry in std::fs::read_dir(&tokens).expect("tokens folder").flatten() {
+            gone &= std::fs::remove_dir_all(entry.path()).is_ok();
+        }
+        if gone {
+            break;
+        }
+        assert!(attempt < 100, "cannot remove the token's files");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let so_pin = read(&dir.join("so-pin"));
     softhsm2_util(
         dir,
