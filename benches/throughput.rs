@@ -149,14 +149,21 @@ struct Run {
 
 /// `concurrency` callers signing for `duration` (or until `total` requests are done).
 async fn load(addr: &str, concurrency: usize, duration: Duration, total: Option<usize>) -> Run {
-    let client = grant_agent::client::connect(addr, None)
-        .await
-        .expect("connect");
+    // Callers are separate processes in practice, each with its own connection: spread the
+    // callers over up to 8 HTTP/2 connections rather than funnelling all through one.
+    let mut clients = Vec::new();
+    for _ in 0..concurrency.min(8) {
+        clients.push(
+            grant_agent::client::connect(addr, None)
+                .await
+                .expect("connect"),
+        );
+    }
     let started = Instant::now();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let mut client = client.clone();
+        .map(|i| {
+            let mut client = clients[i % clients.len()].clone();
             let done = std::sync::Arc::clone(&done);
             tokio::spawn(async move {
                 let (mut latencies, mut errors) = (Vec::new(), 0);
