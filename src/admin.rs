@@ -17,7 +17,10 @@ use crate::{
     cert::{CertError, CertificateChain, escape_rfc4514},
     config::{Config, ConfigError, KeyLocator, hex},
     grant::{Algorithm, is_organization_number},
-    hsm::{HsmError, ObjectHandle, RsaKeyParts, Token, TokenKey, TokenSigner, read_pin},
+    hsm::{
+        HsmError, MIN_RSA_BITS, ObjectHandle, RsaKeyParts, Token, TokenKey, TokenSigner, read_pin,
+        rsa_bits,
+    },
 };
 
 /// Why a key management command failed.
@@ -205,15 +208,13 @@ pub fn import_p12(
     let contents = crate::p12::read_pkcs12(data, password)?;
     let key = &contents.key;
     let modulus = der::asn1::UintRef::new(&key.modulus).map_err(|e| build("public key", &e))?;
-    let bits = modulus.as_bytes().len() * 8
-        - modulus
-            .as_bytes()
-            .first()
-            .map_or(0, |b| b.leading_zeros() as usize);
-    if bits < 2048 {
+    let bits = rsa_bits(modulus.as_bytes());
+    if bits < MIN_RSA_BITS {
         return Err(AdminError::Invalid {
             flag: "FILE",
-            problem: format!("the key is RSA-{bits}; Maskinporten needs 2048 bits or more"),
+            problem: format!(
+                "the key is RSA-{bits}; Maskinporten needs {MIN_RSA_BITS} bits or more"
+            ),
         });
     }
     let public_key_der = rsa::pkcs1::RsaPublicKey {

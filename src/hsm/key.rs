@@ -10,7 +10,12 @@ use super::{HsmError, Token};
 use crate::config::{KeyLocator, hex};
 
 /// Smallest RSA modulus Maskinporten (and we) accept.
-const MIN_RSA_BITS: usize = 2048;
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// The size in bits of a big-endian RSA modulus (leading zero bytes already stripped).
+pub fn rsa_bits(modulus: &[u8]) -> usize {
+    modulus.len() * 8 - modulus.first().map_or(0, |b| b.leading_zeros() as usize)
+}
 
 /// A private key in the token: a handle and public facts, never key material.
 #[derive(Debug, Clone)]
@@ -96,11 +101,7 @@ pub(super) fn find_key(session: &Session, locator: &KeyLocator) -> Result<TokenK
         ));
     };
     let modulus = UintRef::new(&modulus).map_err(|e| unusable(format!("a bad modulus ({e})")))?;
-    let bits = modulus.as_bytes().len() * 8
-        - modulus
-            .as_bytes()
-            .first()
-            .map_or(0, |b| b.leading_zeros() as usize);
+    let bits = rsa_bits(modulus.as_bytes());
     if bits < MIN_RSA_BITS {
         return Err(unusable(format!("RSA-{bits}")));
     }

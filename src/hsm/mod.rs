@@ -33,7 +33,7 @@ use cryptoki::{
 };
 
 pub use cryptoki::object::ObjectHandle;
-pub use key::{KeyObject, TokenKey};
+pub use key::{KeyObject, MIN_RSA_BITS, TokenKey, rsa_bits};
 pub use mechanism::SignPath;
 pub use provision::{RsaKeyParts, TokenSigner, init_token};
 

@@ -92,15 +92,7 @@ impl Token {
             Attribute::Private(false),
         ];
         public.extend_from_slice(&common);
-        let mut private = vec![
-            Attribute::Sign(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Private(true),
-            Attribute::Decrypt(false),
-            Attribute::Unwrap(false),
-            Attribute::Derive(false),
-        ];
+        let mut private = private_key_protection().to_vec();
         private.extend_from_slice(&common);
         let _ = session
             .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)
@@ -129,22 +121,16 @@ impl Token {
             Attribute::Modulus(parts.modulus.to_vec()),
             Attribute::PublicExponent(parts.public_exponent.to_vec()),
         ];
-        let mut private = vec![
-            Attribute::Class(ObjectClass::PRIVATE_KEY),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Sign(true),
-            Attribute::Decrypt(false),
-            Attribute::Unwrap(false),
-            Attribute::Derive(false),
+        let mut private = vec![Attribute::Class(ObjectClass::PRIVATE_KEY)];
+        private.extend(private_key_protection());
+        private.extend([
             Attribute::PrivateExponent(parts.private_exponent.to_vec()),
             Attribute::Prime1(parts.prime1.to_vec()),
             Attribute::Prime2(parts.prime2.to_vec()),
             Attribute::Exponent1(parts.exponent1.to_vec()),
             Attribute::Exponent2(parts.exponent2.to_vec()),
             Attribute::Coefficient(parts.coefficient.to_vec()),
-        ];
+        ]);
         private.extend_from_slice(&common);
         let created = session.create_object(&private);
         // The template held copies of the secret parts; wipe them whatever happened.
@@ -214,6 +200,22 @@ impl Token {
             .destroy_object(object)
             .map_err(HsmError::call("C_DestroyObject"))
     }
+}
+
+/// How every private key the agent puts in a token is protected, generated or imported:
+/// sensitive (the token never reveals it), not extractable (never wrapped out), private
+/// (only after login), and good for signing only. One definition, so the two ways in
+/// cannot drift apart.
+fn private_key_protection() -> [Attribute; 7] {
+    [
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ]
 }
 
 /// RSA private key parts to import, borrowed so the caller keeps (and wipes) the only copy.
