@@ -7,7 +7,8 @@
 //!
 //! Limits (also in `docs/architecture.md`): client_id 1..=256 bytes; 1..=100 scopes of
 //! 1..=256 bytes each; 0..=20 resources of 1..=2048 bytes each; consumer_org nine
-//! digits with a valid check digit; lifetime 1..=120 seconds.
+//! digits with a valid check digit; lifetime 1..=120 seconds; authorization_details a
+//! JSON array of 1..=20 objects, each with a `type`, at most 8 KiB in all.
 
 use base64::{
     Engine,
@@ -22,6 +23,9 @@ const MAX_SCOPES: usize = 100;
 const MAX_SCOPE: usize = 256;
 const MAX_RESOURCES: usize = 20;
 const MAX_RESOURCE: usize = 2048;
+const MAX_AUTHORIZATION_DETAILS: usize = 8 * 1024;
+const MAX_AUTHORIZATION_ENTRIES: usize = 20;
+const MAX_AUTHORIZATION_TYPE: usize = 256;
 
 /// JWS algorithms Maskinporten accepts. All are RSASSA-PKCS1-v1_5.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +77,9 @@ pub struct GrantParameters {
     pub consumer_org: String,
     /// Lifetime in seconds; 0 means the maximum.
     pub lifetime_seconds: u32,
+    /// Rich authorization requests (RFC 9396) as a JSON array, for the
+    /// `authorization_details` claim; empty for none.
+    pub authorization_details_json: String,
 }
 
 /// A request that cannot be signed. `field` is the gRPC field path, so a caller can
@@ -114,6 +121,9 @@ pub struct Claims {
     /// Organisation acted for, by delegation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub consumer_org: Option<String>,
+    /// Rich authorization requests (Altinn system users, consent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorization_details: Option<serde_json::Value>,
 }
 
 impl Claims {
@@ -145,6 +155,8 @@ impl Claims {
                 ));
             }
         };
+        let authorization_details =
+            AuthorizationDetails::parse(&params.authorization_details_json)?.map(|d| d.0);
         Ok(Claims {
             aud: aud.to_owned(),
             iss: params.client_id.clone(),
@@ -154,7 +166,86 @@ impl Claims {
             jti: uuid::Uuid::new_v4().to_string(),
             resource: params.resources.clone(),
             consumer_org,
+            authorization_details,
         })
+    }
+}
+
+/// A validated `authorization_details` value (RFC 9396): a JSON array of objects, each
+/// with a `type` such as `urn:altinn:systemuser` or `urn:altinn:consent`. What each type
+/// means is Maskinporten's and Altinn's business; the agent checks the shape and lets the
+/// caller policy decide which types a caller may ask for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthorizationDetails(serde_json::Value);
+
+impl AuthorizationDetails {
+    /// Parses `json`; `None` when it is empty (no claim).
+    pub fn parse(json: &str) -> Result<Option<Self>, InvalidGrant> {
+        const FIELD: &str = "grant.authorization_details_json";
+        if json.trim().is_empty() {
+            return Ok(None);
+        }
+        if json.len() > MAX_AUTHORIZATION_DETAILS {
+            return Err(invalid(
+                FIELD,
+                format!("is longer than {MAX_AUTHORIZATION_DETAILS} bytes"),
+            ));
+        }
+        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+            invalid(
+                FIELD,
+                format!("is not JSON ({e}); send an array such as [{{\"type\":\"urn:altinn:systemuser\", ...}}]"),
+            )
+        })?;
+        let Some(entries) = value.as_array() else {
+            return Err(invalid(FIELD, "must be a JSON array of objects"));
+        };
+        if entries.is_empty() || entries.len() > MAX_AUTHORIZATION_ENTRIES {
+            return Err(invalid(
+                FIELD,
+                format!("must hold 1 to {MAX_AUTHORIZATION_ENTRIES} entries"),
+            ));
+        }
+        for (i, entry) in entries.iter().enumerate() {
+            let field = format!("{FIELD}[{i}]");
+            let Some(object) = entry.as_object() else {
+                return Err(invalid(field, "must be a JSON object"));
+            };
+            match object.get("type").and_then(serde_json::Value::as_str) {
+                Some(t)
+                    if !t.is_empty()
+                        && t.len() <= MAX_AUTHORIZATION_TYPE
+                        && t.chars().all(|c| c.is_ascii_graphic()) => {}
+                Some(_) => {
+                    return Err(invalid(
+                        format!("{field}.type"),
+                        format!("must be 1 to {MAX_AUTHORIZATION_TYPE} printable ASCII characters"),
+                    ));
+                }
+                None => {
+                    return Err(invalid(
+                        format!("{field}.type"),
+                        "is required, e.g. \"urn:altinn:systemuser\"",
+                    ));
+                }
+            }
+        }
+        Ok(Some(AuthorizationDetails(value)))
+    }
+
+    /// The `type` of each entry, in order.
+    pub fn types(&self) -> Vec<&str> {
+        self.0
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.get("type").and_then(serde_json::Value::as_str))
+            .collect()
+    }
+
+    /// One spelling for equal values (object keys sorted, no spaces), for cache keys.
+    pub fn canonical(&self) -> String {
+        self.0.to_string()
     }
 }
 
@@ -470,11 +561,74 @@ mod tests {
                     proptest::prop_assert!(claims.exp - claims.iat <= 120 && claims.exp > claims.iat);
                     proptest::prop_assert!(!claims.scope.is_empty());
                     proptest::prop_assert_eq!(claims.scope.split(' ').count(), p.scopes.len());
-                    proptest::prop_assert!(json.as_object().is_some_and(|o| o.len() <= 8));
+                    proptest::prop_assert!(json.as_object().is_some_and(|o| o.len() <= 9));
                 }
                 Err(e) => proptest::prop_assert!(e.field.starts_with("grant."), "{}", e),
             }
         }
+    }
+
+    #[test]
+    fn authorization_details_are_checked_and_become_the_claim() {
+        let mut p = params();
+        p.authorization_details_json =
+            r#"[{"type":"urn:altinn:systemuser","systemuser_org":{"authority":"iso6523-actorid-upis","ID":"0192:991825827"}}]"#
+                .into();
+        let c = Claims::new(&p, "https://test.maskinporten.no/", 1).expect("valid");
+        let json = serde_json::to_value(&c).expect("json");
+        assert_eq!(
+            json["authorization_details"][0]["type"],
+            "urn:altinn:systemuser"
+        );
+        let parsed = AuthorizationDetails::parse(&p.authorization_details_json)
+            .expect("valid")
+            .expect("some");
+        assert_eq!(parsed.types(), ["urn:altinn:systemuser"]);
+        // Key order and spacing do not change the canonical form.
+        let other = AuthorizationDetails::parse(
+            r#"[ {"systemuser_org":{"ID":"0192:991825827","authority":"iso6523-actorid-upis"}, "type":"urn:altinn:systemuser"} ]"#,
+        )
+        .expect("valid")
+        .expect("some");
+        assert_eq!(parsed.canonical(), other.canonical());
+        assert_eq!(AuthorizationDetails::parse("  ").expect("empty"), None);
+
+        let cases = [
+            ("{", "grant.authorization_details_json: is not JSON"),
+            (
+                "{}",
+                "grant.authorization_details_json: must be a JSON array",
+            ),
+            ("[]", "grant.authorization_details_json: must hold 1 to 20"),
+            (
+                "[1]",
+                "grant.authorization_details_json[0]: must be a JSON object",
+            ),
+            (
+                r#"[{"type":"a"},{"ID":"x"}]"#,
+                "grant.authorization_details_json[1].type: is required",
+            ),
+            (
+                r#"[{"type":""}]"#,
+                "grant.authorization_details_json[0].type: must be 1 to 256",
+            ),
+        ];
+        for (json, expected) in cases {
+            let e = AuthorizationDetails::parse(json)
+                .expect_err(json)
+                .to_string();
+            assert!(
+                e.starts_with(expected),
+                "{e:?} should start with {expected:?}"
+            );
+        }
+        let long = format!(r#"[{{"type":"a","x":"{}"}}]"#, "y".repeat(9000));
+        assert!(
+            AuthorizationDetails::parse(&long)
+                .expect_err("long")
+                .to_string()
+                .contains("longer than 8192 bytes")
+        );
     }
 
     #[test]

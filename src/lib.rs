@@ -13,6 +13,7 @@
 //! - [`admin`]: key management commands: generate, CSR, certificate import, JWK, list.
 //! - [`agent`]: keys bound to certificates, and `sign_grant`, which ties the above together.
 //! - [`metrics`]: Prometheus metrics on their own address.
+//! - [`token`]: access tokens: grant exchange at Maskinporten, cache, retries, error hints.
 //! - [`server`]: the gRPC services (GrantAgent, health, reflection) and status mapping.
 //! - [`dev`]: the development SoftHSM token behind `grant-agent dev`.
 //! - [`p12`]: reading a PKCS#12 (.p12/.pfx) file into its RSA key parts and certificate chain.
@@ -34,6 +35,7 @@ pub mod metrics;
 pub mod p12;
 pub mod server;
 pub mod telemetry;
+pub mod token;
 
 /// Generated from `proto/grantagent/v1/agent.proto`.
 #[allow(

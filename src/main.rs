@@ -1,4 +1,7 @@
 //! The `grant-agent` command: parses the command line and calls into the library.
+//! `cli` holds the commands that talk to a running agent.
+
+mod cli;
 
 use std::{
     net::SocketAddr,
@@ -11,12 +14,11 @@ use clap::{Args, Parser, Subcommand};
 use grant_agent::{
     admin,
     agent::{Agent, SignError},
-    client,
     config::{Config, PinSource},
     dev,
     grant::{Algorithm, GrantParameters},
     hsm::read_pin,
-    proto, server,
+    server,
     telemetry::{self, LogFormat},
 };
 
@@ -72,7 +74,7 @@ enum Command {
     /// Ask a running agent for something.
     Client {
         #[command(subcommand)]
-        command: ClientCommand,
+        command: cli::ClientCommand,
     },
     /// Manage keys in the token (made in it or moved into it, never out).
     Key {
@@ -183,60 +185,9 @@ enum KeyType {
     Rsa4096,
 }
 
-#[derive(Subcommand)]
-enum ClientCommand {
-    /// Sign a grant on the agent and print it to stdout.
-    Grant {
-        #[command(flatten)]
-        connection: Connection,
-        #[command(flatten)]
-        grant: GrantArgs,
-    },
-    /// Exit 0 when the agent is SERVING, 1 otherwise: for liveness and readiness probes.
-    Health {
-        #[command(flatten)]
-        connection: Connection,
-    },
-}
-
-/// Where the agent is, and the caller's TLS identity for mutual TLS.
-#[derive(Args)]
-struct Connection {
-    /// The agent: HOST:PORT, or unix:/path/to/socket.
-    #[arg(long, default_value = "127.0.0.1:50051", env = "GRANT_AGENT_ADDR")]
-    addr: String,
-    /// CA bundle for the agent's certificate (mutual TLS).
-    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
-    tls_ca: Option<PathBuf>,
-    /// This caller's certificate (mutual TLS).
-    #[arg(long, requires = "tls_ca")]
-    tls_cert: Option<PathBuf>,
-    /// This caller's private key (mutual TLS).
-    #[arg(long, requires = "tls_ca")]
-    tls_key: Option<PathBuf>,
-    /// Name to expect in the agent's certificate [default: the host in --addr].
-    #[arg(long, requires = "tls_ca")]
-    tls_domain: Option<String>,
-}
-
-impl Connection {
-    fn tls(&self) -> Result<Option<client::ClientTls>, Failure> {
-        Ok(match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
-            (Some(ca), Some(certificate), Some(key)) => Some(client::ClientTls {
-                ca: ca.clone(),
-                certificate: certificate.clone(),
-                key: key.clone(),
-                domain: self.tls_domain.clone(),
-            }),
-            (None, None, None) => None,
-            _ => return Err("--tls-ca, --tls-cert and --tls-key go together".into()),
-        })
-    }
-}
-
 /// What goes into a grant.
 #[derive(Args)]
-struct GrantArgs {
+pub(crate) struct GrantArgs {
     /// The Maskinporten client_id (the `iss` claim).
     #[arg(long)]
     client_id: String,
@@ -258,6 +209,10 @@ struct GrantArgs {
     /// Grant lifetime in seconds, at most 120 [default: 120].
     #[arg(long = "lifetime", default_value_t = 0)]
     lifetime_seconds: u32,
+    /// authorization_details as a JSON array (Altinn system user or consent), e.g.
+    /// '[{"type":"urn:altinn:systemuser","systemuser_org":{...}}]'.
+    #[arg(long = "authorization-details", default_value = "")]
+    authorization_details_json: String,
 }
 
 impl From<GrantArgs> for GrantParameters {
@@ -270,6 +225,7 @@ impl From<GrantArgs> for GrantParameters {
             resources: a.resources,
             consumer_org: a.consumer_org,
             lifetime_seconds: a.lifetime_seconds,
+            authorization_details_json: a.authorization_details_json,
         }
     }
 }
@@ -391,38 +347,7 @@ fn run(command: Command) -> Result<(), Failure> {
                 );
             })
         }
-        Command::Client {
-            command: ClientCommand::Health { connection },
-        } => runtime()?.block_on(async {
-            if client::serving(&connection.addr, connection.tls()?.as_ref()).await? {
-                println!("SERVING");
-                Ok(())
-            } else {
-                Err("the agent is NOT_SERVING (its token is unavailable)".into())
-            }
-        }),
-        Command::Client {
-            command: ClientCommand::Grant { connection, grant },
-        } => runtime()?.block_on(async {
-            let mut client = client::connect(&connection.addr, connection.tls()?.as_ref()).await?;
-            let params: GrantParameters = grant.into();
-            let response = client
-                .sign_grant(proto::SignGrantRequest {
-                    grant: Some(proto::GrantParameters {
-                        key: params.key,
-                        client_id: params.client_id,
-                        scopes: params.scopes,
-                        environment: params.environment,
-                        resources: params.resources,
-                        consumer_org: params.consumer_org,
-                        lifetime_seconds: params.lifetime_seconds,
-                    }),
-                })
-                .await
-                .map_err(|s| format!("the agent refused: {:?}: {}", s.code(), s.message()))?;
-            println!("{}", response.into_inner().assertion);
-            Ok(())
-        }),
+        Command::Client { command } => runtime()?.block_on(cli::client(command)),
     }
 }
 
@@ -614,7 +539,7 @@ fn absolute(path: &Path) -> Result<PathBuf, Failure> {
 }
 
 /// On the command line a bad field is a bad flag: say which.
-fn name_the_flag(error: SignError) -> Failure {
+pub(crate) fn name_the_flag(error: SignError) -> Failure {
     match error {
         SignError::Invalid(invalid) => {
             let field = invalid.field.split('[').next().unwrap_or_default();
@@ -625,6 +550,7 @@ fn name_the_flag(error: SignError) -> Failure {
                 "grant.resources" => "--resource",
                 "grant.consumer_org" => "--consumer-org",
                 "grant.lifetime_seconds" => "--lifetime",
+                "grant.authorization_details_json" => "--authorization-details",
                 _ => "--key",
             };
             format!("{flag}: {}", invalid.reason).into()

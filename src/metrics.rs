@@ -12,6 +12,9 @@
 //! | `grant_agent_certificate_expiry_seconds` | gauge | `key`, `certificate_sha256`: seconds until notAfter |
 //! | `grant_agent_serving` | gauge | 1 when the token is usable, 0 while it is being recovered |
 //! | `grant_agent_recoveries_total` | counter | times the token was found gone |
+//! | `grant_agent_tokens_total` | counter | `key`, `outcome` (issued, cached, denied, refused, failed) |
+//! | `grant_agent_token_cache_total` | counter | `result` (hit, miss): cache lookups |
+//! | `grant_agent_token_upstream_seconds` | histogram | `status`: one POST to the token endpoint |
 //!
 //! Values that describe the present (queue, sessions, expiry) are read when scraped.
 
@@ -29,6 +32,16 @@ use crate::agent::{Agent, unix_now};
 struct GrantLabels {
     key: String,
     outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    status: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -55,6 +68,9 @@ pub struct Metrics {
     certificate_expiry: Family<CertificateLabels, Gauge>,
     serving: Gauge,
     recoveries: Counter,
+    tokens: Family<GrantLabels, Counter>,
+    token_cache: Family<CacheLabels, Counter>,
+    token_upstream: Family<UpstreamLabels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -81,6 +97,11 @@ impl Metrics {
             certificate_expiry: Family::default(),
             serving: Gauge::default(),
             recoveries: Counter::default(),
+            tokens: Family::default(),
+            token_cache: Family::default(),
+            token_upstream: Family::new_with_constructor(|| {
+                Histogram::new([0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0])
+            }),
         };
         let mut registry = metrics.registry;
         registry.register(
@@ -123,6 +144,31 @@ impl Metrics {
             "Seconds until the certificate's notAfter",
             metrics.certificate_expiry.clone(),
         );
+        registry.register(
+            "serving",
+            "1 when the token is usable, 0 while it is being recovered",
+            metrics.serving.clone(),
+        );
+        registry.register(
+            "recoveries",
+            "Times the token was found gone",
+            metrics.recoveries.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Access token decisions by key and outcome",
+            metrics.tokens.clone(),
+        );
+        registry.register(
+            "token_cache",
+            "Access token cache lookups by result",
+            metrics.token_cache.clone(),
+        );
+        registry.register(
+            "token_upstream_seconds",
+            "Time of one token endpoint request, by HTTP status or failure",
+            metrics.token_upstream.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -144,6 +190,33 @@ impl Metrics {
     pub fn signed(&self, queued: Duration, signing: Duration) {
         self.queue_wait_seconds.observe(queued.as_secs_f64());
         self.sign_seconds.observe(signing.as_secs_f64());
+    }
+
+    /// Counts an access token decision.
+    pub fn token(&self, key: &str, outcome: &'static str) {
+        let _ = self
+            .tokens
+            .get_or_create(&GrantLabels {
+                key: key.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Counts a cache lookup.
+    pub fn token_cache(&self, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        let _ = self
+            .token_cache
+            .get_or_create(&CacheLabels { result })
+            .inc();
+    }
+
+    /// Records one request to a token endpoint.
+    pub fn token_upstream(&self, status: String, took: Duration) {
+        self.token_upstream
+            .get_or_create(&UpstreamLabels { status })
+            .observe(took.as_secs_f64());
     }
 
     /// Counts a failed PKCS#11 call.
@@ -174,12 +247,6 @@ impl Metrics {
         let _ = self
             .recoveries
             .inc_by(agent.recoveries().saturating_sub(self.recoveries.get()));
-        let _ = self
-            .sessions_busy
-            .set(i64::try_from(load.busy).unwrap_or(i64::MAX));
-        let _ = self
-            .sessions
-            .set(i64::try_from(load.size).unwrap_or(i64::MAX));
         let now = unix_now();
         self.certificate_expiry.clear();
         for key in agent.keys().versions() {

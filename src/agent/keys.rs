@@ -179,29 +179,7 @@ impl KeySet {
         } else {
             &params.key
         };
-        let environment_name = match (params.environment.as_str(), &self.default_environment) {
-            ("", Some(default)) => default.as_str(),
-            (env, _) => env,
-        };
-        let environment = self
-            .environments
-            .get(environment_name)
-            .ok_or_else(|| InvalidGrant {
-                field: "grant.environment".into(),
-                reason: format!(
-                    "{} is not a known environment; use one of: {}",
-                    if environment_name.is_empty() {
-                        "empty".to_owned()
-                    } else {
-                        format!("{environment_name:?}")
-                    },
-                    self.environments
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            })?;
+        let (environment_name, environment) = self.environment(&params.environment)?;
         let claims = Claims::new(params, &environment.audience, now)?;
         let key = self.select(name, now)?;
         if let Some(certificate) = key.environment()
@@ -219,6 +197,42 @@ impl KeySet {
             });
         }
         Ok((key, claims))
+    }
+
+    /// Checks `params` as [`KeySet::prepare`] would for signing now, without signing;
+    /// returns the environment's name (the default resolved).
+    pub fn validate(&self, params: &GrantParameters, now: i64) -> Result<String, SignError> {
+        let _ = self.prepare(params, now)?;
+        let (name, _) = self.environment(&params.environment)?;
+        Ok(name.to_owned())
+    }
+
+    /// The environment a request names, or the default when it names none.
+    pub fn environment<'a>(
+        &'a self,
+        requested: &'a str,
+    ) -> Result<(&'a str, &'a EnvironmentConfig), InvalidGrant> {
+        let name = match (requested, &self.default_environment) {
+            ("", Some(default)) => default.as_str(),
+            (env, _) => env,
+        };
+        let environment = self.environments.get(name).ok_or_else(|| InvalidGrant {
+            field: "grant.environment".into(),
+            reason: format!(
+                "{} is not a known environment; use one of: {}",
+                if name.is_empty() {
+                    "empty".to_owned()
+                } else {
+                    format!("{name:?}")
+                },
+                self.environments
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        })?;
+        Ok((name, environment))
     }
 
     /// Every version of every key, by name then file order.

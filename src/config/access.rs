@@ -79,6 +79,9 @@ pub struct PolicyRule {
     pub environments: Vec<Pattern>,
     /// consumer_org values a caller may delegate to; a request without one is always fine.
     pub consumer_orgs: Vec<Pattern>,
+    /// authorization_details types a caller may ask for (e.g. `urn:altinn:systemuser`); a
+    /// request without authorization_details is always fine.
+    pub authorization_types: Vec<Pattern>,
     /// Requests per second for each caller matching the rule.
     pub requests_per_second: u32,
     /// Requests a caller may make at once above the rate.
@@ -122,6 +125,8 @@ pub(super) struct RawPolicy {
     environments: Vec<String>,
     #[serde(default)]
     consumer_orgs: Vec<String>,
+    #[serde(default)]
+    authorization_types: Vec<String>,
     requests_per_second: Option<u32>,
     burst: Option<u32>,
 }
@@ -304,6 +309,7 @@ pub(super) fn access(
             scopes: patterns("scopes", rule.scopes)?,
             environments: patterns("environments", rule.environments)?,
             consumer_orgs: patterns("consumer_orgs", rule.consumer_orgs)?,
+            authorization_types: patterns("authorization_types", rule.authorization_types)?,
             requests_per_second,
             burst: rule.burst.unwrap_or(requests_per_second),
         });

@@ -17,10 +17,13 @@ use serde::Deserialize;
 use crate::{cert::CertEnvironment, grant::Algorithm};
 
 mod access;
+mod token;
 
 pub use access::{
     Access, DEFAULT_REQUESTS_PER_SECOND, IdentityField, Pattern, PolicyRule, Tls, UnixSocket,
 };
+pub use token::TokenSettings;
+pub(crate) use token::endpoint_problem;
 
 /// Where the agent listens when the config says nothing.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -54,6 +57,8 @@ pub struct Config {
     pub expiry_warning_days: u32,
     /// Address for Prometheus metrics (`GET /metrics`); `None` serves none.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Reaching Maskinporten's token endpoint, and the access token cache.
+    pub token: TokenSettings,
 }
 
 /// How to reach the token.
@@ -166,13 +171,40 @@ pub enum CertificateSource {
     PemFile(PathBuf),
 }
 
-/// An environment: where grants are addressed.
+/// An environment: where grants are addressed and exchanged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvironmentConfig {
     /// The `aud` claim, Maskinporten's issuer URL.
     pub audience: String,
     /// Which certificates it accepts (test or production).
     pub certificates: CertEnvironment,
+    /// Where grants are exchanged for access tokens.
+    pub token_endpoint: TokenEndpoint,
+}
+
+/// How the token endpoint of an environment is found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenEndpoint {
+    /// This URL.
+    Url(String),
+    /// `token_endpoint` from the issuer's `/.well-known/oauth-authorization-server`,
+    /// fetched at the first token request and kept.
+    Discover,
+}
+
+impl EnvironmentConfig {
+    fn at(audience: &str, certificates: CertEnvironment) -> Self {
+        EnvironmentConfig {
+            audience: audience.to_owned(),
+            certificates,
+            token_endpoint: TokenEndpoint::Url(default_token_endpoint(audience)),
+        }
+    }
+}
+
+/// Maskinporten's layout: the token endpoint is `token` under the issuer.
+fn default_token_endpoint(audience: &str) -> String {
+    format!("{}/token", audience.trim_end_matches('/'))
 }
 
 /// A configuration that cannot be used, with what to do about it.
@@ -425,6 +457,7 @@ impl Config {
             }
         };
 
+        let token = token::token(raw.token, base, &invalid)?;
         let mut environments = BTreeMap::new();
         for (name, env) in raw.environments {
             let key = format!("environments.{name}.audience");
@@ -457,11 +490,42 @@ impl Config {
                     )
                 })?,
             };
+            let token_endpoint = match (env.token_endpoint, env.discover) {
+                (Some(_), true) => {
+                    return Err(invalid(
+                        &format!("environments.{name}.discover"),
+                        "is set together with token_endpoint".into(),
+                        "give token_endpoint, or discover = true, not both",
+                    ));
+                }
+                (Some(url), false) => {
+                    if let Some(problem) = endpoint_problem(&url) {
+                        return Err(invalid(
+                            &format!("environments.{name}.token_endpoint"),
+                            problem,
+                            "use https (plain http only to a loopback address)",
+                        ));
+                    }
+                    TokenEndpoint::Url(url)
+                }
+                (None, true) => {
+                    if let Some(problem) = endpoint_problem(&env.audience) {
+                        return Err(invalid(
+                            &key,
+                            problem,
+                            "discovery reads the issuer over https (plain http only on loopback)",
+                        ));
+                    }
+                    TokenEndpoint::Discover
+                }
+                (None, false) => TokenEndpoint::Url(default_token_endpoint(&env.audience)),
+            };
             let _ = environments.insert(
                 name,
                 EnvironmentConfig {
                     audience: env.audience,
                     certificates,
+                    token_endpoint,
                 },
             );
         }
@@ -483,6 +547,7 @@ impl Config {
                     )
                 })?),
             },
+            token,
         };
         if let Some(env) = &config.default_environment
             && config.environment(env).is_none()
@@ -501,16 +566,12 @@ impl Config {
         if let Some(env) = self.environments.get(name) {
             return Some(env.clone());
         }
-        let builtin = |audience: &str, certificates| EnvironmentConfig {
-            audience: audience.to_owned(),
-            certificates,
-        };
         match name {
-            "test" => Some(builtin(
+            "test" => Some(EnvironmentConfig::at(
                 "https://test.maskinporten.no/",
                 CertEnvironment::Test,
             )),
-            "prod" => Some(builtin(
+            "prod" => Some(EnvironmentConfig::at(
                 "https://maskinporten.no/",
                 CertEnvironment::Production,
             )),
@@ -722,6 +783,7 @@ struct RawConfig {
     environments: BTreeMap<String, RawEnvironment>,
     expiry_warning_days: Option<u32>,
     metrics: Option<RawMetrics>,
+    token: Option<token::RawToken>,
 }
 
 #[derive(Deserialize)]
@@ -762,8 +824,12 @@ struct RawKey {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawEnvironment {
+    #[serde(alias = "issuer")]
     audience: String,
     certificates: Option<String>,
+    token_endpoint: Option<String>,
+    #[serde(default)]
+    discover: bool,
 }
 
 #[cfg(test)]
@@ -848,10 +914,82 @@ certificate = "token"
             c.environment("staging"),
             Some(EnvironmentConfig {
                 audience: "http://127.0.0.1:8080/".into(),
-                certificates: CertEnvironment::Test
+                certificates: CertEnvironment::Test,
+                token_endpoint: TokenEndpoint::Url("http://127.0.0.1:8080/token".into()),
             })
         );
         assert_eq!(c.environment_names(), ["prod", "staging", "test"]);
+        assert_eq!(
+            c.environment("prod").map(|e| e.token_endpoint),
+            Some(TokenEndpoint::Url("https://maskinporten.no/token".into()))
+        );
+        assert_eq!(
+            c.environment("test").map(|e| e.token_endpoint),
+            Some(TokenEndpoint::Url(
+                "https://test.maskinporten.no/token".into()
+            ))
+        );
+        assert_eq!(c.token, TokenSettings::default());
+    }
+
+    #[test]
+    fn token_endpoints_and_token_settings() {
+        let env = |body: &str| format!("[environments.mock]\n{body}\n");
+        let c = Config::from_toml_str(
+            &format!(
+                "{GOOD}{}[token]\nproxy = \"http://proxy.example.no:3128\"\nno_proxy = \"localhost\"\nca_file = \"ca.pem\"\ntimeout_seconds = 5\nattempts = 2\nexpiry_margin_seconds = 10\nrefresh_ahead_seconds = 20\ncache_entries = 50\n",
+                env("issuer = \"http://127.0.0.1:9000/\"\ndiscover = true")
+            ),
+            "agent.toml",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.environment("mock").map(|e| e.token_endpoint),
+            Some(TokenEndpoint::Discover)
+        );
+        assert_eq!(c.token.ca_file, Some(PathBuf::from("./ca.pem")));
+        assert_eq!(c.token.timeout, std::time::Duration::from_secs(5));
+        assert_eq!(c.token.attempts, 2);
+        assert_eq!(c.token.cache_entries, 50);
+        let cases = [
+            (
+                env(
+                    "audience = \"https://mp.example/\"\ntoken_endpoint = \"http://mp.example/token\"",
+                ),
+                "`environments.mock.token_endpoint`: \"http://mp.example/token\" is plain HTTP to another host",
+            ),
+            (
+                env(
+                    "audience = \"https://mp.example/\"\ntoken_endpoint = \"https://mp.example/token\"\ndiscover = true",
+                ),
+                "`environments.mock.discover`: is set together with token_endpoint",
+            ),
+            (
+                env("audience = \"http://mp.example/\"\ndiscover = true"),
+                "`environments.mock.audience`: \"http://mp.example/\" is plain HTTP",
+            ),
+            (
+                "[token]\nproxy = \"proxy:3128\"\n".into(),
+                "`token.proxy`: \"proxy:3128\" is not an http(s) proxy URL",
+            ),
+            (
+                "[token]\nattempts = 0\n".into(),
+                "`token.attempts`: 0 is out of range",
+            ),
+            (
+                "[token]\ntimeout_seconds = 0\n".into(),
+                "`token.timeout_seconds`: 0 is out of range",
+            ),
+            (
+                "[token]\ncache_entries = 0\n".into(),
+                "`token.cache_entries`: 0 is out of range",
+            ),
+            ("[token]\nretries = 3\n".into(), "unknown field `retries`"),
+        ];
+        for (text, expected) in cases {
+            let e = err(&format!("{GOOD}{text}"));
+            assert!(e.contains(expected), "{e:?} should contain {expected:?}");
+        }
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The audit trail: one JSON line per signing decision, allowed or not, with who asked,
+//! The audit trail: one JSON line per signing or token decision, allowed or not, with who asked,
 //! for what, and what happened. Never the assertion, the PIN or a token: the grant is
 //! identified by its `jti`. Lines go to a file (append-only, mode 0600) or to stderr.
 
@@ -9,7 +9,8 @@ use serde::Serialize;
 /// One decision.
 #[derive(Debug, Serialize)]
 pub(crate) struct Decision<'a> {
-    /// Always "grant", to pick audit lines out of a mixed stream.
+    /// "grant" (SignGrant) or "token" (GetAccessToken), to pick audit lines out of a
+    /// mixed stream.
     pub(crate) audit: &'static str,
     /// Ties the line to the log lines of the same request.
     pub(crate) request_id: &'a str,
@@ -23,9 +24,13 @@ pub(crate) struct Decision<'a> {
     pub(crate) environment: &'a str,
     pub(crate) resources: &'a [String],
     pub(crate) consumer_org: &'a str,
+    /// The `type` of each authorization_details entry (the details themselves may name
+    /// people or systems, and stay out of the trail).
+    pub(crate) authorization_types: Vec<String>,
     pub(crate) jti: &'a str,
     pub(crate) expires_at: Option<i64>,
-    /// "signed", "denied" (policy), "refused" (bad request) or "failed" (token).
+    /// "signed" (a grant), "issued" or "cached" (a token), "denied" (policy), "refused"
+    /// (bad request, or Maskinporten said no) or "failed" (the token or Maskinporten failed).
     pub(crate) outcome: &'static str,
     /// The gRPC code sent to the caller.
     pub(crate) code: String,

@@ -78,6 +78,9 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// The HTTPS client for the token endpoint could not be set up.
+    #[error(transparent)]
+    Token(#[from] crate::token::SetupError),
     /// Reflection could not load the descriptor set (a build problem).
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -118,8 +121,14 @@ pub async fn run(
         })?;
     let policy = Arc::new(Policy::new(&access.policy));
     let metrics = Arc::new(Metrics::new());
+    let tokens = Arc::new(crate::token::TokenService::new(
+        Arc::clone(&agent),
+        &config.token,
+        Arc::clone(&metrics),
+    )?);
     let service = GrantAgentService::new(
         Arc::clone(&agent),
+        tokens,
         Arc::clone(&policy),
         Arc::new(audit),
         Arc::clone(&metrics),
@@ -216,6 +225,7 @@ pub async fn run(
             Arc::clone(&policy),
             path,
             config.access.clone(),
+            config.token.clone(),
         ));
     }
     tracing::info!(endpoints = %endpoints.join(", "), "listening");
@@ -339,6 +349,7 @@ async fn reload_on_hangup(
     policy: Arc<Policy>,
     path: PathBuf,
     running: crate::config::Access,
+    running_token: crate::config::TokenSettings,
 ) {
     let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     else {
@@ -374,6 +385,9 @@ async fn reload_on_hangup(
                     tracing::warn!(
                         "listeners, [tls], insecure or [audit] changed; restart the agent to apply them"
                     );
+                }
+                if config.token != running_token {
+                    tracing::warn!("[token] changed; restart the agent to apply it");
                 }
             }
             Err(error) => {

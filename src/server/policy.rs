@@ -1,6 +1,6 @@
 //! The caller policy: default deny; a caller may make a request when a rule for one of
 //! its identities allows every part of it (key, client_id, each scope, environment,
-//! consumer_org), and within that rule's rate. A refusal names the part of the request
+//! consumer_org, each authorization_details type), and within that rule's rate. A refusal names the part of the request
 //! that was not allowed, never another caller's rules or the allowed values.
 
 use std::{num::NonZeroU32, sync::RwLock};
@@ -18,6 +18,8 @@ pub(crate) struct Ask<'a> {
     pub(crate) scopes: &'a [String],
     pub(crate) environment: &'a str,
     pub(crate) consumer_org: &'a str,
+    /// The `type` of each authorization_details entry.
+    pub(crate) authorization_types: &'a [String],
 }
 
 /// Why the policy refused.
@@ -140,6 +142,13 @@ fn refusal(rule: &PolicyRule, ask: &Ask<'_>) -> Option<String> {
     }
     if !ask.consumer_org.is_empty() && !any(&rule.consumer_orgs, ask.consumer_org) {
         return Some(format!("consumer_org {:?}", ask.consumer_org));
+    }
+    if let Some(t) = ask
+        .authorization_types
+        .iter()
+        .find(|t| !any(&rule.authorization_types, t))
+    {
+        return Some(format!("authorization_details type {t:?}"));
     }
     None
 }

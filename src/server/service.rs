@@ -1,4 +1,5 @@
-//! `grantagent.v1.GrantAgent`: identify the caller, check the policy, sign, audit.
+//! `grantagent.v1.GrantAgent`: identify the caller, check the policy, sign or fetch a
+//! token, audit.
 
 use std::sync::Arc;
 
@@ -7,13 +8,14 @@ use tonic::{Request, Response, Status};
 use crate::{
     agent::{Agent, SignError, unix_now},
     cert::{CertEnvironment, CertificateChain},
-    grant::GrantParameters,
+    grant::{AuthorizationDetails, GrantParameters, InvalidGrant},
     hsm::HsmError,
     metrics::Metrics,
     proto::{
-        KeyInfo, ListKeysRequest, ListKeysResponse, SignGrantRequest, SignGrantResponse,
-        grant_agent_server::GrantAgent,
+        GetAccessTokenRequest, GetAccessTokenResponse, KeyInfo, ListKeysRequest, ListKeysResponse,
+        SignGrantRequest, SignGrantResponse, grant_agent_server::GrantAgent,
     },
+    token::{TokenError, TokenService},
 };
 
 use super::{
@@ -26,6 +28,7 @@ use super::{
 #[derive(Clone)]
 pub(crate) struct GrantAgentService {
     agent: Arc<Agent>,
+    tokens: Arc<TokenService>,
     policy: Arc<Policy>,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
@@ -35,6 +38,7 @@ pub(crate) struct GrantAgentService {
 impl GrantAgentService {
     pub(super) fn new(
         agent: Arc<Agent>,
+        tokens: Arc<TokenService>,
         policy: Arc<Policy>,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
@@ -42,6 +46,7 @@ impl GrantAgentService {
     ) -> Self {
         GrantAgentService {
             agent,
+            tokens,
             policy,
             audit,
             metrics,
@@ -60,49 +65,280 @@ impl From<crate::proto::GrantParameters> for GrantParameters {
             resources: p.resources,
             consumer_org: p.consumer_org,
             lifetime_seconds: p.lifetime_seconds,
+            authorization_details_json: p.authorization_details_json,
         }
     }
 }
 
-/// What the audit line says about a request before the outcome is known.
-struct Audited<'a> {
-    request_id: &'a str,
-    caller: &'a Caller,
+/// A request that passed identification and the policy: who asked, for what (defaults
+/// resolved), and until when.
+struct Admitted {
+    request_id: String,
+    caller: Caller,
     peer: String,
-    params: &'a GrantParameters,
-    key: &'a str,
-    environment: &'a str,
+    params: GrantParameters,
+    key: String,
+    environment: String,
+    deadline: Option<std::time::Instant>,
+}
+
+/// What the audit line says of the result.
+#[derive(Default)]
+struct Result_<'a> {
+    status: Option<&'a Status>,
+    certificate_sha256: &'a str,
+    jti: &'a str,
+    expires_at: Option<i64>,
 }
 
 impl GrantAgentService {
     fn record(
         &self,
-        at: &Audited<'_>,
+        audit: &'static str,
+        at: &Admitted,
         outcome: &'static str,
-        status: Option<&Status>,
-        signed: Option<&crate::agent::SignedGrant>,
+        result: &Result_<'_>,
     ) {
-        self.metrics.grant(at.key, outcome);
+        if audit == "token" {
+            self.metrics.token(&at.key, outcome);
+        } else {
+            self.metrics.grant(&at.key, outcome);
+        }
         self.audit.record(&Decision {
-            audit: "grant",
-            request_id: at.request_id,
+            audit,
+            request_id: &at.request_id,
             time: crate::agent::rfc3339(unix_now()),
             caller: at.caller.name(),
             peer: at.peer.clone(),
-            key: at.key,
-            certificate_sha256: signed.map_or("", |g| g.certificate_sha256.as_str()),
+            key: &at.key,
+            certificate_sha256: result.certificate_sha256,
             client_id: &at.params.client_id,
             scopes: &at.params.scopes,
-            environment: at.environment,
+            environment: &at.environment,
             resources: &at.params.resources,
             consumer_org: &at.params.consumer_org,
-            jti: signed.map_or("", |g| g.jti.as_str()),
-            expires_at: signed.map(|g| g.expires_at),
+            authorization_types: authorization_types(&at.params).unwrap_or_default(),
+            jti: result.jti,
+            expires_at: result.expires_at,
             outcome,
-            code: format!("{:?}", status.map_or(tonic::Code::Ok, Status::code)),
-            reason: status.map(|s| s.message().to_owned()).unwrap_or_default(),
+            code: format!("{:?}", result.status.map_or(tonic::Code::Ok, Status::code)),
+            reason: result
+                .status
+                .map(|s| s.message().to_owned())
+                .unwrap_or_default(),
         });
     }
+
+    /// Identifies the caller, resolves the defaults and checks the policy; a refusal is
+    /// audited and returned as the status to send.
+    fn admit<T>(
+        &self,
+        audit: &'static str,
+        request: Request<T>,
+        grant: impl FnOnce(T) -> Option<crate::proto::GrantParameters>,
+        request_id: String,
+    ) -> Result<(Admitted, T), Status>
+    where
+        T: Clone,
+    {
+        let caller = self.identification.identify(&request);
+        let deadline = grpc_deadline(&request);
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unix".to_owned(), |a| a.to_string());
+        let message = request.into_inner();
+        let params: GrantParameters = grant(message.clone()).unwrap_or_default().into();
+        // The policy judges what will really be used, so resolve the defaults first.
+        let keys = self.agent.keys();
+        let key = if params.key.is_empty() {
+            keys.default_key().to_owned()
+        } else {
+            params.key.clone()
+        };
+        let environment = match (params.environment.as_str(), keys.default_environment()) {
+            ("", Some(default)) => default.to_owned(),
+            (env, _) => env.to_owned(),
+        };
+        let admitted = Admitted {
+            request_id,
+            caller,
+            peer,
+            params,
+            key,
+            environment,
+            deadline,
+        };
+        let types = match authorization_types(&admitted.params) {
+            Ok(types) => types,
+            Err(invalid) => {
+                let status = status::from_sign_error(&SignError::Invalid(invalid));
+                self.record(
+                    audit,
+                    &admitted,
+                    "refused",
+                    &Result_ {
+                        status: Some(&status),
+                        ..Result_::default()
+                    },
+                );
+                return Err(status);
+            }
+        };
+        let ask = Ask {
+            key: &admitted.key,
+            client_id: &admitted.params.client_id,
+            scopes: &admitted.params.scopes,
+            environment: &admitted.environment,
+            consumer_org: &admitted.params.consumer_org,
+            authorization_types: &types,
+        };
+        if let Err(refusal) = self.policy.authorize(&admitted.caller, &ask) {
+            let status = status::from_refusal(&refusal);
+            self.record(
+                audit,
+                &admitted,
+                "denied",
+                &Result_ {
+                    status: Some(&status),
+                    ..Result_::default()
+                },
+            );
+            return Err(status);
+        }
+        Ok((admitted, message))
+    }
+
+    /// SignGrant inside the request's span: identify, authorize, sign, audit.
+    async fn sign(
+        &self,
+        request: Request<SignGrantRequest>,
+        request_id: String,
+    ) -> Result<Response<SignGrantResponse>, Status> {
+        let started = std::time::Instant::now();
+        let (at, _) = self.admit("grant", request, |m| m.grant, request_id)?;
+        match self.agent.sign_grant(&at.params, at.deadline).await {
+            Ok(grant) => {
+                self.metrics
+                    .signed(grant.queued, started.elapsed().saturating_sub(grant.queued));
+                self.record(
+                    "grant",
+                    &at,
+                    "signed",
+                    &Result_ {
+                        certificate_sha256: &grant.certificate_sha256,
+                        jti: &grant.jti,
+                        expires_at: Some(grant.expires_at),
+                        status: None,
+                    },
+                );
+                Ok(Response::new(SignGrantResponse {
+                    assertion: grant.assertion,
+                    jti: grant.jti,
+                    issued_at: grant.issued_at,
+                    expires_at: grant.expires_at,
+                    algorithm: grant.algorithm.jws_name().to_owned(),
+                    key: grant.key,
+                    certificate_sha256: grant.certificate_sha256,
+                }))
+            }
+            Err(error) => {
+                let status = status::from_sign_error(&error);
+                let outcome = self.sign_failure(&error);
+                self.record(
+                    "grant",
+                    &at,
+                    outcome,
+                    &Result_ {
+                        status: Some(&status),
+                        ..Result_::default()
+                    },
+                );
+                Err(status)
+            }
+        }
+    }
+
+    /// "failed" for the token's fault (logged, counted by return value), else "refused".
+    fn sign_failure(&self, error: &SignError) -> &'static str {
+        if let SignError::Hsm(hsm) = error {
+            if let HsmError::Call { rv, .. } = hsm {
+                self.metrics.pkcs11_error(rv);
+            }
+            tracing::error!(error = %error, "signing failed");
+            "failed"
+        } else {
+            "refused"
+        }
+    }
+
+    /// GetAccessToken inside the request's span: identify, authorize, cache or exchange, audit.
+    async fn token(
+        &self,
+        request: Request<GetAccessTokenRequest>,
+        request_id: String,
+    ) -> Result<Response<GetAccessTokenResponse>, Status> {
+        let (at, message) = self.admit("token", request, |m| m.grant, request_id)?;
+        match self
+            .tokens
+            .get(&at.params, message.force_refresh, at.deadline)
+            .await
+        {
+            Ok(issued) => {
+                let token = &issued.token;
+                let outcome = if issued.from_cache {
+                    "cached"
+                } else {
+                    "issued"
+                };
+                self.record(
+                    "token",
+                    &at,
+                    outcome,
+                    &Result_ {
+                        expires_at: Some(token.expires_at),
+                        ..Result_::default()
+                    },
+                );
+                Ok(Response::new(GetAccessTokenResponse {
+                    access_token: token.access_token.to_string(),
+                    token_type: token.token_type.clone(),
+                    expires_at: token.expires_at,
+                    scope: token.scope.clone(),
+                    from_cache: issued.from_cache,
+                }))
+            }
+            Err(error) => {
+                let status = status::from_token_error(&error);
+                let outcome = match &*error {
+                    TokenError::Sign(sign) => self.sign_failure(sign),
+                    TokenError::Refused { .. } => "refused",
+                    _ => "failed",
+                };
+                if outcome == "failed" {
+                    tracing::error!(error = %error, "no access token");
+                }
+                self.record(
+                    "token",
+                    &at,
+                    outcome,
+                    &Result_ {
+                        status: Some(&status),
+                        ..Result_::default()
+                    },
+                );
+                Err(status)
+            }
+        }
+    }
+}
+
+/// The `type` of each authorization_details entry, or why the field is invalid.
+fn authorization_types(params: &GrantParameters) -> Result<Vec<String>, InvalidGrant> {
+    Ok(
+        AuthorizationDetails::parse(&params.authorization_details_json)?
+            .map(|d| d.types().into_iter().map(str::to_owned).collect())
+            .unwrap_or_default(),
+    )
 }
 
 /// The caller's deadline from the `grpc-timeout` header ("100m" = 100 ms), if it sent one.
@@ -122,84 +358,6 @@ fn grpc_deadline<T>(request: &Request<T>) -> Option<std::time::Instant> {
     std::time::Instant::now().checked_add(timeout)
 }
 
-impl GrantAgentService {
-    /// SignGrant inside the request's span: identify, authorize, sign, audit.
-    async fn sign(
-        &self,
-        request: Request<SignGrantRequest>,
-        request_id: &str,
-    ) -> Result<Response<SignGrantResponse>, Status> {
-        let started = std::time::Instant::now();
-        let caller = self.identification.identify(&request);
-        let deadline = grpc_deadline(&request);
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "unix".to_owned(), |a| a.to_string());
-        let params: GrantParameters = request.into_inner().grant.unwrap_or_default().into();
-        // The policy judges what will really be used, so resolve the defaults first.
-        let keys = self.agent.keys();
-        let key = if params.key.is_empty() {
-            keys.default_key()
-        } else {
-            &params.key
-        };
-        let environment = match (params.environment.as_str(), keys.default_environment()) {
-            ("", Some(default)) => default,
-            (env, _) => env,
-        };
-        let audited = Audited {
-            request_id,
-            caller: &caller,
-            peer,
-            params: &params,
-            key,
-            environment,
-        };
-        let ask = Ask {
-            key,
-            client_id: &params.client_id,
-            scopes: &params.scopes,
-            environment,
-            consumer_org: &params.consumer_org,
-        };
-        if let Err(refusal) = self.policy.authorize(&caller, &ask) {
-            let status = status::from_refusal(&refusal);
-            self.record(&audited, "denied", Some(&status), None);
-            return Err(status);
-        }
-        match self.agent.sign_grant(&params, deadline).await {
-            Ok(grant) => {
-                self.metrics
-                    .signed(grant.queued, started.elapsed().saturating_sub(grant.queued));
-                self.record(&audited, "signed", None, Some(&grant));
-                Ok(Response::new(SignGrantResponse {
-                    assertion: grant.assertion,
-                    jti: grant.jti,
-                    issued_at: grant.issued_at,
-                    expires_at: grant.expires_at,
-                    algorithm: grant.algorithm.jws_name().to_owned(),
-                    key: grant.key,
-                    certificate_sha256: grant.certificate_sha256,
-                }))
-            }
-            Err(error) => {
-                let status = status::from_sign_error(&error);
-                let outcome = if let SignError::Hsm(hsm) = &error {
-                    if let HsmError::Call { rv, .. } = hsm {
-                        self.metrics.pkcs11_error(rv);
-                    }
-                    tracing::error!(error = %error, "signing failed");
-                    "failed"
-                } else {
-                    "refused"
-                };
-                self.record(&audited, outcome, Some(&status), None);
-                Err(status)
-            }
-        }
-    }
-}
-
 #[tonic::async_trait]
 impl GrantAgent for GrantAgentService {
     async fn sign_grant(
@@ -209,7 +367,17 @@ impl GrantAgent for GrantAgentService {
         use tracing::Instrument;
         let request_id = uuid::Uuid::new_v4().simple().to_string();
         let span = tracing::info_span!("sign_grant", request_id = %request_id);
-        self.sign(request, &request_id).instrument(span).await
+        self.sign(request, request_id).instrument(span).await
+    }
+
+    async fn get_access_token(
+        &self,
+        request: Request<GetAccessTokenRequest>,
+    ) -> Result<Response<GetAccessTokenResponse>, Status> {
+        use tracing::Instrument;
+        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let span = tracing::info_span!("get_access_token", request_id = %request_id);
+        self.token(request, request_id).instrument(span).await
     }
 
     async fn list_keys(

@@ -12,13 +12,27 @@
 //! | signing thread lost                | `INTERNAL`            |
 //! | caller not in the policy / not allowed | `PERMISSION_DENIED` |
 //! | caller over its rate               | `RESOURCE_EXHAUSTED`  |
+//! | Maskinporten: invalid_scope, unauthorized_client, access_denied | `PERMISSION_DENIED` |
+//! | Maskinporten: HTTP 429             | `RESOURCE_EXHAUSTED`  |
+//! | Maskinporten: any other 4xx (invalid_grant, invalid_client, ...) | `FAILED_PRECONDITION` |
+//! | Maskinporten: 5xx or unreachable after retries, discovery failed, unusable answer | `UNAVAILABLE` |
+//! | no token before the deadline       | `DEADLINE_EXCEEDED`   |
+//!
+//! A Maskinporten refusal also carries a `google.rpc.ErrorInfo` detail (reason = the
+//! OAuth2 `error`, domain `maskinporten`) whose metadata holds `error_description` (with
+//! Maskinporten's trace_id), `error_uri`, `mp_code`, `hint` and `http_status`, so programs
+//! need not parse the message.
 //!
 //! Messages are safe to send: they name fields, keys and PKCS#11 return values, never the
 //! PIN, an assertion or key material (none of which any error type holds).
 
 use tonic::{Code, Status};
 
-use crate::{agent::SignError, hsm::HsmError};
+use std::collections::HashMap;
+
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::{agent::SignError, hsm::HsmError, token::TokenError};
 
 use super::policy::Refusal;
 
@@ -48,4 +62,47 @@ pub(super) fn from_sign_error(error: &SignError) -> Status {
         other => other.to_string(),
     };
     Status::new(code, message)
+}
+
+pub(super) fn from_token_error(error: &TokenError) -> Status {
+    let (code, oauth, status) = match error {
+        TokenError::Sign(sign) => return from_sign_error(sign),
+        TokenError::Refused { status, oauth, .. } => {
+            let code = match (oauth.error.as_str(), status) {
+                ("invalid_scope" | "unauthorized_client" | "access_denied", _) => {
+                    Code::PermissionDenied
+                }
+                (_, 429) => Code::ResourceExhausted,
+                _ => Code::FailedPrecondition,
+            };
+            (code, oauth, *status)
+        }
+        TokenError::Deadline { .. } => {
+            return Status::new(Code::DeadlineExceeded, error.to_string());
+        }
+        TokenError::Upstream { .. } | TokenError::Discovery { .. } | TokenError::BadAnswer(_) => {
+            return Status::new(Code::Unavailable, error.to_string());
+        }
+    };
+    let hint = oauth.hint();
+    let message = match hint {
+        Some(hint) => format!("{error}; hint: {hint}"),
+        None => error.to_string(),
+    };
+    let mut metadata = HashMap::from([
+        ("error_description".to_owned(), oauth.description.clone()),
+        ("error_uri".to_owned(), oauth.uri.clone()),
+        ("http_status".to_owned(), status.to_string()),
+    ]);
+    if let Some(code) = oauth.mp_code() {
+        let _ = metadata.insert("mp_code".to_owned(), code.to_owned());
+    }
+    if let Some(hint) = hint {
+        let _ = metadata.insert("hint".to_owned(), hint.to_owned());
+    }
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(oauth.error.clone(), "maskinporten", metadata),
+    )
 }

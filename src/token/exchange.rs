@@ -1,0 +1,395 @@
+//! One conversation with a token endpoint: the HTTPS client, endpoint discovery, the POST
+//! of one grant, and reading Maskinporten's answer. Retries are the caller's business
+//! (each retry needs a new grant, which only the agent can sign).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::config::{EnvironmentConfig, TokenEndpoint, TokenSettings, endpoint_problem};
+
+use super::{AccessToken, OAuthError, TokenError};
+
+/// The grant type of RFC 7523, the only one Maskinporten takes from a server.
+const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
+/// Larger answers are not a token endpoint's and are cut off unread.
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// Why the HTTPS client could not be set up (at start-up).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// `token.ca_file` could not be read or holds no certificate.
+    #[error("token.ca_file {path}: {problem}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The TLS or proxy settings were refused.
+    #[error("token: cannot set up the HTTPS client: {0}")]
+    Client(String),
+}
+
+/// What went wrong with one POST, before retries are decided.
+#[derive(Debug)]
+pub(super) enum Failure {
+    /// A 4xx answer: the grant or the client is wrong, and a retry would fail the same way.
+    Refused { status: u16, oauth: OAuthError },
+    /// A 5xx answer: Maskinporten is unwell; a retry (with a new grant) may work.
+    Server {
+        status: u16,
+        oauth: Option<OAuthError>,
+    },
+    /// No answer: connection refused or reset, TLS failure, a truncated body.
+    Network(String),
+    /// The deadline passed while waiting.
+    Timeout,
+    /// A 2xx answer without a usable token.
+    BadAnswer(String),
+}
+
+impl Failure {
+    /// Whether another try (with a new grant) may succeed.
+    pub(super) fn retryable(&self) -> bool {
+        matches!(self, Failure::Server { .. } | Failure::Network(_))
+    }
+
+    pub(super) fn into_error(self, attempts: u32) -> TokenError {
+        match self {
+            Failure::Refused { status, oauth } => TokenError::Refused {
+                status,
+                oauth,
+                attempts,
+            },
+            Failure::Server { status, oauth } => TokenError::Upstream {
+                detail: match oauth {
+                    Some(oauth) => format!("HTTP {status}: {oauth}"),
+                    None => format!("HTTP {status}"),
+                },
+                attempts,
+            },
+            Failure::Network(detail) => TokenError::Upstream { detail, attempts },
+            Failure::Timeout => TokenError::Deadline { attempts },
+            Failure::BadAnswer(detail) => TokenError::BadAnswer(detail),
+        }
+    }
+}
+
+/// The HTTPS client and the endpoints found by discovery.
+pub(super) struct Exchange {
+    http: reqwest::Client,
+    discovered: Mutex<HashMap<String, Arc<str>>>,
+}
+
+impl Exchange {
+    pub(super) fn new(settings: &TokenSettings) -> Result<Self, SetupError> {
+        Ok(Exchange {
+            http: http_client(settings)?,
+            discovered: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The token endpoint of `environment`, discovering it the first time if configured so.
+    pub(super) async fn endpoint(
+        &self,
+        environment: &EnvironmentConfig,
+        deadline: Instant,
+    ) -> Result<Arc<str>, TokenError> {
+        let issuer = match &environment.token_endpoint {
+            TokenEndpoint::Url(url) => return Ok(Arc::from(url.as_str())),
+            TokenEndpoint::Discover => environment.audience.as_str(),
+        };
+        if let Some(found) = lock(&self.discovered).get(issuer) {
+            return Ok(Arc::clone(found));
+        }
+        let found: Arc<str> = Arc::from(self.discover(issuer, deadline).await?);
+        tracing::info!(issuer, token_endpoint = %found, "discovered the token endpoint");
+        let _ = lock(&self.discovered).insert(issuer.to_owned(), Arc::clone(&found));
+        Ok(found)
+    }
+
+    /// RFC 8414: `GET {issuer}/.well-known/oauth-authorization-server`, whose `issuer` must
+    /// be the one asked about and whose `token_endpoint` must pass the same checks as a
+    /// configured one.
+    async fn discover(&self, issuer: &str, deadline: Instant) -> Result<String, TokenError> {
+        #[derive(Deserialize)]
+        struct Metadata {
+            issuer: String,
+            token_endpoint: String,
+        }
+        let url = format!(
+            "{}/.well-known/oauth-authorization-server",
+            issuer.trim_end_matches('/')
+        );
+        let fail = |detail: String| TokenError::Discovery {
+            issuer: issuer.to_owned(),
+            detail,
+        };
+        let answer = tokio::time::timeout_at(deadline.into(), async {
+            let response = self.http.get(&url).send().await.map_err(describe)?;
+            let status = response.status();
+            let body = read_limited(response).await?;
+            Ok::<_, String>((status, body))
+        })
+        .await
+        .map_err(|_| fail(format!("no answer from {url} before the deadline")))?
+        .map_err(fail)?;
+        if !answer.0.is_success() {
+            return Err(fail(format!("{url} answered HTTP {}", answer.0.as_u16())));
+        }
+        let metadata: Metadata = serde_json::from_slice(&answer.1)
+            .map_err(|e| fail(format!("{url} is not authorization server metadata: {e}")))?;
+        if metadata.issuer.trim_end_matches('/') != issuer.trim_end_matches('/') {
+            return Err(fail(format!(
+                "{url} names issuer {:?}, not {issuer:?}",
+                metadata.issuer
+            )));
+        }
+        if let Some(problem) = endpoint_problem(&metadata.token_endpoint) {
+            return Err(fail(format!("token_endpoint: {problem}")));
+        }
+        Ok(metadata.token_endpoint)
+    }
+
+    /// POSTs one grant and reads the answer, all before `deadline`.
+    pub(super) async fn post(
+        &self,
+        endpoint: &str,
+        assertion: &str,
+        deadline: Instant,
+    ) -> Result<AccessToken, Failure> {
+        let exchange = async {
+            let response = self
+                .http
+                .post(endpoint)
+                .header(reqwest::header::ACCEPT, "application/json")
+                .form(&[("grant_type", JWT_BEARER), ("assertion", assertion)])
+                .send()
+                .await
+                .map_err(|e| Failure::Network(describe(e)))?;
+            let status = response.status().as_u16();
+            // Holds the token on success: wiped when dropped.
+            let body = Zeroizing::new(read_limited(response).await.map_err(Failure::Network)?);
+            Ok((status, body))
+        };
+        let (status, body) = tokio::time::timeout_at(deadline.into(), exchange)
+            .await
+            .map_err(|_| Failure::Timeout)??;
+        match status {
+            200..=299 => parse_token(&body),
+            400..=499 => Err(Failure::Refused {
+                status,
+                oauth: parse_error(&body).unwrap_or_else(|| OAuthError {
+                    error: String::new(),
+                    description: format!(
+                        "HTTP {status} without an OAuth2 error body{}",
+                        snippet(&body)
+                    ),
+                    uri: String::new(),
+                }),
+            }),
+            _ => Err(Failure::Server {
+                status,
+                oauth: parse_error(&body),
+            }),
+        }
+    }
+}
+
+fn parse_token(body: &[u8]) -> Result<AccessToken, Failure> {
+    #[derive(Deserialize)]
+    struct Answer {
+        access_token: String,
+        token_type: Option<String>,
+        expires_in: Option<serde_json::Value>,
+        scope: Option<String>,
+    }
+    let answer: Answer = serde_json::from_slice(body)
+        .map_err(|_| Failure::BadAnswer("the answer is not a token response".into()))?;
+    if answer.access_token.is_empty() {
+        return Err(Failure::BadAnswer(
+            "the answer's access_token is empty".into(),
+        ));
+    }
+    // Read, never assumed: Maskinporten sets the lifetime per client.
+    let expires_in = match &answer.expires_in {
+        Some(serde_json::Value::Number(n)) => n.as_u64(),
+        Some(serde_json::Value::String(s)) => s.parse().ok(),
+        _ => None,
+    }
+    .filter(|&s| s > 0)
+    .ok_or_else(|| Failure::BadAnswer("the answer has no positive expires_in".into()))?;
+    Ok(AccessToken::new(
+        Zeroizing::new(answer.access_token),
+        answer.token_type.unwrap_or_else(|| "Bearer".into()),
+        answer.scope.unwrap_or_default(),
+        Duration::from_secs(expires_in),
+    ))
+}
+
+fn parse_error(body: &[u8]) -> Option<OAuthError> {
+    #[derive(Deserialize)]
+    struct Answer {
+        error: String,
+        error_description: Option<String>,
+        error_uri: Option<String>,
+    }
+    let answer: Answer = serde_json::from_slice(body).ok()?;
+    Some(OAuthError {
+        error: answer.error,
+        description: answer.error_description.unwrap_or_default(),
+        uri: answer.error_uri.unwrap_or_default(),
+    })
+}
+
+/// The start of a non-JSON body (a proxy's error page), printable characters only.
+fn snippet(body: &[u8]) -> String {
+    let text: String = String::from_utf8_lossy(body)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    if text.trim().is_empty() {
+        String::new()
+    } else {
+        format!(": {:?}", text.trim())
+    }
+}
+
+async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(describe)? {
+        if body.len() + chunk.len() > MAX_ANSWER {
+            return Err(format!("the answer is larger than {MAX_ANSWER} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A reqwest error with its causes ("connection refused", "certificate expired"), which
+/// its own message leaves out. Requests carry the assertion in the body, never in the
+/// URL, so nothing here is secret.
+fn describe(error: reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// HTTPS on rustls with ring (the provider tonic uses; no OpenSSL, no aws-lc build),
+/// trusting the system's roots, the Mozilla roots (for images without a CA bundle) and
+/// `ca_file`. No redirects: a token endpoint that redirects is misconfigured, and
+/// following it would send the grant somewhere not configured.
+fn http_client(settings: &TokenSettings) -> Result<reqwest::Client, SetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(native.certs);
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    tracing::debug!(system_roots = added, "token endpoint trust anchors loaded");
+    if let Some(path) = &settings.ca_file {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let ca_error = |problem: String| SetupError::CaFile {
+            path: path.display().to_string(),
+            problem,
+        };
+        let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| ca_error(format!("not PEM certificates: {e}")))?;
+        if certs.is_empty() {
+            return Err(ca_error("holds no certificate".into()));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| ca_error(format!("unusable certificate: {e}")))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SetupError::Client(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+
+    let mut builder = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("grant-agent/", env!("CARGO_PKG_VERSION")));
+    if let Some(proxy) = &settings.proxy {
+        let proxy = reqwest::Proxy::all(proxy.as_str())
+            .map_err(|e| SetupError::Client(format!("token.proxy: {e}")))?
+            .no_proxy(
+                settings
+                    .no_proxy
+                    .as_deref()
+                    .and_then(reqwest::NoProxy::from_string),
+            );
+        builder = builder.proxy(proxy);
+    }
+    builder.build().map_err(|e| SetupError::Client(describe(e)))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_answer_is_read_not_assumed() {
+        let token = parse_token(
+            br#"{"access_token":"abc","token_type":"Bearer","expires_in":119,"scope":"a:b c:d"}"#,
+        )
+        .expect("token");
+        assert_eq!(token.lifetime(), Duration::from_secs(119));
+        assert_eq!(token.scope, "a:b c:d");
+        for body in [
+            &br#"{"access_token":"abc","token_type":"Bearer"}"#[..],
+            br#"{"access_token":"abc","expires_in":0}"#,
+            br#"{"access_token":"","expires_in":10}"#,
+            b"<html>proxy</html>",
+        ] {
+            assert!(matches!(parse_token(body), Err(Failure::BadAnswer(_))));
+        }
+    }
+
+    #[test]
+    fn errors_keep_all_three_fields() {
+        let e = parse_error(
+            br#"{"error":"invalid_grant","error_description":"Invalid assertion (trace_id: 0af)","error_uri":"https://docs.digdir.no/maskinporten/errors/MP-130"}"#,
+        )
+        .expect("oauth error");
+        assert_eq!(e.error, "invalid_grant");
+        assert_eq!(e.description, "Invalid assertion (trace_id: 0af)");
+        assert_eq!(e.mp_code(), Some("MP-130"));
+        assert_eq!(parse_error(b"oops"), None);
+        assert_eq!(
+            snippet(b"\n<html>\x07Bad gateway</html>"),
+            ": \"<html>Bad gateway</html>\""
+        );
+    }
+}

@@ -1,0 +1,468 @@
+//! Access tokens: sign a grant, exchange it at the environment's token endpoint, cache the
+//! token, and explain Maskinporten's refusals.
+//!
+//! [`TokenService::get`] is what `GetAccessToken` calls. A fresh cached token is returned
+//! at once. Otherwise one request per cache entry (single flight) signs a grant and POSTs
+//! it; network failures and 5xx answers are retried with exponential backoff and jitter
+//! while the caller's deadline allows, each try with a newly signed grant, because
+//! Maskinporten refuses a `jti` it has seen. 4xx answers are never retried: the same
+//! grant parameters would be refused again.
+
+mod cache;
+mod exchange;
+
+use std::{
+    fmt,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use zeroize::Zeroizing;
+
+pub use exchange::SetupError;
+
+use crate::{
+    agent::{Agent, SignError, unix_now},
+    config::TokenSettings,
+    grant::{AuthorizationDetails, GrantParameters},
+    metrics::Metrics,
+};
+
+use cache::{CacheKey, Flight, Lookup, TokenCache};
+use exchange::Exchange;
+
+/// An access token from Maskinporten.
+pub struct AccessToken {
+    /// The bearer token. A secret: never logged, wiped from memory when dropped.
+    pub access_token: Zeroizing<String>,
+    /// As sent, normally "Bearer".
+    pub token_type: String,
+    /// The scopes granted, space-separated.
+    pub scope: String,
+    /// Unix seconds: when the answer arrived plus `expires_in`.
+    pub expires_at: i64,
+    lifetime: Duration,
+    received: Instant,
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("token_type", &self.token_type)
+            .field("scope", &self.scope)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AccessToken {
+    fn new(
+        access_token: Zeroizing<String>,
+        token_type: String,
+        scope: String,
+        lifetime: Duration,
+    ) -> Self {
+        AccessToken {
+            access_token,
+            token_type,
+            scope,
+            expires_at: unix_now().saturating_add(i64::try_from(lifetime.as_secs()).unwrap_or(0)),
+            lifetime,
+            received: Instant::now(),
+        }
+    }
+
+    /// `expires_in` as Maskinporten sent it.
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    /// `setting`, but at most a quarter of the lifetime, so that short-lived tokens are
+    /// still cached and refreshed ahead.
+    fn capped(&self, setting: Duration) -> Duration {
+        setting.min(self.lifetime / 4)
+    }
+
+    /// When the token stops being handed out.
+    fn stale_at(&self, margin: Duration) -> Instant {
+        self.received + self.lifetime - self.capped(margin)
+    }
+}
+
+/// An OAuth2 error answer (RFC 6749 section 5.2), as Maskinporten sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthError {
+    /// e.g. `invalid_grant`; empty when the answer had no OAuth2 body.
+    pub error: String,
+    /// Maskinporten's explanation, with its `trace_id` for their support.
+    pub description: String,
+    /// A link to the error's documentation, ending in the MP code.
+    pub uri: String,
+}
+
+impl fmt::Display for OAuthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.error.is_empty(), self.description.is_empty()) {
+            (false, false) => write!(f, "{}: {}", self.error, self.description)?,
+            (false, true) => write!(f, "{}", self.error)?,
+            (true, _) => write!(f, "{}", self.description)?,
+        }
+        if !self.uri.is_empty() {
+            write!(f, " (error_uri {})", self.uri)?;
+        }
+        Ok(())
+    }
+}
+
+impl OAuthError {
+    /// The Maskinporten error code (`MP-130`), from `error_uri` or else the description.
+    pub fn mp_code(&self) -> Option<&str> {
+        [self.uri.as_str(), self.description.as_str()]
+            .into_iter()
+            .find_map(find_mp_code)
+    }
+
+    /// What to do about it, for the codes we know.
+    pub fn hint(&self) -> Option<&'static str> {
+        Some(match self.mp_code()? {
+            "MP-012" => {
+                "the grant's jti was used before: a grant must never be replayed (the agent signs a new one for every request and retry)"
+            }
+            "MP-100" => {
+                "the client_id is not registered in this environment: check client_id and environment (test and prod have separate clients)"
+            }
+            "MP-110" => {
+                "wrong aud: the grant's audience must be the environment's issuer; check [environments] audience in the agent config"
+            }
+            "MP-120" => {
+                "the certificate is not valid (expired, revoked or not from a trusted issuer): renew it or check the chain sent in x5c"
+            }
+            "MP-121" => {
+                "the key registered on the client has expired: register a new key (grant-agent key jwk) and configure its kid"
+            }
+            "MP-122" => {
+                "the certificate's organisation number is not the client owner's: use the owner's virksomhetssertifikat, or a client owned by the certificate's organisation"
+            }
+            "MP-123" => {
+                "the x5c header is malformed or does not match the signature: check the certificate configured for the key"
+            }
+            "MP-124" => {
+                "the certificate is for the other environment: use a test certificate in test and a production certificate in prod"
+            }
+            "MP-130" => {
+                "the grant's iat is over 10 s from Maskinporten's clock, or it expired: synchronise this host's clock (NTP)"
+            }
+            "MP-200" | "MP-201" => {
+                "invalid scope: check the scope names and that the client has them in this environment"
+            }
+            "MP-250" => "the scope is not granted to this client: ask the API owner to grant it",
+            "MP-251" => {
+                "no delegation for consumer_org: the consumer must delegate the scope to your organisation in Altinn"
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// `MP-` and three or more digits, anywhere in `text`.
+fn find_mp_code(text: &str) -> Option<&str> {
+    text.match_indices("MP-").find_map(|(at, _)| {
+        let digits = text[at + 3..]
+            .bytes()
+            .take_while(u8::is_ascii_digit)
+            .count();
+        (digits >= 3).then(|| &text[at..at + 3 + digits])
+    })
+}
+
+/// Why no access token was returned.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The grant could not be signed.
+    #[error(transparent)]
+    Sign(#[from] SignError),
+    /// Maskinporten refused (4xx); never retried.
+    #[error("Maskinporten refused the grant (HTTP {status}): {oauth}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The OAuth2 error, intact.
+        oauth: OAuthError,
+        /// Tries made.
+        attempts: u32,
+    },
+    /// Maskinporten could not be reached or failed (5xx), on every try.
+    #[error("the token endpoint failed after {attempts} tries: {detail}")]
+    Upstream {
+        /// The last failure.
+        detail: String,
+        /// Tries made.
+        attempts: u32,
+    },
+    /// The deadline passed before a token came back.
+    #[error("no access token before the deadline ({attempts} tries)")]
+    Deadline {
+        /// Tries started.
+        attempts: u32,
+    },
+    /// The environment's token endpoint could not be discovered.
+    #[error("discovering the token endpoint of {issuer} failed: {detail}")]
+    Discovery {
+        /// The issuer asked.
+        issuer: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The token endpoint said yes but sent no usable token.
+    #[error("the token endpoint answered without a usable token: {0}")]
+    BadAnswer(String),
+}
+
+/// A token for a request, and whether the request caused a call to Maskinporten.
+#[derive(Debug)]
+pub struct Issued {
+    /// The token, shared with the cache.
+    pub token: Arc<AccessToken>,
+    /// True when no call to Maskinporten was made for this request.
+    pub from_cache: bool,
+}
+
+/// Access tokens for every caller: cache, single flight, exchange, retries.
+pub struct TokenService {
+    agent: Arc<Agent>,
+    exchange: Exchange,
+    cache: TokenCache,
+    settings: TokenSettings,
+    metrics: Arc<Metrics>,
+}
+
+impl TokenService {
+    /// Sets up the HTTPS client (trust anchors, proxy) and an empty cache.
+    pub fn new(
+        agent: Arc<Agent>,
+        settings: &TokenSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, SetupError> {
+        Ok(TokenService {
+            agent,
+            exchange: Exchange::new(settings)?,
+            cache: TokenCache::new(
+                settings.cache_entries,
+                settings.expiry_margin,
+                settings.refresh_ahead,
+            ),
+            settings: settings.clone(),
+            metrics,
+        })
+    }
+
+    /// An access token for `params`, from the cache unless `force_refresh` or it is not
+    /// fresh, within `deadline` (the configured timeout when `None`).
+    pub async fn get(
+        self: &Arc<Self>,
+        params: &GrantParameters,
+        force_refresh: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Issued, Arc<TokenError>> {
+        let deadline = deadline.unwrap_or_else(|| Instant::now() + self.settings.timeout);
+        let key = self.cache_key(params).map_err(|e| Arc::new(e.into()))?;
+        let rx = match self.cache.lookup(&key, force_refresh) {
+            Lookup::Fresh(token, refresh) => {
+                self.metrics.token_cache(true);
+                if let Some(flight) = refresh {
+                    tracing::debug!("refreshing a cached token ahead of expiry");
+                    self.fly(
+                        flight,
+                        params.clone(),
+                        Instant::now() + self.settings.timeout,
+                    );
+                }
+                return Ok(Issued {
+                    token,
+                    from_cache: true,
+                });
+            }
+            Lookup::Wait(rx) => {
+                self.metrics.token_cache(true);
+                let outcome = cache::wait(rx, deadline)
+                    .await
+                    .ok_or_else(|| Arc::new(TokenError::Deadline { attempts: 0 }))?;
+                return outcome.map(|token| Issued {
+                    token,
+                    from_cache: true,
+                });
+            }
+            Lookup::Fetch(flight, rx) => {
+                self.metrics.token_cache(false);
+                self.fly(flight, params.clone(), deadline);
+                rx
+            }
+        };
+        let outcome = cache::wait(rx, deadline)
+            .await
+            .ok_or_else(|| Arc::new(TokenError::Deadline { attempts: 0 }))?;
+        outcome.map(|token| Issued {
+            token,
+            from_cache: false,
+        })
+    }
+
+    /// Runs a flight in its own task, so that it lands even if its caller gives up.
+    fn fly(self: &Arc<Self>, flight: Flight, params: GrantParameters, deadline: Instant) {
+        let service = Arc::clone(self);
+        drop(tokio::spawn(async move {
+            let outcome = service
+                .fetch(&params, deadline)
+                .await
+                .map(Arc::new)
+                .map_err(Arc::new);
+            service.cache.land(flight, outcome);
+        }));
+    }
+
+    /// Signs and exchanges grants until one gives a token, a refusal, or the tries or the
+    /// deadline run out.
+    async fn fetch(
+        &self,
+        params: &GrantParameters,
+        deadline: Instant,
+    ) -> Result<AccessToken, TokenError> {
+        let keys = self.agent.keys();
+        let (_, environment) = keys
+            .environment(&params.environment)
+            .map_err(SignError::from)?;
+        let endpoint = self.exchange.endpoint(environment, deadline).await?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let grant = self.agent.sign_grant(params, Some(deadline)).await?;
+            let started = Instant::now();
+            let result = self
+                .exchange
+                .post(&endpoint, &grant.assertion, deadline)
+                .await;
+            self.metrics
+                .token_upstream(outcome_label(&result), started.elapsed());
+            let failure = match result {
+                Ok(token) => {
+                    tracing::info!(
+                        jti = %grant.jti,
+                        attempt,
+                        expires_in = token.lifetime.as_secs(),
+                        "access token issued"
+                    );
+                    return Ok(token);
+                }
+                Err(failure) => failure,
+            };
+            let pause = backoff(attempt);
+            if !failure.retryable()
+                || attempt >= self.settings.attempts
+                || Instant::now() + pause >= deadline
+            {
+                tracing::warn!(jti = %grant.jti, attempt, failure = ?failure, "token request failed");
+                return Err(failure.into_error(attempt));
+            }
+            tracing::warn!(
+                jti = %grant.jti,
+                attempt,
+                failure = ?failure,
+                retry_in_ms = pause.as_millis(),
+                "token request failed; retrying with a new grant"
+            );
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// The cache key, after the same validation as signing, so that an invalid request
+    /// is refused even when an equal valid one was cached.
+    fn cache_key(&self, params: &GrantParameters) -> Result<CacheKey, SignError> {
+        let keys = self.agent.keys();
+        let environment = keys.validate(params, unix_now())?;
+        let authorization_details = AuthorizationDetails::parse(&params.authorization_details_json)
+            .map_err(SignError::Invalid)?
+            .map(|d| d.canonical())
+            .unwrap_or_default();
+        let sorted = |values: &[String]| {
+            let mut values = values.to_vec();
+            values.sort();
+            values
+        };
+        Ok(CacheKey {
+            key: if params.key.is_empty() {
+                keys.default_key().to_owned()
+            } else {
+                params.key.clone()
+            },
+            client_id: params.client_id.clone(),
+            scopes: sorted(&params.scopes),
+            resources: sorted(&params.resources),
+            consumer_org: params.consumer_org.clone(),
+            environment,
+            authorization_details,
+        })
+    }
+}
+
+/// The label for the upstream metric: the HTTP status, or what stopped an answer.
+fn outcome_label(result: &Result<AccessToken, exchange::Failure>) -> String {
+    use exchange::Failure;
+    match result {
+        Ok(_) => "200".into(),
+        Err(Failure::Refused { status, .. } | Failure::Server { status, .. }) => status.to_string(),
+        Err(Failure::Network(_)) => "network".into(),
+        Err(Failure::Timeout) => "timeout".into(),
+        Err(Failure::BadAnswer(_)) => "bad_answer".into(),
+    }
+}
+
+/// Exponential from 200 ms, capped at 3 s, with jitter between half and all of it so that
+/// many agents do not retry in step.
+fn backoff(attempt: u32) -> Duration {
+    let full = Duration::from_millis(200)
+        .saturating_mul(1 << attempt.saturating_sub(1).min(4))
+        .min(Duration::from_secs(3));
+    full.mul_f64(rand::random_range(0.5..=1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mp_codes_come_from_the_uri_or_the_description() {
+        let mut e = OAuthError {
+            error: "invalid_grant".into(),
+            description: "Invalid assertion (trace_id: 1f)".into(),
+            uri: "https://docs.digdir.no/maskinporten/errors/MP-130".into(),
+        };
+        assert_eq!(e.mp_code(), Some("MP-130"));
+        assert!(e.hint().is_some_and(|h| h.contains("NTP")));
+        e.uri.clear();
+        assert_eq!(e.mp_code(), None);
+        e.description = "MP-251: no delegation".into();
+        assert_eq!(e.mp_code(), Some("MP-251"));
+        assert_eq!(find_mp_code("MP-1x MP-12"), None);
+        for code in [
+            "MP-012", "MP-100", "MP-110", "MP-120", "MP-121", "MP-122", "MP-123", "MP-124",
+            "MP-130", "MP-200", "MP-201", "MP-250", "MP-251",
+        ] {
+            e.uri = format!("https://x/errors/{code}");
+            assert!(e.hint().is_some(), "{code} has a hint");
+        }
+        assert_eq!(
+            e.to_string(),
+            "invalid_grant: MP-251: no delegation (error_uri https://x/errors/MP-251)"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        for attempt in 1..10 {
+            let full =
+                Duration::from_millis(200 << (attempt - 1).min(4)).min(Duration::from_secs(3));
+            let b = backoff(attempt);
+            assert!(b >= full / 2 && b <= full, "{attempt}: {b:?}");
+        }
+    }
+}
