@@ -151,6 +151,7 @@ pub fn provision(state_dir: &Path, listen: SocketAddr) -> Result<PathBuf, DevErr
          scopes = [\"*\"]\n\
          environments = [\"*\"]\n\
          consumer_orgs = [\"*\"]\n\
+         authorization_types = [\"*\"]\n\
          requests_per_second = 100000\n\n\
          [[keys]]\n\
          name = \"default\"\n\

@@ -400,3 +400,167 @@ impl TestCa {
 pub(crate) fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
+
+/// `grant-agent mock-maskinporten` as a child process, killed on drop.
+pub(crate) struct Mock {
+    child: Child,
+    /// Its issuer URL, ending in `/`: the `aud` it expects and the base of its endpoints.
+    pub(crate) url: String,
+    log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Mock {
+    /// Starts the mock with `config` (TOML) written to `dir/mock.toml`; `tls` is the
+    /// server certificate and key for HTTPS.
+    pub(crate) fn start(dir: &Path, config: &str, tls: Option<(&Path, &Path)>) -> Mock {
+        let config_path = dir.join("mock.toml");
+        std::fs::write(&config_path, config).expect("mock config");
+        let log = dir.join("mock.log");
+        let mut command = Command::new(BIN);
+        let _ = command
+            .args(["mock-maskinporten", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config_path);
+        if let Some((cert, key)) = tls {
+            let _ = command.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
+        let mut child = command
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log).expect("mock log")))
+            .spawn()
+            .expect("start mock-maskinporten");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        let _reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some((_, url)) = line.split_once(": listening on ") {
+                    let _ = tx.send(url.to_owned());
+                }
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("mock-maskinporten did not start; its log:\n{}", read(&log));
+        });
+        Mock {
+            child,
+            url,
+            log,
+            http: test_http_client(tls.map(|_| dir.join("ca.pem"))),
+        }
+    }
+
+    /// The mock's counters: token_requests, tokens_issued, refused, faults.
+    pub(crate) async fn stats(&self) -> serde_json::Value {
+        self.http
+            .get(format!("{}mock/stats", self.url))
+            .send()
+            .await
+            .expect("stats")
+            .bytes()
+            .await
+            .map(|b| serde_json::from_slice(&b).expect("stats JSON"))
+            .expect("stats body")
+    }
+
+    /// Switches a failure mode on (`{"mode": "status", "status": 503, "count": 2}`).
+    pub(crate) async fn fault(&self, fault: serde_json::Value) {
+        let response = self
+            .http
+            .post(format!("{}mock/faults", self.url))
+            .header("content-type", "application/json")
+            .body(fault.to_string())
+            .send()
+            .await
+            .expect("faults");
+        assert!(response.status().is_success(), "fault {fault} refused");
+    }
+
+    /// Switches every failure mode off.
+    pub(crate) async fn clear_faults(&self) {
+        let response = self
+            .http
+            .delete(format!("{}mock/faults", self.url))
+            .send()
+            .await
+            .expect("faults");
+        assert!(response.status().is_success());
+    }
+
+    /// POSTs an assertion to the token endpoint as a service would: (HTTP status, JSON).
+    pub(crate) async fn exchange(&self, assertion: &str) -> (u16, serde_json::Value) {
+        let response = self
+            .http
+            .post(format!("{}token", self.url))
+            .form(&[
+                ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                ("assertion", assertion),
+            ])
+            .send()
+            .await
+            .expect("token endpoint");
+        let status = response.status().as_u16();
+        let body = response.bytes().await.expect("answer");
+        (status, serde_json::from_slice(&body).expect("JSON answer"))
+    }
+
+    /// Verifies an access token against the mock's JWKS, as an API would; its claims.
+    pub(crate) async fn verify_access_token(&self, token: &str) -> serde_json::Value {
+        let body = self
+            .http
+            .get(format!("{}jwks", self.url))
+            .send()
+            .await
+            .expect("jwks")
+            .bytes()
+            .await
+            .expect("JWKS body");
+        let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&body).expect("JWKS JSON");
+        let header = jsonwebtoken::decode_header(token).expect("JWT header");
+        let kid = header.kid.expect("kid in the access token");
+        let jwk = jwks.find(&kid).expect("the token's kid is in the JWKS");
+        let key = jsonwebtoken::DecodingKey::from_jwk(jwk).expect("RSA JWK");
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+        validation.set_issuer(&[self.url.as_str()]);
+        validation.validate_aud = false;
+        jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+            .expect("the access token verifies against the JWKS")
+            .claims
+    }
+
+    /// The mock's log so far.
+    pub(crate) fn log(&self) -> String {
+        read(&self.log)
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client for tests, trusting `ca` (PEM) when given.
+fn test_http_client(ca: Option<PathBuf>) -> reqwest::Client {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = ca {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        for cert in CertificateDer::pem_file_iter(&ca).expect("ca file") {
+            roots.add(cert.expect("PEM")).expect("CA certificate");
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .no_proxy()
+        .build()
+        .expect("HTTP client")
+}

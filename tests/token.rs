@@ -1,0 +1,581 @@
+//! Access tokens end to end: a real agent on a SoftHSM token exchanges grants at
+//! `grant-agent mock-maskinporten` over real HTTP(S): tokens verify against the mock's
+//! JWKS, the cache and single flight are counted at the mock, refresh ahead, force
+//! refresh, OAuth2 errors reach the caller intact, retries stay within the deadline with a
+//! new grant each time, the mock refuses a replayed jti, and no secret reaches a log.
+
+#![allow(
+    clippy::expect_used,
+    reason = "a test that cannot go on should fail loudly"
+)]
+
+mod common;
+
+use std::{path::Path, time::Duration};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use common::{BIN, DevAgent, Mock, TEST_AUD, openssl, params, read, verify};
+use grant_agent::proto::{GetAccessTokenRequest, GrantParameters, SignGrantRequest};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const CLIENT_ID: &str = "0a3b5c7d-1111-2222-3333-444455556666";
+
+/// A running agent and mock, and the dir they share.
+struct Setup {
+    agent: DevAgent,
+    mock: Mock,
+}
+
+/// Options for [`setup`].
+#[derive(Default)]
+struct Options<'a> {
+    /// Access token lifetime at the mock (default 120 s).
+    lifetime: Option<u32>,
+    /// Serve the mock over HTTPS, with a CA the agent is told to trust (or not).
+    https: Option<bool>,
+    /// Extra lines for the agent's `[token]` section.
+    token: &'a str,
+    /// Replaces the dev config's policy.
+    policy: Option<&'a str>,
+}
+
+/// A dev token and its self-signed test certificate (the mock's trust anchor), a mock
+/// that knows the client, and an agent whose `mock` environment discovers the mock.
+async fn setup(options: Options<'_>) -> Setup {
+    let dev = DevAgent::start();
+    let signed = dev
+        .client()
+        .await
+        .sign_grant(SignGrantRequest {
+            grant: Some(params()),
+        })
+        .await
+        .expect("signed")
+        .into_inner();
+    let leaf = verify(&signed.assertion, TEST_AUD).leaf_der;
+    let dir = dev.stop();
+    let path = |name: &str| dir.path().join(name);
+    std::fs::write(path("dev-cert.pem"), pem(&leaf)).expect("anchor");
+
+    let tls = options.https.map(|_| {
+        tls_material(dir.path());
+        (path("server.pem"), path("server.key"))
+    });
+    let mock = Mock::start(
+        dir.path(),
+        &format!(
+            "certificates = \"test\"\nca = \"{}\"\ntoken_lifetime_seconds = {}\n\n\
+             [[clients]]\nclient_id = \"{CLIENT_ID}\"\nscopes = [\"test:scope\", \"test:other\"]\n\
+             organization_number = \"313367002\"\nconsumer_orgs = [\"974760673\"]\n",
+            path("dev-cert.pem").display(),
+            options.lifetime.unwrap_or(120),
+        ),
+        tls.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+    );
+
+    let mut config = read(&path("config.toml"));
+    if let Some(policy) = options.policy {
+        let start = config.find("[[policy]]").expect("policy");
+        let end = config.find("[[keys]]").expect("keys");
+        config.replace_range(start..end, &format!("{policy}\n"));
+    }
+    let ca_file = match options.https {
+        Some(true) => format!("ca_file = \"{}\"\n", path("ca.pem").display()),
+        _ => String::new(),
+    };
+    config.push_str(&format!(
+        "\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[token]\n{ca_file}{}\n\n\
+         [environments.mock]\nissuer = \"{}\"\ndiscover = true\ncertificates = \"test\"\n\n\
+         [environments.wrongaud]\naudience = \"https://test.maskinporten.no/\"\ntoken_endpoint = \"{}token\"\n",
+        options.token, mock.url, mock.url
+    ));
+    std::fs::write(path("agent.toml"), config).expect("agent config");
+    let agent = DevAgent::serve(dir, "agent.toml");
+    Setup { agent, mock }
+}
+
+fn pem(der: &[u8]) -> String {
+    let body = STANDARD.encode(der);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
+/// A CA and a server certificate for 127.0.0.1, for the mock's HTTPS.
+fn tls_material(dir: &Path) {
+    let run = |args: &[&str]| {
+        let _ = openssl(args, dir);
+    };
+    run(&[
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=Mock CA",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("extfile");
+    run(&[
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=localhost",
+    ]);
+    run(&[
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-out", "server.pem", "-extfile", "server.ext",
+    ]);
+}
+
+fn mock_params() -> GrantParameters {
+    GrantParameters {
+        environment: "mock".into(),
+        ..params()
+    }
+}
+
+fn ask(grant: GrantParameters, force_refresh: bool) -> GetAccessTokenRequest {
+    GetAccessTokenRequest {
+        grant: Some(grant),
+        force_refresh,
+    }
+}
+
+async fn requests_at_mock(mock: &Mock) -> u64 {
+    mock.stats().await["token_requests"]
+        .as_u64()
+        .expect("token_requests")
+}
+
+#[tokio::test]
+async fn tokens_verify_are_cached_and_never_logged() {
+    let Setup { agent, mock } = setup(Options::default()).await;
+    let mut client = agent.client().await;
+
+    let first = client
+        .get_access_token(ask(mock_params(), false))
+        .await
+        .expect("token")
+        .into_inner();
+    assert!(!first.from_cache);
+    assert_eq!(first.token_type, "Bearer");
+    assert_eq!(first.scope, "test:scope");
+    let now = common::unix_now();
+    assert!((now + 115..=now + 121).contains(&first.expires_at), "{}", first.expires_at);
+    let claims = mock.verify_access_token(&first.access_token).await;
+    assert_eq!(claims["client_id"], CLIENT_ID);
+    assert_eq!(claims["scope"], "test:scope");
+    assert_eq!(claims["consumer"]["ID"], "0192:313367002");
+    assert_eq!(requests_at_mock(&mock).await, 1);
+
+    // Repeats come from the cache, whatever the order of the scopes.
+    let mut two = mock_params();
+    two.scopes = vec!["test:scope".into(), "test:other".into()];
+    let mut two_reversed = two.clone();
+    two_reversed.scopes.reverse();
+    for _ in 0..5 {
+        let again = client
+            .get_access_token(ask(mock_params(), false))
+            .await
+            .expect("token")
+            .into_inner();
+        assert!(again.from_cache);
+        assert_eq!(again.access_token, first.access_token);
+    }
+    assert_eq!(requests_at_mock(&mock).await, 1);
+    let a = client.get_access_token(ask(two, false)).await.expect("token").into_inner();
+    let b = client
+        .get_access_token(ask(two_reversed, false))
+        .await
+        .expect("token")
+        .into_inner();
+    assert!(!a.from_cache && b.from_cache);
+    assert_eq!(a.access_token, b.access_token);
+    assert_eq!(requests_at_mock(&mock).await, 2);
+
+    // force_refresh fetches a new token, which then serves the repeats.
+    let forced = client
+        .get_access_token(ask(mock_params(), true))
+        .await
+        .expect("token")
+        .into_inner();
+    assert!(!forced.from_cache);
+    assert_ne!(forced.access_token, first.access_token);
+    let after = client
+        .get_access_token(ask(mock_params(), false))
+        .await
+        .expect("token")
+        .into_inner();
+    assert_eq!(after.access_token, forced.access_token);
+    assert_eq!(requests_at_mock(&mock).await, 3);
+
+    // The command line prints the bare (cached) token, for $(...) in scripts.
+    let out = std::process::Command::new(BIN)
+        .args(["client", "token", "--addr", &agent.addr, "--client-id", CLIENT_ID])
+        .args(["--scope", "test:scope", "--env", "mock"])
+        .output()
+        .expect("client token");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{}\n", forced.access_token));
+
+    // Metrics count hits and misses and time the upstream calls.
+    let metrics_url = agent
+        .endpoints
+        .iter()
+        .find(|e| e.ends_with("/metrics"))
+        .expect("metrics endpoint");
+    let text = reqwest::get(metrics_url.as_str())
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(text.contains("grant_agent_token_cache_total{result=\"hit\"} 8"), "{text}");
+    assert!(text.contains("grant_agent_token_cache_total{result=\"miss\"} 3"), "{text}");
+    assert!(text.contains("grant_agent_token_upstream_seconds_count{status=\"200\"} 3"), "{text}");
+    assert!(text.contains("grant_agent_tokens_total{key=\"default\",outcome=\"cached\"}"));
+
+    // Neither log holds a token; the audit lines say what happened without one.
+    for log in [agent.log(), mock.log()] {
+        for token in [&first.access_token, &forced.access_token, &a.access_token] {
+            assert!(!log.contains(token.as_str()), "a token reached a log");
+        }
+        assert!(!log.contains("eyJ"), "something JWT-shaped reached a log");
+    }
+    let audit = agent.log();
+    assert!(audit.contains(r#""audit":"token""#) && audit.contains(r#""outcome":"cached""#));
+}
+
+#[tokio::test]
+async fn concurrent_identical_requests_make_one_upstream_call() {
+    let Setup { agent, mock } = setup(Options::default()).await;
+    // A slow Maskinporten, so that all 100 arrive while the first is in flight.
+    mock.fault(serde_json::json!({"mode": "delay", "delay_ms": 1000, "count": 1}))
+        .await;
+    let client = agent.client().await;
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .get_access_token(ask(mock_params(), false))
+                .await
+                .expect("token")
+                .into_inner()
+        }));
+    }
+    let mut tokens = std::collections::BTreeSet::new();
+    let mut fetched = 0;
+    for task in tasks {
+        let token = task.await.expect("task");
+        tokens.insert(token.access_token);
+        fetched += usize::from(!token.from_cache);
+    }
+    assert_eq!(tokens.len(), 1, "everyone got the same token");
+    assert_eq!(fetched, 1, "one request fetched, 99 waited for it");
+    assert_eq!(requests_at_mock(&mock).await, 1);
+}
+
+#[tokio::test]
+async fn hot_entries_are_refreshed_ahead_of_expiry() {
+    // 8 s tokens: handed out until 2 s before expiry, refreshed from 4 s on.
+    let Setup { agent, mock } = setup(Options {
+        lifetime: Some(8),
+        ..Options::default()
+    })
+    .await;
+    let mut client = agent.client().await;
+    let first = client
+        .get_access_token(ask(mock_params(), false))
+        .await
+        .expect("token")
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let due = client
+        .get_access_token(ask(mock_params(), false))
+        .await
+        .expect("token")
+        .into_inner();
+    assert!(due.from_cache, "a token due for refresh is still served at once");
+    assert_eq!(due.access_token, first.access_token);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(requests_at_mock(&mock).await, 2, "refreshed in the background");
+    let refreshed = client
+        .get_access_token(ask(mock_params(), false))
+        .await
+        .expect("token")
+        .into_inner();
+    assert!(refreshed.from_cache);
+    assert_ne!(refreshed.access_token, first.access_token);
+    assert!(refreshed.expires_at > first.expires_at);
+}
+
+#[tokio::test]
+async fn oauth_errors_reach_the_caller_intact_and_are_not_retried() {
+    let Setup { agent, mock } = setup(Options::default()).await;
+    let mut client = agent.client().await;
+    let cases: Vec<(GrantParameters, Code, &str, &str, &str)> = vec![
+        (
+            GrantParameters {
+                client_id: "unknown-client".into(),
+                ..mock_params()
+            },
+            Code::FailedPrecondition,
+            "invalid_client",
+            "MP-100",
+            "not registered in this environment",
+        ),
+        (
+            GrantParameters {
+                scopes: vec!["test:forbidden".into()],
+                ..mock_params()
+            },
+            Code::PermissionDenied,
+            "invalid_scope",
+            "MP-200",
+            "check the scope names",
+        ),
+        (
+            GrantParameters {
+                consumer_org: "991825827".into(),
+                ..mock_params()
+            },
+            Code::PermissionDenied,
+            "invalid_scope",
+            "MP-251",
+            "delegate the scope",
+        ),
+        (
+            GrantParameters {
+                environment: "wrongaud".into(),
+                ..mock_params()
+            },
+            Code::FailedPrecondition,
+            "invalid_grant",
+            "MP-110",
+            "wrong aud",
+        ),
+    ];
+    for (i, (grant, code, error, mp, hint)) in cases.into_iter().enumerate() {
+        let before = requests_at_mock(&mock).await;
+        let status = client
+            .get_access_token(ask(grant, false))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), code, "{}", status.message());
+        let message = status.message();
+        assert!(message.contains(error) && message.contains(mp), "{message}");
+        assert!(message.contains("trace_id"), "{message}");
+        assert!(message.contains(hint), "{message}");
+        let info = status.get_details_error_info().expect("ErrorInfo detail");
+        assert_eq!(info.reason, error);
+        assert_eq!(info.domain, "maskinporten");
+        assert_eq!(info.metadata["mp_code"], mp);
+        assert!(info.metadata["error_uri"].ends_with(&format!("/errors/{mp}")));
+        assert!(info.metadata["error_description"].contains("trace_id"));
+        assert_eq!(requests_at_mock(&mock).await, before + 1, "case {i}: 4xx is not retried");
+    }
+    // The CLI shows the same on stderr and fails.
+    let out = std::process::Command::new(BIN)
+        .args(["client", "token", "--addr", &agent.addr, "--client-id", CLIENT_ID])
+        .args(["--scope", "test:forbidden", "--env", "mock"])
+        .output()
+        .expect("client token");
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PermissionDenied") && stderr.contains("MP-200"), "{stderr}");
+}
+
+#[tokio::test]
+async fn failures_are_retried_with_new_grants_within_the_deadline() {
+    let Setup { agent, mock } = setup(Options::default()).await;
+    let mut client = agent.client().await;
+
+    // Two 503s, then an answer: three tries, each with its own grant.
+    mock.fault(serde_json::json!({"mode": "status", "status": 503, "count": 2}))
+        .await;
+    let token = client
+        .get_access_token(ask(mock_params(), false))
+        .await
+        .expect("token after retries")
+        .into_inner();
+    assert!(!token.from_cache);
+    assert_eq!(requests_at_mock(&mock).await, 3);
+    let log = agent.log();
+    let jtis: std::collections::BTreeSet<&str> = log
+        .lines()
+        .filter(|l| l.contains("retrying with a new grant"))
+        .filter_map(|l| l.split("jti=").nth(1)?.split_whitespace().next())
+        .collect();
+    assert_eq!(jtis.len(), 2, "each failed try had its own jti:\n{log}");
+
+    // Dropped connections are retried too.
+    mock.fault(serde_json::json!({"mode": "drop", "count": 2})).await;
+    let _ = client
+        .get_access_token(ask(mock_params(), true))
+        .await
+        .expect("token after resets");
+    assert_eq!(requests_at_mock(&mock).await, 6);
+
+    // Failing for good: the tries stop at the deadline the caller set.
+    mock.fault(serde_json::json!({"mode": "status", "status": 503})).await;
+    let mut request = tonic::Request::new(ask(mock_params(), true));
+    request.set_timeout(Duration::from_millis(1500));
+    let started = std::time::Instant::now();
+    let status = client.get_access_token(request).await.expect_err("fails");
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{status:?}"
+    );
+    assert!(started.elapsed() < Duration::from_millis(2500), "{:?}", started.elapsed());
+
+    // Without a deadline, after the configured tries (4), with the last failure named.
+    let before = requests_at_mock(&mock).await;
+    let status = client
+        .get_access_token(ask(mock_params(), true))
+        .await
+        .expect_err("fails");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("after 4 tries") && status.message().contains("HTTP 503"), "{}", status.message());
+    assert_eq!(requests_at_mock(&mock).await, before + 4);
+
+    // A slow answer beyond the deadline: DEADLINE_EXCEEDED, on time.
+    mock.clear_faults().await;
+    mock.fault(serde_json::json!({"mode": "delay", "delay_ms": 5000, "count": 1}))
+        .await;
+    let mut request = tonic::Request::new(ask(mock_params(), true));
+    request.set_timeout(Duration::from_millis(1000));
+    let started = std::time::Instant::now();
+    let status = client.get_access_token(request).await.expect_err("too slow");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() < Duration::from_millis(2000));
+
+    // And the agent still works.
+    mock.clear_faults().await;
+    let _ = client
+        .get_access_token(ask(mock_params(), true))
+        .await
+        .expect("token");
+}
+
+#[tokio::test]
+async fn the_mock_refuses_a_replayed_grant() {
+    let Setup { agent, mock } = setup(Options::default()).await;
+    let grant = agent
+        .client()
+        .await
+        .sign_grant(SignGrantRequest {
+            grant: Some(mock_params()),
+        })
+        .await
+        .expect("signed")
+        .into_inner();
+    let (status, body) = mock.exchange(&grant.assertion).await;
+    assert_eq!(status, 200, "{body}");
+    mock.verify_access_token(body["access_token"].as_str().expect("token"))
+        .await;
+    let (status, body) = mock.exchange(&grant.assertion).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_grant");
+    assert!(body["error_uri"].as_str().is_some_and(|u| u.ends_with("/MP-012")), "{body}");
+}
+
+#[tokio::test]
+async fn authorization_details_reach_the_token_and_the_policy() {
+    let policy = "[[policy]]\ncaller = \"anonymous\"\nkeys = [\"*\"]\nclient_ids = [\"*\"]\n\
+                  scopes = [\"*\"]\nenvironments = [\"*\"]\nauthorization_types = [\"urn:altinn:systemuser\"]\n";
+    let Setup { agent, mock } = setup(Options {
+        policy: Some(policy),
+        ..Options::default()
+    })
+    .await;
+    let mut client = agent.client().await;
+    let system_user = r#"[{"type":"urn:altinn:systemuser","systemuser_org":{"authority":"iso6523-actorid-upis","ID":"0192:313367002"}}]"#;
+    let token = client
+        .get_access_token(ask(
+            GrantParameters {
+                authorization_details_json: system_user.into(),
+                ..mock_params()
+            },
+            false,
+        ))
+        .await
+        .expect("token")
+        .into_inner();
+    let claims = mock.verify_access_token(&token.access_token).await;
+    assert_eq!(claims["authorization_details"][0]["type"], "urn:altinn:systemuser");
+    // A different authorization_details is a different cache entry.
+    let plain = client
+        .get_access_token(ask(mock_params(), false))
+        .await
+        .expect("token")
+        .into_inner();
+    assert!(!plain.from_cache);
+    assert_ne!(plain.access_token, token.access_token);
+
+    let consent = GrantParameters {
+        authorization_details_json: r#"[{"type":"urn:altinn:consent","id":"x"}]"#.into(),
+        ..mock_params()
+    };
+    let status = client
+        .get_access_token(ask(consent.clone(), false))
+        .await
+        .expect_err("type not allowed");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(status.message().contains("authorization_details type \"urn:altinn:consent\""), "{}", status.message());
+    let status = client
+        .sign_grant(SignGrantRequest { grant: Some(consent) })
+        .await
+        .expect_err("type not allowed for grants either");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let status = client
+        .get_access_token(ask(
+            GrantParameters {
+                authorization_details_json: r#"[{"id":"x"}]"#.into(),
+                ..mock_params()
+            },
+            false,
+        ))
+        .await
+        .expect_err("invalid");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("grant.authorization_details_json[0].type"), "{}", status.message());
+}
+
+#[tokio::test]
+async fn https_with_a_configured_ca_and_refused_without_it() {
+    let Setup { agent, mock } = setup(Options {
+        https: Some(true),
+        ..Options::default()
+    })
+    .await;
+    assert!(mock.url.starts_with("https://127.0.0.1:"), "{}", mock.url);
+    let token = agent
+        .client()
+        .await
+        .get_access_token(ask(mock_params(), false))
+        .await
+        .expect("token over HTTPS")
+        .into_inner();
+    mock.verify_access_token(&token.access_token).await;
+
+    let Setup { agent, mock: _mock } = setup(Options {
+        https: Some(false),
+        ..Options::default()
+    })
+    .await;
+    let status = agent
+        .client()
+        .await
+        .get_access_token(ask(mock_params(), false))
+        .await
+        .expect_err("untrusted");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("certificate"), "{}", status.message());
+}
