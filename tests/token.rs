@@ -114,8 +114,19 @@ fn tls_material(dir: &Path) {
         let _ = openssl(args, dir);
     };
     run(&[
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "2", "-subj", "/CN=Mock CA",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Mock CA",
     ]);
     std::fs::write(
         dir.join("server.ext"),
@@ -123,12 +134,33 @@ fn tls_material(dir: &Path) {
     )
     .expect("extfile");
     run(&[
-        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-        "-subj", "/CN=localhost",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
     ]);
     run(&[
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-out", "server.pem", "-extfile", "server.ext",
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "server.pem",
+        "-extfile",
+        "server.ext",
     ]);
 }
 
@@ -166,7 +198,11 @@ async fn tokens_verify_are_cached_and_never_logged() {
     assert_eq!(first.token_type, "Bearer");
     assert_eq!(first.scope, "test:scope");
     let now = common::unix_now();
-    assert!((now + 115..=now + 121).contains(&first.expires_at), "{}", first.expires_at);
+    assert!(
+        (now + 115..=now + 121).contains(&first.expires_at),
+        "{}",
+        first.expires_at
+    );
     let claims = mock.verify_access_token(&first.access_token).await;
     assert_eq!(claims["client_id"], CLIENT_ID);
     assert_eq!(claims["scope"], "test:scope");
@@ -188,7 +224,11 @@ async fn tokens_verify_are_cached_and_never_logged() {
         assert_eq!(again.access_token, first.access_token);
     }
     assert_eq!(requests_at_mock(&mock).await, 1);
-    let a = client.get_access_token(ask(two, false)).await.expect("token").into_inner();
+    let a = client
+        .get_access_token(ask(two, false))
+        .await
+        .expect("token")
+        .into_inner();
     let b = client
         .get_access_token(ask(two_reversed, false))
         .await
@@ -216,12 +256,26 @@ async fn tokens_verify_are_cached_and_never_logged() {
 
     // The command line prints the bare (cached) token, for $(...) in scripts.
     let out = std::process::Command::new(BIN)
-        .args(["client", "token", "--addr", &agent.addr, "--client-id", CLIENT_ID])
+        .args([
+            "client",
+            "token",
+            "--addr",
+            &agent.addr,
+            "--client-id",
+            CLIENT_ID,
+        ])
         .args(["--scope", "test:scope", "--env", "mock"])
         .output()
         .expect("client token");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{}\n", forced.access_token));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}\n", forced.access_token)
+    );
 
     // Metrics count hits and misses and time the upstream calls.
     let metrics_url = agent
@@ -229,15 +283,19 @@ async fn tokens_verify_are_cached_and_never_logged() {
         .iter()
         .find(|e| e.ends_with("/metrics"))
         .expect("metrics endpoint");
-    let text = reqwest::get(metrics_url.as_str())
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    assert!(text.contains("grant_agent_token_cache_total{result=\"hit\"} 8"), "{text}");
-    assert!(text.contains("grant_agent_token_cache_total{result=\"miss\"} 3"), "{text}");
-    assert!(text.contains("grant_agent_token_upstream_seconds_count{status=\"200\"} 3"), "{text}");
+    let text = common::http_get(metrics_url).await;
+    assert!(
+        text.contains("grant_agent_token_cache_total{result=\"hit\"} 8"),
+        "{text}"
+    );
+    assert!(
+        text.contains("grant_agent_token_cache_total{result=\"miss\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("grant_agent_token_upstream_seconds_count{status=\"200\"} 3"),
+        "{text}"
+    );
     assert!(text.contains("grant_agent_tokens_total{key=\"default\",outcome=\"cached\"}"));
 
     // Neither log holds a token; the audit lines say what happened without one.
@@ -273,7 +331,7 @@ async fn concurrent_identical_requests_make_one_upstream_call() {
     let mut fetched = 0;
     for task in tasks {
         let token = task.await.expect("task");
-        tokens.insert(token.access_token);
+        let _ = tokens.insert(token.access_token);
         fetched += usize::from(!token.from_cache);
     }
     assert_eq!(tokens.len(), 1, "everyone got the same token");
@@ -301,10 +359,17 @@ async fn hot_entries_are_refreshed_ahead_of_expiry() {
         .await
         .expect("token")
         .into_inner();
-    assert!(due.from_cache, "a token due for refresh is still served at once");
+    assert!(
+        due.from_cache,
+        "a token due for refresh is still served at once"
+    );
     assert_eq!(due.access_token, first.access_token);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(requests_at_mock(&mock).await, 2, "refreshed in the background");
+    assert_eq!(
+        requests_at_mock(&mock).await,
+        2,
+        "refreshed in the background"
+    );
     let refreshed = client
         .get_access_token(ask(mock_params(), false))
         .await
@@ -378,18 +443,32 @@ async fn oauth_errors_reach_the_caller_intact_and_are_not_retried() {
         assert_eq!(info.metadata["mp_code"], mp);
         assert!(info.metadata["error_uri"].ends_with(&format!("/errors/{mp}")));
         assert!(info.metadata["error_description"].contains("trace_id"));
-        assert_eq!(requests_at_mock(&mock).await, before + 1, "case {i}: 4xx is not retried");
+        assert_eq!(
+            requests_at_mock(&mock).await,
+            before + 1,
+            "case {i}: 4xx is not retried"
+        );
     }
     // The CLI shows the same on stderr and fails.
     let out = std::process::Command::new(BIN)
-        .args(["client", "token", "--addr", &agent.addr, "--client-id", CLIENT_ID])
+        .args([
+            "client",
+            "token",
+            "--addr",
+            &agent.addr,
+            "--client-id",
+            CLIENT_ID,
+        ])
         .args(["--scope", "test:forbidden", "--env", "mock"])
         .output()
         .expect("client token");
     assert!(!out.status.success());
     assert!(out.stdout.is_empty());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("PermissionDenied") && stderr.contains("MP-200"), "{stderr}");
+    assert!(
+        stderr.contains("PermissionDenied") && stderr.contains("MP-200"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -416,7 +495,8 @@ async fn failures_are_retried_with_new_grants_within_the_deadline() {
     assert_eq!(jtis.len(), 2, "each failed try had its own jti:\n{log}");
 
     // Dropped connections are retried too.
-    mock.fault(serde_json::json!({"mode": "drop", "count": 2})).await;
+    mock.fault(serde_json::json!({"mode": "drop", "count": 2}))
+        .await;
     let _ = client
         .get_access_token(ask(mock_params(), true))
         .await
@@ -424,7 +504,8 @@ async fn failures_are_retried_with_new_grants_within_the_deadline() {
     assert_eq!(requests_at_mock(&mock).await, 6);
 
     // Failing for good: the tries stop at the deadline the caller set.
-    mock.fault(serde_json::json!({"mode": "status", "status": 503})).await;
+    mock.fault(serde_json::json!({"mode": "status", "status": 503}))
+        .await;
     let mut request = tonic::Request::new(ask(mock_params(), true));
     request.set_timeout(Duration::from_millis(1500));
     let started = std::time::Instant::now();
@@ -433,7 +514,11 @@ async fn failures_are_retried_with_new_grants_within_the_deadline() {
         matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
         "{status:?}"
     );
-    assert!(started.elapsed() < Duration::from_millis(2500), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
 
     // Without a deadline, after the configured tries (4), with the last failure named.
     let before = requests_at_mock(&mock).await;
@@ -442,7 +527,11 @@ async fn failures_are_retried_with_new_grants_within_the_deadline() {
         .await
         .expect_err("fails");
     assert_eq!(status.code(), Code::Unavailable);
-    assert!(status.message().contains("after 4 tries") && status.message().contains("HTTP 503"), "{}", status.message());
+    assert!(
+        status.message().contains("after 4 tries") && status.message().contains("HTTP 503"),
+        "{}",
+        status.message()
+    );
     assert_eq!(requests_at_mock(&mock).await, before + 4);
 
     // A slow answer beyond the deadline: DEADLINE_EXCEEDED, on time.
@@ -452,7 +541,10 @@ async fn failures_are_retried_with_new_grants_within_the_deadline() {
     let mut request = tonic::Request::new(ask(mock_params(), true));
     request.set_timeout(Duration::from_millis(1000));
     let started = std::time::Instant::now();
-    let status = client.get_access_token(request).await.expect_err("too slow");
+    let status = client
+        .get_access_token(request)
+        .await
+        .expect_err("too slow");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(started.elapsed() < Duration::from_millis(2000));
 
@@ -478,12 +570,19 @@ async fn the_mock_refuses_a_replayed_grant() {
         .into_inner();
     let (status, body) = mock.exchange(&grant.assertion).await;
     assert_eq!(status, 200, "{body}");
-    mock.verify_access_token(body["access_token"].as_str().expect("token"))
+    let claims = mock
+        .verify_access_token(body["access_token"].as_str().expect("token"))
         .await;
+    assert_eq!(claims["client_id"], CLIENT_ID);
     let (status, body) = mock.exchange(&grant.assertion).await;
     assert_eq!(status, 400);
     assert_eq!(body["error"], "invalid_grant");
-    assert!(body["error_uri"].as_str().is_some_and(|u| u.ends_with("/MP-012")), "{body}");
+    assert!(
+        body["error_uri"]
+            .as_str()
+            .is_some_and(|u| u.ends_with("/MP-012")),
+        "{body}"
+    );
 }
 
 #[tokio::test]
@@ -509,7 +608,10 @@ async fn authorization_details_reach_the_token_and_the_policy() {
         .expect("token")
         .into_inner();
     let claims = mock.verify_access_token(&token.access_token).await;
-    assert_eq!(claims["authorization_details"][0]["type"], "urn:altinn:systemuser");
+    assert_eq!(
+        claims["authorization_details"][0]["type"],
+        "urn:altinn:systemuser"
+    );
     // A different authorization_details is a different cache entry.
     let plain = client
         .get_access_token(ask(mock_params(), false))
@@ -528,9 +630,17 @@ async fn authorization_details_reach_the_token_and_the_policy() {
         .await
         .expect_err("type not allowed");
     assert_eq!(status.code(), Code::PermissionDenied);
-    assert!(status.message().contains("authorization_details type \"urn:altinn:consent\""), "{}", status.message());
+    assert!(
+        status
+            .message()
+            .contains("authorization_details type \"urn:altinn:consent\""),
+        "{}",
+        status.message()
+    );
     let status = client
-        .sign_grant(SignGrantRequest { grant: Some(consent) })
+        .sign_grant(SignGrantRequest {
+            grant: Some(consent),
+        })
         .await
         .expect_err("type not allowed for grants either");
     assert_eq!(status.code(), Code::PermissionDenied);
@@ -545,7 +655,13 @@ async fn authorization_details_reach_the_token_and_the_policy() {
         .await
         .expect_err("invalid");
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().starts_with("grant.authorization_details_json[0].type"), "{}", status.message());
+    assert!(
+        status
+            .message()
+            .starts_with("grant.authorization_details_json[0].type"),
+        "{}",
+        status.message()
+    );
 }
 
 #[tokio::test]
@@ -563,7 +679,8 @@ async fn https_with_a_configured_ca_and_refused_without_it() {
         .await
         .expect("token over HTTPS")
         .into_inner();
-    mock.verify_access_token(&token.access_token).await;
+    let claims = mock.verify_access_token(&token.access_token).await;
+    assert_eq!(claims["client_id"], CLIENT_ID);
 
     let Setup { agent, mock: _mock } = setup(Options {
         https: Some(false),
@@ -577,5 +694,9 @@ async fn https_with_a_configured_ca_and_refused_without_it() {
         .await
         .expect_err("untrusted");
     assert_eq!(status.code(), Code::Unavailable);
-    assert!(status.message().contains("certificate"), "{}", status.message());
+    assert!(
+        status.message().contains("certificate"),
+        "{}",
+        status.message()
+    );
 }

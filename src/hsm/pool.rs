@@ -3,7 +3,8 @@
 //!
 //! Sessions are opened lazily up to the configured size and reused. A semaphore bounds
 //! how many are in use; the idle ones wait in a stack so the warmest is reused first.
-//! Work runs on tokio's blocking threads: PKCS#11 calls never block an async worker.
+//! PKCS#11 calls run under `block_in_place` (or on a blocking thread): they never hold
+//! up other requests' async work.
 //!
 //! An HSM is slow and shared, so waiting is bounded twice: at most `queue` requests wait
 //! for a session (more get [`HsmError::Busy`] at once), and a request whose deadline
@@ -125,7 +126,7 @@ impl SessionPool {
             idle: Arc::clone(&self.idle),
         };
         let average = Arc::clone(&self.average_nanos);
-        let result = tokio::task::spawn_blocking(move || {
+        let sign = move || {
             let started = Instant::now();
             let result = checkout.with_session(work);
             let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -139,9 +140,17 @@ impl SessionPool {
             average.store(new, Ordering::Relaxed);
             drop(permit);
             result
-        })
-        .await
-        .map_err(|e| HsmError::Thread(e.to_string()))??;
+        };
+        // On the multi-threaded runtime the call runs right here, with this worker's other
+        // tasks handed to another thread meanwhile: no wake-up of a blocking thread and
+        // back on the request's path. Elsewhere (a current-thread runtime), on a
+        // blocking thread.
+        let result = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(sign)?,
+            _ => tokio::task::spawn_blocking(sign)
+                .await
+                .map_err(|e| HsmError::Thread(e.to_string()))??,
+        };
         Ok((result, waited))
     }
 

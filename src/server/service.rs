@@ -135,19 +135,16 @@ impl GrantAgentService {
         &self,
         audit: &'static str,
         request: Request<T>,
-        grant: impl FnOnce(T) -> Option<crate::proto::GrantParameters>,
+        grant: impl FnOnce(&mut T) -> Option<crate::proto::GrantParameters>,
         request_id: String,
-    ) -> Result<(Admitted, T), Status>
-    where
-        T: Clone,
-    {
+    ) -> Result<(Admitted, T), Status> {
         let caller = self.identification.identify(&request);
         let deadline = grpc_deadline(&request);
         let peer = request
             .remote_addr()
             .map_or_else(|| "unix".to_owned(), |a| a.to_string());
-        let message = request.into_inner();
-        let params: GrantParameters = grant(message.clone()).unwrap_or_default().into();
+        let mut message = request.into_inner();
+        let params: GrantParameters = grant(&mut message).unwrap_or_default().into();
         // The policy judges what will really be used, so resolve the defaults first.
         let keys = self.agent.keys();
         let key = if params.key.is_empty() {
@@ -215,7 +212,7 @@ impl GrantAgentService {
         request_id: String,
     ) -> Result<Response<SignGrantResponse>, Status> {
         let started = std::time::Instant::now();
-        let (at, _) = self.admit("grant", request, |m| m.grant, request_id)?;
+        let (at, _) = self.admit("grant", request, |m| m.grant.take(), request_id)?;
         match self.agent.sign_grant(&at.params, at.deadline).await {
             Ok(grant) => {
                 self.metrics
@@ -277,7 +274,7 @@ impl GrantAgentService {
         request: Request<GetAccessTokenRequest>,
         request_id: String,
     ) -> Result<Response<GetAccessTokenResponse>, Status> {
-        let (at, message) = self.admit("token", request, |m| m.grant, request_id)?;
+        let (at, message) = self.admit("token", request, |m| m.grant.take(), request_id)?;
         match self
             .tokens
             .get(&at.params, message.force_refresh, at.deadline)

@@ -200,9 +200,9 @@ pub enum TokenError {
         attempts: u32,
     },
     /// The deadline passed before a token came back.
-    #[error("no access token before the deadline ({attempts} tries)")]
+    #[error("no access token before the deadline ({})", tried(*attempts))]
     Deadline {
-        /// Tries started.
+        /// Tries started by this request; 0 when it waited for another request's.
         attempts: u32,
     },
     /// The environment's token endpoint could not be discovered.
@@ -216,6 +216,14 @@ pub enum TokenError {
     /// The token endpoint said yes but sent no usable token.
     #[error("the token endpoint answered without a usable token: {0}")]
     BadAnswer(String),
+}
+
+fn tried(attempts: u32) -> String {
+    match attempts {
+        0 => "waited for the same request from another caller".to_owned(),
+        1 => "1 try".to_owned(),
+        n => format!("{n} tries"),
+    }
 }
 
 /// A token for a request, and whether the request caused a call to Maskinporten.
@@ -298,9 +306,11 @@ impl TokenService {
                 rx
             }
         };
-        let outcome = cache::wait(rx, deadline)
+        // The flight stops at the same deadline and reports how far it got; give its
+        // report a moment to arrive rather than answer "deadline" without the detail.
+        let outcome = cache::wait(rx, deadline + Duration::from_millis(50))
             .await
-            .ok_or_else(|| Arc::new(TokenError::Deadline { attempts: 0 }))?;
+            .ok_or_else(|| Arc::new(TokenError::Deadline { attempts: 1 }))?;
         outcome.map(|token| Issued {
             token,
             from_cache: false,

@@ -422,7 +422,11 @@ impl Mock {
             .args(["mock-maskinporten", "--listen", "127.0.0.1:0", "--config"])
             .arg(&config_path);
         if let Some((cert, key)) = tls {
-            let _ = command.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+            let _ = command
+                .arg("--tls-cert")
+                .arg(cert)
+                .arg("--tls-key")
+                .arg(key);
         }
         let mut child = command
             .env("RUST_LOG", "debug")
@@ -439,10 +443,12 @@ impl Mock {
                 }
             }
         });
-        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("mock-maskinporten did not start; its log:\n{}", read(&log));
-        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("mock-maskinporten did not start; its log:\n{}", read(&log));
+            });
         Mock {
             child,
             url,
@@ -540,6 +546,19 @@ impl Drop for Mock {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The body of `GET url` over plain HTTP.
+pub(crate) async fn http_get(url: &str) -> String {
+    let body = test_http_client(None)
+        .get(url)
+        .send()
+        .await
+        .expect("GET")
+        .bytes()
+        .await
+        .expect("body");
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// An HTTP client for tests, trusting `ca` (PEM) when given.
