@@ -3,8 +3,7 @@
 //!
 //! Sessions are opened lazily up to the configured size and reused. A semaphore bounds
 //! how many are in use; the idle ones wait in a stack so the warmest is reused first.
-//! PKCS#11 calls run under `block_in_place` (or on a blocking thread): they never hold
-//! up other requests' async work.
+//! Work runs on tokio's blocking threads: PKCS#11 calls never block an async worker.
 //!
 //! An HSM is slow and shared, so waiting is bounded twice: at most `queue` requests wait
 //! for a session (more get [`HsmError::Busy`] at once), and a request whose deadline
@@ -141,16 +140,9 @@ impl SessionPool {
             drop(permit);
             result
         };
-        // On the multi-threaded runtime the call runs right here, with this worker's other
-        // tasks handed to another thread meanwhile: no wake-up of a blocking thread and
-        // back on the request's path. Elsewhere (a current-thread runtime), on a
-        // blocking thread.
-        let result = match tokio::runtime::Handle::current().runtime_flavor() {
-            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(sign)?,
-            _ => tokio::task::spawn_blocking(sign)
-                .await
-                .map_err(|e| HsmError::Thread(e.to_string()))??,
-        };
+        let result = tokio::task::spawn_blocking(sign)
+            .await
+            .map_err(|e| HsmError::Thread(e.to_string()))??;
         Ok((result, waited))
     }
 
