@@ -1,7 +1,8 @@
 //! Signing throughput and latency, measured in one run on one fresh SoftHSM token:
 //! (a) raw PKCS#11 C_Sign/s with the agent's key and session count, (b) SignGrant
 //! grants/s and p50/p99 latency through gRPC at concurrency 1, 4, 16 and 64, the ratio
-//! (b)/(a) at saturation, the agent's peak RSS, and its RSS across a soak.
+//! (b)/(a) at saturation, (c) cached GetAccessToken requests/s (against
+//! `grant-agent mock-maskinporten`), the agent's peak RSS, and its RSS across a soak.
 //!
 //! `cargo bench --bench throughput`. Environment: `BENCH_SECONDS` per step (default 5),
 //! `BENCH_SOAK` requests in the soak (default 200000; 0 skips it).
@@ -21,7 +22,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use grant_agent::proto::{GrantParameters, SignGrantRequest};
+use base64::Engine;
+use grant_agent::proto::{GetAccessTokenRequest, GrantParameters, SignGrantRequest};
 
 const RAW_MODE: &str = "GRANT_AGENT_BENCH_RAW";
 
@@ -87,7 +89,13 @@ fn main() {
     );
     for concurrency in [1_usize, 4, 16, 64] {
         let cpu_before = cpu_seconds(pid);
-        let run = runtime.block_on(load(&addr, concurrency, Duration::from_secs(seconds), None));
+        let run = runtime.block_on(load(
+            &addr,
+            concurrency,
+            Duration::from_secs(seconds),
+            None,
+            Call::Sign,
+        ));
         let cpu = (cpu_seconds(pid) - cpu_before) / run.latencies.len().max(1) as f64 * 1e6;
         let rate = run.latencies.len() as f64 / run.elapsed.as_secs_f64();
         let (p50, p99) = (
@@ -117,7 +125,7 @@ fn main() {
         "    agent RSS {:.1} MiB, peak {:.1} MiB (target < 50 MiB)",
         rss, hwm
     );
-    println!("(c) cached GetAccessToken: not measured; GetAccessToken arrives with issue 5");
+    cached_tokens(&runtime, dir.path(), &addr, seconds, raw_rate);
 
     if soak > 0 {
         let before = memory(pid).0;
@@ -126,6 +134,7 @@ fn main() {
             16,
             Duration::from_secs(3600),
             Some(soak as usize),
+            Call::Sign,
         ));
         let after = memory(pid);
         println!(
@@ -141,6 +150,113 @@ fn main() {
     let _ = agent.wait();
 }
 
+/// (c): a second agent on the same token whose `mock` environment is a local
+/// Maskinporten; after one exchange fills the cache, every request is a cache hit.
+fn cached_tokens(
+    runtime: &tokio::runtime::Runtime,
+    dir: &Path,
+    signer: &str,
+    seconds: u64,
+    raw_rate: f64,
+) {
+    // The dev certificate, from a grant's x5c, is the mock's trust anchor.
+    let grant = runtime.block_on(async {
+        grant_agent::client::connect(signer, None)
+            .await
+            .expect("connect")
+            .sign_grant(SignGrantRequest {
+                grant: Some(grant_parameters()),
+            })
+            .await
+            .expect("grant")
+            .into_inner()
+            .assertion
+    });
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header: serde_json::Value = serde_json::from_slice(
+        &b64.decode(grant.split('.').next().expect("header"))
+            .expect("base64url"),
+    )
+    .expect("header JSON");
+    let leaf = header["x5c"][0].as_str().expect("x5c");
+    let pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        leaf.as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).expect("ascii"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    std::fs::write(dir.join("dev-cert.pem"), pem).expect("anchor");
+    std::fs::write(
+        dir.join("mock.toml"),
+        format!(
+            "ca = \"{}\"\n[[clients]]\nclient_id = \"{CLIENT_ID}\"\nscopes = [\"nav:aareg/v1/arbeidsforhold\"]\n",
+            dir.join("dev-cert.pem").display()
+        ),
+    )
+    .expect("mock config");
+    let (mut mock, mock_url) = start(
+        Command::new(env!("CARGO_BIN_EXE_grant-agent"))
+            .args(["mock-maskinporten", "--listen", "127.0.0.1:0", "--config"])
+            .arg(dir.join("mock.toml")),
+    );
+    let config = std::fs::read_to_string(dir.join("config.toml")).expect("dev config")
+        + &format!(
+            "\n[environments.mock]\nissuer = \"{mock_url}\"\ndiscover = true\ncertificates = \"test\"\n"
+        );
+    std::fs::write(dir.join("tokens.toml"), config).expect("agent config");
+    let (mut agent, addr) = start(
+        Command::new(env!("CARGO_BIN_EXE_grant-agent"))
+            .args(["serve", "--config"])
+            .arg(dir.join("tokens.toml"))
+            .env("SOFTHSM2_CONF", dir.join("softhsm2.conf")),
+    );
+    println!(
+        "(c) cached GetAccessToken over gRPC (one exchange at a local Maskinporten fills the cache):"
+    );
+    println!("    concurrency   requests/s   ratio to (a)   p50 µs   p99 µs   errors");
+    for concurrency in [1_usize, 16] {
+        let run = runtime.block_on(load(
+            &addr,
+            concurrency,
+            Duration::from_secs(seconds),
+            None,
+            Call::CachedToken,
+        ));
+        let rate = run.latencies.len() as f64 / run.elapsed.as_secs_f64();
+        println!(
+            "    {concurrency:>11}   {rate:>10.0}   {:>12.2}   {:>6.0}   {:>6.0}   {:>6}",
+            rate / raw_rate,
+            percentile(&run.latencies, 0.50),
+            percentile(&run.latencies, 0.99),
+            run.errors
+        );
+    }
+    for child in [&mut agent, &mut mock] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+const CLIENT_ID: &str = "0a3b5c7d-1111-2222-3333-444455556666";
+
+fn grant_parameters() -> GrantParameters {
+    GrantParameters {
+        client_id: CLIENT_ID.into(),
+        scopes: vec!["nav:aareg/v1/arbeidsforhold".into()],
+        environment: "test".into(),
+        ..GrantParameters::default()
+    }
+}
+
+/// What the load sends.
+#[derive(Clone, Copy)]
+enum Call {
+    Sign,
+    CachedToken,
+}
+
 struct Run {
     latencies: Vec<f64>,
     errors: usize,
@@ -148,7 +264,13 @@ struct Run {
 }
 
 /// `concurrency` callers signing for `duration` (or until `total` requests are done).
-async fn load(addr: &str, concurrency: usize, duration: Duration, total: Option<usize>) -> Run {
+async fn load(
+    addr: &str,
+    concurrency: usize,
+    duration: Duration,
+    total: Option<usize>,
+    call: Call,
+) -> Run {
     // Callers are separate processes in practice, each with its own connection: spread the
     // callers over up to 8 HTTP/2 connections rather than funnelling all through one.
     let mut clients = Vec::new();
@@ -172,17 +294,28 @@ async fn load(addr: &str, concurrency: usize, duration: Duration, total: Option<
                         .is_none_or(|t| done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < t)
                 {
                     let sent = Instant::now();
-                    let request = SignGrantRequest {
-                        grant: Some(GrantParameters {
-                            client_id: "0a3b5c7d-1111-2222-3333-444455556666".into(),
-                            scopes: vec!["nav:aareg/v1/arbeidsforhold".into()],
-                            environment: "test".into(),
-                            ..GrantParameters::default()
-                        }),
+                    let ok = match call {
+                        Call::Sign => client
+                            .sign_grant(SignGrantRequest {
+                                grant: Some(grant_parameters()),
+                            })
+                            .await
+                            .is_ok(),
+                        Call::CachedToken => client
+                            .get_access_token(GetAccessTokenRequest {
+                                grant: Some(GrantParameters {
+                                    environment: "mock".into(),
+                                    ..grant_parameters()
+                                }),
+                                force_refresh: false,
+                            })
+                            .await
+                            .is_ok(),
                     };
-                    match client.sign_grant(request).await {
-                        Ok(_) => latencies.push(sent.elapsed().as_secs_f64() * 1e6),
-                        Err(_) => errors += 1,
+                    if ok {
+                        latencies.push(sent.elapsed().as_secs_f64() * 1e6);
+                    } else {
+                        errors += 1;
                     }
                 }
                 (latencies, errors)
@@ -247,22 +380,29 @@ fn memory(pid: u32) -> (f64, f64) {
 }
 
 fn start_agent(dir: &Path) -> (std::process::Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_grant-agent"))
-        .args(["dev", "--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(dir)
-        .env_remove("SOFTHSM2_CONF")
+    start(
+        Command::new(env!("CARGO_BIN_EXE_grant-agent"))
+            .args(["dev", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir)
+            .env_remove("SOFTHSM2_CONF"),
+    )
+}
+
+/// Starts a grant-agent command that prints "...: listening on ADDR"; the child and ADDR.
+fn start(command: &mut Command) -> (std::process::Child, String) {
+    let mut child = command
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start grant-agent dev");
+        .expect("start grant-agent");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let addr = lines
         .by_ref()
         .map_while(Result::ok)
         .find_map(|l| l.split_once(": listening on ").map(|(_, a)| a.to_owned()))
-        .expect("the agent did not start");
+        .expect("grant-agent did not start");
     // Keep draining stdout so the agent never blocks on a full pipe.
     let _drain = std::thread::spawn(move || lines.for_each(drop));
     (child, addr)
