@@ -16,6 +16,7 @@
 //! - [`token`]: access tokens: grant exchange at Maskinporten, cache, retries, error hints.
 //! - [`server`]: the gRPC services (GrantAgent, health, reflection) and status mapping.
 //! - [`dev`]: the development SoftHSM token behind `grant-agent dev`.
+//! - [`mock`]: a local Maskinporten (token endpoint, JWKS, fault injection) for tests and CI.
 //! - [`p12`]: reading a PKCS#12 (.p12/.pfx) file into its RSA key parts and certificate chain.
 //! - [`telemetry`]: log output.
 //! - [`proto`]: the generated `grantagent.v1` types, server and client.
@@ -32,6 +33,7 @@ pub mod dev;
 pub mod grant;
 pub mod hsm;
 pub mod metrics;
+pub mod mock;
 pub mod p12;
 pub mod server;
 pub mod telemetry;

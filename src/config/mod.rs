@@ -691,7 +691,7 @@ fn cert_environment(name: &str) -> Option<CertEnvironment> {
 }
 
 /// A TOML offset date-time as Unix seconds; a bare date means midnight UTC.
-fn unix_seconds(
+pub(crate) fn unix_seconds(
     value: &toml::value::Datetime,
     key: &str,
     invalid: &dyn Fn(&str, String, &str) -> ConfigError,
