@@ -86,6 +86,22 @@ enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// A local Maskinporten for tests and CI: checks grants as Maskinporten does and issues
+    /// access tokens signed with its own key (JWKS at /jwks). Not for production.
+    MockMaskinporten {
+        /// Address to serve on; port 0 picks a free port.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+        /// The mock's TOML config: clients, scopes, trusted CA (docs/tokens.md).
+        #[arg(long)]
+        config: PathBuf,
+        /// Serve HTTPS with this certificate chain (PEM).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key for --tls-cert (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+    },
 }
 
 /// The config whose `[pkcs11]` section names the token (keys need not be configured yet).
@@ -348,6 +364,22 @@ fn run(command: Command) -> Result<(), Failure> {
             })
         }
         Command::Client { command } => runtime()?.block_on(cli::client(command)),
+        Command::MockMaskinporten {
+            listen,
+            config,
+            tls_cert,
+            tls_key,
+        } => {
+            let config = grant_agent::mock::MockConfig::from_file(&config)?;
+            runtime()?.block_on(async {
+                let server =
+                    grant_agent::mock::MockServer::bind(config, listen, tls_cert.zip(tls_key))
+                        .await?;
+                println!("mock-maskinporten: listening on {}", server.issuer());
+                server.serve(server::shutdown_signal()).await?;
+                Ok(())
+            })
+        }
     }
 }
 

@@ -20,8 +20,10 @@ pub fn init(format: LogFormat) {
     // cryptoki logs every mechanism type it has no name for as an error; that is noise.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,cryptoki::mechanism=off"));
+    // Colours only for a person at a terminal: journald, files and collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

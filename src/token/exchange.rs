@@ -55,6 +55,25 @@ pub(super) enum Failure {
     BadAnswer(String),
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Refused { status, oauth } => write!(f, "HTTP {status}: {oauth}"),
+            Failure::Server {
+                status,
+                oauth: Some(oauth),
+            } => write!(f, "HTTP {status}: {oauth}"),
+            Failure::Server {
+                status,
+                oauth: None,
+            } => write!(f, "HTTP {status}"),
+            Failure::Network(detail) => write!(f, "{detail}"),
+            Failure::Timeout => write!(f, "no answer before the deadline"),
+            Failure::BadAnswer(detail) => write!(f, "{detail}"),
+        }
+    }
+}
+
 impl Failure {
     /// Whether another try (with a new grant) may succeed.
     pub(super) fn retryable(&self) -> bool {

@@ -272,7 +272,8 @@ impl TokenService {
         force_refresh: bool,
         deadline: Option<Instant>,
     ) -> Result<Issued, Arc<TokenError>> {
-        let deadline = deadline.unwrap_or_else(|| Instant::now() + self.settings.timeout);
+        let deadline =
+            answer_by(deadline.unwrap_or_else(|| Instant::now() + self.settings.timeout));
         let key = self.cache_key(params).map_err(|e| Arc::new(e.into()))?;
         let rx = match self.cache.lookup(&key, force_refresh) {
             Lookup::Fresh(token, refresh) => {
@@ -308,7 +309,7 @@ impl TokenService {
         };
         // The flight stops at the same deadline and reports how far it got; give its
         // report a moment to arrive rather than answer "deadline" without the detail.
-        let outcome = cache::wait(rx, deadline + Duration::from_millis(50))
+        let outcome = cache::wait(rx, deadline + REPORT_MARGIN / 2)
             .await
             .ok_or_else(|| Arc::new(TokenError::Deadline { attempts: 1 }))?;
         outcome.map(|token| Issued {
@@ -370,13 +371,13 @@ impl TokenService {
                 || attempt >= self.settings.attempts
                 || Instant::now() + pause >= deadline
             {
-                tracing::warn!(jti = %grant.jti, attempt, failure = ?failure, "token request failed");
+                tracing::warn!(jti = %grant.jti, attempt, failure = %failure, "token request failed");
                 return Err(failure.into_error(attempt));
             }
             tracing::warn!(
                 jti = %grant.jti,
                 attempt,
-                failure = ?failure,
+                failure = %failure,
                 retry_in_ms = pause.as_millis(),
                 "token request failed; retrying with a new grant"
             );
@@ -424,6 +425,17 @@ fn outcome_label(result: &Result<AccessToken, exchange::Failure>) -> String {
         Err(Failure::Timeout) => "timeout".into(),
         Err(Failure::BadAnswer(_)) => "bad_answer".into(),
     }
+}
+
+/// Time kept back from the caller's deadline, so that the answer (with what went wrong)
+/// reaches the caller before it gives up on its own.
+const REPORT_MARGIN: Duration = Duration::from_millis(100);
+
+/// The caller's deadline less [`REPORT_MARGIN`] (less only half of what is left when
+/// little is).
+fn answer_by(deadline: Instant) -> Instant {
+    let left = deadline.saturating_duration_since(Instant::now());
+    deadline - REPORT_MARGIN.min(left / 2)
 }
 
 /// Exponential from 200 ms, capped at 3 s, with jitter between half and all of it so that
