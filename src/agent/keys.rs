@@ -199,7 +199,7 @@ impl KeySet {
         Ok((key, claims))
     }
 
-    /// Checks `params` as [`KeySet::prepare`] would for signing now, without signing;
+    /// Checks `params` as signing now would (fields, key, certificate, environment), without signing;
     /// returns the environment's name (the default resolved).
     pub fn validate(&self, params: &GrantParameters, now: i64) -> Result<String, SignError> {
         let _ = self.prepare(params, now)?;
