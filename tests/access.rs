@@ -27,21 +27,7 @@ fn tls_material(dir: &Path) {
         let _ = openssl(args, dir);
     };
     let ext = |name: &str, text: &str| std::fs::write(dir.join(name), text).expect("extfile");
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Internal CA",
-    ]);
+    common::server_tls(dir);
     run(&[
         "req",
         "-x509",
@@ -57,10 +43,6 @@ fn tls_material(dir: &Path) {
         "-subj",
         "/CN=Rogue CA",
     ]);
-    ext(
-        "server.ext",
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    );
     let issue = |name: &str, ca: &str, ext_file: &str| {
         run(&[
             "req",
@@ -92,7 +74,6 @@ fn tls_material(dir: &Path) {
             ext_file,
         ]);
     };
-    issue("server", "ca", "server.ext");
     ext(
         "payments.ext",
         &format!("subjectAltName=URI:{PAYMENTS}\nextendedKeyUsage=clientAuth\n"),

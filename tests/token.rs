@@ -11,12 +11,16 @@
 
 mod common;
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use common::{BIN, DevAgent, Mock, TEST_AUD, openssl, params, read, verify};
-use grant_agent::proto::{GetAccessTokenRequest, GrantParameters, SignGrantRequest};
+use common::{BIN, DevAgent, Mock, TEST_AUD, params, read, verify};
+use grant_agent::proto::{
+    GetAccessTokenRequest, GetAccessTokenResponse, GrantParameters, SignGrantRequest,
+    grant_agent_client::GrantAgentClient,
+};
 use tonic::Code;
+use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 const CLIENT_ID: &str = "0a3b5c7d-1111-2222-3333-444455556666";
@@ -59,7 +63,7 @@ async fn setup(options: Options<'_>) -> Setup {
     std::fs::write(path("dev-cert.pem"), pem(&leaf)).expect("anchor");
 
     let tls = options.https.map(|_| {
-        tls_material(dir.path());
+        common::server_tls(dir.path());
         (path("server.pem"), path("server.key"))
     });
     let mock = Mock::start(
@@ -108,60 +112,17 @@ fn pem(der: &[u8]) -> String {
     )
 }
 
-/// A CA and a server certificate for 127.0.0.1, for the mock's HTTPS.
-fn tls_material(dir: &Path) {
-    let run = |args: &[&str]| {
-        let _ = openssl(args, dir);
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Mock CA",
-    ]);
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("extfile");
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-out",
-        "server.pem",
-        "-extfile",
-        "server.ext",
-    ]);
+/// An access token the agent must give.
+async fn token(
+    client: &mut GrantAgentClient<Channel>,
+    grant: GrantParameters,
+    force_refresh: bool,
+) -> GetAccessTokenResponse {
+    client
+        .get_access_token(ask(grant, force_refresh))
+        .await
+        .expect("token")
+        .into_inner()
 }
 
 fn mock_params() -> GrantParameters {
@@ -189,11 +150,7 @@ async fn tokens_verify_are_cached_and_never_logged() {
     let Setup { agent, mock } = setup(Options::default()).await;
     let mut client = agent.client().await;
 
-    let first = client
-        .get_access_token(ask(mock_params(), false))
-        .await
-        .expect("token")
-        .into_inner();
+    let first = token(&mut client, mock_params(), false).await;
     assert!(!first.from_cache);
     assert_eq!(first.token_type, "Bearer");
     assert_eq!(first.scope, "test:scope");
@@ -215,42 +172,22 @@ async fn tokens_verify_are_cached_and_never_logged() {
     let mut two_reversed = two.clone();
     two_reversed.scopes.reverse();
     for _ in 0..5 {
-        let again = client
-            .get_access_token(ask(mock_params(), false))
-            .await
-            .expect("token")
-            .into_inner();
+        let again = token(&mut client, mock_params(), false).await;
         assert!(again.from_cache);
         assert_eq!(again.access_token, first.access_token);
     }
     assert_eq!(requests_at_mock(&mock).await, 1);
-    let a = client
-        .get_access_token(ask(two, false))
-        .await
-        .expect("token")
-        .into_inner();
-    let b = client
-        .get_access_token(ask(two_reversed, false))
-        .await
-        .expect("token")
-        .into_inner();
+    let a = token(&mut client, two, false).await;
+    let b = token(&mut client, two_reversed, false).await;
     assert!(!a.from_cache && b.from_cache);
     assert_eq!(a.access_token, b.access_token);
     assert_eq!(requests_at_mock(&mock).await, 2);
 
     // force_refresh fetches a new token, which then serves the repeats.
-    let forced = client
-        .get_access_token(ask(mock_params(), true))
-        .await
-        .expect("token")
-        .into_inner();
+    let forced = token(&mut client, mock_params(), true).await;
     assert!(!forced.from_cache);
     assert_ne!(forced.access_token, first.access_token);
-    let after = client
-        .get_access_token(ask(mock_params(), false))
-        .await
-        .expect("token")
-        .into_inner();
+    let after = token(&mut client, mock_params(), false).await;
     assert_eq!(after.access_token, forced.access_token);
     assert_eq!(requests_at_mock(&mock).await, 3);
 
@@ -320,11 +257,7 @@ async fn concurrent_identical_requests_make_one_upstream_call() {
     for _ in 0..100 {
         let mut client = client.clone();
         tasks.push(tokio::spawn(async move {
-            client
-                .get_access_token(ask(mock_params(), false))
-                .await
-                .expect("token")
-                .into_inner()
+            token(&mut client, mock_params(), false).await
         }));
     }
     let mut tokens = std::collections::BTreeSet::new();
@@ -348,17 +281,9 @@ async fn hot_entries_are_refreshed_ahead_of_expiry() {
     })
     .await;
     let mut client = agent.client().await;
-    let first = client
-        .get_access_token(ask(mock_params(), false))
-        .await
-        .expect("token")
-        .into_inner();
+    let first = token(&mut client, mock_params(), false).await;
     tokio::time::sleep(Duration::from_millis(4500)).await;
-    let due = client
-        .get_access_token(ask(mock_params(), false))
-        .await
-        .expect("token")
-        .into_inner();
+    let due = token(&mut client, mock_params(), false).await;
     assert!(
         due.from_cache,
         "a token due for refresh is still served at once"
@@ -370,11 +295,7 @@ async fn hot_entries_are_refreshed_ahead_of_expiry() {
         2,
         "refreshed in the background"
     );
-    let refreshed = client
-        .get_access_token(ask(mock_params(), false))
-        .await
-        .expect("token")
-        .into_inner();
+    let refreshed = token(&mut client, mock_params(), false).await;
     assert!(refreshed.from_cache);
     assert_ne!(refreshed.access_token, first.access_token);
     assert!(refreshed.expires_at > first.expires_at);
@@ -596,30 +517,24 @@ async fn authorization_details_reach_the_token_and_the_policy() {
     .await;
     let mut client = agent.client().await;
     let system_user = r#"[{"type":"urn:altinn:systemuser","systemuser_org":{"authority":"iso6523-actorid-upis","ID":"0192:313367002"}}]"#;
-    let token = client
-        .get_access_token(ask(
-            GrantParameters {
-                authorization_details_json: system_user.into(),
-                ..mock_params()
-            },
-            false,
-        ))
-        .await
-        .expect("token")
-        .into_inner();
-    let claims = mock.verify_access_token(&token.access_token).await;
+    let system = token(
+        &mut client,
+        GrantParameters {
+            authorization_details_json: system_user.into(),
+            ..mock_params()
+        },
+        false,
+    )
+    .await;
+    let claims = mock.verify_access_token(&system.access_token).await;
     assert_eq!(
         claims["authorization_details"][0]["type"],
         "urn:altinn:systemuser"
     );
     // A different authorization_details is a different cache entry.
-    let plain = client
-        .get_access_token(ask(mock_params(), false))
-        .await
-        .expect("token")
-        .into_inner();
+    let plain = token(&mut client, mock_params(), false).await;
     assert!(!plain.from_cache);
-    assert_ne!(plain.access_token, token.access_token);
+    assert_ne!(plain.access_token, system.access_token);
 
     let consent = GrantParameters {
         authorization_details_json: r#"[{"type":"urn:altinn:consent","id":"x"}]"#.into(),

@@ -260,10 +260,7 @@ impl Config {
             source,
         })?;
         let file = path.display().to_string();
-        let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
-            file: file.clone(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
+        let raw: RawConfig = from_toml(&text, &file)?;
         pkcs11_section(raw.pkcs11, &file, path.parent().unwrap_or(Path::new(".")))
     }
 
@@ -274,16 +271,8 @@ impl Config {
     }
 
     fn parse(text: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            file: file.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
-        let invalid = |key: &str, problem: String, fix: &str| ConfigError::Invalid {
-            file: file.to_owned(),
-            key: key.to_owned(),
-            problem,
-            fix: fix.to_owned(),
-        };
+        let raw: RawConfig = from_toml(text, file)?;
+        let invalid = invalid_in(file);
 
         let access = access::access(
             access::RawAccess {
@@ -738,6 +727,27 @@ pub(crate) fn unix_seconds(
 /// 0.86; see docs/performance.md). A hardware HSM caps sessions: set `pkcs11.sessions`.
 pub fn default_sessions() -> usize {
     std::thread::available_parallelism().map_or(4, |n| (n.get() * 4).max(4))
+}
+
+/// Parses TOML text, naming `file` in a syntax error.
+pub(crate) fn from_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        file: file.to_owned(),
+        message: e.to_string().trim_end().to_owned(),
+    })
+}
+
+/// Makes [`ConfigError::Invalid`] for `file`: the key, the problem, the fix.
+pub(crate) fn invalid_in(file: &str) -> impl Fn(&str, String, &str) -> ConfigError + '_ {
+    move |key, problem, fix| ConfigError::Invalid {
+        file: file.to_owned(),
+        key: key.to_owned(),
+        problem,
+        fix: fix.to_owned(),
+    }
 }
 
 fn is_key_name(name: &str) -> bool {

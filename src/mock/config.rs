@@ -128,16 +128,8 @@ type Invalid<'a> = dyn Fn(&str, String, &str) -> ConfigError + 'a;
 /// Parses and checks config text; `file` names it in errors and relative paths resolve
 /// against `base`.
 pub(super) fn parse(text: &str, file: &str, base: &Path) -> Result<MockConfig, ConfigError> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-        file: file.to_owned(),
-        message: e.to_string().trim_end().to_owned(),
-    })?;
-    let invalid = |key: &str, problem: String, fix: &str| ConfigError::Invalid {
-        file: file.to_owned(),
-        key: key.to_owned(),
-        problem,
-        fix: fix.to_owned(),
-    };
+    let raw: RawConfig = crate::config::from_toml(text, file)?;
+    let invalid = crate::config::invalid_in(file);
 
     if let Some(issuer) = &raw.issuer {
         let scheme_ok = issuer.starts_with("http://") || issuer.starts_with("https://");

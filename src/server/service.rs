@@ -84,7 +84,7 @@ struct Admitted {
 
 /// What the audit line says of the result.
 #[derive(Default)]
-struct Result_<'a> {
+struct Detail<'a> {
     status: Option<&'a Status>,
     certificate_sha256: &'a str,
     jti: &'a str,
@@ -97,7 +97,7 @@ impl GrantAgentService {
         audit: &'static str,
         at: &Admitted,
         outcome: &'static str,
-        result: &Result_<'_>,
+        result: &Detail<'_>,
     ) {
         if audit == "token" {
             self.metrics.token(&at.key, outcome);
@@ -127,6 +127,26 @@ impl GrantAgentService {
                 .map(|s| s.message().to_owned())
                 .unwrap_or_default(),
         });
+    }
+
+    /// Audits a request that ends without a result, and gives back the status to send.
+    fn refuse(
+        &self,
+        audit: &'static str,
+        at: &Admitted,
+        outcome: &'static str,
+        status: Status,
+    ) -> Status {
+        self.record(
+            audit,
+            at,
+            outcome,
+            &Detail {
+                status: Some(&status),
+                ..Detail::default()
+            },
+        );
+        status
     }
 
     /// Identifies the caller, resolves the defaults and checks the policy; a refusal is
@@ -169,16 +189,7 @@ impl GrantAgentService {
             Ok(types) => types,
             Err(invalid) => {
                 let status = status::from_sign_error(&SignError::Invalid(invalid));
-                self.record(
-                    audit,
-                    &admitted,
-                    "refused",
-                    &Result_ {
-                        status: Some(&status),
-                        ..Result_::default()
-                    },
-                );
-                return Err(status);
+                return Err(self.refuse(audit, &admitted, "refused", status));
             }
         };
         let ask = Ask {
@@ -191,16 +202,7 @@ impl GrantAgentService {
         };
         if let Err(refusal) = self.policy.authorize(&admitted.caller, &ask) {
             let status = status::from_refusal(&refusal);
-            self.record(
-                audit,
-                &admitted,
-                "denied",
-                &Result_ {
-                    status: Some(&status),
-                    ..Result_::default()
-                },
-            );
-            return Err(status);
+            return Err(self.refuse(audit, &admitted, "denied", status));
         }
         Ok((admitted, message))
     }
@@ -221,7 +223,7 @@ impl GrantAgentService {
                     "grant",
                     &at,
                     "signed",
-                    &Result_ {
+                    &Detail {
                         certificate_sha256: &grant.certificate_sha256,
                         jti: &grant.jti,
                         expires_at: Some(grant.expires_at),
@@ -241,16 +243,7 @@ impl GrantAgentService {
             Err(error) => {
                 let status = status::from_sign_error(&error);
                 let outcome = self.sign_failure(&error);
-                self.record(
-                    "grant",
-                    &at,
-                    outcome,
-                    &Result_ {
-                        status: Some(&status),
-                        ..Result_::default()
-                    },
-                );
-                Err(status)
+                Err(self.refuse("grant", &at, outcome, status))
             }
         }
     }
@@ -291,9 +284,9 @@ impl GrantAgentService {
                     "token",
                     &at,
                     outcome,
-                    &Result_ {
+                    &Detail {
                         expires_at: Some(token.expires_at),
-                        ..Result_::default()
+                        ..Detail::default()
                     },
                 );
                 Ok(Response::new(GetAccessTokenResponse {
@@ -314,16 +307,7 @@ impl GrantAgentService {
                 if outcome == "failed" {
                     tracing::error!(error = %error, "no access token");
                 }
-                self.record(
-                    "token",
-                    &at,
-                    outcome,
-                    &Result_ {
-                        status: Some(&status),
-                        ..Result_::default()
-                    },
-                );
-                Err(status)
+                Err(self.refuse("token", &at, outcome, status))
             }
         }
     }

@@ -17,7 +17,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{AccessToken, TokenError};
+use super::{AccessToken, TokenError, lock};
 
 /// What a flight ends with, shared by everyone waiting for it.
 pub(super) type Outcome = Result<Arc<AccessToken>, Arc<TokenError>>;
@@ -188,13 +188,6 @@ pub(super) async fn wait(
             "the token request ended without an answer".into(),
         )))),
         Err(_) => None,
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match mutex.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

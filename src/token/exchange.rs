@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{EnvironmentConfig, TokenEndpoint, TokenSettings, endpoint_problem};
 
-use super::{AccessToken, OAuthError, TokenError};
+use super::{AccessToken, OAuthError, TokenError, lock};
 
 /// The grant type of RFC 7523, the only one Maskinporten takes from a server.
 const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -365,13 +365,6 @@ fn http_client(settings: &TokenSettings) -> Result<reqwest::Client, SetupError> 
         builder = builder.proxy(proxy);
     }
     builder.build().map_err(|e| SetupError::Client(describe(e)))
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match mutex.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    }
 }
 
 #[cfg(test)]

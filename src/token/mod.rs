@@ -427,6 +427,14 @@ fn outcome_label(result: &Result<AccessToken, exchange::Failure>) -> String {
     }
 }
 
+/// A mutex's guard, also after a panic elsewhere (the data are plain maps, always whole).
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
 /// Time kept back from the caller's deadline, so that the answer (with what went wrong)
 /// reaches the caller before it gives up on its own.
 const REPORT_MARGIN: Duration = Duration::from_millis(100);

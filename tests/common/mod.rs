@@ -310,6 +310,63 @@ pub(crate) fn openssl(args: &[&str], dir: &Path) -> std::process::Output {
     out
 }
 
+/// A CA (`ca.pem`, `ca.key`) and a server certificate for 127.0.0.1 and localhost signed
+/// by it (`server.pem`, `server.key`), made with openssl in `dir`.
+pub(crate) fn server_tls(dir: &Path) {
+    let run = |args: &[&str]| {
+        let _ = openssl(args, dir);
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Internal CA",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("extfile");
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "server.pem",
+        "-extfile",
+        "server.ext",
+    ]);
+}
+
 /// A certificate authority made with openssl, standing in for Buypass or Commfides: it
 /// issues certificates for CSRs made in the token, with any subject and validity window.
 pub(crate) struct TestCa {
