@@ -211,6 +211,8 @@ async fn metrics_count_what_happened_and_logs_carry_request_ids() {
         "grant_agent_sessions 3",
         "grant_agent_queue_depth 0",
         "grant_agent_sessions_busy 0",
+        "grant_agent_serving 1",
+        "grant_agent_recoveries_total 0",
     ] {
         assert!(text.contains(expected), "{expected} missing from\n{text}");
     }
