@@ -279,6 +279,7 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Key { command } => key_command(command),
         Command::Check { config } => {
             let c = Config::load(&config)?;
+            grant_agent::token::check_settings(&c.token)?;
             let names: std::collections::BTreeSet<&str> =
                 c.keys.iter().map(|k| k.name.as_str()).collect();
             println!(

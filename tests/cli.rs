@@ -493,6 +493,24 @@ fn version_names_the_build_and_check_validates_without_a_token() {
         "{}",
         stderr(&out)
     );
+    // The token endpoint's trust anchors are read too, so a restart will not fail on them.
+    let no_ca = dir.path().join("no-ca.toml");
+    std::fs::write(
+        &no_ca,
+        read(&good) + "[token]\nca_file = \"missing-ca.pem\"\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&no_ca)
+        .output()
+        .expect("check");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("token.ca_file") && stderr(&out).contains("missing-ca.pem"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

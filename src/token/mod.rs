@@ -235,6 +235,12 @@ pub struct Issued {
     pub from_cache: bool,
 }
 
+/// Checks that the HTTPS client for `settings` can be set up (the CA file reads, the proxy
+/// parses), as `grant-agent check` does before a restart.
+pub fn check_settings(settings: &TokenSettings) -> Result<(), SetupError> {
+    Exchange::new(settings).map(drop)
+}
+
 /// Access tokens for every caller: cache, single flight, exchange, retries.
 pub struct TokenService {
     agent: Arc<Agent>,
