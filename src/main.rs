@@ -372,11 +372,17 @@ fn run(command: Command) -> Result<(), Failure> {
             tls_key,
         } => {
             let config = grant_agent::mock::MockConfig::from_file(&config)?;
+            let tls = tls_cert.is_some();
             runtime()?.block_on(async {
                 let server =
                     grant_agent::mock::MockServer::bind(config, listen, tls_cert.zip(tls_key))
                         .await?;
-                println!("mock-maskinporten: listening on {}", server.issuer());
+                let scheme = if tls { "https" } else { "http" };
+                let url = format!("{scheme}://{}/", server.local_addr());
+                println!("mock-maskinporten: listening on {url}");
+                if server.issuer() != url {
+                    println!("mock-maskinporten: issuer {}", server.issuer());
+                }
                 server.serve(server::shutdown_signal()).await?;
                 Ok(())
             })

@@ -42,6 +42,8 @@ struct Options<'a> {
     token: &'a str,
     /// Replaces the dev config's policy.
     policy: Option<&'a str>,
+    /// Appended to the agent's config.
+    extra: &'a str,
 }
 
 /// A dev token and its self-signed test certificate (the mock's trust anchor), a mock
@@ -94,6 +96,7 @@ async fn setup(options: Options<'_>) -> Setup {
          [environments.wrongaud]\naudience = \"https://test.maskinporten.no/\"\ntoken_endpoint = \"{}token\"\n",
         options.token, mock.url, mock.url
     ));
+    config.push_str(options.extra);
     std::fs::write(path("agent.toml"), config).expect("agent config");
     let agent = DevAgent::serve(dir, "agent.toml");
     Setup { agent, mock }
@@ -614,4 +617,47 @@ async fn https_with_a_configured_ca_and_refused_without_it() {
         "{}",
         status.message()
     );
+}
+
+#[tokio::test]
+async fn discovery_must_name_the_issuer_asked_about() {
+    // A local Maskinporten whose metadata claims another issuer than the one asked.
+    let dir = tempfile::tempdir().expect("dir");
+    let impostor = Mock::start(
+        dir.path(),
+        &format!(
+            "issuer = \"https://maskinporten.example/\"\n[[clients]]\nclient_id = \"{CLIENT_ID}\"\nscopes = [\"test:scope\"]\n"
+        ),
+        None,
+    );
+    let environment = format!(
+        "[environments.impostor]\nissuer = \"{}\"\ndiscover = true\n",
+        impostor.url
+    );
+    let Setup { agent, mock: _mock } = setup(Options {
+        extra: &environment,
+        ..Options::default()
+    })
+    .await;
+    let status = agent
+        .client()
+        .await
+        .get_access_token(ask(
+            GrantParameters {
+                environment: "impostor".into(),
+                ..mock_params()
+            },
+            false,
+        ))
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    assert!(
+        status
+            .message()
+            .contains("names issuer \"https://maskinporten.example/\""),
+        "{}",
+        status.message()
+    );
+    assert_eq!(requests_at_mock(&impostor).await, 0, "no grant was sent");
 }
