@@ -1,0 +1,164 @@
+//! `grant-agent client ...`: for scripts and probes, talking to a running agent. Results
+//! go to stdout alone (a grant, a token), so `$(grant-agent client token ...)` works;
+//! refusals go to stderr with the agent's whole message and a non-zero exit.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use grant_agent::{client, grant::GrantParameters, proto};
+
+use crate::{Failure, GrantArgs};
+
+#[derive(Subcommand)]
+pub(crate) enum ClientCommand {
+    /// Sign a grant on the agent and print it to stdout.
+    Grant {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(flatten)]
+        grant: GrantArgs,
+    },
+    /// Get an access token from the agent (cached or fresh) and print it to stdout, e.g.
+    /// `curl -H "Authorization: Bearer $(grant-agent client token ...)"`.
+    Token {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(flatten)]
+        grant: GrantArgs,
+        /// Skip the agent's cache and fetch a new token.
+        #[arg(long)]
+        force_refresh: bool,
+        /// Print the whole answer as JSON (access_token, token_type, expires_at, scope,
+        /// from_cache) instead of the bare token.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Exit 0 when the agent is SERVING, 1 otherwise: for liveness and readiness probes.
+    Health {
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+/// Where the agent is, and the caller's TLS identity for mutual TLS.
+#[derive(Args)]
+pub(crate) struct Connection {
+    /// The agent: HOST:PORT, or unix:/path/to/socket.
+    #[arg(long, default_value = "127.0.0.1:50051", env = "GRANT_AGENT_ADDR")]
+    addr: String,
+    /// CA bundle for the agent's certificate (mutual TLS).
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// This caller's certificate (mutual TLS).
+    #[arg(long, requires = "tls_ca")]
+    tls_cert: Option<PathBuf>,
+    /// This caller's private key (mutual TLS).
+    #[arg(long, requires = "tls_ca")]
+    tls_key: Option<PathBuf>,
+    /// Name to expect in the agent's certificate [default: the host in --addr].
+    #[arg(long, requires = "tls_ca")]
+    tls_domain: Option<String>,
+}
+
+impl Connection {
+    fn tls(&self) -> Result<Option<client::ClientTls>, Failure> {
+        Ok(match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(certificate), Some(key)) => Some(client::ClientTls {
+                ca: ca.clone(),
+                certificate: certificate.clone(),
+                key: key.clone(),
+                domain: self.tls_domain.clone(),
+            }),
+            (None, None, None) => None,
+            _ => return Err("--tls-ca, --tls-cert and --tls-key go together".into()),
+        })
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<proto::grant_agent_client::GrantAgentClient<tonic::transport::Channel>, Failure>
+    {
+        Ok(client::connect(&self.addr, self.tls()?.as_ref()).await?)
+    }
+}
+
+fn to_proto(grant: GrantArgs) -> proto::GrantParameters {
+    let p: GrantParameters = grant.into();
+    proto::GrantParameters {
+        key: p.key,
+        client_id: p.client_id,
+        scopes: p.scopes,
+        environment: p.environment,
+        resources: p.resources,
+        consumer_org: p.consumer_org,
+        lifetime_seconds: p.lifetime_seconds,
+        authorization_details_json: p.authorization_details_json,
+    }
+}
+
+fn refused(status: &tonic::Status) -> Failure {
+    format!(
+        "the agent refused: {:?}: {}",
+        status.code(),
+        status.message()
+    )
+    .into()
+}
+
+/// Runs one client command.
+pub(crate) async fn client(command: ClientCommand) -> Result<(), Failure> {
+    match command {
+        ClientCommand::Health { connection } => {
+            if client::serving(&connection.addr, connection.tls()?.as_ref()).await? {
+                println!("SERVING");
+                Ok(())
+            } else {
+                Err("the agent is NOT_SERVING (its token is unavailable)".into())
+            }
+        }
+        ClientCommand::Grant { connection, grant } => {
+            let response = connection
+                .connect()
+                .await?
+                .sign_grant(proto::SignGrantRequest {
+                    grant: Some(to_proto(grant)),
+                })
+                .await
+                .map_err(|s| refused(&s))?;
+            println!("{}", response.into_inner().assertion);
+            Ok(())
+        }
+        ClientCommand::Token {
+            connection,
+            grant,
+            force_refresh,
+            json,
+        } => {
+            let token = connection
+                .connect()
+                .await?
+                .get_access_token(proto::GetAccessTokenRequest {
+                    grant: Some(to_proto(grant)),
+                    force_refresh,
+                })
+                .await
+                .map_err(|s| refused(&s))?
+                .into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "access_token": token.access_token,
+                        "token_type": token.token_type,
+                        "expires_at": token.expires_at,
+                        "scope": token.scope,
+                        "from_cache": token.from_cache,
+                    })
+                );
+            } else {
+                println!("{}", token.access_token);
+            }
+            Ok(())
+        }
+    }
+}
