@@ -38,11 +38,11 @@ struct Options<'a> {
     lifetime: Option<u32>,
     /// Serve the mock over HTTPS, with a CA the agent is told to trust (or not).
     https: Option<bool>,
-    /// Extra lines for the agent's `[token]` section.
+    /// Extra lines for the agent's `[token]` section; `{mock}` becomes the mock's URL.
     token: &'a str,
     /// Replaces the dev config's policy.
     policy: Option<&'a str>,
-    /// Appended to the agent's config.
+    /// Appended to the agent's config; `{mock}` becomes the mock's URL.
     extra: &'a str,
 }
 
@@ -94,9 +94,11 @@ async fn setup(options: Options<'_>) -> Setup {
         "\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[token]\n{ca_file}{}\n\n\
          [environments.mock]\nissuer = \"{}\"\ndiscover = true\ncertificates = \"test\"\n\n\
          [environments.wrongaud]\naudience = \"https://test.maskinporten.no/\"\ntoken_endpoint = \"{}token\"\n",
-        options.token, mock.url, mock.url
+        options.token.replace("{mock}", &mock.url),
+        mock.url,
+        mock.url
     ));
-    config.push_str(options.extra);
+    config.push_str(&options.extra.replace("{mock}", &mock.url));
     std::fs::write(path("agent.toml"), config).expect("agent config");
     let agent = DevAgent::serve(dir, "agent.toml");
     Setup { agent, mock }
@@ -660,4 +662,29 @@ async fn discovery_must_name_the_issuer_asked_about() {
         status.message()
     );
     assert_eq!(requests_at_mock(&impostor).await, 0, "no grant was sent");
+}
+
+#[tokio::test]
+async fn token_requests_go_through_the_configured_proxy() {
+    // The endpoint is a loopback address where nothing listens; the proxy is the mock,
+    // which answers the proxied POST. A token proves the request went through the proxy.
+    let Setup { agent, mock } = setup(Options {
+        token: "proxy = \"{mock}\"",
+        extra: "[environments.proxied]\naudience = \"{mock}\"\ntoken_endpoint = \"http://127.0.0.2:9/token\"\n",
+        ..Options::default()
+    })
+    .await;
+    let mut client = agent.client().await;
+    let proxied = token(
+        &mut client,
+        GrantParameters {
+            environment: "proxied".into(),
+            ..mock_params()
+        },
+        false,
+    )
+    .await;
+    let claims = mock.verify_access_token(&proxied.access_token).await;
+    assert_eq!(claims["client_id"], CLIENT_ID);
+    assert_eq!(requests_at_mock(&mock).await, 1);
 }
