@@ -174,15 +174,10 @@ fn cached_tokens(
             .expect("base64url"),
     )
     .expect("header JSON");
-    let leaf = header["x5c"][0].as_str().expect("x5c");
-    let pem = format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        leaf.as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).expect("ascii"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    let leaf = base64::engine::general_purpose::STANDARD
+        .decode(header["x5c"][0].as_str().expect("x5c"))
+        .expect("x5c is base64");
+    let pem = der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, &leaf).expect("PEM");
     std::fs::write(dir.join("dev-cert.pem"), pem).expect("anchor");
     std::fs::write(
         dir.join("mock.toml"),

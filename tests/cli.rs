@@ -10,8 +10,7 @@ mod common;
 
 use std::process::Output;
 
-use base64::{Engine, engine::general_purpose::STANDARD};
-use common::{BIN, DevAgent, TEST_AUD, read, verify};
+use common::{BIN, DevAgent, TEST_AUD, pem, read, verify};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -354,19 +353,6 @@ fn a_pem_certificate_and_a_key_by_id_work_and_a_foreign_certificate_is_refused()
         "{}",
         stderr(&out)
     );
-}
-
-fn pem(der: &[u8]) -> String {
-    let b64 = STANDARD.encode(der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
-        .collect();
-    format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        lines.join("\n")
-    )
 }
 
 #[test]

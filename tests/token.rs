@@ -13,8 +13,7 @@ mod common;
 
 use std::time::Duration;
 
-use base64::{Engine, engine::general_purpose::STANDARD};
-use common::{BIN, DevAgent, Mock, TEST_AUD, params, read, verify};
+use common::{BIN, DevAgent, Mock, TEST_AUD, params, pem, read, verify};
 use grant_agent::proto::{
     GetAccessTokenRequest, GetAccessTokenResponse, GrantParameters, SignGrantRequest,
     grant_agent_client::GrantAgentClient,
@@ -102,19 +101,6 @@ async fn setup(options: Options<'_>) -> Setup {
     std::fs::write(path("agent.toml"), config).expect("agent config");
     let agent = DevAgent::serve(dir, "agent.toml");
     Setup { agent, mock }
-}
-
-fn pem(der: &[u8]) -> String {
-    let body = STANDARD.encode(der);
-    let lines: Vec<&str> = body
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
-        .collect();
-    format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        lines.join("\n")
-    )
 }
 
 /// An access token the agent must give.

@@ -295,6 +295,11 @@ pub(crate) fn private_key_access(dir: &Path, label: &str) -> (Vec<String>, Strin
     (flags, block)
 }
 
+/// A DER certificate as PEM.
+pub(crate) fn pem(der: &[u8]) -> String {
+    der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, der).expect("PEM")
+}
+
 /// Runs openssl, failing with an install hint when it is missing.
 pub(crate) fn openssl(args: &[&str], dir: &Path) -> std::process::Output {
     let out = Command::new("openssl")
