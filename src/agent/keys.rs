@@ -174,11 +174,7 @@ impl KeySet {
         params: &GrantParameters,
         now: i64,
     ) -> Result<(&SigningKey, Claims), SignError> {
-        let name = if params.key.is_empty() {
-            &self.default_key
-        } else {
-            &params.key
-        };
+        let name = self.key_name(&params.key);
         let (environment_name, environment) = self.environment(&params.environment)?;
         let claims = Claims::new(params, &environment.audience, now)?;
         let key = self.select(name, now)?;
@@ -203,8 +199,25 @@ impl KeySet {
     /// returns the environment's name (the default resolved).
     pub fn validate(&self, params: &GrantParameters, now: i64) -> Result<String, SignError> {
         let _ = self.prepare(params, now)?;
-        let (name, _) = self.environment(&params.environment)?;
-        Ok(name.to_owned())
+        Ok(self.environment_name(&params.environment).to_owned())
+    }
+
+    /// The key name a request means: the one it names, or the default key's.
+    pub fn key_name<'a>(&'a self, requested: &'a str) -> &'a str {
+        if requested.is_empty() {
+            &self.default_key
+        } else {
+            requested
+        }
+    }
+
+    /// The environment name a request means: the one it names, or the default (empty
+    /// when there is none).
+    pub fn environment_name<'a>(&'a self, requested: &'a str) -> &'a str {
+        match (requested, &self.default_environment) {
+            ("", Some(default)) => default,
+            (env, _) => env,
+        }
     }
 
     /// The environment a request names, or the default when it names none.
@@ -212,10 +225,7 @@ impl KeySet {
         &'a self,
         requested: &'a str,
     ) -> Result<(&'a str, &'a EnvironmentConfig), InvalidGrant> {
-        let name = match (requested, &self.default_environment) {
-            ("", Some(default)) => default.as_str(),
-            (env, _) => env,
-        };
+        let name = self.environment_name(requested);
         let environment = self.environments.get(name).ok_or_else(|| InvalidGrant {
             field: "grant.environment".into(),
             reason: format!(
@@ -243,11 +253,6 @@ impl KeySet {
     /// The name used when a request names none.
     pub fn default_key(&self) -> &str {
         &self.default_key
-    }
-
-    /// The environment used when a request names none.
-    pub fn default_environment(&self) -> Option<&str> {
-        self.default_environment.as_deref()
     }
 }
 

@@ -26,7 +26,7 @@ pub(crate) struct Decision<'a> {
     pub(crate) consumer_org: &'a str,
     /// The `type` of each authorization_details entry (the details themselves may name
     /// people or systems, and stay out of the trail).
-    pub(crate) authorization_types: Vec<String>,
+    pub(crate) authorization_types: &'a [String],
     pub(crate) jti: &'a str,
     pub(crate) expires_at: Option<i64>,
     /// "signed" (a grant), "issued" or "cached" (a token), "denied" (policy), "refused"

@@ -79,6 +79,9 @@ struct Admitted {
     params: GrantParameters,
     key: String,
     environment: String,
+    /// The `type` of each authorization_details entry (empty when there are none, or the
+    /// field is invalid), read once for the policy and the audit line.
+    authorization_types: Vec<String>,
     deadline: Option<std::time::Instant>,
 }
 
@@ -117,7 +120,7 @@ impl GrantAgentService {
             environment: &at.environment,
             resources: &at.params.resources,
             consumer_org: &at.params.consumer_org,
-            authorization_types: authorization_types(&at.params).unwrap_or_default(),
+            authorization_types: &at.authorization_types,
             jti: result.jti,
             expires_at: result.expires_at,
             outcome,
@@ -167,14 +170,11 @@ impl GrantAgentService {
         let params: GrantParameters = grant(&mut message).unwrap_or_default().into();
         // The policy judges what will really be used, so resolve the defaults first.
         let keys = self.agent.keys();
-        let key = if params.key.is_empty() {
-            keys.default_key().to_owned()
-        } else {
-            params.key.clone()
-        };
-        let environment = match (params.environment.as_str(), keys.default_environment()) {
-            ("", Some(default)) => default.to_owned(),
-            (env, _) => env.to_owned(),
+        let key = keys.key_name(&params.key).to_owned();
+        let environment = keys.environment_name(&params.environment).to_owned();
+        let (types, invalid) = match authorization_types(&params) {
+            Ok(types) => (types, None),
+            Err(invalid) => (Vec::new(), Some(invalid)),
         };
         let admitted = Admitted {
             request_id,
@@ -183,22 +183,20 @@ impl GrantAgentService {
             params,
             key,
             environment,
+            authorization_types: types,
             deadline,
         };
-        let types = match authorization_types(&admitted.params) {
-            Ok(types) => types,
-            Err(invalid) => {
-                let status = status::from_sign_error(&SignError::Invalid(invalid));
-                return Err(self.refuse(audit, &admitted, "refused", status));
-            }
-        };
+        if let Some(invalid) = invalid {
+            let status = status::from_sign_error(&SignError::Invalid(invalid));
+            return Err(self.refuse(audit, &admitted, "refused", status));
+        }
         let ask = Ask {
             key: &admitted.key,
             client_id: &admitted.params.client_id,
             scopes: &admitted.params.scopes,
             environment: &admitted.environment,
             consumer_org: &admitted.params.consumer_org,
-            authorization_types: &types,
+            authorization_types: &admitted.authorization_types,
         };
         if let Err(refusal) = self.policy.authorize(&admitted.caller, &ask) {
             let status = status::from_refusal(&refusal);

@@ -406,11 +406,7 @@ impl TokenService {
             values
         };
         Ok(CacheKey {
-            key: if params.key.is_empty() {
-                keys.default_key().to_owned()
-            } else {
-                params.key.clone()
-            },
+            key: keys.key_name(&params.key).to_owned(),
             client_id: params.client_id.clone(),
             scopes: sorted(&params.scopes),
             resources: sorted(&params.resources),
