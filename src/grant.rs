@@ -123,7 +123,7 @@ pub struct Claims {
     pub consumer_org: Option<String>,
     /// Rich authorization requests (Altinn system users, consent).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub authorization_details: Option<serde_json::Value>,
+    pub authorization_details: Option<AuthorizationDetails>,
 }
 
 impl Claims {
@@ -156,7 +156,7 @@ impl Claims {
             }
         };
         let authorization_details =
-            AuthorizationDetails::parse(&params.authorization_details_json)?.map(|d| d.0);
+            AuthorizationDetails::parse(&params.authorization_details_json)?;
         Ok(Claims {
             aud: aud.to_owned(),
             iss: params.client_id.clone(),
@@ -175,7 +175,8 @@ impl Claims {
 /// with a `type` such as `urn:altinn:systemuser` or `urn:altinn:consent`. What each type
 /// means is Maskinporten's and Altinn's business; the agent checks the shape and lets the
 /// caller policy decide which types a caller may ask for.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
 pub struct AuthorizationDetails(serde_json::Value);
 
 impl AuthorizationDetails {

@@ -195,11 +195,18 @@ impl KeySet {
         Ok((key, claims))
     }
 
-    /// Checks `params` as signing now would (fields, key, certificate, environment), without signing;
-    /// returns the environment's name (the default resolved).
-    pub fn validate(&self, params: &GrantParameters, now: i64) -> Result<String, SignError> {
-        let _ = self.prepare(params, now)?;
-        Ok(self.environment_name(&params.environment).to_owned())
+    /// Checks `params` as signing now would (fields, key, certificate, environment), without
+    /// signing; returns the environment's name (the default resolved) and the claims.
+    pub fn validate(
+        &self,
+        params: &GrantParameters,
+        now: i64,
+    ) -> Result<(String, Claims), SignError> {
+        let (_, claims) = self.prepare(params, now)?;
+        Ok((
+            self.environment_name(&params.environment).to_owned(),
+            claims,
+        ))
     }
 
     /// The key name a request means: the one it names, or the default key's.

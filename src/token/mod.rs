@@ -395,10 +395,11 @@ impl TokenService {
     /// is refused even when an equal valid one was cached.
     fn cache_key(&self, params: &GrantParameters) -> Result<CacheKey, SignError> {
         let keys = self.agent.keys();
-        let environment = keys.validate(params, unix_now())?;
-        let authorization_details = AuthorizationDetails::parse(&params.authorization_details_json)
-            .map_err(SignError::Invalid)?
-            .map(|d| d.canonical())
+        let (environment, claims) = keys.validate(params, unix_now())?;
+        let authorization_details = claims
+            .authorization_details
+            .as_ref()
+            .map(AuthorizationDetails::canonical)
             .unwrap_or_default();
         let sorted = |values: &[String]| {
             let mut values = values.to_vec();
