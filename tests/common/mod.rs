@@ -90,39 +90,11 @@ impl DevAgent {
         self.child.id()
     }
 
-    fn spawn(mut command: Command, dir: tempfile::TempDir) -> DevAgent {
-        let log = std::fs::File::create(dir.path().join("agent.log")).expect("log file");
-        let mut child = command
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start grant-agent");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        let _reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some((_, addr)) = line.split_once(": listening on ") {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
-                panic!("grant-agent did not start within 60 s; its log:\n{log}");
-            }
-        };
-        let mut endpoints = vec![addr.clone()];
-        // The others are printed right after the first.
-        while let Ok(more) = rx.recv_timeout(Duration::from_millis(50)) {
-            endpoints.push(more);
-        }
+    fn spawn(command: Command, dir: tempfile::TempDir) -> DevAgent {
+        let (child, endpoints) = start_listening(command, &dir.path().join("agent.log"));
         DevAgent {
             child,
-            addr,
+            addr: endpoints[0].clone(),
             endpoints,
             dir,
         }
@@ -186,6 +158,39 @@ impl Drop for DevAgent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts a grant-agent command with its log (stderr, at debug level) in `log`, and waits
+/// up to 60 s for its `...: listening on ADDR` lines; the child and every ADDR, first
+/// the first printed.
+fn start_listening(mut command: Command, log: &Path) -> (Child, Vec<String>) {
+    let file = std::fs::File::create(log).expect("log file");
+    let mut child = command
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(file))
+        .spawn()
+        .expect("start grant-agent");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    let _reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some((_, addr)) = line.split_once(": listening on ") {
+                let _ = tx.send(addr.to_owned());
+            }
+        }
+    });
+    let Ok(first) = rx.recv_timeout(Duration::from_secs(60)) else {
+        let _ = child.kill();
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        panic!("grant-agent did not start within 60 s; its log:\n{log}");
+    };
+    let mut addrs = vec![first];
+    // The others are printed right after the first.
+    while let Ok(more) = rx.recv_timeout(Duration::from_millis(50)) {
+        addrs.push(more);
+    }
+    (child, addrs)
 }
 
 /// Grant parameters with a client and one scope; tests change what they test.
@@ -490,27 +495,8 @@ impl Mock {
                 .arg("--tls-key")
                 .arg(key);
         }
-        let mut child = command
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(&log).expect("mock log")))
-            .spawn()
-            .expect("start mock-maskinporten");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        let _reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some((_, url)) = line.split_once(": listening on ") {
-                    let _ = tx.send(url.to_owned());
-                }
-            }
-        });
-        let url = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!("mock-maskinporten did not start; its log:\n{}", read(&log));
-            });
+        let (child, mut urls) = start_listening(command, &log);
+        let url = urls.swap_remove(0);
         Mock {
             child,
             url,
