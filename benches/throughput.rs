@@ -140,23 +140,30 @@ fn main() {
     cached_tokens(&runtime, dir.path(), &addr, seconds, raw_rate);
 
     if soak > 0 {
+        // In tenths, so that growth and a plateau can be told apart.
         let before = memory(pid).0;
-        let run = runtime.block_on(load(
-            &addr,
-            16,
-            Duration::from_secs(3600),
-            Some(soak as usize),
-            Call::Sign,
-        ));
+        let tenth = (soak / 10).max(1);
+        let (mut requests, mut errors, mut seconds) = (0, 0, 0.0);
+        let mut trail = Vec::new();
+        while requests < soak as usize {
+            let run = runtime.block_on(load(
+                &addr,
+                16,
+                Duration::from_secs(3600),
+                Some(tenth as usize),
+                Call::Sign,
+            ));
+            requests += run.latencies.len() + run.errors;
+            errors += run.errors;
+            seconds += run.elapsed.as_secs_f64();
+            trail.push(format!("{:.1}", memory(pid).0));
+        }
         let after = memory(pid);
         println!(
-            "soak: {} requests in {:.0} s ({} errors); RSS {before:.1} MiB before, {:.1} MiB after (peak {:.1} MiB)",
-            run.latencies.len() + run.errors,
-            run.elapsed.as_secs_f64(),
-            run.errors,
-            after.0,
-            after.1
+            "soak: {requests} requests in {seconds:.0} s ({errors} errors); RSS {before:.1} MiB before, {:.1} MiB after (peak {:.1} MiB)",
+            after.0, after.1
         );
+        println!("    RSS after each tenth, MiB: {}", trail.join(" "));
     }
     let _ = agent.kill();
     let _ = agent.wait();
