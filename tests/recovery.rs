@@ -24,40 +24,69 @@ use common::{BIN, DevAgent, TEST_AUD, openssl, params, read, verify};
 use grant_agent::proto::SignGrantRequest;
 use tonic::Code;
 
-fn softhsm2_util(dir: &Path, args: &[&str]) {
-    let out = Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
+/// Runs a tool with the test's SoftHSM configuration; its stderr if it fails.
+fn run(program: &str, args: &[&std::ffi::OsStr], dir: &Path) -> Result<(), String> {
+    let out = Command::new(program)
         .args(args)
-        .output()
-        .expect("softhsm2-util (install it with: sudo apt-get install -y softhsm2)");
-    assert!(
-        out.status.success(),
-        "softhsm2-util {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn import(dir: &Path) {
-    let out = Command::new(BIN)
-        .args(["key", "import-p12", "--label", "vs", "--password-file"])
-        .arg(dir.join("p12-password"))
-        .arg(dir.join("vs.p12"))
         .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
         .env("GRANT_AGENT_CONFIG", dir.join("config.toml"))
         .output()
-        .expect("import");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .unwrap_or_else(|e| {
+            panic!("{program}: {e} (install SoftHSM2 with: sudo apt-get install -y softhsm2)")
+        });
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Imports the key and certificate from the PKCS#12 file into the token.
+fn import(dir: &Path) -> Result<(), String> {
+    let p12 = dir.join("vs.p12");
+    let password = dir.join("p12-password");
+    let args = [
+        "key".as_ref(),
+        "import-p12".as_ref(),
+        "--label".as_ref(),
+        "vs".as_ref(),
+        "--password-file".as_ref(),
+        password.as_os_str(),
+        p12.as_os_str(),
+    ];
+    run(BIN, &args, dir)
 }
 
 /// Deletes the token and makes it again with `user_pin`, importing the same key.
+///
+/// The agent's SoftHSM keeps reading and locking the token folder while it recovers, so
+/// a re-provisioning step now and then meets its lock and fails ("Could not get info
+/// about the initialized token"). An operator would start over, and so does this: each
+/// attempt begins from an empty folder, so a half-made token is never left beside a new
+/// one.
 fn recreate_token(dir: &Path, user_pin: &str) {
-    // The token's files disappear, as when a token is re-provisioned. (softhsm2-util
-    // --delete-token can fail while the agent's SoftHSM writes lock files under load, so
-    // the folder is removed here, retrying while files come and go.)
+    let mut failures = Vec::new();
+    for _ in 0..5 {
+        remove_tokens(dir);
+        match init_token(dir, user_pin) {
+            Ok(()) => return,
+            Err(failure) => {
+                eprintln!("re-provisioning failed, starting over: {failure}");
+                failures.push(failure);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("cannot re-create the token: {failures:#?}");
+}
+
+/// The token's files disappear, as when a token is re-provisioned. (softhsm2-util
+/// --delete-token can fail while the agent's SoftHSM writes lock files under load, so the
+/// folder is emptied here, retrying while files come and go.)
+fn remove_tokens(dir: &Path) {
     let tokens = dir.join("tokens");
     for attempt in 0.. {
         let mut gone = true;
@@ -65,28 +94,31 @@ fn recreate_token(dir: &Path, user_pin: &str) {
             gone &= std::fs::remove_dir_all(entry.path()).is_ok();
         }
         if gone {
-            break;
+            return;
         }
         assert!(attempt < 100, "cannot remove the token's files");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn init_token(dir: &Path, user_pin: &str) -> Result<(), String> {
     let so_pin = read(&dir.join("so-pin"));
-    softhsm2_util(
-        dir,
-        &[
-            "--init-token",
-            "--free",
-            "--label",
-            "grant-agent",
-            "--so-pin",
-            &so_pin,
-            "--pin",
-            user_pin,
-        ],
-    );
+    let args = [
+        "--init-token",
+        "--free",
+        "--label",
+        "grant-agent",
+        "--so-pin",
+        &so_pin,
+        "--pin",
+        user_pin,
+    ]
+    .map(std::ffi::OsStr::new);
+    run("softhsm2-util", &args, dir)?;
     if user_pin == read(&dir.join("pin")) {
-        import(dir);
+        import(dir)?;
     }
+    Ok(())
 }
 
 /// An agent signing with a key that exists outside the token (so it can be imported again).
@@ -121,7 +153,7 @@ fn agent_with_importable_key() -> DevAgent {
         ],
         p,
     );
-    import(p);
+    import(p).expect("import the key");
     let dev = read(&p.join("config.toml"));
     let head = &dev[..dev.find("[[keys]]").expect("keys")];
     let config =
