@@ -15,15 +15,35 @@ use common::{DevAgent, TEST_AUD, params, read, verify};
 use grant_agent::proto::SignGrantRequest;
 use tonic::Code;
 
-/// The dev token, served with one session and a queue of `queue`.
+/// The dev token, served with one session and a queue of `queue`, and metrics.
 fn one_session(queue: usize) -> DevAgent {
     let dir = DevAgent::start().stop();
     let config = read(&dir.path().join("config.toml")).replace(
         "[pkcs11]\n",
-        &format!("[pkcs11]\nsessions = 1\nqueue = {queue}\n"),
+        &format!(
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[pkcs11]\nsessions = 1\nqueue = {queue}\n"
+        ),
     );
     std::fs::write(dir.path().join("agent.toml"), config).expect("config");
     DevAgent::serve(dir, "agent.toml")
+}
+
+/// The agent's Prometheus endpoint.
+fn metrics_url(agent: &DevAgent) -> String {
+    agent
+        .endpoints
+        .iter()
+        .find(|e| e.ends_with("/metrics"))
+        .unwrap_or_else(|| panic!("no metrics endpoint in {:?}", agent.endpoints))
+        .clone()
+}
+
+/// The value of an unlabelled gauge.
+fn gauge(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
 }
 
 #[tokio::test]
@@ -109,10 +129,15 @@ async fn a_deadline_that_cannot_be_met_is_refused_at_once() {
             .await
             .expect("signed");
     }
-    // Fill the queue: 2,000 waiting requests take over a second on one session.
-    let backlog: Vec<_> = (0..2000)
-        .map(|_| {
-            let mut c = client.clone();
+    // Fill the queue: 3,000 requests over 4 connections, about two seconds of signing on
+    // one session.
+    let mut clients = vec![client.clone()];
+    for _ in 1..4 {
+        clients.push(agent.client().await);
+    }
+    let backlog: Vec<_> = (0..3000)
+        .map(|i| {
+            let mut c = clients[i % clients.len()].clone();
             tokio::spawn(async move {
                 c.sign_grant(SignGrantRequest {
                     grant: Some(params()),
@@ -121,15 +146,32 @@ async fn a_deadline_that_cannot_be_met_is_refused_at_once() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait until the agent holds a good part of them, however slow the machine is to send
+    // them: 1,000 queued signs take far longer than the hurried request's deadline.
+    let metrics = metrics_url(&agent);
+    let started = Instant::now();
+    let mut deepest = 0.0_f64;
+    loop {
+        let depth = gauge(&http_get(&metrics), "grant_agent_queue_depth");
+        deepest = deepest.max(depth);
+        if depth >= 1000.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the backlog never queued up: at most {deepest} waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut hurried = tonic::Request::new(SignGrantRequest {
         grant: Some(params()),
     });
     hurried.set_timeout(Duration::from_millis(300));
     // Had the agent let it wait, the client's own 300 ms timer would have fired first,
-    // with another code and message: these prove the agent refused it at once.
-    let status = client
-        .clone()
+    // with another code and message: these prove the agent refused it at once. It goes on
+    // a connection of its own, so it is not queued behind the backlog in the client.
+    let mut hurried_client = agent.client().await;
+    let status = hurried_client
         .sign_grant(hurried)
         .await
         .expect_err("cannot be met");
