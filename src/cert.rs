@@ -458,16 +458,7 @@ mod tests {
         for ext in addext {
             args.extend_from_slice(&["-addext", ext]);
         }
-        let out = std::process::Command::new("openssl")
-            .args(&args)
-            .current_dir(dir.path())
-            .output()
-            .expect("openssl is required: sudo apt-get install -y openssl");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let _ = crate::testing::openssl(dir.path(), &args);
         CertificateChain::from_pem(&std::fs::read(dir.path().join("c.pem")).expect("pem"))
             .expect("parses")
     }
@@ -585,8 +576,9 @@ mod tests {
     #[test]
     fn an_ec_certificate_is_not_rsa() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let out = std::process::Command::new("openssl")
-            .args([
+        let _ = crate::testing::openssl(
+            dir.path(),
+            &[
                 "req",
                 "-x509",
                 "-newkey",
@@ -594,14 +586,16 @@ mod tests {
                 "-pkeyopt",
                 "ec_paramgen_curve:P-256",
                 "-nodes",
-            ])
-            .args([
-                "-keyout", "k.pem", "-out", "c.pem", "-days", "1", "-subj", "/CN=ec",
-            ])
-            .current_dir(dir.path())
-            .output()
-            .expect("openssl");
-        assert!(out.status.success());
+                "-keyout",
+                "k.pem",
+                "-out",
+                "c.pem",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=ec",
+            ],
+        );
         let chain =
             CertificateChain::from_pem(&std::fs::read(dir.path().join("c.pem")).expect("pem"))
                 .expect("parses");

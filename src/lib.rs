@@ -37,6 +37,8 @@ pub mod mock;
 pub mod p12;
 pub mod server;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod token;
 
 /// Generated from `proto/grantagent/v1/agent.proto`.

@@ -647,39 +647,15 @@ fn pkcs5_error(error: pkcs5::Error) -> P12Error {
 
 #[cfg(test)]
 mod tests {
-    use std::{path::Path, process::Command};
+    use std::path::Path;
 
     use der::Encode;
     use tempfile::TempDir;
 
     use super::*;
+    use crate::testing::{openssl, run_openssl};
 
     const PASSWORD: &str = "Virksomhet-2024!";
-
-    /// Runs `openssl` in `dir`; a missing `openssl` fails the test, it does not skip it.
-    fn run_openssl(dir: &Path, args: &[&str]) -> std::process::Output {
-        Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run `openssl` ({e}); these tests make their fixtures with it. \
-                     Install it with `sudo apt-get install -y openssl`"
-                )
-            })
-    }
-
-    /// Runs `openssl` in `dir` and returns its standard output; it must succeed.
-    fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
-        let output = run_openssl(dir, args);
-        assert!(
-            output.status.success(),
-            "openssl {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        output.stdout
-    }
 
     fn read(dir: &Path, name: &str) -> Vec<u8> {
         std::fs::read(dir.join(name)).expect("read fixture")

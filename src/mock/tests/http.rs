@@ -295,8 +295,9 @@ async fn faults_answer_with_a_status_delay_or_drop_the_connection() {
 
 /// A self-signed end-entity certificate for 127.0.0.1 made by openssl: (cert, key) paths.
 fn localhost_certificate(dir: &Path) -> (PathBuf, PathBuf) {
-    let out = std::process::Command::new("openssl")
-        .args([
+    let _ = crate::testing::openssl(
+        dir,
+        &[
             "req",
             "-x509",
             "-newkey",
@@ -314,14 +315,7 @@ fn localhost_certificate(dir: &Path) -> (PathBuf, PathBuf) {
             "subjectAltName=IP:127.0.0.1",
             "-addext",
             "basicConstraints=critical,CA:FALSE",
-        ])
-        .current_dir(dir)
-        .output()
-        .expect("openssl is required: sudo apt-get install -y openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     (dir.join("tls-cert.pem"), dir.join("tls-key.pem"))
 }
