@@ -82,6 +82,37 @@ pub struct GrantParameters {
     pub authorization_details_json: String,
 }
 
+// The two directions side by side, so a new field is added to both.
+impl From<crate::proto::GrantParameters> for GrantParameters {
+    fn from(p: crate::proto::GrantParameters) -> Self {
+        GrantParameters {
+            key: p.key,
+            client_id: p.client_id,
+            scopes: p.scopes,
+            environment: p.environment,
+            resources: p.resources,
+            consumer_org: p.consumer_org,
+            lifetime_seconds: p.lifetime_seconds,
+            authorization_details_json: p.authorization_details_json,
+        }
+    }
+}
+
+impl From<GrantParameters> for crate::proto::GrantParameters {
+    fn from(p: GrantParameters) -> Self {
+        crate::proto::GrantParameters {
+            key: p.key,
+            client_id: p.client_id,
+            scopes: p.scopes,
+            environment: p.environment,
+            resources: p.resources,
+            consumer_org: p.consumer_org,
+            lifetime_seconds: p.lifetime_seconds,
+            authorization_details_json: p.authorization_details_json,
+        }
+    }
+}
+
 /// A request that cannot be signed. `field` is the gRPC field path, so a caller can
 /// find the mistake without reading our code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -82,20 +82,6 @@ impl Connection {
     }
 }
 
-fn to_proto(grant: GrantArgs) -> proto::GrantParameters {
-    let p: GrantParameters = grant.into();
-    proto::GrantParameters {
-        key: p.key,
-        client_id: p.client_id,
-        scopes: p.scopes,
-        environment: p.environment,
-        resources: p.resources,
-        consumer_org: p.consumer_org,
-        lifetime_seconds: p.lifetime_seconds,
-        authorization_details_json: p.authorization_details_json,
-    }
-}
-
 fn refused(status: &tonic::Status) -> Failure {
     format!(
         "the agent refused: {:?}: {}",
@@ -121,7 +107,7 @@ pub(crate) async fn client(command: ClientCommand) -> Result<(), Failure> {
                 .connect()
                 .await?
                 .sign_grant(proto::SignGrantRequest {
-                    grant: Some(to_proto(grant)),
+                    grant: Some(GrantParameters::from(grant).into()),
                 })
                 .await
                 .map_err(|s| refused(&s))?;
@@ -138,7 +124,7 @@ pub(crate) async fn client(command: ClientCommand) -> Result<(), Failure> {
                 .connect()
                 .await?
                 .get_access_token(proto::GetAccessTokenRequest {
-                    grant: Some(to_proto(grant)),
+                    grant: Some(GrantParameters::from(grant).into()),
                     force_refresh,
                 })
                 .await

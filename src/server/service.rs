@@ -55,21 +55,6 @@ impl GrantAgentService {
     }
 }
 
-impl From<crate::proto::GrantParameters> for GrantParameters {
-    fn from(p: crate::proto::GrantParameters) -> Self {
-        GrantParameters {
-            key: p.key,
-            client_id: p.client_id,
-            scopes: p.scopes,
-            environment: p.environment,
-            resources: p.resources,
-            consumer_org: p.consumer_org,
-            lifetime_seconds: p.lifetime_seconds,
-            authorization_details_json: p.authorization_details_json,
-        }
-    }
-}
-
 /// A request that passed identification and the policy: who asked, for what (defaults
 /// resolved), and until when.
 struct Admitted {
