@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{DevAgent, TEST_AUD, params, read, verify};
+use common::{DevAgent, TEST_AUD, http_get, params, read, verify};
 use grant_agent::proto::SignGrantRequest;
 use tonic::Code;
 
@@ -26,16 +26,6 @@ fn one_session(queue: usize) -> DevAgent {
     );
     std::fs::write(dir.path().join("agent.toml"), config).expect("config");
     DevAgent::serve(dir, "agent.toml")
-}
-
-/// The agent's Prometheus endpoint.
-fn metrics_url(agent: &DevAgent) -> String {
-    agent
-        .endpoints
-        .iter()
-        .find(|e| e.ends_with("/metrics"))
-        .unwrap_or_else(|| panic!("no metrics endpoint in {:?}", agent.endpoints))
-        .clone()
 }
 
 /// The value of an unlabelled gauge.
@@ -148,11 +138,13 @@ async fn a_deadline_that_cannot_be_met_is_refused_at_once() {
         .collect();
     // Wait until the agent holds a good part of them, however slow the machine is to send
     // them: 1,000 queued signs take far longer than the hurried request's deadline.
-    let metrics = metrics_url(&agent);
     let started = Instant::now();
     let mut deepest = 0.0_f64;
     loop {
-        let depth = gauge(&http_get(&metrics), "grant_agent_queue_depth");
+        let depth = gauge(
+            &http_get(agent.metrics_url()).await,
+            "grant_agent_queue_depth",
+        );
         deepest = deepest.max(depth);
         if depth >= 1000.0 {
             break;
@@ -193,26 +185,6 @@ async fn a_deadline_that_cannot_be_met_is_refused_at_once() {
     }
 }
 
-/// `GET path` over plain HTTP/1.1; the body.
-fn http_get(url: &str) -> String {
-    use std::io::{Read, Write};
-    let rest = url.strip_prefix("http://").expect("http url");
-    let (host, path) = rest.split_once('/').expect("path");
-    let mut stream = std::net::TcpStream::connect(host).expect("connect");
-    write!(
-        stream,
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response).expect("response");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn metrics_count_what_happened_and_logs_carry_request_ids() {
     let dir = DevAgent::start().stop();
@@ -222,12 +194,6 @@ async fn metrics_count_what_happened_and_logs_carry_request_ids() {
     );
     std::fs::write(dir.path().join("agent.toml"), config).expect("config");
     let agent = DevAgent::serve(dir, "agent.toml");
-    let metrics_url = agent
-        .endpoints
-        .iter()
-        .find(|e| e.ends_with("/metrics"))
-        .unwrap_or_else(|| panic!("no metrics endpoint in {:?}", agent.endpoints))
-        .clone();
     let mut client = agent.client().await;
     for _ in 0..3 {
         let _ = client
@@ -244,7 +210,7 @@ async fn metrics_count_what_happened_and_logs_carry_request_ids() {
         .await
         .expect_err("refused");
 
-    let text = http_get(&metrics_url);
+    let text = http_get(agent.metrics_url()).await;
     for expected in [
         "grant_agent_grants_total{key=\"default\",outcome=\"signed\"} 3",
         "grant_agent_grants_total{key=\"default\",outcome=\"refused\"} 1",

@@ -206,12 +206,7 @@ async fn tokens_verify_are_cached_and_never_logged() {
     );
 
     // Metrics count hits and misses and time the upstream calls.
-    let metrics_url = agent
-        .endpoints
-        .iter()
-        .find(|e| e.ends_with("/metrics"))
-        .expect("metrics endpoint");
-    let text = common::http_get(metrics_url).await;
+    let text = common::http_get(agent.metrics_url()).await;
     assert!(
         text.contains("grant_agent_token_cache_total{result=\"hit\"} 8"),
         "{text}"

@@ -100,6 +100,14 @@ impl DevAgent {
         }
     }
 
+    /// The Prometheus endpoint (the config must set `[metrics] listen`).
+    pub(crate) fn metrics_url(&self) -> &str {
+        self.endpoints
+            .iter()
+            .find(|e| e.ends_with("/metrics"))
+            .unwrap_or_else(|| panic!("no metrics endpoint in {:?}", self.endpoints))
+    }
+
     pub(crate) async fn client(&self) -> GrantAgentClient<Channel> {
         grant_agent::client::connect(&self.addr, None)
             .await
@@ -596,13 +604,15 @@ impl Drop for Mock {
     }
 }
 
-/// The body of `GET url` over plain HTTP.
+/// The body of `GET url` over plain HTTP; the answer must be a success.
 pub(crate) async fn http_get(url: &str) -> String {
     let body = test_http_client(None)
         .get(url)
         .send()
         .await
         .expect("GET")
+        .error_for_status()
+        .expect("a 2xx answer")
         .bytes()
         .await
         .expect("body");
