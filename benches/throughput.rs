@@ -412,12 +412,23 @@ fn cpu_seconds(pid: u32) -> f64 {
 /// concurrency 1.
 fn idle_driver() -> String {
     let read = |path: &str| std::fs::read_to_string(path).map(|s| s.trim().to_owned());
-    match read("/sys/devices/system/cpu/cpuidle/current_driver") {
+    let driver = match read("/sys/devices/system/cpu/cpuidle/current_driver") {
         Ok(driver) => match read("/sys/module/haltpoll/parameters/guest_halt_poll_ns") {
             Ok(ns) if driver == "haltpoll" => format!("cpuidle {driver}, guest_halt_poll_ns {ns}"),
             _ => format!("cpuidle {driver}"),
         },
         Err(_) => "cpuidle driver unknown".into(),
+    };
+    // The PM QoS limit any process holds open (tuned's latency profiles do): 0 keeps idle
+    // CPUs polling. Only root may read it; the kernel's "no limit" is 2,000,000,000 µs.
+    match std::fs::read("/dev/cpu_dma_latency") {
+        Ok(bytes) if bytes.len() == 4 => {
+            match i32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) {
+                2_000_000_000 => format!("{driver}, cpu_dma_latency unset"),
+                us => format!("{driver}, cpu_dma_latency {us} µs"),
+            }
+        }
+        _ => driver,
     }
 }
 
