@@ -59,59 +59,9 @@ impl Algorithm {
     }
 }
 
-/// What a caller asks for, before validation. Field names follow the gRPC
-/// `GrantParameters` so errors can name them.
-#[derive(Debug, Clone, Default)]
-pub struct GrantParameters {
-    /// Key name; empty for the default.
-    pub key: String,
-    /// The client_id, which becomes `iss`.
-    pub client_id: String,
-    /// Scopes for the `scope` claim.
-    pub scopes: Vec<String>,
-    /// Environment name; empty for the configured default.
-    pub environment: String,
-    /// Values for the `resource` claim.
-    pub resources: Vec<String>,
-    /// Organisation number for the `consumer_org` claim; empty for none.
-    pub consumer_org: String,
-    /// Lifetime in seconds; 0 means the maximum.
-    pub lifetime_seconds: u32,
-    /// Rich authorization requests (RFC 9396) as a JSON array, for the
-    /// `authorization_details` claim; empty for none.
-    pub authorization_details_json: String,
-}
-
-// The two directions side by side, so a new field is added to both.
-impl From<crate::proto::GrantParameters> for GrantParameters {
-    fn from(p: crate::proto::GrantParameters) -> Self {
-        GrantParameters {
-            key: p.key,
-            client_id: p.client_id,
-            scopes: p.scopes,
-            environment: p.environment,
-            resources: p.resources,
-            consumer_org: p.consumer_org,
-            lifetime_seconds: p.lifetime_seconds,
-            authorization_details_json: p.authorization_details_json,
-        }
-    }
-}
-
-impl From<GrantParameters> for crate::proto::GrantParameters {
-    fn from(p: GrantParameters) -> Self {
-        crate::proto::GrantParameters {
-            key: p.key,
-            client_id: p.client_id,
-            scopes: p.scopes,
-            environment: p.environment,
-            resources: p.resources,
-            consumer_org: p.consumer_org,
-            lifetime_seconds: p.lifetime_seconds,
-            authorization_details_json: p.authorization_details_json,
-        }
-    }
-}
+/// What a caller asks for, before validation: the gRPC message itself, so errors name
+/// its fields and a field added to the contract reaches the signer with no copy to update.
+pub use crate::proto::GrantParameters;
 
 /// A request that cannot be signed. `field` is the gRPC field path, so a caller can
 /// find the mistake without reading our code.

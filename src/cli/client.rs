@@ -107,7 +107,7 @@ pub(crate) async fn client(command: ClientCommand) -> Result<(), Failure> {
                 .connect()
                 .await?
                 .sign_grant(proto::SignGrantRequest {
-                    grant: Some(GrantParameters::from(grant).into()),
+                    grant: Some(GrantParameters::from(grant)),
                 })
                 .await
                 .map_err(|s| refused(&s))?;
@@ -124,7 +124,7 @@ pub(crate) async fn client(command: ClientCommand) -> Result<(), Failure> {
                 .connect()
                 .await?
                 .get_access_token(proto::GetAccessTokenRequest {
-                    grant: Some(GrantParameters::from(grant).into()),
+                    grant: Some(GrantParameters::from(grant)),
                     force_refresh,
                 })
                 .await

@@ -143,7 +143,7 @@ impl GrantAgentService {
         &self,
         audit: &'static str,
         request: Request<T>,
-        grant: impl FnOnce(&mut T) -> Option<crate::proto::GrantParameters>,
+        grant: impl FnOnce(&mut T) -> Option<GrantParameters>,
         request_id: String,
     ) -> Result<(Admitted, T), Status> {
         let caller = self.identification.identify(&request);
@@ -152,7 +152,7 @@ impl GrantAgentService {
             .remote_addr()
             .map_or_else(|| "unix".to_owned(), |a| a.to_string());
         let mut message = request.into_inner();
-        let params: GrantParameters = grant(&mut message).unwrap_or_default().into();
+        let params = grant(&mut message).unwrap_or_default();
         // The policy judges what will really be used, so resolve the defaults first.
         let keys = self.agent.keys();
         let key = keys.key_name(&params.key).to_owned();
