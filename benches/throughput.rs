@@ -407,9 +407,10 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// The kernel's idle driver and, under `haltpoll`, how long an idle CPU polls before it
-/// halts: on a VM this sets the cost of every thread wake-up, which dominates latency at
-/// concurrency 1.
+/// The kernel's idle driver, under `haltpoll` how long an idle CPU polls before it halts,
+/// and any PM QoS request (`/dev/cpu_dma_latency`, held by tuned's latency profiles) that
+/// keeps idle CPUs polling: on a VM these set the cost of every thread wake-up, which
+/// dominates latency at concurrency 1.
 fn idle_driver() -> String {
     let read = |path: &str| std::fs::read_to_string(path).map(|s| s.trim().to_owned());
     let driver = match read("/sys/devices/system/cpu/cpuidle/current_driver") {
@@ -419,16 +420,15 @@ fn idle_driver() -> String {
         },
         Err(_) => "cpuidle driver unknown".into(),
     };
-    // The PM QoS limit any process holds open (tuned's latency profiles do): 0 keeps idle
-    // CPUs polling. Only root may read it; the kernel's "no limit" is 2,000,000,000 µs.
-    match std::fs::read("/dev/cpu_dma_latency") {
-        Ok(bytes) if bytes.len() == 4 => {
-            match i32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) {
-                2_000_000_000 => format!("{driver}, cpu_dma_latency unset"),
-                us => format!("{driver}, cpu_dma_latency {us} µs"),
-            }
-        }
-        _ => driver,
+    // Only root may read the request; the kernel's "no limit" is 2,000,000,000 µs.
+    let request = std::fs::read("/dev/cpu_dma_latency")
+        .ok()
+        .and_then(|bytes| <[u8; 4]>::try_from(bytes).ok())
+        .map(i32::from_ne_bytes);
+    match request {
+        Some(2_000_000_000) => format!("{driver}, cpu_dma_latency unset"),
+        Some(us) => format!("{driver}, cpu_dma_latency {us} µs"),
+        None => driver,
     }
 }
 
