@@ -23,7 +23,10 @@ use std::{
 };
 
 use base64::Engine;
-use grant_agent::proto::{GetAccessTokenRequest, GrantParameters, SignGrantRequest};
+use grant_agent::proto::{
+    GetAccessTokenRequest, GrantParameters, SignGrantRequest, grant_agent_client::GrantAgentClient,
+};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const RAW_MODE: &str = "GRANT_AGENT_BENCH_RAW";
 
@@ -68,37 +71,21 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let mut best = 0.0_f64;
-    let mut cpu_at_best = (0.0, 0.0);
-    let mut p50_at_1 = 0.0;
+    let mut best: Option<Step> = None;
     let mut rows = Vec::new();
-    let me = std::process::id();
     for concurrency in [1_usize, 4, 16, 64] {
-        let (cpu_before, client_before) = (cpu_seconds(pid), cpu_seconds(me));
-        let run = runtime.block_on(load(
-            &addr,
-            concurrency,
-            Duration::from_secs(seconds),
-            None,
-            Call::Sign,
-        ));
-        let per_grant = |seconds: f64| seconds / run.latencies.len().max(1) as f64 * 1e6;
-        let cpu = per_grant(cpu_seconds(pid) - cpu_before);
-        let client = per_grant(cpu_seconds(me) - client_before);
-        let rate = run.latencies.len() as f64 / run.elapsed.as_secs_f64();
-        let (p50, p99) = (
-            percentile(&run.latencies, 0.50),
-            percentile(&run.latencies, 0.99),
-        );
-        if concurrency == 1 {
-            p50_at_1 = p50;
+        let step = measure(&runtime, &addr, pid, concurrency, seconds, Call::Sign);
+        if best.as_ref().is_none_or(|b| step.rate > b.rate) {
+            best = Some(step.clone());
         }
-        if rate > best {
-            best = rate;
-            cpu_at_best = (cpu, client);
-        }
-        rows.push((concurrency, rate, p50, p99, run.errors, cpu, client));
+        rows.push((concurrency, step));
     }
+    let best = best.expect("four steps");
+    let p50_at_1 = rows[0].1.p50;
+    // The transport's floor, measured the same way: what a round trip with nothing behind
+    // it costs in latency alone and, with every core busy, in CPU.
+    let floor_1 = measure(&runtime, &addr, pid, 1, seconds, Call::Health);
+    let floor_16 = measure(&runtime, &addr, pid, 16, seconds, Call::Health);
     let after = raw_baseline(dir.path(), seconds, sessions);
     let raw_rate = (before.rate + after.rate) / 2.0;
     let (rss, hwm) = memory(pid);
@@ -110,28 +97,52 @@ fn main() {
     println!(
         "    concurrency   grants/s   ratio to (a)   p50 µs   p99 µs   errors   CPU µs/grant: agent   load generator"
     );
-    for (concurrency, rate, p50, p99, errors, cpu, client) in rows {
+    for (concurrency, step) in &rows {
         println!(
-            "    {concurrency:>11}   {rate:>8.0}   {:>12.3}   {p50:>6.0}   {p99:>6.0}   {errors:>6}   {cpu:>19.0}   {client:>14.0}",
-            rate / raw_rate,
+            "    {concurrency:>11}   {:>8.0}   {:>12.3}   {:>6.0}   {:>6.0}   {:>6}   {:>19.0}   {:>14.0}",
+            step.rate,
+            step.rate / raw_rate,
+            step.p50,
+            step.p99,
+            step.errors,
+            step.agent_us,
+            step.client_us,
         );
     }
     println!(
         "    saturation ratio (b)/(a): {:.3} (target >= 0.90)",
-        best / raw_rate
+        best.rate / raw_rate
     );
     // With every core busy, the rate is the cores' time divided by the CPU each grant
     // takes: the agent's (which includes the sign) plus the load generator's.
-    let (agent_cpu, client_cpu) = cpu_at_best;
     let sign_cpu = cores as f64 / raw_rate * 1e6;
     println!(
-        "    CPU per grant there: agent {agent_cpu:.0} µs (of which one sign {sign_cpu:.0} µs) + load generator {client_cpu:.0} µs; the cores allow at most {:.3} of raw",
-        sign_cpu / (agent_cpu + client_cpu)
+        "    CPU per grant there: agent {:.0} µs (of which one sign {sign_cpu:.0} µs) + load generator {:.0} µs; the cores allow at most {:.3} of raw",
+        best.agent_us,
+        best.client_us,
+        sign_cpu / (best.agent_us + best.client_us)
     );
+    let raw_single = (before.single_us + after.single_us) / 2.0;
     println!(
         "    p50 at concurrency 1 minus one raw sign: {:.0} µs (target <= 200 µs); minus one paced raw sign: {:.0} µs",
-        p50_at_1 - (before.single_us + after.single_us) / 2.0,
+        p50_at_1 - raw_single,
         p50_at_1 - (before.paced_us + after.paced_us) / 2.0
+    );
+    // The floor: no agent code could take a grant below a bare round trip plus its sign.
+    let transport = floor_16.agent_us + floor_16.client_us;
+    println!(
+        "    the transport alone (grpc.health.v1 Check, same connections): p50 {:.0} µs at concurrency 1 (errors {}); {:.0}/s at 16, CPU {:.0} µs agent + {:.0} µs load generator (errors {})",
+        floor_1.p50,
+        floor_1.errors,
+        floor_16.rate,
+        floor_16.agent_us,
+        floor_16.client_us,
+        floor_16.errors
+    );
+    println!(
+        "    so before the agent does any work: at most {:.3} of raw at saturation, and p50 at concurrency 1 at least {:.0} µs above one raw sign",
+        sign_cpu / (sign_cpu + transport),
+        floor_1.p50
     );
     println!(
         "    agent RSS {:.1} MiB, peak {:.1} MiB (target < 50 MiB)",
@@ -264,11 +275,55 @@ fn grant_parameters() -> GrantParameters {
     }
 }
 
+/// One load step's figures.
+#[derive(Clone)]
+struct Step {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    errors: usize,
+    /// CPU per request in the agent and in this process (the load generator), in µs.
+    agent_us: f64,
+    client_us: f64,
+}
+
+/// Runs one step of `concurrency` callers for `seconds` against the agent `pid` at `addr`.
+fn measure(
+    runtime: &tokio::runtime::Runtime,
+    addr: &str,
+    pid: u32,
+    concurrency: usize,
+    seconds: u64,
+    call: Call,
+) -> Step {
+    let me = std::process::id();
+    let (agent_before, client_before) = (cpu_seconds(pid), cpu_seconds(me));
+    let run = runtime.block_on(load(
+        addr,
+        concurrency,
+        Duration::from_secs(seconds),
+        None,
+        call,
+    ));
+    let per_request = |seconds: f64| seconds / run.latencies.len().max(1) as f64 * 1e6;
+    Step {
+        rate: run.latencies.len() as f64 / run.elapsed.as_secs_f64(),
+        p50: percentile(&run.latencies, 0.50),
+        p99: percentile(&run.latencies, 0.99),
+        errors: run.errors,
+        agent_us: per_request(cpu_seconds(pid) - agent_before),
+        client_us: per_request(cpu_seconds(me) - client_before),
+    }
+}
+
 /// What the load sends.
 #[derive(Clone, Copy)]
 enum Call {
     Sign,
     CachedToken,
+    /// `grpc.health.v1.Health/Check`: the smallest call the agent serves, no signing and
+    /// no grant, so what it costs is the gRPC transport's floor on this machine.
+    Health,
 }
 
 /// What the raw child process measured.
@@ -323,7 +378,9 @@ async fn load(
     let mut clients = Vec::new();
     for _ in 0..concurrency.min(8) {
         clients.push(
-            grant_agent::client::connect(addr, None)
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .expect("address")
+                .connect()
                 .await
                 .expect("connect"),
         );
@@ -332,7 +389,9 @@ async fn load(
     let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let tasks: Vec<_> = (0..concurrency)
         .map(|i| {
-            let mut client = clients[i % clients.len()].clone();
+            let channel = clients[i % clients.len()].clone();
+            let mut client = GrantAgentClient::new(channel.clone());
+            let mut health = HealthClient::new(channel);
             let done = std::sync::Arc::clone(&done);
             tokio::spawn(async move {
                 let (mut latencies, mut errors) = (Vec::new(), 0);
@@ -358,6 +417,12 @@ async fn load(
                             })
                             .await
                             .is_ok(),
+                        Call::Health => health
+                            .check(HealthCheckRequest {
+                                service: "grantagent.v1.GrantAgent".into(),
+                            })
+                            .await
+                            .is_ok_and(|r| r.get_ref().status == 1),
                     };
                     if ok {
                         latencies.push(sent.elapsed().as_secs_f64() * 1e6);
