@@ -3,8 +3,10 @@
 //! grants/s and p50/p99 latency through gRPC at concurrency 1, 4, 16 and 64, the ratio
 //! (b)/(a) at saturation, (c) cached GetAccessToken requests/s (against
 //! `grant-agent mock-maskinporten`), the agent's peak RSS, and its RSS across a soak.
+//! Beside (b), the transport alone: a health check over the same connections.
 //!
 //! `cargo bench --bench throughput`. Environment: `BENCH_SECONDS` per step (default 5),
+//! `BENCH_ROUNDS` of raw and agent steps taken in turn for the targets (default 5),
 //! `BENCH_SOAK` requests in the soak (default 200000; 0 skips it).
 //!
 //! The machine is noisy, so the figures that matter are ratios to the baseline measured in
@@ -52,16 +54,17 @@ fn main() {
         idle_driver()
     );
 
-    // (a) The baseline: the token's own signing rate, without the agent; measured again
-    // after (b), since a shared machine drifts, and averaged.
-    let before = raw_baseline(dir.path(), seconds, sessions);
+    // (a) The baseline: the token's own signing rate, without the agent, in a child
+    // process that stays up for the whole run so that it can be asked again between steps.
+    let mut raw = RawSigner::start(dir.path(), sessions);
+    let step = Duration::from_secs(seconds);
+    let before = raw.rate(step);
+    let single = raw.single(step / 2);
+    let paced = raw.paced(step / 2);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "(a) raw C_Sign: {:.0}/s on {sessions} sessions, {cores} cores ({:.0} µs of CPU each); one sign p50 {:.0} µs back to back, {:.0} µs with pauses between",
-        before.rate,
-        cores as f64 / before.rate * 1e6,
-        before.single_us,
-        before.paced_us
+        "(a) raw C_Sign: {before:.0}/s on {sessions} sessions, {cores} cores ({:.0} µs of CPU each); one sign p50 {single:.0} µs back to back, {paced:.0} µs with pauses between",
+        cores as f64 / before * 1e6,
     );
 
     // (b) Through the agent.
@@ -71,35 +74,34 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let mut best: Option<Step> = None;
     let mut rows = Vec::new();
     for concurrency in [1_usize, 4, 16, 64] {
-        let step = measure(&runtime, &addr, pid, concurrency, seconds, Call::Sign);
-        if best.as_ref().is_none_or(|b| step.rate > b.rate) {
-            best = Some(step.clone());
-        }
+        let step = measure(&runtime, &addr, pid, concurrency, step, Call::Sign);
         rows.push((concurrency, step));
     }
-    let best = best.expect("four steps");
-    let p50_at_1 = rows[0].1.p50;
-    // The transport's floor, measured the same way: what a round trip with nothing behind
-    // it costs in latency alone and, with every core busy, in CPU.
-    let floor_1 = measure(&runtime, &addr, pid, 1, seconds, Call::Health);
-    let floor_16 = measure(&runtime, &addr, pid, 16, seconds, Call::Health);
-    let after = raw_baseline(dir.path(), seconds, sessions);
-    let raw_rate = (before.rate + after.rate) / 2.0;
-    let (rss, hwm) = memory(pid);
+    // The transport's floor, measured the same way: a round trip with nothing behind it.
+    let floor: Vec<_> = [1_usize, 16]
+        .into_iter()
+        .map(|concurrency| {
+            let step = measure(&runtime, &addr, pid, concurrency, step, Call::Health);
+            (concurrency, step)
+        })
+        .collect();
+    let after = raw.rate(step);
+    let raw_rate = (before + after) / 2.0;
     println!(
-        "    raw C_Sign again after (b): {:.0}/s; the ratios are to the mean, {raw_rate:.0}/s",
-        after.rate
+        "    raw C_Sign again after (b): {after:.0}/s; the sweep's ratios are to the mean, {raw_rate:.0}/s"
     );
-    println!("(b) SignGrant over gRPC:");
     println!(
-        "    concurrency   grants/s   ratio to (a)   p50 µs   p99 µs   errors   CPU µs/grant: agent   load generator"
+        "(b) SignGrant over gRPC, and the transport alone (grpc.health.v1 Check, same connections):"
     );
-    for (concurrency, step) in &rows {
+    println!(
+        "    call     concurrency   per second   ratio to (a)   p50 µs   p99 µs   errors   CPU µs/call: agent   load generator"
+    );
+    let calls = rows.iter().map(|row| ("grant", row));
+    for (call, (concurrency, step)) in calls.chain(floor.iter().map(|row| ("health", row))) {
         println!(
-            "    {concurrency:>11}   {:>8.0}   {:>12.3}   {:>6.0}   {:>6.0}   {:>6}   {:>19.0}   {:>14.0}",
+            "    {call:<6}   {concurrency:>11}   {:>10.0}   {:>12.3}   {:>6.0}   {:>6.0}   {:>6}   {:>18.0}   {:>14.0}",
             step.rate,
             step.rate / raw_rate,
             step.p50,
@@ -109,41 +111,68 @@ fn main() {
             step.client_us,
         );
     }
+
+    // The targets, from raw and agent steps taken in turns, so that the machine's drift
+    // (10–20 % within minutes) falls on both sides of each ratio alike.
+    let saturated = rows
+        .iter()
+        .max_by(|a, b| a.1.rate.total_cmp(&b.1.rate))
+        .map_or(64, |(concurrency, _)| *concurrency);
+    let rounds = env_number("BENCH_ROUNDS", 5);
+    let short = Duration::from_secs(seconds.div_ceil(2));
+    let (mut ratios, mut over, mut over_paced) = (Vec::new(), Vec::new(), Vec::new());
+    let mut totals = Step::default();
+    for _ in 0..rounds {
+        let (raw_single, raw_paced) = (raw.single(short), raw.paced(short));
+        let one = measure(&runtime, &addr, pid, 1, short, Call::Sign);
+        over.push(one.p50 - raw_single);
+        over_paced.push(one.p50 - raw_paced);
+        let raw_rate = raw.rate(short);
+        let busy = measure(&runtime, &addr, pid, saturated, short, Call::Sign);
+        ratios.push(busy.rate / raw_rate);
+        totals.rate += raw_rate / rounds as f64;
+        totals.agent_us += busy.agent_us / rounds as f64;
+        totals.client_us += busy.client_us / rounds as f64;
+    }
+    let list = |values: &[f64], format: fn(f64) -> String| {
+        values
+            .iter()
+            .map(|v| format(*v))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     println!(
-        "    saturation ratio (b)/(a): {:.3} (target >= 0.90)",
-        best.rate / raw_rate
+        "targets, from {rounds} rounds of a raw step and an agent step in turn ({} s each):",
+        short.as_secs()
+    );
+    println!(
+        "    saturation ratio (b)/(a) at concurrency {saturated}: median {:.3}, rounds {} (target >= 0.90)",
+        median(&ratios),
+        list(&ratios, |v| format!("{v:.3}"))
     );
     // With every core busy, the rate is the cores' time divided by the CPU each grant
     // takes: the agent's (which includes the sign) plus the load generator's.
-    let sign_cpu = cores as f64 / raw_rate * 1e6;
+    let sign_cpu = cores as f64 / totals.rate * 1e6;
+    let (health_16, health_1) = (&floor[1].1, &floor[0].1);
     println!(
-        "    CPU per grant there: agent {:.0} µs (of which one sign {sign_cpu:.0} µs) + load generator {:.0} µs; the cores allow at most {:.3} of raw",
-        best.agent_us,
-        best.client_us,
-        sign_cpu / (best.agent_us + best.client_us)
-    );
-    let raw_single = (before.single_us + after.single_us) / 2.0;
-    println!(
-        "    p50 at concurrency 1 minus one raw sign: {:.0} µs (target <= 200 µs); minus one paced raw sign: {:.0} µs",
-        p50_at_1 - raw_single,
-        p50_at_1 - (before.paced_us + after.paced_us) / 2.0
-    );
-    // The floor: no agent code could take a grant below a bare round trip plus its sign.
-    let transport = floor_16.agent_us + floor_16.client_us;
-    println!(
-        "    the transport alone (grpc.health.v1 Check, same connections): p50 {:.0} µs at concurrency 1 (errors {}); {:.0}/s at 16, CPU {:.0} µs agent + {:.0} µs load generator (errors {})",
-        floor_1.p50,
-        floor_1.errors,
-        floor_16.rate,
-        floor_16.agent_us,
-        floor_16.client_us,
-        floor_16.errors
+        "    CPU per grant there: agent {:.0} µs (of which one sign {sign_cpu:.0} µs) + load generator {:.0} µs, so the cores allow at most {:.3} of raw; the transport alone, {:.0} µs, allows {:.3}",
+        totals.agent_us,
+        totals.client_us,
+        sign_cpu / (totals.agent_us + totals.client_us),
+        health_16.agent_us + health_16.client_us,
+        sign_cpu / (sign_cpu + health_16.agent_us + health_16.client_us),
     );
     println!(
-        "    so before the agent does any work: at most {:.3} of raw at saturation, and p50 at concurrency 1 at least {:.0} µs above one raw sign",
-        sign_cpu / (sign_cpu + transport),
-        floor_1.p50
+        "    p50 at concurrency 1 minus one raw sign: median {:.0} µs, rounds {} (target <= 200 µs); a bare round trip alone takes {:.0} µs",
+        median(&over),
+        list(&over, |v| format!("{v:.0}")),
+        health_1.p50
     );
+    println!(
+        "    the same minus one raw sign after a 0.4 ms pause, as the agent's signing thread meets a request at concurrency 1: median {:.0} µs",
+        median(&over_paced),
+    );
+    let (rss, hwm) = memory(pid);
     println!(
         "    agent RSS {:.1} MiB, peak {:.1} MiB (target < 50 MiB)",
         rss, hwm
@@ -276,7 +305,7 @@ fn grant_parameters() -> GrantParameters {
 }
 
 /// One load step's figures.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct Step {
     rate: f64,
     p50: f64,
@@ -287,24 +316,18 @@ struct Step {
     client_us: f64,
 }
 
-/// Runs one step of `concurrency` callers for `seconds` against the agent `pid` at `addr`.
+/// Runs one step of `concurrency` callers for `duration` against the agent `pid` at `addr`.
 fn measure(
     runtime: &tokio::runtime::Runtime,
     addr: &str,
     pid: u32,
     concurrency: usize,
-    seconds: u64,
+    duration: Duration,
     call: Call,
 ) -> Step {
     let me = std::process::id();
     let (agent_before, client_before) = (cpu_seconds(pid), cpu_seconds(me));
-    let run = runtime.block_on(load(
-        addr,
-        concurrency,
-        Duration::from_secs(seconds),
-        None,
-        call,
-    ));
+    let run = runtime.block_on(load(addr, concurrency, duration, None, call));
     let per_request = |seconds: f64| seconds / run.latencies.len().max(1) as f64 * 1e6;
     Step {
         rate: run.latencies.len() as f64 / run.elapsed.as_secs_f64(),
@@ -326,36 +349,63 @@ enum Call {
     Health,
 }
 
-/// What the raw child process measured.
-struct Raw {
-    rate: f64,
-    single_us: f64,
-    paced_us: f64,
+/// The baseline's child process: the same key and mechanism as the agent, one session
+/// per thread, no gRPC, no grant building. It answers one question per line on stdin.
+struct RawSigner {
+    child: std::process::Child,
+    questions: std::process::ChildStdin,
+    answers: std::io::Lines<BufReader<std::process::ChildStdout>>,
 }
 
-fn raw_baseline(dir: &Path, seconds: u64, sessions: usize) -> Raw {
-    let out = Command::new(std::env::current_exe().expect("bench binary"))
-        .env(RAW_MODE, dir)
-        .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
-        .env("BENCH_SECONDS", seconds.to_string())
-        .env("BENCH_SESSIONS", sessions.to_string())
-        .output()
-        .expect("raw baseline");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "raw baseline failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let field = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from {text}"))
-    };
-    Raw {
-        rate: field("raw_signs_per_second"),
-        single_us: field("raw_single_sign_p50_us"),
-        paced_us: field("raw_paced_sign_p50_us"),
+impl RawSigner {
+    fn start(dir: &Path, sessions: usize) -> Self {
+        let mut child = Command::new(std::env::current_exe().expect("bench binary"))
+            .env(RAW_MODE, dir)
+            .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
+            .env("BENCH_SESSIONS", sessions.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("raw baseline");
+        RawSigner {
+            questions: child.stdin.take().expect("stdin"),
+            answers: BufReader::new(child.stdout.take().expect("stdout")).lines(),
+            child,
+        }
+    }
+
+    fn ask(&mut self, question: &str, duration: Duration) -> f64 {
+        use std::io::Write;
+        writeln!(self.questions, "{question} {}", duration.as_millis()).expect("ask raw");
+        let answer = self
+            .answers
+            .next()
+            .expect("raw baseline ended")
+            .expect("read raw");
+        answer.trim().parse().expect("raw baseline answer")
+    }
+
+    /// Signs per second on every session at once.
+    fn rate(&mut self, duration: Duration) -> f64 {
+        self.ask("rate", duration)
+    }
+
+    /// p50 of one sign at a time, back to back, in µs.
+    fn single(&mut self, duration: Duration) -> f64 {
+        self.ask("single", duration)
+    }
+
+    /// p50 of one sign at a time after a 0.4 ms pause, in µs: at concurrency 1 the
+    /// agent's signing thread parks between requests and its CPU cools, as here.
+    fn paced(&mut self, duration: Duration) -> f64 {
+        self.ask("paced", duration)
+    }
+}
+
+impl Drop for RawSigner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -447,6 +497,12 @@ async fn load(
     run.elapsed = started.elapsed();
     run.latencies.sort_by(f64::total_cmp);
     run
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    percentile(&sorted, 0.5)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -552,8 +608,8 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The baseline, in a child process whose SOFTHSM2_CONF points at the bench token: the
-/// same key and mechanism as the agent, one session per thread, no gRPC, no grant building.
+/// The baseline's side of [`RawSigner`], in a child process whose SOFTHSM2_CONF points at
+/// the bench token: answers `rate MS`, `single MS` and `paced MS` on stdin, one per line.
 fn raw(dir: &Path) {
     use cryptoki::{
         context::{CInitializeArgs, CInitializeFlags, Pkcs11},
@@ -562,7 +618,6 @@ fn raw(dir: &Path) {
         session::UserType,
         types::AuthPin,
     };
-    let seconds = env_number("BENCH_SECONDS", 5);
     let sessions = env_number("BENCH_SESSIONS", 2) as usize;
     let pkcs11 = Pkcs11::new(grant_agent::dev::softhsm_module().expect("softhsm")).expect("load");
     pkcs11
@@ -620,23 +675,31 @@ fn raw(dir: &Path) {
         all.sort_by(f64::total_cmp);
         (all.len() as f64 / started.elapsed().as_secs_f64(), all)
     };
-    let (_, single) = measure(1, Duration::from_secs(seconds.div_ceil(2)));
-    // One sign at a time again, but with a pause like the one between two requests at
-    // concurrency 1, so the thread parks and the CPU cools as it does in the agent.
-    let session = pkcs11.open_ro_session(slot).expect("session");
-    let started = Instant::now();
-    let mut paced = Vec::new();
-    while started.elapsed() < Duration::from_secs(seconds.div_ceil(2)) {
-        std::thread::sleep(Duration::from_micros(400));
-        let t = Instant::now();
-        let _ = session
-            .sign(&Mechanism::Sha256RsaPkcs, key, &message)
-            .expect("C_Sign");
-        paced.push(t.elapsed().as_secs_f64() * 1e6);
+    let paced = |duration: Duration| -> Vec<f64> {
+        let session = pkcs11.open_ro_session(slot).expect("session");
+        let started = Instant::now();
+        let mut latencies = Vec::new();
+        while started.elapsed() < duration {
+            std::thread::sleep(Duration::from_micros(400));
+            let t = Instant::now();
+            let _ = session
+                .sign(&Mechanism::Sha256RsaPkcs, key, &message)
+                .expect("C_Sign");
+            latencies.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        latencies.sort_by(f64::total_cmp);
+        latencies
+    };
+    for question in std::io::stdin().lines() {
+        let question = question.expect("stdin");
+        let (what, millis) = question.split_once(' ').expect("QUESTION MS");
+        let duration = Duration::from_millis(millis.parse().expect("milliseconds"));
+        let answer = match what {
+            "rate" => measure(sessions, duration).0,
+            "single" => percentile(&measure(1, duration).1, 0.5),
+            "paced" => percentile(&paced(duration), 0.5),
+            other => panic!("unknown question {other}"),
+        };
+        println!("{answer}");
     }
-    paced.sort_by(f64::total_cmp);
-    let (rate, _) = measure(sessions, Duration::from_secs(seconds));
-    println!("raw_signs_per_second {rate}");
-    println!("raw_single_sign_p50_us {}", percentile(&single, 0.5));
-    println!("raw_paced_sign_p50_us {}", percentile(&paced, 0.5));
 }
