@@ -7,7 +7,8 @@
 //!
 //! `cargo bench --bench throughput`. Environment: `BENCH_SECONDS` per step (default 5),
 //! `BENCH_ROUNDS` of raw and agent steps taken in turn for the targets (default 5),
-//! `BENCH_SOAK` requests in the soak (default 200000; 0 skips it).
+//! `BENCH_SOAK` requests in the soak (default 200000; 0 skips it), and
+//! `BENCH_CPU_DMA_LATENCY` (µs, needs root) to hold that PM QoS request during the run.
 //!
 //! The machine is noisy, so the figures that matter are ratios to the baseline measured in
 //! the same run, not absolute numbers.
@@ -43,6 +44,10 @@ fn main() {
         );
         std::process::exit(1);
     }
+    // Held until the bench ends; the first line shows it.
+    let _latency_request = std::env::var("BENCH_CPU_DMA_LATENCY")
+        .ok()
+        .map(|us| hold_cpu_dma_latency(&us));
     let seconds: u64 = env_number("BENCH_SECONDS", 5);
     let soak: u64 = env_number("BENCH_SOAK", 200_000);
     let dir = tempfile::tempdir().expect("temp dir");
@@ -551,6 +556,23 @@ fn idle_driver() -> String {
         Some(us) => format!("{driver}, cpu_dma_latency {us} µs"),
         None => driver,
     }
+}
+
+/// Holds a PM QoS request of `us` microseconds for as long as the returned file is open,
+/// as tuned's `latency-performance` profile does: idle CPUs then poll instead of halting.
+/// It lets the figures docs/operations.md gives for that switch be measured in one command.
+fn hold_cpu_dma_latency(us: &str) -> std::fs::File {
+    use std::io::Write;
+    let us: i32 = us
+        .parse()
+        .expect("BENCH_CPU_DMA_LATENCY: microseconds, such as 0");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/cpu_dma_latency")
+        .expect("BENCH_CPU_DMA_LATENCY: cannot open /dev/cpu_dma_latency (it needs root)");
+    file.write_all(&us.to_ne_bytes())
+        .expect("BENCH_CPU_DMA_LATENCY: cannot write /dev/cpu_dma_latency");
+    file
 }
 
 /// (VmRSS, VmHWM) of a process in MiB.
