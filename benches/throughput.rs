@@ -33,6 +33,10 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const RAW_MODE: &str = "GRANT_AGENT_BENCH_RAW";
 
+/// Failed requests over the whole run: figures from a run with failures are not valid, so
+/// the bench then exits non-zero (CI runs it briefly to keep it working).
+static FAILED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn main() {
     if let Ok(dir) = std::env::var(RAW_MODE) {
         raw(Path::new(&dir));
@@ -147,7 +151,7 @@ fn main() {
             .join(" ")
     };
     println!(
-        "targets, from {rounds} rounds of a raw step and an agent step in turn ({} s each):",
+        "targets, from raw and agent steps taken in turn, {rounds} times ({} s each):",
         short.as_secs()
     );
     println!(
@@ -212,6 +216,11 @@ fn main() {
     }
     let _ = agent.kill();
     let _ = agent.wait();
+    let failed = FAILED.load(std::sync::atomic::Ordering::Relaxed);
+    if failed > 0 {
+        eprintln!("{failed} requests failed: the figures above are not valid");
+        std::process::exit(1);
+    }
 }
 
 /// (c): a second agent on the same token whose `mock` environment is a local
@@ -501,6 +510,7 @@ async fn load(
     }
     run.elapsed = started.elapsed();
     run.latencies.sort_by(f64::total_cmp);
+    let _ = FAILED.fetch_add(run.errors, std::sync::atomic::Ordering::Relaxed);
     run
 }
 
