@@ -127,10 +127,11 @@ fn main() {
         .iter()
         .max_by(|a, b| a.1.rate.total_cmp(&b.1.rate))
         .map_or(64, |(concurrency, _)| *concurrency);
-    let rounds = env_number("BENCH_ROUNDS", 5);
+    let rounds = env_number("BENCH_ROUNDS", 5).max(1);
     let short = Duration::from_secs(seconds.div_ceil(2));
     let (mut ratios, mut over, mut over_paced) = (Vec::new(), Vec::new(), Vec::new());
-    let mut totals = Step::default();
+    // Means over the rounds at saturation: raw signs/s, and CPU µs per grant.
+    let (mut raw_mean, mut agent_us, mut client_us) = (0.0, 0.0, 0.0);
     for _ in 0..rounds {
         let (raw_single, raw_paced) = (raw.single(short), raw.paced(short));
         let one = measure(&runtime, &addr, pid, 1, short, Call::Sign);
@@ -139,9 +140,9 @@ fn main() {
         let raw_rate = raw.rate(short);
         let busy = measure(&runtime, &addr, pid, saturated, short, Call::Sign);
         ratios.push(busy.rate / raw_rate);
-        totals.rate += raw_rate / rounds as f64;
-        totals.agent_us += busy.agent_us / rounds as f64;
-        totals.client_us += busy.client_us / rounds as f64;
+        raw_mean += raw_rate / rounds as f64;
+        agent_us += busy.agent_us / rounds as f64;
+        client_us += busy.client_us / rounds as f64;
     }
     let list = |values: &[f64], format: fn(f64) -> String| {
         values
@@ -151,7 +152,7 @@ fn main() {
             .join(" ")
     };
     println!(
-        "targets, from raw and agent steps taken in turn, {rounds} times ({} s each):",
+        "targets, from raw and agent steps taken in turn (rounds: {rounds}, {} s per step):",
         short.as_secs()
     );
     println!(
@@ -161,13 +162,11 @@ fn main() {
     );
     // With every core busy, the rate is the cores' time divided by the CPU each grant
     // takes: the agent's (which includes the sign) plus the load generator's.
-    let sign_cpu = cores as f64 / totals.rate * 1e6;
+    let sign_cpu = cores as f64 / raw_mean * 1e6;
     let (health_16, health_1) = (&floor[1].1, &floor[0].1);
     println!(
-        "    CPU per grant there: agent {:.0} µs (of which one sign {sign_cpu:.0} µs) + load generator {:.0} µs, so the cores allow at most {:.3} of raw; the transport alone, {:.0} µs, allows {:.3}",
-        totals.agent_us,
-        totals.client_us,
-        sign_cpu / (totals.agent_us + totals.client_us),
+        "    CPU per grant there: agent {agent_us:.0} µs (of which one sign {sign_cpu:.0} µs) + load generator {client_us:.0} µs, so the cores allow at most {:.3} of raw; the transport alone, {:.0} µs, allows {:.3}",
+        sign_cpu / (agent_us + client_us),
         health_16.agent_us + health_16.client_us,
         sign_cpu / (sign_cpu + health_16.agent_us + health_16.client_us),
     );
@@ -319,7 +318,6 @@ fn grant_parameters() -> GrantParameters {
 }
 
 /// One load step's figures.
-#[derive(Clone, Default)]
 struct Step {
     rate: f64,
     p50: f64,
