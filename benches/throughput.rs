@@ -66,10 +66,10 @@ fn main() {
     // (a) The baseline: the token's own signing rate, without the agent, in a child
     // process that stays up for the whole run so that it can be asked again between steps.
     let mut raw = RawSigner::start(dir.path(), sessions);
-    let step = Duration::from_secs(seconds);
-    let before = raw.rate(step);
-    let single = raw.single(step / 2);
-    let paced = raw.paced(step / 2);
+    let length = Duration::from_secs(seconds);
+    let before = raw.rate(length);
+    let single = raw.single(length / 2);
+    let paced = raw.paced(length / 2);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "(a) raw C_Sign: {before:.0}/s on {sessions} sessions, {cores} cores ({:.0} µs of CPU each); one sign p50 {single:.0} µs back to back, {paced:.0} µs with pauses between",
@@ -85,18 +85,13 @@ fn main() {
         .expect("runtime");
     let mut rows = Vec::new();
     for concurrency in [1_usize, 4, 16, 64] {
-        let step = measure(&runtime, &addr, pid, concurrency, step, Call::Sign);
+        let step = measure(&runtime, &addr, pid, concurrency, length, Call::Sign);
         rows.push((concurrency, step));
     }
     // The transport's floor, measured the same way: a round trip with nothing behind it.
-    let floor: Vec<_> = [1_usize, 16]
-        .into_iter()
-        .map(|concurrency| {
-            let step = measure(&runtime, &addr, pid, concurrency, step, Call::Health);
-            (concurrency, step)
-        })
-        .collect();
-    let after = raw.rate(step);
+    let health_1 = measure(&runtime, &addr, pid, 1, length, Call::Health);
+    let health_16 = measure(&runtime, &addr, pid, 16, length, Call::Health);
+    let after = raw.rate(length);
     let raw_rate = (before + after) / 2.0;
     println!(
         "    raw C_Sign again after (b): {after:.0}/s; the sweep's ratios are to the mean, {raw_rate:.0}/s"
@@ -107,8 +102,11 @@ fn main() {
     println!(
         "    call     concurrency   per second   ratio to (a)   p50 µs   p99 µs   errors   CPU µs/call: agent   load generator"
     );
-    let calls = rows.iter().map(|row| ("grant", row));
-    for (call, (concurrency, step)) in calls.chain(floor.iter().map(|row| ("health", row))) {
+    let calls = rows
+        .iter()
+        .map(|(concurrency, step)| ("grant", *concurrency, step))
+        .chain([("health", 1, &health_1), ("health", 16, &health_16)]);
+    for (call, concurrency, step) in calls {
         println!(
             "    {call:<6}   {concurrency:>11}   {:>10.0}   {:>12.3}   {:>6.0}   {:>6.0}   {:>6}   {:>18.0}   {:>14.0}",
             step.rate,
@@ -163,7 +161,6 @@ fn main() {
     // With every core busy, the rate is the cores' time divided by the CPU each grant
     // takes: the agent's (which includes the sign) plus the load generator's.
     let sign_cpu = cores as f64 / raw_mean * 1e6;
-    let (health_16, health_1) = (&floor[1].1, &floor[0].1);
     println!(
         "    CPU per grant there: agent {agent_us:.0} µs (of which one sign {sign_cpu:.0} µs) + load generator {client_us:.0} µs, so the cores allow at most {:.3} of raw; the transport alone, {:.0} µs, allows {:.3}",
         sign_cpu / (agent_us + client_us),
@@ -284,20 +281,21 @@ fn cached_tokens(
     );
     println!("    concurrency   requests/s   ratio to (a)   p50 µs   p99 µs   errors");
     for concurrency in [1_usize, 16] {
-        let run = runtime.block_on(load(
+        let step = measure(
+            runtime,
             &addr,
+            agent.id(),
             concurrency,
             Duration::from_secs(seconds),
-            None,
             Call::CachedToken,
-        ));
-        let rate = run.latencies.len() as f64 / run.elapsed.as_secs_f64();
+        );
         println!(
-            "    {concurrency:>11}   {rate:>10.0}   {:>12.2}   {:>6.0}   {:>6.0}   {:>6}",
-            rate / raw_rate,
-            percentile(&run.latencies, 0.50),
-            percentile(&run.latencies, 0.99),
-            run.errors
+            "    {concurrency:>11}   {:>10.0}   {:>12.2}   {:>6.0}   {:>6.0}   {:>6}",
+            step.rate,
+            step.rate / raw_rate,
+            step.p50,
+            step.p99,
+            step.errors
         );
     }
     for child in [&mut agent, &mut mock] {
