@@ -9,6 +9,9 @@
 //! `BENCH_ROUNDS` of raw and agent steps taken in turn for the targets (default 5),
 //! `BENCH_SOAK` requests in the soak (default 200000; 0 skips it), and
 //! `BENCH_CPU_DMA_LATENCY` (µs, needs root) to hold that PM QoS request during the run.
+//! `BENCH_AGENT_CPUS` and `BENCH_CLIENT_CPUS` (CPU lists as taskset takes them, such as
+//! `0` and `1`, or `0-1` and `2-3`) run the agent and the raw baseline on the first CPUs
+//! and the load generator on the second, so the client no longer takes the agent's time.
 //!
 //! The machine is noisy, so the figures that matter are ratios to the baseline measured in
 //! the same run, not absolute numbers.
@@ -37,6 +40,9 @@ const RAW_MODE: &str = "GRANT_AGENT_BENCH_RAW";
 /// the bench then exits non-zero (CI runs it briefly to keep it working).
 static FAILED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// `BENCH_AGENT_CPUS`, when the run is pinned: every process the bench starts runs there.
+static AGENT_CPUS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn main() {
     if let Ok(dir) = std::env::var(RAW_MODE) {
         raw(Path::new(&dir));
@@ -48,6 +54,7 @@ fn main() {
         );
         std::process::exit(1);
     }
+    let placement = pin();
     // Held until the bench ends; the first line shows it.
     let _latency_request = std::env::var("BENCH_CPU_DMA_LATENCY")
         .ok()
@@ -57,28 +64,32 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut agent, addr) = start_agent(dir.path());
     let pid = agent.id();
-    let sessions = grant_agent::config::default_sessions();
-    println!(
-        "grant-agent throughput on SoftHSM RSA-2048, {sessions} sessions, {seconds} s per step; {}",
-        idle_driver()
-    );
 
     // (a) The baseline: the token's own signing rate, without the agent, in a child
     // process that stays up for the whole run so that it can be asked again between steps.
-    let mut raw = RawSigner::start(dir.path(), sessions);
+    // It runs where the agent runs, so it reports the agent's cores and session count.
+    let mut raw = RawSigner::start(dir.path());
+    let (sessions, cores) = (raw.sessions, raw.cores);
+    println!(
+        "grant-agent throughput on SoftHSM RSA-2048, {sessions} sessions, {seconds} s per step; {}; {}",
+        placement
+            .as_deref()
+            .unwrap_or("agent and load generator share the cores"),
+        idle_driver()
+    );
     let length = Duration::from_secs(seconds);
     let before = raw.rate(length);
     let single = raw.single(length / 2);
     let paced = raw.paced(length / 2);
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "(a) raw C_Sign: {before:.0}/s on {sessions} sessions, {cores} cores ({:.0} µs of CPU each); one sign p50 {single:.0} µs back to back, {paced:.0} µs with pauses between",
         cores as f64 / before * 1e6,
     );
 
     // (b) Through the agent.
-    // The load generator shares the two cores with the agent and the token: one thread,
-    // no work stealing, so it takes as little from them as a lean client (wrk, ghz) would.
+    // Unless pinned apart, the load generator shares the cores with the agent and the
+    // token: one thread, no work stealing, so it takes as little from them as a lean
+    // client (wrk, ghz) would.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -159,13 +170,26 @@ fn main() {
         list(&ratios, |v| format!("{v:.3}"))
     );
     // With every core busy, the rate is the cores' time divided by the CPU each grant
-    // takes: the agent's (which includes the sign) plus the load generator's.
+    // takes there: the agent's (which includes the sign), plus the load generator's when
+    // it shares the cores.
     let sign_cpu = cores as f64 / raw_mean * 1e6;
+    let (cost, floor, sharing) = if placement.is_some() {
+        (
+            agent_us,
+            health_16.agent_us,
+            "the load generator runs elsewhere",
+        )
+    } else {
+        (
+            agent_us + client_us,
+            health_16.agent_us + health_16.client_us,
+            "both on these cores",
+        )
+    };
     println!(
-        "    CPU per grant there: agent {agent_us:.0} µs (of which one sign {sign_cpu:.0} µs) + load generator {client_us:.0} µs, so the cores allow at most {:.3} of raw; the transport alone, {:.0} µs, allows {:.3}",
-        sign_cpu / (agent_us + client_us),
-        health_16.agent_us + health_16.client_us,
-        sign_cpu / (sign_cpu + health_16.agent_us + health_16.client_us),
+        "    CPU per grant there: agent {agent_us:.0} µs (of which one sign {sign_cpu:.0} µs), load generator {client_us:.0} µs ({sharing}), so the cores allow at most {:.3} of raw; the transport alone, {floor:.0} µs, allows {:.3}",
+        sign_cpu / cost,
+        sign_cpu / (sign_cpu + floor),
     );
     println!(
         "    p50 at concurrency 1 minus one raw sign: median {:.0} µs, rounds {} (target <= 200 µs); a bare round trip alone takes {:.0} µs",
@@ -261,7 +285,7 @@ fn cached_tokens(
     )
     .expect("mock config");
     let (mut mock, mock_url) = start(
-        Command::new(env!("CARGO_BIN_EXE_grant-agent"))
+        command(env!("CARGO_BIN_EXE_grant-agent"))
             .args(["mock-maskinporten", "--listen", "127.0.0.1:0", "--config"])
             .arg(dir.join("mock.toml")),
     );
@@ -271,7 +295,7 @@ fn cached_tokens(
         );
     std::fs::write(dir.join("tokens.toml"), config).expect("agent config");
     let (mut agent, addr) = start(
-        Command::new(env!("CARGO_BIN_EXE_grant-agent"))
+        command(env!("CARGO_BIN_EXE_grant-agent"))
             .args(["serve", "--config"])
             .arg(dir.join("tokens.toml"))
             .env("SOFTHSM2_CONF", dir.join("softhsm2.conf")),
@@ -362,24 +386,34 @@ enum Call {
 /// The baseline's child process: the same key and mechanism as the agent, one session
 /// per thread, no gRPC, no grant building. It answers one question per line on stdin.
 struct RawSigner {
+    /// The agent's session count and cores, as the child sees them where it runs.
+    sessions: usize,
+    cores: usize,
     child: std::process::Child,
     questions: std::process::ChildStdin,
     answers: std::io::Lines<BufReader<std::process::ChildStdout>>,
 }
 
 impl RawSigner {
-    fn start(dir: &Path, sessions: usize) -> Self {
-        let mut child = Command::new(std::env::current_exe().expect("bench binary"))
+    fn start(dir: &Path) -> Self {
+        let mut child = command(std::env::current_exe().expect("bench binary"))
             .env(RAW_MODE, dir)
             .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
-            .env("BENCH_SESSIONS", sessions.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .expect("raw baseline");
+        let mut answers = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first = answers
+            .next()
+            .expect("raw baseline ended")
+            .expect("read raw");
+        let (sessions, cores) = first.split_once(' ').expect("SESSIONS CORES");
         RawSigner {
+            sessions: sessions.parse().expect("sessions"),
+            cores: cores.parse().expect("cores"),
             questions: child.stdin.take().expect("stdin"),
-            answers: BufReader::new(child.stdout.take().expect("stdout")).lines(),
+            answers,
             child,
         }
     }
@@ -564,6 +598,89 @@ fn idle_driver() -> String {
     }
 }
 
+/// Pins the run when `BENCH_AGENT_CPUS` and `BENCH_CLIENT_CPUS` are set: this process (the
+/// load generator) moves to the client's CPUs now, and [`command`] starts every other
+/// process on the agent's. Returns the placement for the first line.
+fn pin() -> Option<String> {
+    let agent = std::env::var("BENCH_AGENT_CPUS").ok();
+    let client = std::env::var("BENCH_CLIENT_CPUS").ok();
+    let (agent, client) = match (agent, client) {
+        (None, None) => return None,
+        (Some(agent), Some(client)) => (agent, client),
+        _ => fail("BENCH_AGENT_CPUS and BENCH_CLIENT_CPUS: set both or neither"),
+    };
+    let (agent_set, client_set) = (
+        cpu_list("BENCH_AGENT_CPUS", &agent),
+        cpu_list("BENCH_CLIENT_CPUS", &client),
+    );
+    if agent_set.iter().any(|cpu| client_set.contains(cpu)) {
+        fail("BENCH_AGENT_CPUS and BENCH_CLIENT_CPUS: the two lists must not share a CPU");
+    }
+    let pinned = Command::new("taskset")
+        .args(["--all-tasks", "--pid", "--cpu-list", &client])
+        .arg(std::process::id().to_string())
+        .stdout(Stdio::null())
+        .status();
+    if !pinned.is_ok_and(|status| status.success()) {
+        fail(&format!(
+            "BENCH_CLIENT_CPUS: taskset cannot move the load generator to CPUs {client}"
+        ));
+    }
+    let usable = Command::new("taskset")
+        .args(["--cpu-list", &agent, "true"])
+        .stderr(Stdio::null())
+        .status();
+    if !usable.is_ok_and(|status| status.success()) {
+        fail(&format!(
+            "BENCH_AGENT_CPUS: taskset cannot run a process on CPUs {agent}"
+        ));
+    }
+    let _ = AGENT_CPUS.set(agent.clone());
+    Some(format!(
+        "agent and raw baseline on CPUs {agent}, load generator on CPUs {client}"
+    ))
+}
+
+/// The CPUs in a taskset-style list (`0`, `0,2`, `0-3`), or a message naming `name`.
+fn cpu_list(name: &str, list: &str) -> Vec<usize> {
+    let cpu = |text: &str| -> usize {
+        text.trim().parse().unwrap_or_else(|_| {
+            fail(&format!(
+                "{name}: {list:?} is not a CPU list such as 0, 0,2 or 0-3"
+            ))
+        })
+    };
+    let cpus: Vec<usize> = list
+        .split(',')
+        .flat_map(|part| match part.split_once('-') {
+            Some((first, last)) if cpu(first) <= cpu(last) => cpu(first)..=cpu(last),
+            Some(_) => fail(&format!("{name}: {part:?} runs backwards")),
+            None => cpu(part)..=cpu(part),
+        })
+        .collect();
+    if cpus.is_empty() {
+        fail(&format!("{name}: {list:?} names no CPU"));
+    }
+    cpus
+}
+
+/// A command for `program`, started on `BENCH_AGENT_CPUS` when the run is pinned.
+fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match AGENT_CPUS.get() {
+        Some(cpus) => {
+            let mut command = Command::new("taskset");
+            let _ = command.args(["--cpu-list", cpus]).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("{message}");
+    std::process::exit(2)
+}
+
 /// Holds a PM QoS request of `us` microseconds for as long as the returned file is open,
 /// as tuned's `latency-performance` profile does: idle CPUs then poll instead of halting.
 /// It lets the figures docs/operations.md gives for that switch be measured in one command.
@@ -602,7 +719,7 @@ fn memory(pid: u32) -> (f64, f64) {
 
 fn start_agent(dir: &Path) -> (std::process::Child, String) {
     start(
-        Command::new(env!("CARGO_BIN_EXE_grant-agent"))
+        command(env!("CARGO_BIN_EXE_grant-agent"))
             .args(["dev", "--listen", "127.0.0.1:0", "--state-dir"])
             .arg(dir)
             .env_remove("SOFTHSM2_CONF"),
@@ -637,7 +754,8 @@ fn env_number(name: &str, default: u64) -> u64 {
 }
 
 /// The baseline's side of [`RawSigner`], in a child process whose SOFTHSM2_CONF points at
-/// the bench token: answers `rate MS`, `single MS` and `paced MS` on stdin, one per line.
+/// the bench token: first prints the agent's session count and cores as seen from where it
+/// runs, then answers `rate MS`, `single MS` and `paced MS` on stdin, one per line.
 fn raw(dir: &Path) {
     use cryptoki::{
         context::{CInitializeArgs, CInitializeFlags, Pkcs11},
@@ -646,7 +764,9 @@ fn raw(dir: &Path) {
         session::UserType,
         types::AuthPin,
     };
-    let sessions = env_number("BENCH_SESSIONS", 2) as usize;
+    let sessions = grant_agent::config::default_sessions();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("{sessions} {cores}");
     let pkcs11 = Pkcs11::new(grant_agent::dev::softhsm_module().expect("softhsm")).expect("load");
     pkcs11
         .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
