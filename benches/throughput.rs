@@ -652,10 +652,15 @@ fn cpu_list(name: &str, list: &str) -> Vec<usize> {
     };
     let cpus: Vec<usize> = list
         .split(',')
-        .flat_map(|part| match part.split_once('-') {
-            Some((first, last)) if cpu(first) <= cpu(last) => cpu(first)..=cpu(last),
-            Some(_) => fail(&format!("{name}: {part:?} runs backwards")),
-            None => cpu(part)..=cpu(part),
+        .flat_map(|part| {
+            let (first, last) = match part.split_once('-') {
+                Some((first, last)) => (cpu(first), cpu(last)),
+                None => (cpu(part), cpu(part)),
+            };
+            if first > last {
+                fail(&format!("{name}: {part:?} runs backwards"));
+            }
+            first..=last
         })
         .collect();
     if cpus.is_empty() {
