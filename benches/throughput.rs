@@ -40,6 +40,9 @@ const RAW_MODE: &str = "GRANT_AGENT_BENCH_RAW";
 /// the bench then exits non-zero (CI runs it briefly to keep it working).
 static FAILED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// How much the soak may grow the agent's RSS after its first tenth before it counts as a leak.
+const SOAK_GROWTH_MIB: f64 = 1.0;
+
 /// `BENCH_AGENT_CPUS`, when the run is pinned: every process the bench starts runs there.
 static AGENT_CPUS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
@@ -164,10 +167,15 @@ fn main() {
         "targets, from raw and agent steps taken in turn (rounds: {rounds}, {} s per step):",
         short.as_secs()
     );
+    let mut verdict = Verdict::default();
+    let saturation = median(&ratios);
     println!(
-        "    saturation ratio (b)/(a) at concurrency {saturated}: median {:.3}, rounds {} (target >= 0.90)",
-        median(&ratios),
+        "    saturation ratio (b)/(a) at concurrency {saturated}: median {saturation:.3}, rounds {} (target >= 0.90)",
         list(&ratios, |v| format!("{v:.3}"))
+    );
+    verdict.add(
+        saturation >= 0.90,
+        format!("saturation ratio (b)/(a) {saturation:.3} (>= 0.90)"),
     );
     // With every core busy, the rate is the cores' time divided by the CPU each grant
     // takes there: the agent's (which includes the sign), plus the load generator's when
@@ -191,11 +199,18 @@ fn main() {
         sign_cpu / cost,
         sign_cpu / (sign_cpu + floor),
     );
+    let above = median(&over);
     println!(
-        "    p50 at concurrency 1 minus one raw sign: median {:.0} µs, rounds {} (target <= 200 µs); a bare round trip alone takes {:.0} µs",
-        median(&over),
+        "    p50 at concurrency 1 minus one raw sign: median {above:.0} µs, rounds {} (target <= 200 µs); a bare round trip alone takes {:.0} µs",
         list(&over, |v| format!("{v:.0}")),
         health_1.p50
+    );
+    verdict.add(
+        above <= 200.0,
+        format!(
+            "p50 at concurrency 1, {above:+.0} µs over one raw sign (<= +200 µs; a bare round trip took {:.0} µs of that)",
+            health_1.p50
+        ),
     );
     println!(
         "    the same minus one raw sign after a 0.4 ms pause, as the agent's signing thread meets a request at concurrency 1: median {:.0} µs",
@@ -205,6 +220,10 @@ fn main() {
     println!(
         "    agent RSS {:.1} MiB, peak {:.1} MiB (target < 50 MiB)",
         rss, hwm
+    );
+    verdict.add(
+        hwm < 50.0,
+        format!("peak RSS {hwm:.1} MiB so far (< 50 MiB)"),
     );
     cached_tokens(&runtime, dir.path(), &addr, seconds, raw_rate);
 
@@ -225,15 +244,31 @@ fn main() {
             requests += run.latencies.len() + run.errors;
             errors += run.errors;
             seconds += run.elapsed.as_secs_f64();
-            trail.push(format!("{:.1}", memory(pid).0));
+            trail.push(memory(pid).0);
         }
         let after = memory(pid);
         println!(
             "soak: {requests} requests in {seconds:.0} s ({errors} errors); RSS {before:.1} MiB before, {:.1} MiB after (peak {:.1} MiB)",
             after.0, after.1
         );
-        println!("    RSS after each tenth, MiB: {}", trail.join(" "));
+        println!(
+            "    RSS after each tenth, MiB: {}",
+            list(&trail, |v| format!("{v:.1}"))
+        );
+        // The first tenth warms the allocator and the metrics' label sets; a leak shows
+        // as growth after it. 1 MiB over 200,000 requests is about 5 bytes a request.
+        let growth = after.0 - trail.first().copied().unwrap_or(before);
+        verdict.add(
+            errors == 0 && growth <= SOAK_GROWTH_MIB && after.1 < 50.0,
+            format!(
+                "soak: RSS {growth:+.1} MiB after the first tenth, peak {:.1} MiB, {errors} errors (growth <= {SOAK_GROWTH_MIB} MiB, peak < 50 MiB, no errors)",
+                after.1
+            ),
+        );
+    } else {
+        verdict.skip("soak (BENCH_SOAK=0)");
     }
+    verdict.print(placement.as_deref(), &idle_driver());
     let _ = agent.kill();
     let _ = agent.wait();
     let failed = FAILED.load(std::sync::atomic::Ordering::Relaxed);
@@ -348,6 +383,44 @@ struct Step {
     /// CPU per request in the agent and in this process (the load generator), in µs.
     agent_us: f64,
     client_us: f64,
+}
+
+/// The targets, met or missed in this run, printed last so that a run ends on its
+/// answer. Misses do not fail the bench: on a shared machine they are figures, not faults.
+#[derive(Default)]
+struct Verdict(Vec<(Option<bool>, String)>);
+
+impl Verdict {
+    fn add(&mut self, met: bool, what: String) {
+        self.0.push((Some(met), what));
+    }
+
+    fn skip(&mut self, what: &str) {
+        self.0.push((None, what.to_owned()));
+    }
+
+    fn print(&self, placement: Option<&str>, idle: &str) {
+        let count = |wanted: bool| {
+            self.0
+                .iter()
+                .filter(|(met, _)| *met == Some(wanted))
+                .count()
+        };
+        let (met, missed) = (count(true), count(false));
+        println!(
+            "verdict: {met} of {} targets met ({}; {idle}):",
+            met + missed,
+            placement.unwrap_or("agent and load generator share the cores"),
+        );
+        for (met, what) in &self.0 {
+            let word = match met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "not run",
+            };
+            println!("    {word:<8}  {what}");
+        }
+    }
 }
 
 /// Runs one step of `concurrency` callers for `duration` against the agent `pid` at `addr`.
