@@ -95,6 +95,19 @@ fn cli_errors_name_the_flag() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--scope"), "{}", stderr(&out));
 
+    // The files the key and cert commands read are checked before the token is opened.
+    for command in [["cert", "import"], ["key", "import-p12"]] {
+        let mut args = command.to_vec();
+        args.extend(["--config", config, "--label", "k", "/nonexistent/file"]);
+        let out = cli(&agent, &args);
+        assert_eq!(out.status.code(), Some(1), "{command:?}");
+        assert!(
+            stderr(&out).contains("grant-agent: error: FILE /nonexistent/file: "),
+            "{command:?}: {}",
+            stderr(&out)
+        );
+    }
+
     let out = cli(&agent, &["serve", "--config", "/nonexistent/agent.toml"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(

@@ -222,7 +222,7 @@ fn p12_password(file: Option<&Path>) -> Result<zeroize::Zeroizing<String>, Failu
 /// Runs one `cert` command.
 pub(crate) fn cert_command(command: CertCommand) -> Result<(), Failure> {
     let CertCommand::Import { token, label, file } = command;
-    let pem = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let pem = std::fs::read(&file).map_err(|e| format!("FILE {}: {e}", file.display()))?;
     let token = admin::open_token(&token.config)?;
     let result = admin::import_certificate(&token, &label, &pem);
     let closed = token.close();
