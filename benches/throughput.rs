@@ -15,6 +15,7 @@
 //!
 //! The machine is noisy, so the figures that matter are ratios to the baseline measured in
 //! the same run, not absolute numbers.
+//! The run ends on a verdict, target by target, for that run's placement and idle settings.
 
 #![allow(
     clippy::expect_used,
