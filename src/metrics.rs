@@ -15,6 +15,9 @@
 //! | `grant_agent_tokens_total` | counter | `key`, `outcome` (issued, cached, denied, refused, failed) |
 //! | `grant_agent_token_cache_total` | counter | `result` (hit, miss): cache lookups |
 //! | `grant_agent_token_upstream_seconds` | histogram | `status`: one POST to the token endpoint |
+//! | `grant_agent_connections` | gauge | gRPC connections past their handshake, open now |
+//! | `grant_agent_connections_refused_total` | counter | `reason`: unknown_caller, tls, handshake_timeout, evicted, per_peer, idle (closed for idling) |
+//! | `grant_agent_requests_refused_total` | counter | `reason`: refused before the message was read (unknown_caller, content_type, too_large, busy, request_timeout, malformed) |
 //!
 //! Values that describe the present (queue, sessions, expiry) are read when scraped.
 
@@ -50,6 +53,11 @@ struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CertificateLabels {
     key: String,
     certificate_sha256: String,
@@ -71,6 +79,9 @@ pub struct Metrics {
     tokens: Family<GrantLabels, Counter>,
     token_cache: Family<CacheLabels, Counter>,
     token_upstream: Family<UpstreamLabels, Histogram>,
+    connections: Gauge,
+    connections_refused: Family<ReasonLabels, Counter>,
+    requests_refused: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -102,6 +113,9 @@ impl Metrics {
             token_upstream: Family::new_with_constructor(|| {
                 Histogram::new([0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0])
             }),
+            connections: Gauge::default(),
+            connections_refused: Family::default(),
+            requests_refused: Family::default(),
         };
         let mut registry = metrics.registry;
         registry.register(
@@ -169,6 +183,21 @@ impl Metrics {
             "Time of one token endpoint request, by HTTP status or failure",
             metrics.token_upstream.clone(),
         );
+        registry.register(
+            "connections",
+            "gRPC connections past their handshake, open now",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused or closed by the agent's limits, by reason",
+            metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "requests_refused",
+            "GrantAgent requests refused before their message was read, by reason",
+            metrics.requests_refused.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -224,6 +253,32 @@ impl Metrics {
         let _ = self
             .pkcs11_errors
             .get_or_create(&ErrorLabels { rv: rv.to_owned() })
+            .inc();
+    }
+
+    /// Counts a connection past its handshake.
+    pub fn connection_opened(&self) {
+        let _ = self.connections.inc();
+    }
+
+    /// Counts a connection's end.
+    pub fn connection_closed(&self) {
+        let _ = self.connections.dec();
+    }
+
+    /// Counts a connection refused or closed by a limit.
+    pub fn connection_refused(&self, reason: &'static str) {
+        let _ = self
+            .connections_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a request refused before its message was read.
+    pub fn request_refused(&self, reason: &'static str) {
+        let _ = self
+            .requests_refused
+            .get_or_create(&ReasonLabels { reason })
             .inc();
     }
 

@@ -215,24 +215,28 @@ async fn mutual_tls_callers_get_what_the_policy_allows_and_nothing_else() {
         .await
         .expect("a known caller may list keys");
 
-    // A trusted certificate that no rule names.
-    let mut other = connect(&agent.addr, Some(&tls(dir, "other", "ca.pem")))
-        .await
-        .expect("connect");
-    let status = other
-        .sign_grant(payments_request())
-        .await
-        .expect_err("denied");
-    assert_eq!(status.code(), Code::PermissionDenied);
-    assert_eq!(
-        status.message(),
-        "caller uri:spiffe://acme/ns/prod/sa/other is not in the policy"
+    // A trusted certificate that no rule names: refused at the TLS handshake, before
+    // it can send a request, and the refusal is audited with the peer's address.
+    let refused = match connect(&agent.addr, Some(&tls(dir, "other", "ca.pem"))).await {
+        Err(error) => format!("{error:?}"),
+        Ok(mut other) => {
+            let status = other
+                .sign_grant(payments_request())
+                .await
+                .expect_err("denied");
+            format!("{status:?}")
+        }
+    };
+    assert!(refused.contains("CertificateUnknown"), "{refused}");
+    let line = agent
+        .wait_for_audit(|line| line["audit"] == "connection")
+        .expect("a connection refusal in the audit");
+    assert_eq!(line["caller"], "uri:spiffe://acme/ns/prod/sa/other");
+    assert_eq!(line["outcome"], "denied");
+    assert!(
+        line["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{line}"
     );
-    let status = other
-        .list_keys(ListKeysRequest {})
-        .await
-        .expect_err("denied");
-    assert_eq!(status.code(), Code::PermissionDenied);
 
     // A certificate from a CA the agent does not trust, and no certificate at all.
     let rogue = match connect(&agent.addr, Some(&tls(dir, "rogue", "ca.pem"))).await {

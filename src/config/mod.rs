@@ -17,11 +17,13 @@ use serde::Deserialize;
 use crate::{cert::CertEnvironment, grant::Algorithm};
 
 mod access;
+mod limits;
 mod token;
 
 pub use access::{
     Access, DEFAULT_REQUESTS_PER_SECOND, IdentityField, Pattern, PolicyRule, Tls, UnixSocket,
 };
+pub use limits::{Limits, MAX_REQUEST_BYTES};
 pub use token::TokenSettings;
 pub(crate) use token::endpoint_problem;
 
@@ -59,6 +61,8 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Reaching Maskinporten's token endpoint, and the access token cache.
     pub token: TokenSettings,
+    /// What a peer may make the agent hold: connections, streams, windows, timeouts.
+    pub limits: Limits,
 }
 
 /// How to reach the token.
@@ -447,6 +451,7 @@ impl Config {
         };
 
         let token = token::token(raw.token, base, &invalid)?;
+        let limits = limits::limits(raw.limits, &invalid)?;
         let mut environments = BTreeMap::new();
         for (name, env) in raw.environments {
             let key = format!("environments.{name}.audience");
@@ -537,6 +542,7 @@ impl Config {
                 })?),
             },
             token,
+            limits,
         };
         if let Some(env) = &config.default_environment
             && config.environment(env).is_none()
@@ -794,6 +800,7 @@ struct RawConfig {
     expiry_warning_days: Option<u32>,
     metrics: Option<RawMetrics>,
     token: Option<token::RawToken>,
+    limits: Option<limits::RawLimits>,
 }
 
 #[derive(Deserialize)]

@@ -1,8 +1,20 @@
 //! The audit trail: one JSON line per signing or token decision, allowed or not, with who asked,
 //! for what, and what happened. Never the assertion, the PIN or a token: the grant is
 //! identified by its `jti`. Lines go to a file (append-only, mode 0600) or to stderr.
+//!
+//! Refusals made before a request is read (a caller no rule names, a malformed or
+//! oversized message, a connection refused at its TLS handshake) cost a peer nothing to
+//! send, so their lines are rate-limited: at most [`REFUSALS_PER_SECOND`] a second, and
+//! the first line after a cut says how many were left out (`suppressed`).
 
-use std::{fs::OpenOptions, io::Write, os::unix::fs::OpenOptionsExt, path::Path, sync::Mutex};
+use std::{
+    fs::OpenOptions,
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::Path,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use serde::Serialize;
 
@@ -37,9 +49,43 @@ pub(crate) struct Decision<'a> {
     pub(crate) reason: String,
 }
 
+/// A refusal before any request message was read.
+#[derive(Debug, Serialize)]
+pub(crate) struct Refused<'a> {
+    /// "connection" (refused at accept or the TLS handshake), or the call's "grant",
+    /// "token" or "keys".
+    pub(crate) audit: &'static str,
+    pub(crate) time: String,
+    pub(crate) caller: &'a str,
+    pub(crate) peer: &'a str,
+    /// "denied" (no rule names the caller), "refused" (malformed input) or "busy".
+    pub(crate) outcome: &'static str,
+    /// The gRPC code sent, empty for a connection.
+    pub(crate) code: String,
+    pub(crate) reason: String,
+    /// Refusals left out of the trail since the previous refusal line.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) suppressed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Most refusal lines written in one second; the rest are counted.
+pub(crate) const REFUSALS_PER_SECOND: u32 = 20;
+
+/// The refusal lines' one-second window.
+struct Window {
+    start: Instant,
+    written: u32,
+    suppressed: u64,
+}
+
 /// Where audit lines are written.
 pub(crate) struct AuditLog {
     sink: Mutex<Box<dyn Write + Send>>,
+    refusals: Mutex<Window>,
 }
 
 impl AuditLog {
@@ -57,12 +103,45 @@ impl AuditLog {
         };
         Ok(AuditLog {
             sink: Mutex::new(sink),
+            refusals: Mutex::new(Window {
+                start: Instant::now(),
+                written: 0,
+                suppressed: 0,
+            }),
         })
     }
 
-    /// Writes one line. A failing sink is reported in the log, never to the caller.
+    /// Writes one decision line.
     pub(crate) fn record(&self, decision: &Decision<'_>) {
-        let Ok(mut line) = serde_json::to_vec(decision) else {
+        self.write(decision);
+    }
+
+    /// Writes a refusal line, unless [`REFUSALS_PER_SECOND`] were written this second;
+    /// then it is only counted, and the next line written carries the count.
+    pub(crate) fn refused(&self, mut refused: Refused<'_>) {
+        {
+            let mut window = match self.refusals.lock() {
+                Ok(window) => window,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let now = Instant::now();
+            if now.duration_since(window.start) >= Duration::from_secs(1) {
+                window.start = now;
+                window.written = 0;
+            }
+            if window.written >= REFUSALS_PER_SECOND {
+                window.suppressed += 1;
+                return;
+            }
+            window.written += 1;
+            refused.suppressed = std::mem::take(&mut window.suppressed);
+        }
+        self.write(&refused);
+    }
+
+    /// Writes one line. A failing sink is reported in the log, never to the caller.
+    fn write(&self, line: &impl Serialize) {
+        let Ok(mut line) = serde_json::to_vec(line) else {
             return;
         };
         line.push(b'\n');

@@ -2,8 +2,12 @@
 //! peer's uid and gid on the Unix socket (SO_PEERCRED), or `anonymous` on an insecure
 //! loopback listener. Identities are strings in the policy's own form (`uri:...`,
 //! `uid:1000`), so matching is plain comparison.
-
-use tonic::{Request, transport::server::UdsConnectInfo};
+//!
+//! A caller is identified once per connection, when it is accepted (`conn`), and every
+//! request on that connection carries the result as a [`Peer`] extension.
+//!
+//! A `gid:` rule matches the peer's primary group only: SO_PEERCRED reports no
+//! supplementary groups, and reading them from `/proc` would race with the peer's exit.
 
 use crate::{cert::ClientCertificate, config::IdentityField};
 
@@ -20,46 +24,46 @@ impl Caller {
             .first()
             .map_or("unidentified", String::as_str)
     }
-}
 
-/// How callers are identified on this agent's listeners.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Identification {
-    pub(crate) field: IdentityField,
-    pub(crate) insecure: bool,
-}
-
-impl Identification {
-    pub(crate) fn identify<T>(&self, request: &Request<T>) -> Caller {
-        if let Some(info) = request.extensions().get::<UdsConnectInfo>() {
-            let identities = info
-                .peer_cred
-                .map(|cred| vec![format!("uid:{}", cred.uid()), format!("gid:{}", cred.gid())])
-                .unwrap_or_default();
-            return Caller { identities };
-        }
-        if let Some(chain) = request.peer_certs() {
-            let identities = chain
-                .first()
-                .and_then(|leaf| ClientCertificate::parse(leaf.as_ref()).ok())
-                .map(|cert| match self.field {
-                    IdentityField::SanUri => prefixed("uri", cert.uris),
-                    IdentityField::SanDns => prefixed("dns", cert.dns_names),
-                    IdentityField::SubjectCn => {
-                        prefixed("cn", cert.common_name.into_iter().collect())
-                    }
-                })
-                .unwrap_or_default();
-            return Caller { identities };
-        }
+    /// A Unix socket peer, by its credentials.
+    pub(crate) fn unix(uid: u32, gid: u32) -> Self {
         Caller {
-            identities: if self.insecure {
+            identities: vec![format!("uid:{uid}"), format!("gid:{gid}")],
+        }
+    }
+
+    /// A peer on a plain listener: `anonymous` where `insecure` allows it, else nobody.
+    pub(crate) fn plain(insecure: bool) -> Self {
+        Caller {
+            identities: if insecure {
                 vec!["anonymous".to_owned()]
             } else {
                 Vec::new()
             },
         }
     }
+
+    /// A mutual-TLS peer, by the configured field of its (already verified) leaf
+    /// certificate.
+    pub(crate) fn certificate(leaf: &[u8], field: IdentityField) -> Self {
+        let identities = ClientCertificate::parse(leaf)
+            .map(|cert| match field {
+                IdentityField::SanUri => prefixed("uri", cert.uris),
+                IdentityField::SanDns => prefixed("dns", cert.dns_names),
+                IdentityField::SubjectCn => prefixed("cn", cert.common_name.into_iter().collect()),
+            })
+            .unwrap_or_default();
+        Caller { identities }
+    }
+}
+
+/// The connection a request came on: who, and from where. Inserted into every request's
+/// extensions by `conn`.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    pub(crate) caller: Caller,
+    /// `ip:port` on TCP, `unix` on the socket.
+    pub(crate) address: String,
 }
 
 fn prefixed(kind: &str, values: Vec<String>) -> Vec<String> {

@@ -9,13 +9,16 @@
 
 mod audit;
 mod caller;
+mod conn;
+mod gate;
 mod policy;
 mod service;
 mod status;
+mod tls;
 
 use std::{
     future::Future,
-    os::unix::fs::{FileTypeExt, PermissionsExt},
+    os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -24,29 +27,22 @@ use tokio::{
     net::{TcpListener, UnixListener},
     sync::watch,
 };
-use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::{
-    Certificate, Identity, Server, ServerTlsConfig,
-    server::{Router, TcpIncoming},
-};
+use tonic::service::Routes;
 
-use crate::{
-    agent::Agent,
-    config::{Config, IdentityField},
-    metrics::Metrics,
-    proto,
-};
+use crate::{agent::Agent, config::Config, metrics::Metrics, proto};
 use audit::AuditLog;
-use caller::Identification;
+use conn::{Connections, Listener};
+use gate::Gate;
+pub(crate) use gate::Reached;
 use policy::Policy;
 use service::GrantAgentService;
 
 /// How long in-flight requests may run after SIGTERM before the agent stops anyway.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Largest request accepted, far above any valid grant request (see `grant` for the
-/// per-field limits), so an oversized message is refused before it is parsed.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest health or reflection request: they are a service name or a symbol, and are
+/// open to any peer that reaches a listener.
+const MAX_PROBE_BYTES: usize = 4 * 1024;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +56,9 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// The TLS files do not make a usable server configuration.
+    #[error("tls: {0}")]
+    TlsConfig(String),
     /// A TLS file could not be read.
     #[error("tls: cannot read {path}: {source}")]
     TlsFile {
@@ -110,15 +109,16 @@ pub async fn run(
     if access.policy.is_empty() {
         tracing::warn!("the policy has no rules: every grant request will be refused");
     }
-    let audit =
-        AuditLog::open(access.audit_file.as_deref()).map_err(|source| ServeError::Audit {
+    let audit = Arc::new(AuditLog::open(access.audit_file.as_deref()).map_err(|source| {
+        ServeError::Audit {
             path: access
                 .audit_file
                 .as_deref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             source,
-        })?;
+        }
+    })?);
     let policy = Arc::new(Policy::new(&access.policy));
     let metrics = Arc::new(Metrics::new());
     let tokens = Arc::new(crate::token::TokenService::new(
@@ -130,75 +130,78 @@ pub async fn run(
         Arc::clone(&agent),
         tokens,
         Arc::clone(&policy),
-        Arc::new(audit),
+        Arc::clone(&audit),
         Arc::clone(&metrics),
-        Identification {
-            field: access
-                .tls
-                .as_ref()
-                .map_or(IdentityField::SanUri, |t| t.caller_identity),
-            insecure: access.insecure,
-        },
     );
+    let (connections, all_closed) = Connections::new(
+        config.limits,
+        open_files_limit(),
+        Arc::clone(&audit),
+        Arc::clone(&metrics),
+    );
+    let limits = *connections.limits();
+    tracing::info!(
+        max_connections = limits.max_connections,
+        per_peer = limits.max_connections_per_peer,
+        streams = limits.max_concurrent_streams,
+        "connection limits"
+    );
+    let gate = Gate::new(
+        proto::grant_agent_server::GrantAgentServer::new(service)
+            .max_decoding_message_size(crate::config::MAX_REQUEST_BYTES),
+        Arc::clone(&policy),
+        Arc::clone(&audit),
+        Arc::clone(&metrics),
+        limits.max_buffered_request_bytes,
+        limits.request_timeout,
+    );
+    let routes = routes(gate, agent.serving()).await?;
 
     let (stop, stopped) = watch::channel(false);
     let mut endpoints = Vec::new();
-    let mut servers = Vec::new();
+    let mut listeners = Vec::new();
     if let Some(addr) = access.listen {
         let listen_error = |source| ServeError::Listen {
             what: format!("{addr} (set `listen` in the config)"),
             source,
         };
-        let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
-        let local = listener.local_addr().map_err(listen_error)?;
-        let mut builder = Server::builder();
-        if let Some(tls) = &access.tls {
-            let read = |path: &Path| {
-                std::fs::read(path).map_err(|source| ServeError::TlsFile {
-                    path: path.display().to_string(),
-                    source,
-                })
-            };
-            builder = builder.tls_config(
-                ServerTlsConfig::new()
-                    .identity(Identity::from_pem(read(&tls.certificate)?, read(&tls.key)?))
-                    .client_ca_root(Certificate::from_pem(read(&tls.client_ca)?)),
-            )?;
-        }
-        let router = routes(builder, &service, agent.serving()).await?;
-        // Without TCP_NODELAY, Nagle and delayed ACKs add ~40 ms to every small
-        // request/response pair (measured: p50 44 ms at concurrency 1). tonic sets it only
-        // on sockets it binds itself, so set it here.
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(std::time::Duration::from_secs(60)));
-        let done = wait(stopped.clone());
-        servers.push(tokio::spawn(async move {
-            router.serve_with_incoming_shutdown(incoming, done).await
-        }));
+        let tcp = TcpListener::bind(addr).await.map_err(listen_error)?;
+        let local = tcp.local_addr().map_err(listen_error)?;
+        let listener = match &access.tls {
+            Some(tls) => Listener::Tls(
+                tcp,
+                tls::acceptor(tls, Arc::clone(&policy))?,
+                tls.caller_identity,
+            ),
+            None => Listener::Plain(tcp, access.insecure),
+        };
+        listeners.push(listener);
         endpoints.push(local.to_string());
     }
     let socket_path = access.unix_socket.as_ref().map(|s| s.path.clone());
     if let Some(socket) = &access.unix_socket {
-        let listen_error = |source| ServeError::Listen {
+        let unix = bind_socket(&socket.path, socket.mode).map_err(|source| ServeError::Listen {
             what: format!(
                 "{} (set `unix_socket` in the config)",
                 socket.path.display()
             ),
             source,
-        };
-        remove_stale_socket(&socket.path).map_err(listen_error)?;
-        let listener = UnixListener::bind(&socket.path).map_err(listen_error)?;
-        std::fs::set_permissions(&socket.path, std::fs::Permissions::from_mode(socket.mode))
-            .map_err(listen_error)?;
-        let router = routes(Server::builder(), &service, agent.serving()).await?;
-        let incoming = UnixListenerStream::new(listener);
-        let done = wait(stopped.clone());
-        servers.push(tokio::spawn(async move {
-            router.serve_with_incoming_shutdown(incoming, done).await
-        }));
+        })?;
+        listeners.push(Listener::Unix(unix));
         endpoints.push(format!("unix:{}", socket.path.display()));
     }
+    let servers: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            tokio::spawn(conn::serve(
+                listener,
+                Arc::clone(&connections),
+                routes.clone(),
+                stopped.clone(),
+            ))
+        })
+        .collect();
+    drop(connections);
     if let Some(addr) = config.metrics_listen {
         let listener = TcpListener::bind(addr)
             .await
@@ -226,6 +229,7 @@ pub async fn run(
             path,
             config.access.clone(),
             config.token.clone(),
+            config.limits,
         ));
     }
     tracing::info!(endpoints = %endpoints.join(", "), "listening");
@@ -233,19 +237,18 @@ pub async fn run(
 
     shutdown.await;
     let _ = stop.send(true);
-    let mut result = Ok(());
-    let drain = async {
-        for server in servers {
-            match server.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => result = Err(e.into()),
-                Err(e) => tracing::error!(error = %e, "a listener task failed"),
-            }
+    for server in servers {
+        if let Err(error) = server.await {
+            tracing::error!(%error, "a listener task failed");
         }
-    };
+    }
     // In-flight requests get a bounded time to finish; an HSM that hangs must not keep
     // the process from stopping.
-    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+    let mut all_closed = all_closed;
+    if tokio::time::timeout(SHUTDOWN_GRACE, all_closed.recv())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             seconds = SHUTDOWN_GRACE.as_secs(),
             "requests still in flight after the shutdown grace period; stopping anyway"
@@ -255,16 +258,48 @@ pub async fn run(
         let _ = std::fs::remove_file(path);
     }
     tracing::info!("stopped serving");
-    result
+    Ok(())
 }
 
-/// GrantAgent, health and reflection on one server builder. Health follows `serving`:
+/// The soft open-files limit now, which caps the connections the agent can take.
+fn open_files_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX)
+}
+
+/// Binds the Unix socket with its final mode before anyone can reach it: bound inside a
+/// fresh folder only the agent can enter, given `mode`, then renamed into place. Binding
+/// at the final path and changing the mode after would leave a moment in which the
+/// umask decides who may connect.
+fn bind_socket(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    remove_stale_socket(path)?;
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let private = parent.join(format!(
+        ".grant-agent-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join("socket");
+    let bound = UnixListener::bind(&staged).and_then(|listener| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
+/// GrantAgent (behind its gate), health and reflection. Health follows `serving`:
 /// NOT_SERVING while the token is being recovered.
 async fn routes(
-    mut builder: Server,
-    service: &GrantAgentService,
+    grants: Gate<proto::grant_agent_server::GrantAgentServer<GrantAgentService>>,
     mut serving: watch::Receiver<bool>,
-) -> Result<Router, ServeError> {
+) -> Result<Routes, ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     type Grants = proto::grant_agent_server::GrantAgentServer<GrantAgentService>;
     // Set before serving starts, so a probe never sees UNKNOWN.
@@ -288,18 +323,18 @@ async fn routes(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+        .build_v1()?
+        .max_decoding_message_size(MAX_PROBE_BYTES);
     let reflection_alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    let grants = proto::grant_agent_server::GrantAgentServer::new(service.clone())
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-    Ok(builder
-        .add_service(health_service)
+        .build_v1alpha()?
+        .max_decoding_message_size(MAX_PROBE_BYTES);
+    Ok(Routes::new(health_service.max_decoding_message_size(MAX_PROBE_BYTES))
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(grants))
+        .add_service(grants)
+        .prepare())
 }
 
 /// A socket file left by an agent that did not stop cleanly would make bind fail; remove
@@ -350,6 +385,7 @@ async fn reload_on_hangup(
     path: PathBuf,
     running: crate::config::Access,
     running_token: crate::config::TokenSettings,
+    running_limits: crate::config::Limits,
 ) {
     let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     else {
@@ -388,6 +424,9 @@ async fn reload_on_hangup(
                 }
                 if config.token != running_token {
                     tracing::warn!("[token] changed; restart the agent to apply it");
+                }
+                if config.limits != running_limits {
+                    tracing::warn!("[limits] changed; restart the agent to apply them");
                 }
             }
             Err(error) => {

@@ -20,7 +20,7 @@ use crate::{
 
 use super::{
     audit::{AuditLog, Decision},
-    caller::{Caller, Identification},
+    caller::{Caller, Peer},
     policy::{Ask, Policy},
     status,
 };
@@ -32,7 +32,6 @@ pub(crate) struct GrantAgentService {
     policy: Arc<Policy>,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
-    identification: Identification,
 }
 
 impl GrantAgentService {
@@ -42,7 +41,6 @@ impl GrantAgentService {
         policy: Arc<Policy>,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
-        identification: Identification,
     ) -> Self {
         GrantAgentService {
             agent,
@@ -50,7 +48,6 @@ impl GrantAgentService {
             policy,
             audit,
             metrics,
-            identification,
         }
     }
 }
@@ -146,11 +143,11 @@ impl GrantAgentService {
         grant: impl FnOnce(&mut T) -> Option<GrantParameters>,
         request_id: String,
     ) -> Result<(Admitted, T), Status> {
-        let caller = self.identification.identify(&request);
+        let Peer {
+            caller,
+            address: peer,
+        } = peer(&request);
         let deadline = grpc_deadline(&request);
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "unix".to_owned(), |a| a.to_string());
         let mut message = request.into_inner();
         let params = grant(&mut message).unwrap_or_default();
         // The policy judges what will really be used, so resolve the defaults first.
@@ -305,6 +302,20 @@ fn authorization_types(params: &GrantParameters) -> Result<Vec<String>, InvalidG
     )
 }
 
+/// The connection's caller and address (set by `conn`), and a mark for the gate that the
+/// request reached its handler, which audits it from here on.
+fn peer<T>(request: &Request<T>) -> Peer {
+    if let Some(reached) = request.extensions().get::<super::Reached>() {
+        reached.mark();
+    }
+    request.extensions().get::<Peer>().cloned().unwrap_or(Peer {
+        caller: Caller {
+            identities: Vec::new(),
+        },
+        address: String::new(),
+    })
+}
+
 /// The caller's deadline from the `grpc-timeout` header ("100m" = 100 ms), if it sent one.
 fn grpc_deadline<T>(request: &Request<T>) -> Option<std::time::Instant> {
     let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
@@ -348,7 +359,7 @@ impl GrantAgent for GrantAgentService {
         &self,
         request: Request<ListKeysRequest>,
     ) -> Result<Response<ListKeysResponse>, Status> {
-        let caller = self.identification.identify(&request);
+        let Peer { caller, .. } = peer(&request);
         self.policy
             .knows(&caller)
             .map_err(|refusal| status::from_refusal(&refusal))?;

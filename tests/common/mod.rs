@@ -123,6 +123,32 @@ impl DevAgent {
         std::fs::read_to_string(self.path("agent.log")).expect("agent log")
     }
 
+    /// The lines of the audit file (`audit.jsonl` in the agent's folder) so far.
+    pub(crate) fn audit_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.path("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
+            .collect()
+    }
+
+    /// The first audit line that `matches`, waiting up to 5 s for it to be written.
+    pub(crate) fn wait_for_audit(
+        &self,
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let until = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(line) = self.audit_lines().into_iter().find(|l| matches(l)) {
+                return Some(line);
+            }
+            if std::time::Instant::now() > until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A command with this token's SoftHSM config in its environment.
     pub(crate) fn command(&self, program: &str) -> Command {
         let mut command = Command::new(program);
