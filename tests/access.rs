@@ -234,7 +234,9 @@ async fn mutual_tls_callers_get_what_the_policy_allows_and_nothing_else() {
     assert_eq!(line["caller"], "uri:spiffe://acme/ns/prod/sa/other");
     assert_eq!(line["outcome"], "denied");
     assert!(
-        line["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:")),
+        line["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
         "{line}"
     );
 

@@ -32,9 +32,14 @@ pub struct Limits {
     pub keepalive_interval: Duration,
     /// HTTP/2 streams (calls) open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
     pub max_concurrent_streams: u32,
-    /// HTTP/2 flow-control window of one stream and of the whole connection: request
-    /// bytes a peer may send before the agent has read them.
+    /// HTTP/2 flow-control window of one stream: request bytes a peer may send on one
+    /// call before the agent has read them.
     pub window_bytes: u32,
+    /// HTTP/2 flow-control window of a whole connection. At least `window_bytes`. h2
+    /// also sizes its allowance for small DATA frames from it (half the window): below
+    /// ~128 KiB, a burst of cancelled calls trips that allowance and ends the connection
+    /// with ENHANCE_YOUR_CALM, taking its other calls along.
+    pub connection_window_bytes: u32,
     /// Largest header list of one request (SETTINGS_MAX_HEADER_LIST_SIZE).
     pub max_header_list_bytes: u32,
     /// Streams a peer may cancel before the agent has taken them up, per connection; more
@@ -60,6 +65,7 @@ impl Default for Limits {
             keepalive_interval: Duration::from_secs(30),
             max_concurrent_streams: 100,
             window_bytes: 64 * 1024,
+            connection_window_bytes: 256 * 1024,
             max_header_list_bytes: 8 * 1024,
             max_pending_resets: 200,
             max_buffered_request_bytes: 16 * 1024 * 1024,
@@ -80,6 +86,7 @@ pub(super) struct RawLimits {
     keepalive_interval_seconds: Option<u64>,
     max_concurrent_streams: Option<u32>,
     window_bytes: Option<u32>,
+    connection_window_bytes: Option<u32>,
     max_header_list_bytes: Option<u32>,
     max_pending_resets: Option<usize>,
     max_buffered_request_bytes: Option<usize>,
@@ -94,6 +101,10 @@ type Invalid<'a> = &'a dyn Fn(&str, String, &str) -> ConfigError;
 
 /// Smallest HTTP/2 window (RFC 9113's initial value); the largest is 2^31 - 1.
 const MIN_WINDOW: u32 = 65_535;
+
+/// Smallest connection window: h2 allows a connection half its window in the overhead of
+/// small DATA frames not yet read, and 64 KiB of it covers 256 cancelled gRPC requests.
+const MIN_CONNECTION_WINDOW: u32 = 128 * 1024;
 
 pub(super) fn limits(raw: Option<RawLimits>, invalid: Invalid<'_>) -> Result<Limits, ConfigError> {
     let raw = raw.unwrap_or_default();
@@ -127,6 +138,20 @@ pub(super) fn limits(raw: Option<RawLimits>, invalid: Invalid<'_>) -> Result<Lim
             "limits.window_bytes",
             format!("{window} is outside HTTP/2's window range"),
             "set 65535 to 2147483647; the default, 65536, suits requests of a few KiB",
+        ));
+    }
+    let connection_window = raw
+        .connection_window_bytes
+        .unwrap_or(d.connection_window_bytes.max(window));
+    if !(window..=i32::MAX.unsigned_abs()).contains(&connection_window)
+        || connection_window < MIN_CONNECTION_WINDOW
+    {
+        return Err(invalid(
+            "limits.connection_window_bytes",
+            format!(
+                "{connection_window} is below window_bytes ({window}), below {MIN_CONNECTION_WINDOW}, or above 2147483647"
+            ),
+            "set at least the larger of window_bytes and 131072; the default is 262144",
         ));
     }
     let header = raw.max_header_list_bytes.unwrap_or(d.max_header_list_bytes);
@@ -171,6 +196,7 @@ pub(super) fn limits(raw: Option<RawLimits>, invalid: Invalid<'_>) -> Result<Lim
         )?,
         max_concurrent_streams: u32::try_from(streams).unwrap_or(u32::MAX),
         window_bytes: window,
+        connection_window_bytes: connection_window,
         max_header_list_bytes: header,
         max_pending_resets: count(
             "max_pending_resets",
@@ -193,8 +219,7 @@ pub(super) fn limits(raw: Option<RawLimits>, invalid: Invalid<'_>) -> Result<Lim
             "limits.max_buffered_request_bytes",
             format!(
                 "{} bytes cannot hold one request of the largest size ({} bytes)",
-                limits.max_buffered_request_bytes,
-                MAX_REQUEST_BYTES
+                limits.max_buffered_request_bytes, MAX_REQUEST_BYTES
             ),
             "set at least 65536; the default is 16 MiB",
         ));
@@ -214,8 +239,8 @@ mod tests {
     #[test]
     fn defaults_and_overrides() {
         assert_eq!(parse("").unwrap(), Limits::default());
-        let l = parse("max_connections = 10\nidle_timeout_seconds = 2\nwindow_bytes = 131072")
-            .unwrap();
+        let l =
+            parse("max_connections = 10\nidle_timeout_seconds = 2\nwindow_bytes = 131072").unwrap();
         assert_eq!(l.max_connections, 10);
         assert_eq!(l.idle_timeout, Duration::from_secs(2));
         assert_eq!(l.window_bytes, 131_072);
@@ -227,6 +252,14 @@ mod tests {
             ("max_connections = 0", "limits.max_connections"),
             ("idle_timeout_seconds = 0", "limits.idle_timeout_seconds"),
             ("window_bytes = 1000", "limits.window_bytes"),
+            (
+                "connection_window_bytes = 65536",
+                "limits.connection_window_bytes",
+            ),
+            (
+                "window_bytes = 1048576\nconnection_window_bytes = 262144",
+                "limits.connection_window_bytes",
+            ),
             ("max_header_list_bytes = 10", "limits.max_header_list_bytes"),
             (
                 "max_buffered_request_bytes = 1000",
@@ -236,6 +269,10 @@ mod tests {
             let error = parse(text).unwrap_err();
             assert!(error.contains(key), "{text}: {error}");
         }
-        assert!(parse("max_streams = 3").unwrap_err().contains("max_streams"));
+        assert!(
+            parse("max_streams = 3")
+                .unwrap_err()
+                .contains("max_streams")
+        );
     }
 }

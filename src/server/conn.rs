@@ -131,7 +131,7 @@ impl Connections {
             .timer(TokioTimer::new())
             .max_concurrent_streams(limits.max_concurrent_streams)
             .initial_stream_window_size(limits.window_bytes)
-            .initial_connection_window_size(limits.window_bytes)
+            .initial_connection_window_size(limits.connection_window_bytes)
             .adaptive_window(false)
             .max_header_list_size(limits.max_header_list_bytes)
             .max_pending_accept_reset_streams(limits.max_pending_resets)
@@ -536,16 +536,17 @@ impl Connections {
     {
         let activity = Arc::new(Activity::new());
         let calls = Arc::clone(&activity);
-        let service = tower::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
-            let _ = request.extensions_mut().insert(peer.clone());
-            let call = Call::enter(&calls);
-            let routes = routes.clone();
-            async move {
-                let response = routes.oneshot(request).await;
-                drop(call);
-                response
-            }
-        });
+        let service =
+            tower::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+                let _ = request.extensions_mut().insert(peer.clone());
+                let call = Call::enter(&calls);
+                let routes = routes.clone();
+                async move {
+                    let response = routes.oneshot(request).await;
+                    drop(call);
+                    response
+                }
+            });
         self.metrics.connection_opened();
         let connection = self
             .h2
@@ -669,8 +670,12 @@ impl Activity {
             if self.in_flight.load(Ordering::Acquire) == 0 && quiet >= timeout {
                 return;
             }
-            tokio::time::sleep(timeout.saturating_sub(quiet).max(Duration::from_millis(100)))
-                .await;
+            tokio::time::sleep(
+                timeout
+                    .saturating_sub(quiet)
+                    .max(Duration::from_millis(100)),
+            )
+            .await;
         }
     }
 }

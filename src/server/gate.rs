@@ -365,7 +365,10 @@ mod tests {
     #[test]
     fn calls_are_named_for_the_audit() {
         assert_eq!(call_name("/grantagent.v1.GrantAgent/SignGrant"), "grant");
-        assert_eq!(call_name("/grantagent.v1.GrantAgent/GetAccessToken"), "token");
+        assert_eq!(
+            call_name("/grantagent.v1.GrantAgent/GetAccessToken"),
+            "token"
+        );
         assert_eq!(call_name("/grantagent.v1.GrantAgent/ListKeys"), "keys");
         assert_eq!(call_name("/grantagent.v1.GrantAgent/Other"), "call");
     }

@@ -109,16 +109,16 @@ pub async fn run(
     if access.policy.is_empty() {
         tracing::warn!("the policy has no rules: every grant request will be refused");
     }
-    let audit = Arc::new(AuditLog::open(access.audit_file.as_deref()).map_err(|source| {
-        ServeError::Audit {
+    let audit = Arc::new(
+        AuditLog::open(access.audit_file.as_deref()).map_err(|source| ServeError::Audit {
             path: access
                 .audit_file
                 .as_deref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             source,
-        }
-    })?);
+        })?,
+    );
     let policy = Arc::new(Policy::new(&access.policy));
     let metrics = Arc::new(Metrics::new());
     let tokens = Arc::new(crate::token::TokenService::new(
@@ -278,10 +278,7 @@ fn bind_socket(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let private = parent.join(format!(
-        ".grant-agent-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
+    let private = parent.join(format!(".grant-agent-{}", uuid::Uuid::new_v4().simple()));
     std::fs::DirBuilder::new().mode(0o700).create(&private)?;
     let staged = private.join("socket");
     let bound = UnixListener::bind(&staged).and_then(|listener| {
@@ -330,11 +327,13 @@ async fn routes(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?
         .max_decoding_message_size(MAX_PROBE_BYTES);
-    Ok(Routes::new(health_service.max_decoding_message_size(MAX_PROBE_BYTES))
-        .add_service(reflection)
-        .add_service(reflection_alpha)
-        .add_service(grants)
-        .prepare())
+    Ok(
+        Routes::new(health_service.max_decoding_message_size(MAX_PROBE_BYTES))
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(grants)
+            .prepare(),
+    )
 }
 
 /// A socket file left by an agent that did not stop cleanly would make bind fail; remove

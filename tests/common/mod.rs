@@ -23,6 +23,8 @@ use der::Decode;
 use grant_agent::proto::{GrantParameters, grant_agent_client::GrantAgentClient};
 use tonic::transport::Channel;
 
+pub(crate) mod secured;
+
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_grant-agent");
 pub(crate) const TEST_AUD: &str = "https://test.maskinporten.no/";
 
@@ -90,7 +92,8 @@ impl DevAgent {
         self.child.id()
     }
 
-    fn spawn(command: Command, dir: tempfile::TempDir) -> DevAgent {
+    /// Runs `command` (which must start an agent on `dir`) and waits until it listens.
+    pub(crate) fn spawn(command: Command, dir: tempfile::TempDir) -> DevAgent {
         let (child, endpoints) = start_listening(command, &dir.path().join("agent.log"));
         DevAgent {
             child,
