@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     agent::{Agent, SignError, unix_now},
     cert::{CertEnvironment, CertificateChain},
-    grant::{AuthorizationDetails, GrantParameters, InvalidGrant},
+    grant::{AuthorizationDetails, GrantParameters, ValidGrant},
     hsm::HsmError,
     metrics::Metrics,
     proto::{
@@ -55,19 +55,23 @@ impl GrantAgentService {
     }
 }
 
-/// A request that passed identification and the policy: who asked, for what (defaults
-/// resolved), and until when.
-struct Admitted {
+/// Who asked for what (defaults resolved), as every audit line of a request says it.
+struct Head {
     request_id: String,
     caller: Caller,
     peer: String,
-    params: GrantParameters,
     key: String,
     environment: String,
     /// The `type` of each authorization_details entry (empty when there are none, or the
     /// field is invalid), read once for the policy and the audit line.
     authorization_types: Vec<String>,
     deadline: Option<std::time::Instant>,
+}
+
+/// A request that passed identification, validation and the policy.
+struct Admitted {
+    head: Head,
+    grant: ValidGrant,
 }
 
 /// What the audit line says of the result.
@@ -83,7 +87,8 @@ impl GrantAgentService {
     fn record(
         &self,
         audit: &'static str,
-        at: &Admitted,
+        at: &Head,
+        params: &GrantParameters,
         outcome: &'static str,
         result: &Detail<'_>,
     ) {
@@ -100,11 +105,11 @@ impl GrantAgentService {
             peer: at.peer.clone(),
             key: &at.key,
             certificate_sha256: result.certificate_sha256,
-            client_id: &at.params.client_id,
-            scopes: &at.params.scopes,
+            client_id: &params.client_id,
+            scopes: &params.scopes,
             environment: &at.environment,
-            resources: &at.params.resources,
-            consumer_org: &at.params.consumer_org,
+            resources: &params.resources,
+            consumer_org: &params.consumer_org,
             authorization_types: &at.authorization_types,
             jti: result.jti,
             expires_at: result.expires_at,
@@ -121,13 +126,15 @@ impl GrantAgentService {
     fn refuse(
         &self,
         audit: &'static str,
-        at: &Admitted,
+        at: &Head,
+        params: &GrantParameters,
         outcome: &'static str,
         status: Status,
     ) -> Status {
         self.record(
             audit,
             at,
+            params,
             outcome,
             &Detail {
                 status: Some(&status),
@@ -137,8 +144,11 @@ impl GrantAgentService {
         status
     }
 
-    /// Identifies the caller, resolves the defaults and checks the policy; a refusal is
-    /// audited and returned as the status to send.
+    /// Identifies the caller, resolves the defaults, validates the request and checks the
+    /// policy, in that order: a caller no rule names is denied whatever it sent; a known
+    /// caller's bad input is refused (`INVALID_ARGUMENT` naming the field, or `NOT_FOUND`
+    /// for a key) even where the policy would deny it, and does not count against its rate.
+    /// A refusal is audited and returned as the status to send.
     fn admit<T>(
         &self,
         audit: &'static str,
@@ -155,42 +165,53 @@ impl GrantAgentService {
         let params = grant(&mut message).unwrap_or_default();
         // The policy judges what will really be used, so resolve the defaults first.
         let keys = self.agent.keys();
-        let key = keys.key_name(&params.key).to_owned();
-        let environment = keys.environment_name(&params.environment).to_owned();
-        let (types, invalid) = match authorization_types(&params) {
-            Ok(types) => (types, None),
-            Err(invalid) => (Vec::new(), Some(invalid)),
-        };
-        let admitted = Admitted {
+        let mut head = Head {
             request_id,
             caller,
             peer,
-            params,
-            key,
-            environment,
-            authorization_types: types,
+            key: keys.key_name(&params.key).to_owned(),
+            environment: keys.environment_name(&params.environment).to_owned(),
+            authorization_types: Vec::new(),
             deadline,
         };
-        if let Some(invalid) = invalid {
-            let status = status::from_sign_error(&SignError::Invalid(invalid));
-            return Err(self.refuse(audit, &admitted, "refused", status));
-        }
-        let ask = Ask {
-            key: &admitted.key,
-            client_id: &admitted.params.client_id,
-            scopes: &admitted.params.scopes,
-            environment: &admitted.environment,
-            consumer_org: &admitted.params.consumer_org,
-            authorization_types: &admitted.authorization_types,
-        };
-        if let Err(refusal) = self.policy.authorize(&admitted.caller, &ask) {
+        if let Err(refusal) = self.policy.knows(&head.caller) {
+            head.authorization_types = authorization_types(&params);
             let status = status::from_refusal(&refusal);
-            return Err(self.refuse(audit, &admitted, "denied", status));
+            return Err(self.refuse(audit, &head, &params, "denied", status));
         }
-        Ok((admitted, message))
+        let grant = match ValidGrant::new(params) {
+            Ok(grant) => grant,
+            Err(rejected) => {
+                let status = status::from_sign_error(&SignError::Invalid(rejected.invalid));
+                return Err(self.refuse(audit, &head, &rejected.params, "refused", status));
+            }
+        };
+        head.authorization_types = grant
+            .authorization_details()
+            .map(|d| d.types().into_iter().map(str::to_owned).collect())
+            .unwrap_or_default();
+        if let Err(error) = keys.check_names(&grant) {
+            let status = status::from_sign_error(&error);
+            return Err(self.refuse(audit, &head, grant.params(), "refused", status));
+        }
+        let params = grant.params();
+        let ask = Ask {
+            key: &head.key,
+            client_id: &params.client_id,
+            scopes: &params.scopes,
+            environment: &head.environment,
+            resources: &params.resources,
+            consumer_org: &params.consumer_org,
+            authorization_types: &head.authorization_types,
+        };
+        if let Err(refusal) = self.policy.authorize(&head.caller, &ask) {
+            let status = status::from_refusal(&refusal);
+            return Err(self.refuse(audit, &head, params, "denied", status));
+        }
+        Ok((Admitted { head, grant }, message))
     }
 
-    /// SignGrant inside the request's span: identify, authorize, sign, audit.
+    /// SignGrant inside the request's span: identify, validate, authorize, sign, audit.
     async fn sign(
         &self,
         request: Request<SignGrantRequest>,
@@ -198,13 +219,14 @@ impl GrantAgentService {
     ) -> Result<Response<SignGrantResponse>, Status> {
         let started = std::time::Instant::now();
         let (at, _) = self.admit("grant", request, |m| m.grant.take(), request_id)?;
-        match self.agent.sign_grant(&at.params, at.deadline).await {
+        match self.agent.sign_grant(&at.grant, at.head.deadline).await {
             Ok(grant) => {
                 self.metrics
                     .signed(grant.queued, started.elapsed().saturating_sub(grant.queued));
                 self.record(
                     "grant",
-                    &at,
+                    &at.head,
+                    at.grant.params(),
                     "signed",
                     &Detail {
                         certificate_sha256: &grant.certificate_sha256,
@@ -226,7 +248,7 @@ impl GrantAgentService {
             Err(error) => {
                 let status = status::from_sign_error(&error);
                 let outcome = self.sign_failure(&error);
-                Err(self.refuse("grant", &at, outcome, status))
+                Err(self.refuse("grant", &at.head, at.grant.params(), outcome, status))
             }
         }
     }
@@ -253,7 +275,7 @@ impl GrantAgentService {
         let (at, message) = self.admit("token", request, |m| m.grant.take(), request_id)?;
         match self
             .tokens
-            .get(&at.params, message.force_refresh, at.deadline)
+            .get(&at.grant, message.force_refresh, at.head.deadline)
             .await
         {
             Ok(issued) => {
@@ -265,7 +287,8 @@ impl GrantAgentService {
                 };
                 self.record(
                     "token",
-                    &at,
+                    &at.head,
+                    at.grant.params(),
                     outcome,
                     &Detail {
                         expires_at: Some(token.expires_at),
@@ -290,19 +313,20 @@ impl GrantAgentService {
                 if outcome == "failed" {
                     tracing::error!(error = %error, "no access token");
                 }
-                Err(self.refuse("token", &at, outcome, status))
+                Err(self.refuse("token", &at.head, at.grant.params(), outcome, status))
             }
         }
     }
 }
 
-/// The `type` of each authorization_details entry, or why the field is invalid.
-fn authorization_types(params: &GrantParameters) -> Result<Vec<String>, InvalidGrant> {
-    Ok(
-        AuthorizationDetails::parse(&params.authorization_details_json)?
-            .map(|d| d.types().into_iter().map(str::to_owned).collect())
-            .unwrap_or_default(),
-    )
+/// The `type` of each authorization_details entry, for the audit line of a request that is
+/// not validated (empty when the field is invalid).
+fn authorization_types(params: &GrantParameters) -> Vec<String> {
+    AuthorizationDetails::parse(&params.authorization_details_json)
+        .ok()
+        .flatten()
+        .map(|d| d.types().into_iter().map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 /// The caller's deadline from the `grpc-timeout` header ("100m" = 100 ms), if it sent one.
