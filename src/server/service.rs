@@ -1,7 +1,13 @@
 //! `grantagent.v1.GrantAgent`: identify the caller, check the policy, sign or fetch a
 //! token, audit.
 
-use std::sync::Arc;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use tonic::{Request, Response, Status};
 
@@ -33,6 +39,7 @@ pub(crate) struct GrantAgentService {
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     identification: Identification,
+    overload: Arc<OverloadLog>,
 }
 
 impl GrantAgentService {
@@ -51,6 +58,7 @@ impl GrantAgentService {
             audit,
             metrics,
             identification,
+            overload: Arc::new(OverloadLog::default()),
         }
     }
 }
@@ -253,16 +261,24 @@ impl GrantAgentService {
         }
     }
 
-    /// "failed" for the token's fault (logged, counted by return value), else "refused".
+    /// The outcome of a signing error: "busy" for overload (the session queue is full, or
+    /// the deadline cannot be met with the queue ahead): no PKCS#11 error, and logged only
+    /// in [`OverloadLog`]'s summary; "failed" for the token's fault (logged, PKCS#11 return
+    /// values counted); else "refused".
     fn sign_failure(&self, error: &SignError) -> &'static str {
-        if let SignError::Hsm(hsm) = error {
-            if let HsmError::Call { rv, .. } = hsm {
-                self.metrics.pkcs11_error(rv);
+        match error {
+            SignError::Hsm(HsmError::Busy { .. } | HsmError::Deadline) => {
+                self.overload.refused();
+                "busy"
             }
-            tracing::error!(error = %error, "signing failed");
-            "failed"
-        } else {
-            "refused"
+            SignError::Hsm(hsm) => {
+                if let HsmError::Call { rv, .. } = hsm {
+                    self.metrics.pkcs11_error(rv);
+                }
+                tracing::error!(error = %error, "signing failed");
+                "failed"
+            }
+            _ => "refused",
         }
     }
 
@@ -305,6 +321,8 @@ impl GrantAgentService {
             }
             Err(error) => {
                 let status = status::from_token_error(&error);
+                // The token path's own deadline (TokenError::Deadline) stays "failed": it
+                // means Maskinporten did not answer in time, not that the agent is full.
                 let outcome = match &*error {
                     TokenError::Sign(sign) => self.sign_failure(sign),
                     TokenError::Refused { .. } => "refused",
@@ -327,6 +345,61 @@ fn authorization_types(params: &GrantParameters) -> Vec<String> {
         .flatten()
         .map(|d| d.types().into_iter().map(str::to_owned).collect())
         .unwrap_or_default()
+}
+
+/// Refusals for overload (a full session queue, a deadline the queue cannot meet) are many
+/// at once and say nothing new each: each is audited and counted (outcome `busy`), but the
+/// log gets at most one WARN line a second, with the count since the previous line.
+#[derive(Default)]
+struct OverloadLog {
+    /// Refusals not yet in a log line.
+    pending: AtomicU64,
+    /// A summary task is running (it logs each second while refusals keep coming).
+    armed: AtomicBool,
+}
+
+/// How often the overload summary may be logged.
+const OVERLOAD_LOG_EVERY: Duration = Duration::from_secs(1);
+
+impl OverloadLog {
+    /// Counts one refusal; the first after a quiet second is logged at once, the rest in
+    /// the next second's line. Call within a tokio runtime.
+    fn refused(self: &Arc<Self>) {
+        let _ = self.pending.fetch_add(1, Ordering::AcqRel);
+        if self.armed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = self.flush();
+        let log = Arc::clone(self);
+        drop(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(OVERLOAD_LOG_EVERY).await;
+                if log.flush() {
+                    continue;
+                }
+                log.armed.store(false, Ordering::Release);
+                // A refusal that came between the flush and the store found the task
+                // still running: take it on rather than leave it unlogged.
+                if log.pending.load(Ordering::Acquire) == 0
+                    || log.armed.swap(true, Ordering::AcqRel)
+                {
+                    break;
+                }
+            }
+        }));
+    }
+
+    /// Logs the refusals not yet logged; false when there were none.
+    fn flush(&self) -> bool {
+        let refused = self.pending.swap(0, Ordering::AcqRel);
+        if refused > 0 {
+            tracing::warn!(
+                refused,
+                "overloaded: refused requests because the session queue was full or their deadline could not be met (outcome busy)"
+            );
+        }
+        refused > 0
+    }
 }
 
 /// The caller's deadline from the `grpc-timeout` header ("100m" = 100 ms), if it sent one.
