@@ -150,6 +150,7 @@ pub fn provision(state_dir: &Path, listen: SocketAddr) -> Result<PathBuf, DevErr
          client_ids = [\"*\"]\n\
          scopes = [\"*\"]\n\
          environments = [\"*\"]\n\
+         resources = [\"*\"]\n\
          consumer_orgs = [\"*\"]\n\
          authorization_types = [\"*\"]\n\
          requests_per_second = 100000\n\n\

@@ -109,47 +109,103 @@ pub struct Claims {
 
 impl Claims {
     /// Validates `params` and builds the claims for a grant issued at `now` (Unix seconds)
-    /// to `aud`, with a fresh random `jti`.
+    /// to `aud`, with a fresh random `jti`. A service validates once, with
+    /// [`ValidGrant::new`], and builds claims from that.
     pub fn new(params: &GrantParameters, aud: &str, now: i64) -> Result<Self, InvalidGrant> {
-        check_client_id(&params.client_id)?;
-        check_scopes(&params.scopes)?;
-        check_resources(&params.resources)?;
-        let consumer_org = match params.consumer_org.as_str() {
-            "" => None,
-            org if is_organization_number(org) => Some(org.to_owned()),
-            _ => {
-                return Err(invalid(
-                    "grant.consumer_org",
-                    "must be a nine-digit Norwegian organisation number with a valid check digit",
-                ));
-            }
-        };
-        let lifetime = match params.lifetime_seconds {
-            0 => MAX_LIFETIME_SECONDS,
-            n if n <= MAX_LIFETIME_SECONDS => n,
-            n => {
-                return Err(invalid(
-                    "grant.lifetime_seconds",
-                    format!(
-                        "{n} is over the maximum of {MAX_LIFETIME_SECONDS} (0 means {MAX_LIFETIME_SECONDS})"
-                    ),
-                ));
-            }
-        };
-        let authorization_details =
-            AuthorizationDetails::parse(&params.authorization_details_json)?;
-        Ok(Claims {
+        let grant = ValidGrant::new(params.clone()).map_err(|rejected| rejected.invalid)?;
+        Ok(grant.claims(aud, now))
+    }
+}
+
+/// A request whose every field passed validation, with what validation worked out; claims
+/// are made from it at signing time ([`ValidGrant::claims`]). Only [`ValidGrant::new`] makes
+/// one, so a request is validated once, before the policy sees it, and never again.
+#[derive(Debug, Clone)]
+pub struct ValidGrant {
+    params: GrantParameters,
+    lifetime: u32,
+    authorization_details: Option<AuthorizationDetails>,
+}
+
+/// A request that failed validation, given back whole so that the refusal can still be
+/// audited with what was asked.
+#[derive(Debug)]
+pub struct Rejected {
+    /// The request as it came.
+    pub params: Box<GrantParameters>,
+    /// Why it was refused, naming the field.
+    pub invalid: InvalidGrant,
+}
+
+impl ValidGrant {
+    /// Checks every field of `params` (the limits in the module doc).
+    pub fn new(params: GrantParameters) -> Result<Self, Rejected> {
+        match check(&params) {
+            Ok((lifetime, authorization_details)) => Ok(ValidGrant {
+                params,
+                lifetime,
+                authorization_details,
+            }),
+            Err(invalid) => Err(Rejected {
+                params: Box::new(params),
+                invalid,
+            }),
+        }
+    }
+
+    /// The request as it came (defaults such as the key and environment not resolved).
+    pub fn params(&self) -> &GrantParameters {
+        &self.params
+    }
+
+    /// The parsed authorization_details, if the request has any.
+    pub fn authorization_details(&self) -> Option<&AuthorizationDetails> {
+        self.authorization_details.as_ref()
+    }
+
+    /// The claims for a grant issued at `now` (Unix seconds) to `aud`, with a fresh random
+    /// `jti`.
+    pub fn claims(&self, aud: &str, now: i64) -> Claims {
+        let params = &self.params;
+        Claims {
             aud: aud.to_owned(),
             iss: params.client_id.clone(),
             scope: params.scopes.join(" "),
             iat: now,
-            exp: now + i64::from(lifetime),
+            exp: now + i64::from(self.lifetime),
             jti: uuid::Uuid::new_v4().to_string(),
             resource: params.resources.clone(),
-            consumer_org,
-            authorization_details,
-        })
+            consumer_org: Some(params.consumer_org.clone()).filter(|org| !org.is_empty()),
+            authorization_details: self.authorization_details.clone(),
+        }
     }
+}
+
+/// Every field check; the lifetime (0 resolved) and the parsed authorization_details.
+fn check(params: &GrantParameters) -> Result<(u32, Option<AuthorizationDetails>), InvalidGrant> {
+    check_client_id(&params.client_id)?;
+    check_scopes(&params.scopes)?;
+    check_resources(&params.resources)?;
+    if !params.consumer_org.is_empty() && !is_organization_number(&params.consumer_org) {
+        return Err(invalid(
+            "grant.consumer_org",
+            "must be a nine-digit Norwegian organisation number with a valid check digit",
+        ));
+    }
+    let lifetime = match params.lifetime_seconds {
+        0 => MAX_LIFETIME_SECONDS,
+        n if n <= MAX_LIFETIME_SECONDS => n,
+        n => {
+            return Err(invalid(
+                "grant.lifetime_seconds",
+                format!(
+                    "{n} is over the maximum of {MAX_LIFETIME_SECONDS} (0 means {MAX_LIFETIME_SECONDS})"
+                ),
+            ));
+        }
+    };
+    let authorization_details = AuthorizationDetails::parse(&params.authorization_details_json)?;
+    Ok((lifetime, authorization_details))
 }
 
 /// A validated `authorization_details` value (RFC 9396): a JSON array of objects, each
@@ -251,8 +307,8 @@ fn check_client_id(client_id: &str) -> Result<(), InvalidGrant> {
     Ok(())
 }
 
-/// Maskinporten scope names are `prefix:name`, where the name may hold `/`, `.`, `:`,
-/// `-` and `_`. Anything else (spaces above all, which would split one scope into two
+/// Maskinporten scope names are `prefix:name`, both parts non-empty, where the name may
+/// hold `/`, `.`, `:`, `-` and `_`. Anything else (spaces above all, which would split one scope into two
 /// inside the `scope` claim) is refused.
 fn check_scopes(scopes: &[String]) -> Result<(), InvalidGrant> {
     if scopes.is_empty() {
@@ -288,8 +344,18 @@ fn check_scopes(scopes: &[String]) -> Result<(), InvalidGrant> {
                 format!("contains {shown}; scopes use A-Z a-z 0-9 and : / . - _ only"),
             ));
         }
-        if !scope.contains(':') || scope.starts_with(':') {
-            return Err(invalid(field, "must have the form prefix:name"));
+        match scope.split_once(':') {
+            Some((prefix, name)) if !prefix.is_empty() && !name.is_empty() => {}
+            Some((prefix, "")) if !prefix.is_empty() => {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "has no name after {:?}; it must have the form prefix:name",
+                        format!("{prefix}:")
+                    ),
+                ));
+            }
+            _ => return Err(invalid(field, "must have the form prefix:name")),
         }
         if scopes[..i].contains(scope) {
             return Err(invalid(field, format!("repeats scope {scope:?}")));
@@ -485,6 +551,14 @@ mod tests {
             ),
             (
                 |p| p.scopes[0] = "nocolon".into(),
+                "grant.scopes[0]: must have the form",
+            ),
+            (
+                |p| p.scopes[1] = "nav:".into(),
+                "grant.scopes[1]: has no name after \"nav:\"",
+            ),
+            (
+                |p| p.scopes[0] = ":x".into(),
                 "grant.scopes[0]: must have the form",
             ),
             (

@@ -3,16 +3,20 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `grant_agent_grants_total` | counter | `key`, `outcome` (signed, denied, refused, failed) |
+//! | `grant_agent_grants_total` | counter | `key`, `outcome` (signed, denied, refused, busy, failed) |
 //! | `grant_agent_sign_seconds` | histogram | time from a free session to a signed grant |
 //! | `grant_agent_queue_wait_seconds` | histogram | time waiting for a session |
 //! | `grant_agent_queue_depth` | gauge | requests waiting for a session now |
 //! | `grant_agent_sessions_busy` | gauge | sessions signing now (of `grant_agent_sessions`) |
-//! | `grant_agent_pkcs11_errors_total` | counter | `rv` (the PKCS#11 return value) |
+//! | `grant_agent_pkcs11_errors_total` | counter | `rv` (the PKCS#11 return value; never overload) |
 //! | `grant_agent_certificate_expiry_seconds` | gauge | `key`, `certificate_sha256`: seconds until notAfter |
 //! | `grant_agent_serving` | gauge | 1 when the token is usable, 0 while it is being recovered |
 //! | `grant_agent_recoveries_total` | counter | times the token was found gone |
-//! | `grant_agent_tokens_total` | counter | `key`, `outcome` (issued, cached, denied, refused, failed) |
+//! | `grant_agent_tokens_total` | counter | `key`, `outcome` (issued, cached, denied, refused, busy, failed) |
+//!
+//! Outcome `busy` is overload, not failure: the session queue was full or the caller's
+//! deadline could not be met with the queue ahead. It is neither `failed` nor a PKCS#11
+//! error, so alerts on a failing token stay quiet under load.
 //! | `grant_agent_token_cache_total` | counter | `result` (hit, miss): cache lookups |
 //! | `grant_agent_token_upstream_seconds` | histogram | `status`: one POST to the token endpoint |
 //! | `grant_agent_connections` | gauge | gRPC connections past their handshake, open now |

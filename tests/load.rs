@@ -1,6 +1,8 @@
 //! Under load the agent never queues without bound: a full queue is refused at once with
 //! RESOURCE_EXHAUSTED, and a request whose deadline cannot be met is refused at once with
-//! DEADLINE_EXCEEDED, while the rest are signed.
+//! DEADLINE_EXCEEDED, while the rest are signed. Such refusals are overload, not failure:
+//! outcome `busy` in the audit trail and the metrics, no PKCS#11 error, and a log line a
+//! second at most rather than one per refusal.
 
 #![allow(
     clippy::expect_used,
@@ -28,12 +30,68 @@ fn one_session(queue: usize) -> DevAgent {
     DevAgent::serve(dir, "agent.toml")
 }
 
-/// The value of an unlabelled gauge.
-fn gauge(metrics: &str, name: &str) -> f64 {
+/// The value of a sample (`name` with its labels, as exposed), or `None` when absent.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+}
+
+/// Overload refusals were counted and audited as `busy`, never as failures, and logged in
+/// a few summary lines whose counts add up to `busy`.
+async fn busy_is_overload_not_failure(agent: &DevAgent, busy: usize) {
+    // The summary of the last second is logged a second after it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let text = http_get(agent.metrics_url()).await;
+    let expected = f64::from(u32::try_from(busy).expect("count"));
+    assert_eq!(
+        sample(
+            &text,
+            "grant_agent_grants_total{key=\"default\",outcome=\"busy\"}"
+        ),
+        Some(expected),
+        "{text}"
+    );
+    assert!(!text.contains("outcome=\"failed\""), "{text}");
+    assert!(
+        !text.contains("grant_agent_pkcs11_errors_total{"),
+        "overload is not a PKCS#11 error:\n{text}"
+    );
+    let log = agent.log();
+    let audited = log
+        .lines()
+        .filter(|l| l.starts_with("{\"audit\"") && l.contains("\"outcome\":\"busy\""))
+        .count();
+    assert_eq!(audited, busy, "{log}");
+    assert!(!log.contains("signing failed"), "{log}");
+    let summaries: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("overloaded: refused requests"))
+        .map(|l| {
+            assert!(l.contains("WARN"), "{l}");
+            let at = l.find("refused=").expect("a count") + "refused=".len();
+            l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("a number")
+        })
+        .collect();
+    assert_eq!(
+        summaries.iter().sum::<u64>(),
+        u64::try_from(busy).expect("count"),
+        "every refusal is in a summary line: {summaries:?}\n{log}"
+    );
+    assert!(
+        summaries.len() <= 3 && (busy < 2 || summaries.len() < busy),
+        "{} lines for {busy} refusals: {summaries:?}",
+        summaries.len()
+    );
+}
+
+/// The value of an unlabelled gauge.
+fn gauge(metrics: &str, name: &str) -> f64 {
+    sample(metrics, name).unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
 }
 
 #[tokio::test]
@@ -90,6 +148,7 @@ async fn a_full_queue_is_refused_at_once_and_the_rest_is_signed() {
         "one signing and four waiting at least: {signed}"
     );
     assert!(busy > 0, "64 at once must overflow a queue of 4");
+    busy_is_overload_not_failure(&agent, busy).await;
     let _ = verify(
         &agent
             .client()
@@ -183,6 +242,7 @@ async fn a_deadline_that_cannot_be_met_is_refused_at_once() {
     for task in backlog {
         let _ = task.await.expect("task").expect("the backlog is signed");
     }
+    busy_is_overload_not_failure(&agent, 1).await;
 }
 
 #[tokio::test]

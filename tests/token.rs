@@ -43,6 +43,8 @@ struct Options<'a> {
     policy: Option<&'a str>,
     /// Appended to the agent's config; `{mock}` becomes the mock's URL.
     extra: &'a str,
+    /// Extra lines for the agent's `[pkcs11]` section.
+    pkcs11: &'a str,
 }
 
 /// A dev token and its self-signed test certificate (the mock's trust anchor), a mock
@@ -79,7 +81,8 @@ async fn setup(options: Options<'_>) -> Setup {
         tls.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
     );
 
-    let mut config = read(&path("config.toml"));
+    let mut config =
+        read(&path("config.toml")).replace("[pkcs11]\n", &format!("[pkcs11]\n{}", options.pkcs11));
     if let Some(policy) = options.policy {
         let start = config.find("[[policy]]").expect("policy");
         let end = config.find("[[keys]]").expect("keys");
@@ -668,4 +671,54 @@ async fn token_requests_go_through_the_configured_proxy() {
     let claims = mock.verify_access_token(&proxied.access_token).await;
     assert_eq!(claims["client_id"], CLIENT_ID);
     assert_eq!(requests_at_mock(&mock).await, 1);
+}
+
+#[tokio::test]
+async fn a_full_session_queue_is_busy_not_a_failed_token() {
+    let Setup { agent, mock: _mock } = setup(Options {
+        pkcs11: "sessions = 1\nqueue = 1\n",
+        ..Options::default()
+    })
+    .await;
+    let client = agent.client().await;
+    // Each its own cache entry (its own scope), so each signs a grant of its own; the mock
+    // refuses the scopes it does not know, which is beside the point here.
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                let grant = GrantParameters {
+                    scopes: vec![format!("test:load{i}")],
+                    ..mock_params()
+                };
+                c.get_access_token(ask(grant, false)).await
+            })
+        })
+        .collect();
+    let mut busy = 0_u32;
+    for task in tasks {
+        if let Err(status) = task.await.expect("task")
+            && status.code() == Code::ResourceExhausted
+        {
+            assert!(
+                status
+                    .message()
+                    .starts_with("signing in the token failed: the token is busy:"),
+                "{}",
+                status.message()
+            );
+            busy += 1;
+        }
+    }
+    assert!(busy > 0, "64 at once must overflow a queue of 1");
+    let text = common::http_get(agent.metrics_url()).await;
+    let line = format!("grant_agent_tokens_total{{key=\"default\",outcome=\"busy\"}} {busy}");
+    assert!(text.contains(&line), "{line} missing from\n{text}");
+    assert!(!text.contains("outcome=\"failed\""), "{text}");
+    assert!(!text.contains("grant_agent_pkcs11_errors_total{"), "{text}");
+    let log = agent.log();
+    assert!(
+        !log.contains("signing failed") && !log.contains("no access token"),
+        "overload is not logged as an error:\n{log}"
+    );
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use crate::{
     cert::{CertEnvironment, CertificateChain},
     config::{CertificateSource, Config, EnvironmentConfig, KeyBinding, KeyConfig},
-    grant::{Algorithm, Claims, GrantParameters, Header, InvalidGrant},
+    grant::{Algorithm, Claims, Header, InvalidGrant, ValidGrant},
     hsm::{ObjectHandle, Token},
 };
 
@@ -168,15 +168,16 @@ impl KeySet {
             })
     }
 
-    /// Validates `params` and picks the key and claims for a grant issued at `now`.
+    /// Picks the key and makes the claims for a grant issued at `now`.
     pub(super) fn prepare(
         &self,
-        params: &GrantParameters,
+        grant: &ValidGrant,
         now: i64,
     ) -> Result<(&SigningKey, Claims), SignError> {
+        let params = grant.params();
         let name = self.key_name(&params.key);
         let (environment_name, environment) = self.environment(&params.environment)?;
-        let claims = Claims::new(params, &environment.audience, now)?;
+        let claims = grant.claims(&environment.audience, now);
         let key = self.select(name, now)?;
         if let Some(certificate) = key.environment()
             && certificate != environment.certificates
@@ -195,18 +196,18 @@ impl KeySet {
         Ok((key, claims))
     }
 
-    /// Checks `params` as signing now would (fields, key, certificate, environment), without
-    /// signing; returns the environment's name (the default resolved) and the claims.
-    pub fn validate(
-        &self,
-        params: &GrantParameters,
-        now: i64,
-    ) -> Result<(String, Claims), SignError> {
-        let (_, claims) = self.prepare(params, now)?;
-        Ok((
-            self.environment_name(&params.environment).to_owned(),
-            claims,
-        ))
+    /// Checks the names a valid request uses against this key set, before the policy: the
+    /// environment must exist (`grant.environment`) and so must the key (`grant.key`).
+    /// Whether a certificate is valid, and for that environment, is judged when signing.
+    pub fn check_names(&self, grant: &ValidGrant) -> Result<(), SignError> {
+        let params = grant.params();
+        let _ = self.environment(&params.environment)?;
+        let name = self.key_name(&params.key);
+        if self.keys.contains_key(name) {
+            Ok(())
+        } else {
+            Err(SignError::UnknownKey(name.to_owned()))
+        }
     }
 
     /// The key name a request means: the one it names, or the default key's.

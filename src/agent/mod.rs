@@ -27,7 +27,7 @@ use cryptoki::types::AuthPin;
 use crate::{
     cert::{CertEnvironment, CertError},
     config::{Config, Pkcs11Config},
-    grant::{self, Algorithm, GrantParameters, InvalidGrant},
+    grant::{self, Algorithm, GrantParameters, InvalidGrant, ValidGrant},
     hsm::{HsmError, Token, read_pin},
 };
 
@@ -253,20 +253,20 @@ impl Agent {
         }
     }
 
-    /// Builds a grant from `params`, signs it in the token and returns it, unless the
-    /// token cannot get to it before `deadline`. Every call signs a new grant with a new
-    /// `jti`.
+    /// Builds a grant from a validated request, signs it in the token and returns it,
+    /// unless the token cannot get to it before `deadline`. Every call signs a new grant
+    /// with a new `jti`.
     pub async fn sign_grant(
         &self,
-        params: &GrantParameters,
+        grant: &ValidGrant,
         deadline: Option<std::time::Instant>,
     ) -> Result<SignedGrant, SignError> {
-        match self.try_sign(params, deadline).await {
+        match self.try_sign(grant, deadline).await {
             Err(SignError::Hsm(e)) if e.token_is_gone() => {
                 // Safe to retry: nothing was returned, and the retry is a new grant.
                 tracing::warn!(error = %e, "the token is gone; recovering");
                 if self.await_recovery(deadline).await {
-                    self.try_sign(params, deadline).await
+                    self.try_sign(grant, deadline).await
                 } else {
                     Err(SignError::Hsm(HsmError::Unavailable))
                 }
@@ -277,12 +277,12 @@ impl Agent {
 
     async fn try_sign(
         &self,
-        params: &GrantParameters,
+        grant: &ValidGrant,
         deadline: Option<std::time::Instant>,
     ) -> Result<SignedGrant, SignError> {
         let token = self.current_token().ok_or(HsmError::Unavailable)?;
         let keys = self.keys();
-        let (key, claims) = keys.prepare(params, unix_now())?;
+        let (key, claims) = keys.prepare(grant, unix_now())?;
         let input = grant::signing_input(&key.header, &claims);
         let (signature, queued) = token
             .sign(
@@ -299,9 +299,10 @@ impl Agent {
 
     /// [`Agent::sign_grant`] on the calling thread, for the command line.
     pub fn sign_grant_blocking(&self, params: &GrantParameters) -> Result<SignedGrant, SignError> {
+        let grant = ValidGrant::new(params.clone()).map_err(|rejected| rejected.invalid)?;
         let token = self.current_token().ok_or(HsmError::Unavailable)?;
         let keys = self.keys();
-        let (key, claims) = keys.prepare(params, unix_now())?;
+        let (key, claims) = keys.prepare(&grant, unix_now())?;
         let input = grant::signing_input(&key.header, &claims);
         let signature = token.sign_blocking(key.handle, key.algorithm(), input.as_bytes())?;
         Ok(finish(key, claims, input, &signature))

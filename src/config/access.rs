@@ -77,12 +77,16 @@ pub struct PolicyRule {
     pub scopes: Vec<Pattern>,
     /// Environment names.
     pub environments: Vec<Pattern>,
+    /// Resources (audience-restricted token targets); every requested resource must match,
+    /// and a request without resources is always fine.
+    pub resources: Vec<Pattern>,
     /// consumer_org values a caller may delegate to; a request without one is always fine.
     pub consumer_orgs: Vec<Pattern>,
     /// authorization_details types a caller may ask for (e.g. `urn:altinn:systemuser`); a
     /// request without authorization_details is always fine.
     pub authorization_types: Vec<Pattern>,
-    /// Requests per second for each caller matching the rule.
+    /// Requests per second for each caller matching the rule, counted per caller identity
+    /// (every uid matched by a `gid:` rule has its own).
     pub requests_per_second: u32,
     /// Requests a caller may make at once above the rate.
     pub burst: u32,
@@ -123,6 +127,8 @@ pub(super) struct RawPolicy {
     scopes: Vec<String>,
     #[serde(default)]
     environments: Vec<String>,
+    #[serde(default)]
+    resources: Vec<String>,
     #[serde(default)]
     consumer_orgs: Vec<String>,
     #[serde(default)]
@@ -308,6 +314,7 @@ pub(super) fn access(
             client_ids: patterns("client_ids", rule.client_ids)?,
             scopes: patterns("scopes", rule.scopes)?,
             environments: patterns("environments", rule.environments)?,
+            resources: patterns("resources", rule.resources)?,
             consumer_orgs: patterns("consumer_orgs", rule.consumer_orgs)?,
             authorization_types: patterns("authorization_types", rule.authorization_types)?,
             requests_per_second,

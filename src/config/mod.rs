@@ -1162,6 +1162,17 @@ certificate = "token"
             err(&rule("caller = \"cn:a\"\nscopes = [\"a*b\"]"))
                 .contains("`policy[0].scopes`: \"a*b\" is not a pattern")
         );
+        let c = Config::from_toml_str(
+            &rule("caller = \"uid:1000\"\nresources = [\"https://api.example.no/*\"]"),
+            "agent.toml",
+        )
+        .expect("valid");
+        assert!(c.access.policy[0].resources[0].matches("https://api.example.no/v1"));
+        assert!(!c.access.policy[0].resources[0].matches("https://api.example.com/"));
+        assert!(
+            err(&rule("caller = \"cn:a\"\nresources = [\"https://*/x\"]"))
+                .contains("`policy[0].resources`: \"https://*/x\" is not a pattern")
+        );
         assert!(
             err(&rule("caller = \"cn:a\"\nrequests_per_second = 0"))
                 .contains("`policy[0].requests_per_second`")

@@ -42,7 +42,9 @@ pub(crate) struct Decision<'a> {
     pub(crate) jti: &'a str,
     pub(crate) expires_at: Option<i64>,
     /// "signed" (a grant), "issued" or "cached" (a token), "denied" (policy), "refused"
-    /// (bad request, or Maskinporten said no) or "failed" (the token or Maskinporten failed).
+    /// (bad request, or Maskinporten said no), "busy" (overload: the session queue was full
+    /// or the deadline could not be met with the queue ahead) or "failed" (the token or
+    /// Maskinporten failed).
     pub(crate) outcome: &'static str,
     /// The gRPC code sent to the caller.
     pub(crate) code: String,

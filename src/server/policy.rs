@@ -1,7 +1,9 @@
 //! The caller policy: default deny; a caller may make a request when a rule for one of
-//! its identities allows every part of it (key, client_id, each scope, environment,
-//! consumer_org, each authorization_details type), and within that rule's rate. A refusal names the part of the request
-//! that was not allowed, never another caller's rules or the allowed values.
+//! its identities allows every part of it (key, client_id, each scope, environment, each
+//! resource, consumer_org, each authorization_details type), and within that rule's rate.
+//! The rate is counted per caller identity ([`Caller::name`]), so every uid matched by one
+//! `gid:` rule has a bucket of its own with the rule's quota. A refusal names the part of
+//! the request that was not allowed, never another caller's rules or the allowed values.
 
 use std::{num::NonZeroU32, sync::RwLock};
 
@@ -17,6 +19,7 @@ pub(crate) struct Ask<'a> {
     pub(crate) client_id: &'a str,
     pub(crate) scopes: &'a [String],
     pub(crate) environment: &'a str,
+    pub(crate) resources: &'a [String],
     pub(crate) consumer_org: &'a str,
     /// The `type` of each authorization_details entry.
     pub(crate) authorization_types: &'a [String],
@@ -31,13 +34,14 @@ pub(crate) enum Refusal {
     /// A rule names the caller but not this part of the request.
     #[error("caller {caller} may not use {what}")]
     NotAllowed { caller: String, what: String },
-    /// The caller is over its rate.
+    /// The caller (by its own identity, not the rule's) is over its rate.
     #[error("caller {caller} is over its limit of {rate} requests per second")]
     RateLimited { caller: String, rate: u32 },
 }
 
 struct Rule {
     config: PolicyRule,
+    /// One bucket per caller identity ([`Caller::name`]) that this rule allowed.
     limiter: DefaultKeyedRateLimiter<String>,
 }
 
@@ -81,7 +85,8 @@ impl Policy {
         }
     }
 
-    /// Allows the request, counting it against the rate of the rule that allows it.
+    /// Allows the request, counting it against the caller's own bucket in the rule that
+    /// allows it.
     pub(crate) fn authorize(&self, caller: &Caller, ask: &Ask<'_>) -> Result<(), Refusal> {
         let rules = self.current();
         let mut first_refusal = None;
@@ -91,10 +96,11 @@ impl Policy {
         {
             match refusal(&rule.config, ask) {
                 None => {
-                    return match rule.limiter.check_key(&rule.config.caller) {
+                    let name = caller.name();
+                    return match rule.limiter.check_key(&name.to_owned()) {
                         Ok(()) => Ok(()),
                         Err(_) => Err(Refusal::RateLimited {
-                            caller: rule.config.caller.clone(),
+                            caller: name.to_owned(),
                             rate: rule.config.requests_per_second,
                         }),
                     };
@@ -140,6 +146,9 @@ fn refusal(rule: &PolicyRule, ask: &Ask<'_>) -> Option<String> {
     if !any(&rule.environments, ask.environment) {
         return Some(format!("environment {:?}", ask.environment));
     }
+    if let Some(resource) = ask.resources.iter().find(|r| !any(&rule.resources, r)) {
+        return Some(format!("resource {resource:?}"));
+    }
     if !ask.consumer_org.is_empty() && !any(&rule.consumer_orgs, ask.consumer_org) {
         return Some(format!("consumer_org {:?}", ask.consumer_org));
     }
@@ -151,4 +160,107 @@ fn refusal(rule: &PolicyRule, ask: &Ask<'_>) -> Option<String> {
         return Some(format!("authorization_details type {t:?}"));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// The policy of a config whose only rule is `rule`.
+    fn policy(rule: &str) -> Policy {
+        let text = format!(
+            "unix_socket = \"/run/agent.sock\"\n\
+             [pkcs11]\nmodule = \"/m.so\"\ntoken_label = \"t\"\npin_file = \"/pin\"\n\
+             [[keys]]\nname = \"default\"\nlabel = \"k\"\ncertificate = \"token\"\n\
+             [[policy]]\n{rule}"
+        );
+        let config = Config::from_toml_str(&text, "agent.toml").expect("valid config");
+        Policy::new(&config.access.policy)
+    }
+
+    fn caller(identities: &[&str]) -> Caller {
+        Caller {
+            identities: identities.iter().map(|&i| i.to_owned()).collect(),
+        }
+    }
+
+    fn ask<'a>(scopes: &'a [String], resources: &'a [String]) -> Ask<'a> {
+        Ask {
+            key: "default",
+            client_id: "c",
+            scopes,
+            environment: "test",
+            resources,
+            consumer_org: "",
+            authorization_types: &[],
+        }
+    }
+
+    const ANYTHING: &str =
+        "keys = [\"*\"]\nclient_ids = [\"*\"]\nscopes = [\"*\"]\nenvironments = [\"*\"]\n";
+
+    #[test]
+    fn callers_matched_by_one_gid_rule_each_get_their_own_burst() {
+        let policy = policy(&format!(
+            "caller = \"gid:100\"\n{ANYTHING}requests_per_second = 1\nburst = 3\n"
+        ));
+        let scopes = ["a:b".to_owned()];
+        let (alice, bob) = (
+            caller(&["uid:1000", "gid:100"]),
+            caller(&["uid:1001", "gid:100"]),
+        );
+        for _ in 0..3 {
+            assert_eq!(policy.authorize(&alice, &ask(&scopes, &[])), Ok(()));
+        }
+        assert_eq!(
+            policy.authorize(&alice, &ask(&scopes, &[])),
+            Err(Refusal::RateLimited {
+                caller: "uid:1000".into(),
+                rate: 1
+            })
+        );
+        assert_eq!(
+            policy
+                .authorize(&alice, &ask(&scopes, &[]))
+                .map_err(|r| r.to_string()),
+            Err("caller uid:1000 is over its limit of 1 requests per second".into())
+        );
+        // Alice's spent burst is not Bob's.
+        for _ in 0..3 {
+            assert_eq!(policy.authorize(&bob, &ask(&scopes, &[])), Ok(()));
+        }
+        assert!(matches!(
+            policy.authorize(&bob, &ask(&scopes, &[])),
+            Err(Refusal::RateLimited { caller, .. }) if caller == "uid:1001"
+        ));
+    }
+
+    #[test]
+    fn every_resource_must_match_and_none_is_fine() {
+        let policy = policy(&format!(
+            "caller = \"uid:1000\"\n{ANYTHING}resources = [\"https://api.example.no/*\"]\n"
+        ));
+        let me = caller(&["uid:1000", "gid:100"]);
+        let scopes = ["a:b".to_owned()];
+        assert_eq!(policy.authorize(&me, &ask(&scopes, &[])), Ok(()));
+        let allowed = ["https://api.example.no/v1".to_owned()];
+        assert_eq!(policy.authorize(&me, &ask(&scopes, &allowed)), Ok(()));
+        let mixed = [
+            "https://api.example.no/v1".to_owned(),
+            "https://evil.example/".to_owned(),
+        ];
+        assert_eq!(
+            policy
+                .authorize(&me, &ask(&scopes, &mixed))
+                .map_err(|r| r.to_string()),
+            Err("caller uid:1000 may not use resource \"https://evil.example/\"".into())
+        );
+        // A rule without resources allows none.
+        let strict = self::policy(&format!("caller = \"uid:1000\"\n{ANYTHING}"));
+        assert!(matches!(
+            strict.authorize(&me, &ask(&scopes, &allowed)),
+            Err(Refusal::NotAllowed { what, .. }) if what == "resource \"https://api.example.no/v1\""
+        ));
+    }
 }

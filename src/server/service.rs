@@ -1,14 +1,20 @@
 //! `grantagent.v1.GrantAgent`: identify the caller, check the policy, sign or fetch a
 //! token, audit.
 
-use std::sync::Arc;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use tonic::{Request, Response, Status};
 
 use crate::{
     agent::{Agent, SignError, unix_now},
     cert::{CertEnvironment, CertificateChain},
-    grant::{AuthorizationDetails, GrantParameters, InvalidGrant},
+    grant::{AuthorizationDetails, GrantParameters, ValidGrant},
     hsm::HsmError,
     metrics::Metrics,
     proto::{
@@ -32,6 +38,7 @@ pub(crate) struct GrantAgentService {
     policy: Arc<Policy>,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
+    overload: Arc<OverloadLog>,
 }
 
 impl GrantAgentService {
@@ -48,23 +55,28 @@ impl GrantAgentService {
             policy,
             audit,
             metrics,
+            overload: Arc::new(OverloadLog::default()),
         }
     }
 }
 
-/// A request that passed identification and the policy: who asked, for what (defaults
-/// resolved), and until when.
-struct Admitted {
+/// Who asked for what (defaults resolved), as every audit line of a request says it.
+struct Head {
     request_id: String,
     caller: Caller,
     peer: String,
-    params: GrantParameters,
     key: String,
     environment: String,
     /// The `type` of each authorization_details entry (empty when there are none, or the
     /// field is invalid), read once for the policy and the audit line.
     authorization_types: Vec<String>,
     deadline: Option<std::time::Instant>,
+}
+
+/// A request that passed identification, validation and the policy.
+struct Admitted {
+    head: Head,
+    grant: ValidGrant,
 }
 
 /// What the audit line says of the result.
@@ -80,7 +92,8 @@ impl GrantAgentService {
     fn record(
         &self,
         audit: &'static str,
-        at: &Admitted,
+        at: &Head,
+        params: &GrantParameters,
         outcome: &'static str,
         result: &Detail<'_>,
     ) {
@@ -97,11 +110,11 @@ impl GrantAgentService {
             peer: at.peer.clone(),
             key: &at.key,
             certificate_sha256: result.certificate_sha256,
-            client_id: &at.params.client_id,
-            scopes: &at.params.scopes,
+            client_id: &params.client_id,
+            scopes: &params.scopes,
             environment: &at.environment,
-            resources: &at.params.resources,
-            consumer_org: &at.params.consumer_org,
+            resources: &params.resources,
+            consumer_org: &params.consumer_org,
             authorization_types: &at.authorization_types,
             jti: result.jti,
             expires_at: result.expires_at,
@@ -118,13 +131,15 @@ impl GrantAgentService {
     fn refuse(
         &self,
         audit: &'static str,
-        at: &Admitted,
+        at: &Head,
+        params: &GrantParameters,
         outcome: &'static str,
         status: Status,
     ) -> Status {
         self.record(
             audit,
             at,
+            params,
             outcome,
             &Detail {
                 status: Some(&status),
@@ -134,8 +149,11 @@ impl GrantAgentService {
         status
     }
 
-    /// Identifies the caller, resolves the defaults and checks the policy; a refusal is
-    /// audited and returned as the status to send.
+    /// Identifies the caller, resolves the defaults, validates the request and checks the
+    /// policy, in that order: a caller no rule names is denied whatever it sent; a known
+    /// caller's bad input is refused (`INVALID_ARGUMENT` naming the field, or `NOT_FOUND`
+    /// for a key) even where the policy would deny it, and does not count against its rate.
+    /// A refusal is audited and returned as the status to send.
     fn admit<T>(
         &self,
         audit: &'static str,
@@ -152,42 +170,53 @@ impl GrantAgentService {
         let params = grant(&mut message).unwrap_or_default();
         // The policy judges what will really be used, so resolve the defaults first.
         let keys = self.agent.keys();
-        let key = keys.key_name(&params.key).to_owned();
-        let environment = keys.environment_name(&params.environment).to_owned();
-        let (types, invalid) = match authorization_types(&params) {
-            Ok(types) => (types, None),
-            Err(invalid) => (Vec::new(), Some(invalid)),
-        };
-        let admitted = Admitted {
+        let mut head = Head {
             request_id,
             caller,
             peer,
-            params,
-            key,
-            environment,
-            authorization_types: types,
+            key: keys.key_name(&params.key).to_owned(),
+            environment: keys.environment_name(&params.environment).to_owned(),
+            authorization_types: Vec::new(),
             deadline,
         };
-        if let Some(invalid) = invalid {
-            let status = status::from_sign_error(&SignError::Invalid(invalid));
-            return Err(self.refuse(audit, &admitted, "refused", status));
-        }
-        let ask = Ask {
-            key: &admitted.key,
-            client_id: &admitted.params.client_id,
-            scopes: &admitted.params.scopes,
-            environment: &admitted.environment,
-            consumer_org: &admitted.params.consumer_org,
-            authorization_types: &admitted.authorization_types,
-        };
-        if let Err(refusal) = self.policy.authorize(&admitted.caller, &ask) {
+        if let Err(refusal) = self.policy.knows(&head.caller) {
+            head.authorization_types = authorization_types(&params);
             let status = status::from_refusal(&refusal);
-            return Err(self.refuse(audit, &admitted, "denied", status));
+            return Err(self.refuse(audit, &head, &params, "denied", status));
         }
-        Ok((admitted, message))
+        let grant = match ValidGrant::new(params) {
+            Ok(grant) => grant,
+            Err(rejected) => {
+                let status = status::from_sign_error(&SignError::Invalid(rejected.invalid));
+                return Err(self.refuse(audit, &head, &rejected.params, "refused", status));
+            }
+        };
+        head.authorization_types = grant
+            .authorization_details()
+            .map(|d| d.types().into_iter().map(str::to_owned).collect())
+            .unwrap_or_default();
+        if let Err(error) = keys.check_names(&grant) {
+            let status = status::from_sign_error(&error);
+            return Err(self.refuse(audit, &head, grant.params(), "refused", status));
+        }
+        let params = grant.params();
+        let ask = Ask {
+            key: &head.key,
+            client_id: &params.client_id,
+            scopes: &params.scopes,
+            environment: &head.environment,
+            resources: &params.resources,
+            consumer_org: &params.consumer_org,
+            authorization_types: &head.authorization_types,
+        };
+        if let Err(refusal) = self.policy.authorize(&head.caller, &ask) {
+            let status = status::from_refusal(&refusal);
+            return Err(self.refuse(audit, &head, params, "denied", status));
+        }
+        Ok((Admitted { head, grant }, message))
     }
 
-    /// SignGrant inside the request's span: identify, authorize, sign, audit.
+    /// SignGrant inside the request's span: identify, validate, authorize, sign, audit.
     async fn sign(
         &self,
         request: Request<SignGrantRequest>,
@@ -195,13 +224,14 @@ impl GrantAgentService {
     ) -> Result<Response<SignGrantResponse>, Status> {
         let started = std::time::Instant::now();
         let (at, _) = self.admit("grant", request, |m| m.grant.take(), request_id)?;
-        match self.agent.sign_grant(&at.params, at.deadline).await {
+        match self.agent.sign_grant(&at.grant, at.head.deadline).await {
             Ok(grant) => {
                 self.metrics
                     .signed(grant.queued, started.elapsed().saturating_sub(grant.queued));
                 self.record(
                     "grant",
-                    &at,
+                    &at.head,
+                    at.grant.params(),
                     "signed",
                     &Detail {
                         certificate_sha256: &grant.certificate_sha256,
@@ -223,21 +253,29 @@ impl GrantAgentService {
             Err(error) => {
                 let status = status::from_sign_error(&error);
                 let outcome = self.sign_failure(&error);
-                Err(self.refuse("grant", &at, outcome, status))
+                Err(self.refuse("grant", &at.head, at.grant.params(), outcome, status))
             }
         }
     }
 
-    /// "failed" for the token's fault (logged, counted by return value), else "refused".
+    /// The outcome of a signing error: "busy" for overload (the session queue is full, or
+    /// the deadline cannot be met with the queue ahead): no PKCS#11 error, and logged only
+    /// in [`OverloadLog`]'s summary; "failed" for the token's fault (logged, PKCS#11 return
+    /// values counted); else "refused".
     fn sign_failure(&self, error: &SignError) -> &'static str {
-        if let SignError::Hsm(hsm) = error {
-            if let HsmError::Call { rv, .. } = hsm {
-                self.metrics.pkcs11_error(rv);
+        match error {
+            SignError::Hsm(HsmError::Busy { .. } | HsmError::Deadline) => {
+                self.overload.refused();
+                "busy"
             }
-            tracing::error!(error = %error, "signing failed");
-            "failed"
-        } else {
-            "refused"
+            SignError::Hsm(hsm) => {
+                if let HsmError::Call { rv, .. } = hsm {
+                    self.metrics.pkcs11_error(rv);
+                }
+                tracing::error!(error = %error, "signing failed");
+                "failed"
+            }
+            _ => "refused",
         }
     }
 
@@ -250,7 +288,7 @@ impl GrantAgentService {
         let (at, message) = self.admit("token", request, |m| m.grant.take(), request_id)?;
         match self
             .tokens
-            .get(&at.params, message.force_refresh, at.deadline)
+            .get(&at.grant, message.force_refresh, at.head.deadline)
             .await
         {
             Ok(issued) => {
@@ -262,7 +300,8 @@ impl GrantAgentService {
                 };
                 self.record(
                     "token",
-                    &at,
+                    &at.head,
+                    at.grant.params(),
                     outcome,
                     &Detail {
                         expires_at: Some(token.expires_at),
@@ -279,6 +318,8 @@ impl GrantAgentService {
             }
             Err(error) => {
                 let status = status::from_token_error(&error);
+                // The token path's own deadline (TokenError::Deadline) stays "failed": it
+                // means Maskinporten did not answer in time, not that the agent is full.
                 let outcome = match &*error {
                     TokenError::Sign(sign) => self.sign_failure(sign),
                     TokenError::Refused { .. } => "refused",
@@ -287,19 +328,75 @@ impl GrantAgentService {
                 if outcome == "failed" {
                     tracing::error!(error = %error, "no access token");
                 }
-                Err(self.refuse("token", &at, outcome, status))
+                Err(self.refuse("token", &at.head, at.grant.params(), outcome, status))
             }
         }
     }
 }
 
-/// The `type` of each authorization_details entry, or why the field is invalid.
-fn authorization_types(params: &GrantParameters) -> Result<Vec<String>, InvalidGrant> {
-    Ok(
-        AuthorizationDetails::parse(&params.authorization_details_json)?
-            .map(|d| d.types().into_iter().map(str::to_owned).collect())
-            .unwrap_or_default(),
-    )
+/// The `type` of each authorization_details entry, for the audit line of a request that is
+/// not validated (empty when the field is invalid).
+fn authorization_types(params: &GrantParameters) -> Vec<String> {
+    AuthorizationDetails::parse(&params.authorization_details_json)
+        .ok()
+        .flatten()
+        .map(|d| d.types().into_iter().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// Refusals for overload (a full session queue, a deadline the queue cannot meet) are many
+/// at once and say nothing new each: each is audited and counted (outcome `busy`), but the
+/// log gets at most one WARN line a second, with the count since the previous line.
+#[derive(Default)]
+struct OverloadLog {
+    /// Refusals not yet in a log line.
+    pending: AtomicU64,
+    /// A summary task is running (it logs each second while refusals keep coming).
+    armed: AtomicBool,
+}
+
+/// How often the overload summary may be logged.
+const OVERLOAD_LOG_EVERY: Duration = Duration::from_secs(1);
+
+impl OverloadLog {
+    /// Counts one refusal; the first after a quiet second is logged at once, the rest in
+    /// the next second's line. Call within a tokio runtime.
+    fn refused(self: &Arc<Self>) {
+        let _ = self.pending.fetch_add(1, Ordering::AcqRel);
+        if self.armed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = self.flush();
+        let log = Arc::clone(self);
+        drop(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(OVERLOAD_LOG_EVERY).await;
+                if log.flush() {
+                    continue;
+                }
+                log.armed.store(false, Ordering::Release);
+                // A refusal that came between the flush and the store found the task
+                // still running: take it on rather than leave it unlogged.
+                if log.pending.load(Ordering::Acquire) == 0
+                    || log.armed.swap(true, Ordering::AcqRel)
+                {
+                    break;
+                }
+            }
+        }));
+    }
+
+    /// Logs the refusals not yet logged; false when there were none.
+    fn flush(&self) -> bool {
+        let refused = self.pending.swap(0, Ordering::AcqRel);
+        if refused > 0 {
+            tracing::warn!(
+                refused,
+                "overloaded: refused requests because the session queue was full or their deadline could not be met (outcome busy)"
+            );
+        }
+        refused > 0
+    }
 }
 
 /// The connection's caller and address (set by `conn`), and a mark for the gate that the

@@ -24,7 +24,7 @@ pub use exchange::SetupError;
 use crate::{
     agent::{Agent, SignError, unix_now},
     config::TokenSettings,
-    grant::{AuthorizationDetails, GrantParameters},
+    grant::{AuthorizationDetails, ValidGrant},
     metrics::Metrics,
 };
 
@@ -270,17 +270,17 @@ impl TokenService {
         })
     }
 
-    /// An access token for `params`, from the cache unless `force_refresh` or it is not
-    /// fresh, within `deadline` (the configured timeout when `None`).
+    /// An access token for a validated request, from the cache unless `force_refresh` or
+    /// it is not fresh, within `deadline` (the configured timeout when `None`).
     pub async fn get(
         self: &Arc<Self>,
-        params: &GrantParameters,
+        grant: &ValidGrant,
         force_refresh: bool,
         deadline: Option<Instant>,
     ) -> Result<Issued, Arc<TokenError>> {
         let deadline =
             answer_by(deadline.unwrap_or_else(|| Instant::now() + self.settings.timeout));
-        let key = self.cache_key(params).map_err(|e| Arc::new(e.into()))?;
+        let key = self.cache_key(grant);
         let rx = match self.cache.lookup(&key, force_refresh) {
             Lookup::Fresh(token, refresh) => {
                 self.metrics.token_cache(true);
@@ -288,7 +288,7 @@ impl TokenService {
                     tracing::debug!("refreshing a cached token ahead of expiry");
                     self.fly(
                         flight,
-                        params.clone(),
+                        grant.clone(),
                         Instant::now() + self.settings.timeout,
                     );
                 }
@@ -309,7 +309,7 @@ impl TokenService {
             }
             Lookup::Fetch(flight, rx) => {
                 self.metrics.token_cache(false);
-                self.fly(flight, params.clone(), deadline);
+                self.fly(flight, grant.clone(), deadline);
                 rx
             }
         };
@@ -325,11 +325,11 @@ impl TokenService {
     }
 
     /// Runs a flight in its own task, so that it lands even if its caller gives up.
-    fn fly(self: &Arc<Self>, flight: Flight, params: GrantParameters, deadline: Instant) {
+    fn fly(self: &Arc<Self>, flight: Flight, grant: ValidGrant, deadline: Instant) {
         let service = Arc::clone(self);
         drop(tokio::spawn(async move {
             let outcome = service
-                .fetch(&params, deadline)
+                .fetch(&grant, deadline)
                 .await
                 .map(Arc::new)
                 .map_err(Arc::new);
@@ -341,18 +341,18 @@ impl TokenService {
     /// deadline run out.
     async fn fetch(
         &self,
-        params: &GrantParameters,
+        request: &ValidGrant,
         deadline: Instant,
     ) -> Result<AccessToken, TokenError> {
         let keys = self.agent.keys();
         let (_, environment) = keys
-            .environment(&params.environment)
+            .environment(&request.params().environment)
             .map_err(SignError::from)?;
         let endpoint = self.exchange.endpoint(environment, deadline).await?;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let grant = self.agent.sign_grant(params, Some(deadline)).await?;
+            let grant = self.agent.sign_grant(request, Some(deadline)).await?;
             let started = Instant::now();
             let result = self
                 .exchange
@@ -391,14 +391,13 @@ impl TokenService {
         }
     }
 
-    /// The cache key, after the same validation as signing, so that an invalid request
-    /// is refused even when an equal valid one was cached.
-    fn cache_key(&self, params: &GrantParameters) -> Result<CacheKey, SignError> {
+    /// The cache key. The request was validated when it became a [`ValidGrant`], so an
+    /// invalid request never reaches the cache, even when an equal valid one was cached.
+    fn cache_key(&self, grant: &ValidGrant) -> CacheKey {
         let keys = self.agent.keys();
-        let (environment, claims) = keys.validate(params, unix_now())?;
-        let authorization_details = claims
-            .authorization_details
-            .as_ref()
+        let params = grant.params();
+        let authorization_details = grant
+            .authorization_details()
             .map(AuthorizationDetails::canonical)
             .unwrap_or_default();
         let sorted = |values: &[String]| {
@@ -406,15 +405,15 @@ impl TokenService {
             values.sort();
             values
         };
-        Ok(CacheKey {
+        CacheKey {
             key: keys.key_name(&params.key).to_owned(),
             client_id: params.client_id.clone(),
             scopes: sorted(&params.scopes),
             resources: sorted(&params.resources),
             consumer_org: params.consumer_org.clone(),
-            environment,
+            environment: keys.environment_name(&params.environment).to_owned(),
             authorization_details,
-        })
+        }
     }
 }
 
