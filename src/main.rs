@@ -151,6 +151,11 @@ impl From<GrantArgs> for GrantParameters {
 type Failure = Box<dyn std::error::Error>;
 
 fn main() -> ExitCode {
+    // Before anything is read: no config, PIN or password may sit in a dumpable process.
+    if let Err(error) = grant_agent::process::harden() {
+        eprintln!("grant-agent: error: {error}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     match run(cli.command) {
@@ -316,6 +321,13 @@ fn take_pin(source: &PinSource) -> Result<cryptoki::types::AuthPin, Failure> {
 /// Starts the agent, serves until SIGINT/SIGTERM (reloading on SIGHUP), then logs out and
 /// finalizes the module.
 fn serve(config_path: &Path, on_ready: impl FnOnce(&[String])) -> Result<(), Failure> {
+    match grant_agent::process::raise_open_files_limit() {
+        Ok(l) if l.from < l.to => {
+            tracing::info!("open files limit raised from {} to {}", l.from, l.to);
+        }
+        Ok(l) => tracing::info!("open files limit is {}, the hard limit", l.to),
+        Err(error) => tracing::warn!("{error}"),
+    }
     let config = Config::load(config_path)?;
     let pin = take_pin(&config.pkcs11.pin)?;
     let agent = Arc::new(Agent::start_with_pin(&config, pin)?);
