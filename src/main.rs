@@ -321,6 +321,9 @@ fn take_pin(source: &PinSource) -> Result<cryptoki::types::AuthPin, Failure> {
 /// Starts the agent, serves until SIGINT/SIGTERM (reloading on SIGHUP), then logs out and
 /// finalizes the module.
 fn serve(config_path: &Path, on_ready: impl FnOnce(&[String])) -> Result<(), Failure> {
+    let config = Config::load(config_path)?;
+    let pin = take_pin(&config.pkcs11.pin)?;
+    // After the PIN's re-execution, if any, so it is logged once; before any socket.
     match grant_agent::process::raise_open_files_limit() {
         Ok(l) if l.from < l.to => {
             tracing::info!("open files limit raised from {} to {}", l.from, l.to);
@@ -328,8 +331,6 @@ fn serve(config_path: &Path, on_ready: impl FnOnce(&[String])) -> Result<(), Fai
         Ok(l) => tracing::info!("open files limit is {}, the hard limit", l.to),
         Err(error) => tracing::warn!("{error}"),
     }
-    let config = Config::load(config_path)?;
-    let pin = take_pin(&config.pkcs11.pin)?;
     let agent = Arc::new(Agent::start_with_pin(&config, pin)?);
     let runtime = runtime()?;
     runtime.block_on(async {
