@@ -10,7 +10,7 @@
 //!   later in the process (a PKCS#11 module, say) can raise it again.
 //! - **Open files** ([`raise_open_files_limit`], at the start of `serve` and `dev`): the
 //!   soft `RLIMIT_NOFILE` is raised to the hard limit, as every connection costs a
-//!   descriptor; [`open_files_limit`] is the figure the server sizes its connection cap
+//!   descriptor; `open_files_limit` is the figure the server sizes its connection cap
 //!   from.
 //!
 //! [`harden`] runs first thing in `main`, for every subcommand (key import reads PKCS#12
