@@ -18,6 +18,8 @@
 //! - [`dev`]: the development SoftHSM token behind `grant-agent dev`.
 //! - [`mock`]: a local Maskinporten (token endpoint, JWKS, fault injection) for tests and CI.
 //! - [`p12`]: reading a PKCS#12 (.p12/.pfx) file into its RSA key parts and certificate chain.
+//! - [`process`]: hardening the agent's own process: not dumpable, no core files, the
+//!   open files limit.
 //! - [`telemetry`]: log output.
 //! - [`proto`]: the generated `grantagent.v1` types, server and client.
 //!
@@ -35,6 +37,7 @@ pub mod hsm;
 pub mod metrics;
 pub mod mock;
 pub mod p12;
+pub mod process;
 pub mod server;
 pub mod telemetry;
 #[cfg(test)]

@@ -151,6 +151,11 @@ impl From<GrantArgs> for GrantParameters {
 type Failure = Box<dyn std::error::Error>;
 
 fn main() -> ExitCode {
+    // Before anything is read: no config, PIN or password may sit in a dumpable process.
+    if let Err(error) = grant_agent::process::harden() {
+        eprintln!("grant-agent: error: {error}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     match run(cli.command) {
@@ -318,6 +323,14 @@ fn take_pin(source: &PinSource) -> Result<cryptoki::types::AuthPin, Failure> {
 fn serve(config_path: &Path, on_ready: impl FnOnce(&[String])) -> Result<(), Failure> {
     let config = Config::load(config_path)?;
     let pin = take_pin(&config.pkcs11.pin)?;
+    // After the PIN's re-execution, if any, so it is logged once; before any socket.
+    match grant_agent::process::raise_open_files_limit() {
+        Ok(l) if l.from < l.to => {
+            tracing::info!("open files limit raised from {} to {}", l.from, l.to);
+        }
+        Ok(l) => tracing::info!("open files limit is {}, the hard limit", l.to),
+        Err(error) => tracing::warn!("{error}"),
+    }
     let agent = Arc::new(Agent::start_with_pin(&config, pin)?);
     let runtime = runtime()?;
     runtime.block_on(async {

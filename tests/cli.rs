@@ -371,7 +371,7 @@ fn a_pem_certificate_and_a_key_by_id_work_and_a_foreign_certificate_is_refused()
 #[test]
 fn a_wrong_pin_or_token_label_is_a_clear_error() {
     let agent = DevAgent::start();
-    std::fs::write(agent.path("wrong-pin"), "0000\n").expect("write");
+    write_pin(&agent.path("wrong-pin"), "0000\n", 0o600);
     let config =
         read(&agent.path("config.toml")).replace("pin_file = \"pin\"", "pin_file = \"wrong-pin\"");
     std::fs::write(agent.path("wrong.toml"), config).expect("write");
@@ -432,6 +432,57 @@ async fn the_log_holds_neither_the_pin_nor_an_assertion() {
         assert!(!log.contains(signature), "an assertion is in the log");
     }
     assert!(!log.contains("eyJ"), "something JWT-like is in the log");
+}
+
+/// Writes a PIN file with `mode`.
+fn write_pin(path: &std::path::Path, pin: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, pin).expect("write pin");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod pin");
+}
+
+#[test]
+fn a_pin_file_others_may_read_is_refused_with_the_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pin = dir.path().join("pin");
+    write_pin(&pin, "123456\n", 0o644);
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "unix_socket = \"a.sock\"\n[pkcs11]\nmodule = \"/nonexistent.so\"\ntoken_label = \"t\"\npin_file = \"pin\"\n\
+         [[keys]]\nname = \"default\"\nlabel = \"k\"\ncertificate = \"token\"\n",
+    )
+    .expect("write");
+    let expected = format!(
+        "grant-agent: error: {}: `pkcs11.pin_file`: {pin} is readable by group or others (mode 0644); run: chmod 600 {pin}\n",
+        config.display(),
+        pin = pin.display()
+    );
+    // `check` and `serve` refuse it before any module is loaded or socket bound.
+    for command in ["check", "serve"] {
+        let out = std::process::Command::new(BIN)
+            .args([command, "--config"])
+            .arg(&config)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(1), "{command}");
+        assert_eq!(stderr(&out), expected, "{command}");
+        assert!(!stderr(&out).contains("123456"), "the PIN is not shown");
+    }
+    assert!(!dir.path().join("a.sock").exists(), "nothing was bound");
+    // The fix it names works.
+    let fix = std::process::Command::new("chmod")
+        .arg("600")
+        .arg(&pin)
+        .status()
+        .expect("chmod");
+    assert!(fix.success());
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("check");
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 #[test]

@@ -111,6 +111,63 @@ pub enum PinSource {
     Env(String),
 }
 
+/// A PIN file that users other than the agent's may read or change, as (problem, fix).
+///
+/// As ssh does for private keys: a PIN file the agent's user owns must be open to that
+/// user only (0600 or 0400). A file owned by another user (root, or the kubelet for a
+/// Kubernetes Secret under `fsGroup`, which forces mode 0440) reaches the agent through
+/// its group, so there group read is allowed, and nothing else for group or others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ExposedPinFile {
+    /// What is wrong, naming the file and its mode.
+    pub(crate) problem: String,
+    /// The command that fixes it.
+    pub(crate) fix: String,
+}
+
+impl fmt::Display for ExposedPinFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}; {}", self.problem, self.fix)
+    }
+}
+
+/// Checks a PIN file's permissions from its metadata (`stat`, or `fstat` of the open file).
+pub(crate) fn exposed_pin_file(
+    path: &Path,
+    metadata: &std::fs::Metadata,
+) -> Option<ExposedPinFile> {
+    use std::os::unix::fs::MetadataExt;
+    let owned_by_agent = metadata.uid() == rustix::process::geteuid().as_raw();
+    pin_file_exposure(path, metadata.mode(), owned_by_agent)
+}
+
+fn pin_file_exposure(path: &Path, mode: u32, owned_by_agent: bool) -> Option<ExposedPinFile> {
+    let (forbidden, fix_mode) = if owned_by_agent {
+        (0o077, "600")
+    } else {
+        (0o037, "440")
+    };
+    let open = mode & forbidden;
+    if open == 0 {
+        return None;
+    }
+    let how = if open & 0o044 != 0 {
+        "readable"
+    } else if open & 0o022 != 0 {
+        "writable"
+    } else {
+        "executable"
+    };
+    let path = path.display();
+    Some(ExposedPinFile {
+        problem: format!(
+            "{path} is {how} by group or others (mode {:04o})",
+            mode & 0o7777
+        ),
+        fix: format!("run: chmod {fix_mode} {path}"),
+    })
+}
+
 /// One signing key.
 #[derive(Debug, Clone)]
 pub struct KeyConfig {
@@ -253,7 +310,10 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, &path.display().to_string(), base)
+        let file = path.display().to_string();
+        let config = Self::parse(&text, &file, base)?;
+        refuse_exposed_pin_file(&config.pkcs11, &file)?;
+        Ok(config)
     }
 
     /// Reads only the `[pkcs11]` section, for key management commands that run before any
@@ -265,7 +325,9 @@ impl Config {
         })?;
         let file = path.display().to_string();
         let raw: RawConfig = from_toml(&text, &file)?;
-        pkcs11_section(raw.pkcs11, &file, path.parent().unwrap_or(Path::new(".")))
+        let pkcs11 = pkcs11_section(raw.pkcs11, &file, path.parent().unwrap_or(Path::new(".")))?;
+        refuse_exposed_pin_file(&pkcs11, &file)?;
+        Ok(pkcs11)
     }
 
     /// Parses and validates config text; `origin` names it in errors and relative paths
@@ -677,6 +739,26 @@ fn pkcs11_section(p: RawPkcs11, file: &str, base: &Path) -> Result<Pkcs11Config,
     })
 }
 
+/// A PIN file others may read is refused at load, so `check` and `serve` fail before any
+/// session opens. A file that cannot be examined yet is left to the read, which says why.
+fn refuse_exposed_pin_file(pkcs11: &Pkcs11Config, file: &str) -> Result<(), ConfigError> {
+    let PinSource::File(path) = &pkcs11.pin else {
+        return Ok(());
+    };
+    let Ok(metadata) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    match exposed_pin_file(path, &metadata) {
+        None => Ok(()),
+        Some(exposed) => Err(ConfigError::Invalid {
+            file: file.to_owned(),
+            key: "pkcs11.pin_file".to_owned(),
+            problem: exposed.problem,
+            fix: exposed.fix,
+        }),
+    }
+}
+
 fn cert_environment(name: &str) -> Option<CertEnvironment> {
     match name {
         "test" => Some(CertEnvironment::Test),
@@ -914,6 +996,74 @@ certificate = "token"
         std::fs::write(&path, text).expect("write");
         let c = Config::load(&path).expect("valid");
         assert_eq!(c.pkcs11.pin, PinSource::File(dir.path().join("pin")));
+    }
+
+    fn write_pin(dir: &Path, mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let pin = dir.join("pin");
+        std::fs::write(&pin, "1234\n").expect("pin");
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        pin
+    }
+
+    #[test]
+    fn a_pin_file_group_or_others_may_read_is_refused_at_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, GOOD.replace("/run/secrets/hsm-pin", "pin")).expect("write");
+        // Not there yet: left to the read, which names the file.
+        assert!(Config::load(&path).is_ok());
+        let pin = write_pin(dir.path(), 0o644);
+        let expected = format!(
+            "{}: `pkcs11.pin_file`: {pin} is readable by group or others (mode 0644); run: chmod 600 {pin}",
+            path.display(),
+            pin = pin.display()
+        );
+        let e = Config::load(&path).expect_err("refused");
+        assert_eq!(e.to_string(), expected);
+        let e = Config::load_token_settings(&path).expect_err("refused");
+        assert_eq!(e.to_string(), expected);
+        for mode in [0o600, 0o400] {
+            let _ = write_pin(dir.path(), mode);
+            assert!(Config::load(&path).is_ok(), "mode {mode:o}");
+        }
+    }
+
+    #[test]
+    fn a_pin_file_is_open_to_its_owner_only_or_read_through_the_group() {
+        let at = Path::new("/x/pin");
+        let problem = |mode, owned| pin_file_exposure(at, mode, owned).map(|e| e.to_string());
+        // The agent's own file: owner only, as ssh wants of a private key.
+        assert_eq!(problem(0o100600, true), None);
+        assert_eq!(problem(0o100400, true), None);
+        assert_eq!(
+            problem(0o100644, true).as_deref(),
+            Some("/x/pin is readable by group or others (mode 0644); run: chmod 600 /x/pin")
+        );
+        assert_eq!(
+            problem(0o100640, true).as_deref(),
+            Some("/x/pin is readable by group or others (mode 0640); run: chmod 600 /x/pin")
+        );
+        assert_eq!(
+            problem(0o100620, true).as_deref(),
+            Some("/x/pin is writable by group or others (mode 0620); run: chmod 600 /x/pin")
+        );
+        assert_eq!(
+            problem(0o100601, true).as_deref(),
+            Some("/x/pin is executable by group or others (mode 0601); run: chmod 600 /x/pin")
+        );
+        // Another user's file (root:agent-group 0440, a Secret under fsGroup): read
+        // through the group, nothing more.
+        assert_eq!(problem(0o100440, false), None);
+        assert_eq!(problem(0o100400, false), None);
+        assert_eq!(
+            problem(0o100444, false).as_deref(),
+            Some("/x/pin is readable by group or others (mode 0444); run: chmod 440 /x/pin")
+        );
+        assert_eq!(
+            problem(0o100460, false).as_deref(),
+            Some("/x/pin is writable by group or others (mode 0460); run: chmod 440 /x/pin")
+        );
     }
 
     #[test]

@@ -363,12 +363,32 @@ fn find_token(pkcs11: &Pkcs11, selector: &TokenSelector) -> Result<Slot, HsmErro
     })
 }
 
+/// Reads a PIN file, refusing one that group or others may read: checked on the open
+/// file, so the file checked is the file read.
+fn read_pin_file(path: &std::path::Path) -> Result<String, HsmError> {
+    use std::io::Read;
+    let failed =
+        |e: std::io::Error| HsmError::PinSource(format!("pin_file {}: {e}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(failed)?;
+    let metadata = file.metadata().map_err(failed)?;
+    if let Some(exposed) = crate::config::exposed_pin_file(path, &metadata) {
+        return Err(HsmError::PinSource(format!("pin_file {exposed}")));
+    }
+    // Sized up front, as fs::read_to_string does, so the PIN is not left behind in a
+    // smaller buffer given back on growth.
+    let mut pin = String::with_capacity(usize::try_from(metadata.len()).unwrap_or(0) + 1);
+    if let Err(e) = file.read_to_string(&mut pin) {
+        zeroize::Zeroize::zeroize(&mut pin);
+        return Err(failed(e));
+    }
+    Ok(pin)
+}
+
 /// Reads the user PIN from its configured source into a zeroizing secret.
 pub fn read_pin(source: &crate::config::PinSource) -> Result<AuthPin, HsmError> {
     use crate::config::PinSource;
     let mut pin = match source {
-        PinSource::File(path) => std::fs::read_to_string(path)
-            .map_err(|e| HsmError::PinSource(format!("pin_file {}: {e}", path.display())))?,
+        PinSource::File(path) => read_pin_file(path)?,
         PinSource::Env(var) => std::env::var(var)
             .map_err(|_| HsmError::PinSource(format!("pin_env {var} is not set")))?,
     };
@@ -383,4 +403,52 @@ pub fn read_pin(source: &crate::config::PinSource) -> Result<AuthPin, HsmError> 
     let secret = (!pin.is_empty()).then(|| AuthPin::new(Box::from(pin.as_str())));
     zeroize::Zeroize::zeroize(&mut pin);
     secret.ok_or_else(|| HsmError::PinSource("the PIN is empty".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use cryptoki::types::AuthPin;
+
+    use super::*;
+    use crate::config::PinSource;
+
+    fn pin_file(mode: u32) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pin");
+        std::fs::write(&path, "8765-4321\n").expect("pin");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        (dir, path)
+    }
+
+    fn read(path: &std::path::Path) -> Result<AuthPin, HsmError> {
+        read_pin(&PinSource::File(path.to_owned()))
+    }
+
+    #[test]
+    fn a_pin_file_group_or_others_may_read_is_refused_when_read() {
+        let (_dir, path) = pin_file(0o644);
+        let e = read(&path).expect_err("refused").to_string();
+        assert_eq!(
+            e,
+            format!(
+                "cannot read the user PIN: pin_file {p} is readable by group or others (mode 0644); run: chmod 600 {p}",
+                p = path.display()
+            )
+        );
+        assert!(!e.contains("8765"), "the PIN stays out of the error");
+    }
+
+    #[test]
+    fn an_owner_only_pin_file_is_read() {
+        for mode in [0o600, 0o400] {
+            let (_dir, path) = pin_file(mode);
+            assert!(read(&path).is_ok(), "mode {mode:o}");
+        }
+        let (_dir, path) = pin_file(0o600);
+        std::fs::write(&path, "\n").expect("empty pin");
+        let e = read(&path).expect_err("empty").to_string();
+        assert_eq!(e, "cannot read the user PIN: the PIN is empty");
+    }
 }

@@ -135,7 +135,7 @@ pub async fn run(
     );
     let (connections, all_closed) = Connections::new(
         config.limits,
-        open_files_limit(),
+        crate::process::open_files_limit(),
         Arc::clone(&audit),
         Arc::clone(&metrics),
     );
@@ -259,13 +259,6 @@ pub async fn run(
     }
     tracing::info!("stopped serving");
     Ok(())
-}
-
-/// The soft open-files limit now, which caps the connections the agent can take.
-fn open_files_limit() -> u64 {
-    rustix::process::getrlimit(rustix::process::Resource::Nofile)
-        .current
-        .unwrap_or(u64::MAX)
 }
 
 /// Binds the Unix socket with its final mode before anyone can reach it: bound inside a
