@@ -471,10 +471,11 @@ impl Connections {
     async fn handshake(&self, accepted: Accepted, address: &str) -> Option<Admitted> {
         match accepted {
             Accepted::Tls(stream, tls, field) => {
-                let stream = match tls.accept(stream).await {
+                let stream = match tls.accept(stream).into_fallible().await {
                     Ok(stream) => stream,
-                    Err(error) => {
+                    Err((error, stream)) => {
                         self.handshake_failed(&error, address);
+                        linger(stream).await;
                         return None;
                     }
                 };
@@ -574,6 +575,21 @@ impl Connections {
         }
         self.metrics.connection_closed();
     }
+}
+
+/// Closes a connection whose TLS handshake failed so that the peer reads the alert: with
+/// TLS 1.3 a client sends its first request before it learns that its certificate was
+/// refused, and closing with that request unread would reset the connection, and the
+/// client would see "connection reset" instead of the alert. So: send FIN after the
+/// alert, then read (and drop) what the peer sent until it closes too, within a second.
+async fn linger(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let _ = stream.shutdown().await;
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// A connection past its handshake, with its caller.

@@ -83,9 +83,6 @@ pub enum ServeError {
     /// Reflection could not load the descriptor set (a build problem).
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// The HTTP/2 or TLS layer failed.
-    #[error("gRPC server: {0}")]
-    Transport(#[from] tonic::transport::Error),
 }
 
 /// Sets up the listeners of `config`, reports their addresses to `on_ready` in the form
