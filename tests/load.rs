@@ -178,10 +178,11 @@ async fn a_deadline_that_cannot_be_met_is_refused_at_once() {
             .await
             .expect("signed");
     }
-    // Fill the queue: 3,000 requests over 4 connections, about two seconds of signing on
-    // one session.
+    // Fill the queue: 3,000 requests over 16 connections (each takes at most
+    // `limits.max_concurrent_streams`, 100, at once), about two seconds of signing on one
+    // session.
     let mut clients = vec![client.clone()];
-    for _ in 1..4 {
+    for _ in 1..16 {
         clients.push(agent.client().await);
     }
     let backlog: Vec<_> = (0..3000)

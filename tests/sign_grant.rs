@@ -281,11 +281,21 @@ async fn bad_input_names_the_field_and_the_agent_keeps_serving() {
         .expect_err("refused");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(status.message(), "grant.client_id: must not be empty");
-    // A message over the 64 KiB limit is refused by the transport, before parsing.
+    // A message over the 64 KiB limit is refused from its length prefix, before it is
+    // read, with the gRPC spec's code for a message over the configured maximum.
     let mut p = params();
     p.resources = vec!["https://x/".repeat(7000)];
     let status = client.sign_grant(request(p)).await.expect_err("refused");
-    assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        status.message(),
+        "the request message is 70064 bytes, more than the 65536 allowed"
+    );
 
     let response = client
         .sign_grant(request(params()))
