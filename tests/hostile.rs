@@ -756,6 +756,160 @@ fn percent_decoded(text: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_and_oversized_headers_are_cut_off() {
+    let secured = secured_agent("request_timeout_seconds = 2", &known_callers());
+    for via in [via_tls(&secured, "payments"), via_unix(&secured)] {
+        // A request whose message never comes holds nothing past the request timeout.
+        let mut send = via.h2().await.expect("h2").ready().await.expect("ready");
+        let started = Instant::now();
+        let (response, _body) = send
+            .send_request(grpc_request(SIGN_GRANT, "application/grpc"), false)
+            .expect("request");
+        let response = tokio::time::timeout(Duration::from_secs(2 + 5), response)
+            .await
+            .unwrap_or_else(|_| panic!("{}: no answer to a request with no message", via.name()))
+            .expect("response");
+        assert!(started.elapsed() >= Duration::from_millis(1_500));
+        assert_eq!(
+            response.headers()["grpc-status"],
+            "4",
+            "{}: DEADLINE_EXCEEDED",
+            via.name()
+        );
+        assert!(
+            secured
+                .wait_for_audit(|l| l["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("did not arrive within 2 s")))
+                .is_some(),
+            "{}: no audit line for the slow request",
+            via.name()
+        );
+        // A header list over `max_header_list_bytes` (8 KiB) is refused before the
+        // request is taken up.
+        let mut send = send.ready().await.expect("ready");
+        let mut request = grpc_request(SIGN_GRANT, "application/grpc");
+        let _ = request
+            .headers_mut()
+            .insert("x-padding", "a".repeat(16 * 1024).parse().expect("header"));
+        let refused = match send.send_request(request, true) {
+            Err(_) => true,
+            Ok((response, _)) => match response.await {
+                Err(_) => true,
+                Ok(response) => {
+                    response.status() == http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+                }
+            },
+        };
+        assert!(refused, "{}: a 16 KiB header was taken up", via.name());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn junk_connections_never_keep_a_caller_out_and_peers_have_a_cap() {
+    let agent = secured_agent(
+        "max_unauthenticated = 8\nmax_connections = 32\nmax_connections_per_peer = 24",
+        &known_callers(),
+    );
+    // 60 connections that never start TLS or HTTP/2: more than the unauthenticated
+    // limit and the connection cap.
+    let mut junk: Vec<Box<dyn Io>> = Vec::new();
+    for _ in 0..60 {
+        junk.push(Box::new(
+            TcpStream::connect(&agent.addr).await.expect("junk"),
+        ));
+    }
+    for _ in 0..30 {
+        junk.push(Box::new(
+            UnixStream::connect(agent.path("agent.sock"))
+                .await
+                .expect("junk"),
+        ));
+    }
+    // Once the agent has taken the junk up (each new one closing the oldest of the 8
+    // it may hold, or refused over the per-peer cap), the newest is a real caller's, and real callers on both listeners
+    // are served.
+    let evicted = |metrics: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("grant_agent_connections_refused_total{reason=\"evicted\"}")
+                    || l.starts_with("grant_agent_connections_refused_total{reason=\"per_peer\"}")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    while evicted(&common::http_get(agent.metrics_url()).await) < 82.0 {
+        assert!(
+            Instant::now() < until,
+            "the agent did not take the junk up: {}",
+            common::http_get(agent.metrics_url()).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for via in [via_tls(&agent, "payments"), via_unix(&agent)] {
+        one_grant(&via, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("{} behind junk: {e}", via.name()));
+    }
+    drop(junk);
+
+    // One peer gets at most `max_connections_per_peer` connections; the rest are closed
+    // at once and counted.
+    let via = via_unix(&agent);
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        if let Ok(send) = via.h2().await {
+            held.push(send);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = common::http_get(agent.metrics_url()).await;
+    assert!(
+        metrics.contains("grant_agent_connections_refused_total{reason=\"per_peer\"}"),
+        "{metrics}"
+    );
+    let open = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("grant_agent_connections "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("grant_agent_connections");
+    assert!(
+        open <= 24.0,
+        "{open} connections open from one uid (cap 24)"
+    );
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_answering_pings_is_dropped() {
+    let secured = secured_agent("keepalive_interval_seconds = 1", &known_callers());
+    for via in [via_tls(&secured, "payments"), via_unix(&secured)] {
+        // A valid HTTP/2 start, then silence: no SETTINGS ack, no PING ack.
+        let mut io = via.stream().await.expect("connect");
+        io.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .expect("preface");
+        io.write_all(&frame(0x4, 0, 0, &[]))
+            .await
+            .expect("settings");
+        let started = Instant::now();
+        let closed = tokio::time::timeout(Duration::from_secs(1 + 1 + 5), async {
+            let mut sink = [0u8; 4096];
+            while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "{}: a silent peer was still connected after {:?}",
+            via.name(),
+            started.elapsed()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_after_the_idle_timeout() {
     let secured = secured_agent("idle_timeout_seconds = 2", &known_callers());
     for via in [via_tls(&secured, "payments"), via_unix(&secured)] {

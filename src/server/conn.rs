@@ -440,7 +440,7 @@ impl Connections {
         accepted: Accepted,
         address: String,
         routes: Routes,
-        stop: watch::Receiver<bool>,
+        mut stop: watch::Receiver<bool>,
     ) {
         let (slot, evicted) = self.enter_pending();
         let handshake = tokio::time::timeout(
@@ -449,6 +449,8 @@ impl Connections {
         );
         let admitted = tokio::select! {
             _ = evicted => return,
+            // A stopping agent does not wait for handshakes.
+            _ = stop.wait_for(|stop| *stop) => return,
             admitted = handshake => admitted,
         };
         drop(slot);
