@@ -184,6 +184,16 @@ fn via_unix(agent: &DevAgent) -> Via {
     Via::Unix(agent.path("agent.sock"))
 }
 
+/// The known caller on each transport: plain loopback (`plain`), mutual TLS and the Unix
+/// socket (`secured`), each with the agent it reaches.
+fn every_transport<'a>(secured: &'a DevAgent, plain: &'a DevAgent) -> [(&'a DevAgent, Via); 3] {
+    [
+        (plain, Via::Plain(plain.addr.clone())),
+        (secured, via_tls(secured, "payments")),
+        (secured, via_unix(secured)),
+    ]
+}
+
 /// The agent's resident memory now, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     read(Path::new(&format!("/proc/{pid}/status")))
@@ -312,11 +322,7 @@ async fn one_grant(via: &Via, timeout: Duration) -> Result<(), String> {
 async fn partial_messages_on_many_streams_stay_within_the_memory_bound() {
     let secured = secured_agent("", &known_callers());
     let plain = plain_agent("");
-    for (agent, via) in [
-        (&plain, Via::Plain(plain.addr.clone())),
-        (&secured, via_tls(&secured, "payments")),
-        (&secured, via_unix(&secured)),
-    ] {
+    for (agent, via) in every_transport(&secured, &plain) {
         let before = rss_kib(agent.pid()) / 1024;
         let watch = RssWatch::start(agent.pid());
         let held = hold_partial_messages(&via, 300, 20).await;
@@ -412,11 +418,7 @@ async fn header_flood(via: &Via, streams: u32) {
 async fn header_only_stream_floods_stay_within_the_memory_bound() {
     let secured = secured_agent("", &known_callers());
     let plain = plain_agent("");
-    for (agent, via) in [
-        (&plain, Via::Plain(plain.addr.clone())),
-        (&secured, via_tls(&secured, "payments")),
-        (&secured, via_unix(&secured)),
-    ] {
+    for (agent, via) in every_transport(&secured, &plain) {
         let before = rss_kib(agent.pid()) / 1024;
         let watch = RssWatch::start(agent.pid());
         let mut floods = tokio::task::JoinSet::new();
@@ -592,11 +594,7 @@ async fn a_descriptor_flood_neither_starves_a_valid_caller_nor_spins() {
 async fn a_cancellation_storm_costs_no_unrelated_call() {
     let secured = secured_agent("", &known_callers());
     let plain = plain_agent("");
-    for (agent, via) in [
-        (&plain, Via::Plain(plain.addr.clone())),
-        (&secured, via_tls(&secured, "payments")),
-        (&secured, via_unix(&secured)),
-    ] {
+    for (agent, via) in every_transport(&secured, &plain) {
         let client = via.client().await;
         for round in 0..6 {
             let storming = Arc::new(AtomicBool::new(true));
