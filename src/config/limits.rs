@@ -65,7 +65,7 @@ impl Default for Limits {
             keepalive_interval: Duration::from_secs(30),
             max_concurrent_streams: 100,
             window_bytes: 64 * 1024,
-            connection_window_bytes: 256 * 1024,
+            connection_window_bytes: 128 * 1024,
             max_header_list_bytes: 8 * 1024,
             max_pending_resets: 200,
             max_buffered_request_bytes: 16 * 1024 * 1024,
@@ -151,7 +151,7 @@ pub(super) fn limits(raw: Option<RawLimits>, invalid: Invalid<'_>) -> Result<Lim
             format!(
                 "{connection_window} is below window_bytes ({window}), below {MIN_CONNECTION_WINDOW}, or above 2147483647"
             ),
-            "set at least the larger of window_bytes and 131072; the default is 262144",
+            "set at least the larger of window_bytes and 131072 (the default)",
         ));
     }
     let header = raw.max_header_list_bytes.unwrap_or(d.max_header_list_bytes);

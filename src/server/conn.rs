@@ -193,17 +193,20 @@ impl Connections {
 
     fn enter_pending(self: &Arc<Self>) -> (PendingSlot, oneshot::Receiver<()>) {
         let (evict, evicted) = oneshot::channel();
-        let full = {
-            let pending = lock(&self.pending);
-            pending.waiting.len() >= self.limits.max_unauthenticated
+        // One lock for the check, the eviction and the entry, so listeners accepting at
+        // once never hold more than the limit between them.
+        let (id, made_room) = {
+            let mut pending = lock(&self.pending);
+            let made_room = pending.waiting.len() >= self.limits.max_unauthenticated
+                && pending.waiting.pop_first().is_some();
+            let id = pending.next;
+            pending.next += 1;
+            let _ = pending.waiting.insert(id, evict);
+            (id, made_room)
         };
-        if full {
-            let _ = self.evict_oldest();
+        if made_room {
+            self.metrics.connection_refused("evicted");
         }
-        let mut pending = lock(&self.pending);
-        let id = pending.next;
-        pending.next += 1;
-        let _ = pending.waiting.insert(id, evict);
         (
             PendingSlot {
                 connections: Arc::clone(self),
