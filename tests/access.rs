@@ -191,7 +191,9 @@ async fn mutual_tls_callers_get_what_the_policy_allows_and_nothing_else() {
         .expect("a known caller may list keys");
 
     // A trusted certificate that no rule names: refused at the TLS handshake, before
-    // it can send a request, and the refusal is audited with the peer's address.
+    // it can send a request, and the refusal is audited with the peer's address. (The
+    // client sees the alert, or, when its connection task reads the alert first, a
+    // closed connection; tests/hostile.rs reads the alert itself.)
     let refused = match connect(&agent.addr, Some(&tls(dir, "other", "ca.pem"))).await {
         Err(error) => format!("{error:?}"),
         Ok(mut other) => {
@@ -202,7 +204,10 @@ async fn mutual_tls_callers_get_what_the_policy_allows_and_nothing_else() {
             format!("{status:?}")
         }
     };
-    assert!(refused.contains("CertificateUnknown"), "{refused}");
+    assert!(
+        refused.contains("CertificateUnknown") || refused.contains("connection closed"),
+        "{refused}"
+    );
     let line = agent
         .wait_for_audit(|line| line["audit"] == "connection")
         .expect("a connection refusal in the audit");
