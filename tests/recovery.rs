@@ -121,8 +121,18 @@ fn init_token(dir: &Path, user_pin: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// OpenSC's PKCS#11 spy, which stays loaded in the process when the agent drops it and
+/// passes every call to SoftHSM: the stand-in for a vendor module that never unloads.
+const SPY: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so";
+
 /// An agent signing with a key that exists outside the token (so it can be imported again).
 fn agent_with_importable_key() -> DevAgent {
+    agent_with_importable_key_through(None)
+}
+
+/// [`agent_with_importable_key`], with `module` in front of SoftHSM when given (the
+/// module reads SoftHSM's path from `PKCS11SPY`, as OpenSC's spy does).
+fn agent_with_importable_key_through(module: Option<&str>) -> DevAgent {
     let dir = DevAgent::start().stop();
     let p = dir.path();
     let _ = openssl(
@@ -162,8 +172,23 @@ fn agent_with_importable_key() -> DevAgent {
                 "[pkcs11]\n",
                 "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[pkcs11]\n",
             );
+    let Some(module) = module else {
+        std::fs::write(p.join("agent.toml"), config).expect("config");
+        return DevAgent::serve(dir, "agent.toml");
+    };
+    let softhsm = grant_agent::dev::softhsm_module().expect("SoftHSM");
+    let config = config.replace(
+        &format!("module = \"{}\"", softhsm.display()),
+        &format!("module = \"{module}\""),
+    );
+    assert!(config.contains(module), "{config}");
     std::fs::write(p.join("agent.toml"), config).expect("config");
-    DevAgent::serve(dir, "agent.toml")
+    let softhsm = softhsm.display().to_string();
+    DevAgent::serve_with_env(
+        dir,
+        "agent.toml",
+        &[("PKCS11SPY", &softhsm), ("PKCS11SPY_OUTPUT", "/dev/null")],
+    )
 }
 
 async fn health(agent: &DevAgent) -> i32 {
@@ -185,7 +210,24 @@ async fn health(agent: &DevAgent) -> i32 {
 
 #[tokio::test]
 async fn the_agent_heals_when_the_token_is_deleted_and_recreated_under_load() {
-    let agent = agent_with_importable_key();
+    heals_under_load(agent_with_importable_key()).await;
+}
+
+/// Issue 16's reproduction: the same outage behind a module that stays loaded. Before
+/// the module was finalized after a failed open, its stale slot list answered "no token"
+/// for as long as the test waited.
+#[tokio::test]
+async fn the_agent_heals_behind_a_module_that_stays_loaded() {
+    assert!(
+        Path::new(SPY).exists(),
+        "OpenSC's pkcs11-spy is required: apt-get install opensc (softhsm/setup.sh does it)"
+    );
+    heals_under_load(agent_with_importable_key_through(Some(SPY))).await;
+}
+
+/// Deletes and re-creates the agent's token under load, and checks that service comes
+/// back with no restart and the same key.
+async fn heals_under_load(agent: DevAgent) {
     let client = agent.client().await;
     let before = client
         .clone()

@@ -191,8 +191,32 @@ impl std::fmt::Debug for Token {
 
 impl Token {
     /// Loads the module, finds the token by label and logs in with the user PIN. Blocking.
+    ///
+    /// On any failure after the module is initialised, the module is finalized before the
+    /// error is returned. A module that stays loaded in the process (a vendor library, or
+    /// OpenSC's pkcs11-spy in front of SoftHSM) would otherwise answer the next
+    /// C_Initialize with CKR_CRYPTOKI_ALREADY_INITIALIZED and keep its stale slot list,
+    /// and recovery would never see the token come back.
     pub fn open(config: &Pkcs11Config, pin: &AuthPin) -> Result<Token, HsmError> {
         let pkcs11 = load(&config.module)?;
+        match Self::open_loaded(&pkcs11, config, pin) {
+            Ok(token) => Ok(token),
+            Err(error) => {
+                if let Err(finalize) = pkcs11.finalize() {
+                    tracing::debug!(error = %finalize, "C_Finalize after a failed open");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// [`Token::open`] on an initialised module.
+    fn open_loaded(
+        pkcs11: &Pkcs11,
+        config: &Pkcs11Config,
+        pin: &AuthPin,
+    ) -> Result<Token, HsmError> {
+        let pkcs11 = pkcs11.clone();
         let slot = find_token(&pkcs11, &config.token)?;
         let mechanisms = mechanism::Mechanisms::detect(&pkcs11, slot)?;
         // Respect the token's session limit, keeping one for the anchor session. Some
