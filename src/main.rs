@@ -171,9 +171,29 @@ fn main() -> ExitCode {
                 source = cause.source();
             }
             eprintln!("{message}");
-            ExitCode::FAILURE
+            exit_code(&*error)
         }
     }
+}
+
+/// EX_CONFIG (sysexits.h): the token refused the PIN. A supervisor must not start the
+/// agent again with the same PIN, which would count towards locking the token; the
+/// systemd unit stops restarting on it (`RestartPreventExitStatus=78`).
+const EXIT_PIN_REFUSED: u8 = 78;
+
+/// The exit status for `error`: [`EXIT_PIN_REFUSED`] when the token refused the PIN
+/// anywhere in its chain, else 1.
+fn exit_code(error: &(dyn std::error::Error + 'static)) -> ExitCode {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(grant_agent::hsm::HsmError::PinRefused(_)) =
+            error.downcast_ref::<grant_agent::hsm::HsmError>()
+        {
+            return ExitCode::from(EXIT_PIN_REFUSED);
+        }
+        cause = error.source();
+    }
+    ExitCode::FAILURE
 }
 
 fn run(command: Command) -> Result<(), Failure> {

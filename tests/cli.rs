@@ -379,13 +379,27 @@ fn a_wrong_pin_or_token_label_is_a_clear_error() {
         &agent,
         &sign_args(agent.path("wrong.toml").to_str().expect("utf-8"), &[]),
     );
-    assert_eq!(out.status.code(), Some(1));
+    // EX_CONFIG, which the systemd unit does not restart on: the same PIN again would
+    // count towards locking the token.
+    assert_eq!(out.status.code(), Some(78));
     assert!(
         stderr(&out).contains("pkcs11: the token refused the user PIN (PinIncorrect)"),
         "{}",
         stderr(&out)
     );
     assert!(!stderr(&out).contains("0000"), "the PIN is not echoed");
+    let served = agent
+        .command(BIN)
+        .args(["serve", "--config"])
+        .arg(agent.path("wrong.toml"))
+        .output()
+        .expect("serve");
+    assert_eq!(served.status.code(), Some(78), "{}", stderr(&served));
+    let unit = read(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/systemd/grant-agent.service"
+    )));
+    assert!(unit.contains("\nRestartPreventExitStatus=78\n"), "{unit}");
 
     let config = read(&agent.path("config.toml"))
         .replace("token_label = \"grant-agent\"", "token_label = \"missing\"");
@@ -394,6 +408,7 @@ fn a_wrong_pin_or_token_label_is_a_clear_error() {
         &agent,
         &sign_args(agent.path("label.toml").to_str().expect("utf-8"), &[]),
     );
+    assert_eq!(out.status.code(), Some(1), "any other failure is 1");
     assert!(
         stderr(&out)
             .contains("no token labelled \"missing\" (tokens present: \"grant-agent\" (serial "),
