@@ -53,13 +53,18 @@ pub async fn connect(
     Ok(GrantAgentClient::new(channel(addr, tls).await?))
 }
 
-/// Whether the agent at `addr` says it is SERVING (`grpc.health.v1`, service
-/// `grantagent.v1.GrantAgent`): what liveness and readiness probes ask.
-pub async fn serving(addr: &str, tls: Option<&ClientTls>) -> Result<bool, ClientError> {
+/// Whether the agent at `addr` says `service` is SERVING (`grpc.health.v1`):
+/// `grantagent.v1.GrantAgent` for readiness (its token is usable),
+/// [`crate::server::LIVENESS_SERVICE`] for liveness (its process answers).
+pub async fn serving(
+    addr: &str,
+    tls: Option<&ClientTls>,
+    service: &str,
+) -> Result<bool, ClientError> {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let response = HealthClient::new(channel(addr, tls).await?)
         .check(HealthCheckRequest {
-            service: "grantagent.v1.GrantAgent".into(),
+            service: service.to_owned(),
         })
         .await;
     Ok(matches!(response, Ok(r) if r.get_ref().status == 1))

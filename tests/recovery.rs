@@ -401,4 +401,16 @@ async fn a_refused_pin_while_recovering_is_not_retried() {
         .expect("client health");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("NOT_SERVING"));
+    // Liveness is not readiness: the process answers, so a liveness probe does not
+    // restart it into another C_Login with the same wrong PIN.
+    let out = Command::new(BIN)
+        .args(["client", "health", "--liveness", "--addr", &agent.addr])
+        .output()
+        .expect("client health --liveness");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "SERVING\n");
 }

@@ -33,10 +33,15 @@ pub(crate) enum ClientCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Exit 0 when the agent is SERVING, 1 otherwise: for liveness and readiness probes.
+    /// Exit 0 when the agent is SERVING (its token is usable), 1 otherwise: the readiness
+    /// probe.
     Health {
         #[command(flatten)]
         connection: Connection,
+        /// Only whether the agent's process answers, SERVING while its token is away: the
+        /// liveness probe (restarting an agent for its token would run C_Login again).
+        #[arg(long)]
+        liveness: bool,
     },
 }
 
@@ -94,10 +99,20 @@ fn refused(status: &tonic::Status) -> Failure {
 /// Runs one client command.
 pub(crate) async fn client(command: ClientCommand) -> Result<(), Failure> {
     match command {
-        ClientCommand::Health { connection } => {
-            if client::serving(&connection.addr, connection.tls()?.as_ref()).await? {
+        ClientCommand::Health {
+            connection,
+            liveness,
+        } => {
+            let service = if liveness {
+                grant_agent::server::LIVENESS_SERVICE
+            } else {
+                "grantagent.v1.GrantAgent"
+            };
+            if client::serving(&connection.addr, connection.tls()?.as_ref(), service).await? {
                 println!("SERVING");
                 Ok(())
+            } else if liveness {
+                Err("the agent's process does not answer as SERVING".into())
             } else {
                 Err("the agent is NOT_SERVING (its token is unavailable)".into())
             }

@@ -40,6 +40,12 @@ use service::GrantAgentService;
 /// How long in-flight requests may run after SIGTERM before the agent stops anyway.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The health service name that says only whether the agent's process answers: SERVING
+/// from start to shutdown, whatever its token does. For liveness probes, which must not
+/// restart an agent whose token is away (a restart would run C_Login again, and with a
+/// wrong PIN count towards locking the token). Readiness asks `grantagent.v1.GrantAgent`.
+pub const LIVENESS_SERVICE: &str = "grant-agent.liveness";
+
 /// Largest health or reflection request: they are a service name or a symbol, and are
 /// open to any peer that reaches a listener.
 const MAX_PROBE_BYTES: usize = 4 * 1024;
@@ -291,6 +297,9 @@ async fn routes(
     type Grants = proto::grant_agent_server::GrantAgentServer<GrantAgentService>;
     // Set before serving starts, so a probe never sees UNKNOWN.
     health.set_serving::<Grants>().await;
+    health
+        .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
     let _follow = tokio::spawn(async move {
         while serving.changed().await.is_ok() {
             let up = *serving.borrow_and_update();
