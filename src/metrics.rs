@@ -12,6 +12,7 @@
 //! | `grant_agent_certificate_expiry_seconds` | gauge | `key`, `certificate_sha256`: seconds until notAfter |
 //! | `grant_agent_serving` | gauge | 1 when the token is usable, 0 while it is being recovered |
 //! | `grant_agent_recoveries_total` | counter | times the token was found gone |
+//! | `grant_agent_last_recovery_seconds` | gauge | how long the last recovery took, token gone to serving again |
 //! | `grant_agent_tokens_total` | counter | `key`, `outcome` (issued, cached, denied, refused, busy, failed) |
 //!
 //! Outcome `busy` is overload, not failure: the session queue was full or the caller's
@@ -80,6 +81,9 @@ pub struct Metrics {
     certificate_expiry: Family<CertificateLabels, Gauge>,
     serving: Gauge,
     recoveries: Counter,
+    last_recovery_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// The agent's token-loss errors already added to `pkcs11_errors`, by `rv`.
+    losses_counted: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     tokens: Family<GrantLabels, Counter>,
     token_cache: Family<CacheLabels, Counter>,
     token_upstream: Family<UpstreamLabels, Histogram>,
@@ -112,6 +116,8 @@ impl Metrics {
             certificate_expiry: Family::default(),
             serving: Gauge::default(),
             recoveries: Counter::default(),
+            last_recovery_seconds: Gauge::default(),
+            losses_counted: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             tokens: Family::default(),
             token_cache: Family::default(),
             token_upstream: Family::new_with_constructor(|| {
@@ -171,6 +177,11 @@ impl Metrics {
             "recoveries",
             "Times the token was found gone",
             metrics.recoveries.clone(),
+        );
+        registry.register(
+            "last_recovery_seconds",
+            "How long the last recovery took, from the token found gone to serving again",
+            metrics.last_recovery_seconds.clone(),
         );
         registry.register(
             "tokens",
@@ -306,6 +317,23 @@ impl Metrics {
         let _ = self
             .recoveries
             .inc_by(agent.recoveries().saturating_sub(self.recoveries.get()));
+        if let Some(last) = agent.last_recovery() {
+            let _ = self.last_recovery_seconds.set(last.as_secs_f64());
+        }
+        {
+            let mut counted = match self.losses_counted.lock() {
+                Ok(counted) => counted,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            for (rv, total) in agent.token_loss_errors() {
+                let seen = counted.entry(rv.clone()).or_insert(0);
+                let _ = self
+                    .pkcs11_errors
+                    .get_or_create(&ErrorLabels { rv })
+                    .inc_by(total.saturating_sub(*seen));
+                *seen = total;
+            }
+        }
         let now = unix_now();
         self.certificate_expiry.clear();
         for key in agent.keys().versions() {

@@ -346,6 +346,26 @@ async fn heals_under_load(agent: DevAgent) {
     let log = agent.log();
     assert!(log.contains("the token is gone; recovering"), "{log}");
     assert!(log.contains("the token is back; serving again"), "{log}");
+    // The documented alerts see it: the errors that found the token gone are PKCS#11
+    // errors, and the recovery is counted and timed.
+    let metrics = common::http_get(agent.metrics_url()).await;
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        value("grant_agent_pkcs11_errors_total{") >= 1.0,
+        "increase(grant_agent_pkcs11_errors_total) would not fire: {metrics}"
+    );
+    assert!(value("grant_agent_recoveries_total ") >= 1.0, "{metrics}");
+    let took = value("grant_agent_last_recovery_seconds ");
+    assert!(
+        took > 0.0 && took <= back.as_secs_f64() + 1.0,
+        "last recovery {took} s, service back after {back:?}: {metrics}"
+    );
 }
 
 #[tokio::test]

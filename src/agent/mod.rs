@@ -179,6 +179,18 @@ pub struct Agent {
     serving: tokio::sync::watch::Sender<bool>,
     recover: tokio::sync::Notify,
     recoveries: std::sync::atomic::AtomicU64,
+    /// What the token losses were and how long the last recovery took, for the metrics.
+    losses: std::sync::Mutex<Losses>,
+}
+
+/// The PKCS#11 errors that started a recovery, by return value, and recovery times.
+#[derive(Debug, Default)]
+struct Losses {
+    errors: std::collections::BTreeMap<String, u64>,
+    /// When the recovery under way started.
+    since: Option<std::time::Instant>,
+    /// How long the last completed recovery took.
+    last: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -217,6 +229,7 @@ impl Agent {
             serving: tokio::sync::watch::Sender::new(true),
             recover: tokio::sync::Notify::new(),
             recoveries: std::sync::atomic::AtomicU64::new(0),
+            losses: std::sync::Mutex::new(Losses::default()),
         };
         agent.warn_about_expiry();
         Ok(agent)
@@ -265,6 +278,9 @@ impl Agent {
             Err(SignError::Hsm(e)) if e.token_is_gone() => {
                 // Safe to retry: nothing was returned, and the retry is a new grant.
                 tracing::warn!(error = %e, "the token is gone; recovering");
+                if let HsmError::Call { rv, .. } = &e {
+                    *self.lock_losses().errors.entry(rv.clone()).or_insert(0) += 1;
+                }
                 if self.await_recovery(deadline).await {
                     self.try_sign(grant, deadline).await
                 } else {
@@ -392,6 +408,30 @@ impl Agent {
     /// How many times the token was found gone since start.
     pub fn recoveries(&self) -> u64 {
         self.recoveries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The PKCS#11 errors that found the token gone and started a recovery, by return
+    /// value, since start. The request that met one is retried after the recovery, so it
+    /// never reaches the caller as an error of its own.
+    pub fn token_loss_errors(&self) -> Vec<(String, u64)> {
+        self.lock_losses()
+            .errors
+            .iter()
+            .map(|(rv, n)| (rv.clone(), *n))
+            .collect()
+    }
+
+    /// How long the last completed recovery took, from the token found gone to serving
+    /// again; `None` before the first.
+    pub fn last_recovery(&self) -> Option<std::time::Duration> {
+        self.lock_losses().last
+    }
+
+    fn lock_losses(&self) -> std::sync::MutexGuard<'_, Losses> {
+        match self.losses.lock() {
+            Ok(losses) => losses,
+            Err(poisoned) => poisoned.into_inner(),
+        }
     }
 
     /// Follows whether the agent can sign (false while the token is being recovered).

@@ -34,6 +34,7 @@ impl Agent {
             let _ = self
                 .recoveries
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.lock_losses().since = Some(Instant::now());
             self.recover.notify_one();
         }
         let wait = deadline.map_or(RETRY_WAIT, |d| {
@@ -54,7 +55,17 @@ impl Agent {
             let agent = Arc::clone(&self);
             match tokio::task::spawn_blocking(move || agent.recover_once()).await {
                 Ok(Ok(())) => {
-                    tracing::info!(attempt, "the token is back; serving again");
+                    let took = {
+                        let mut losses = self.lock_losses();
+                        let took = losses.since.take().map(|since| since.elapsed());
+                        losses.last = took.or(losses.last);
+                        took
+                    };
+                    tracing::info!(
+                        attempt,
+                        seconds = took.map_or(0.0, |t| t.as_secs_f64()),
+                        "the token is back; serving again"
+                    );
                     let _ = self.serving.send_replace(true);
                     return;
                 }
