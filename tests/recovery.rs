@@ -369,6 +369,52 @@ async fn heals_under_load(agent: DevAgent) {
 }
 
 #[tokio::test]
+async fn health_notices_a_lost_token_with_no_request() {
+    let agent = agent_with_importable_key();
+    assert_eq!(health(&agent).await, 1, "SERVING");
+    let dir = agent.dir.path().to_owned();
+    tokio::task::spawn_blocking(move || remove_tokens(&dir))
+        .await
+        .expect("remove");
+    // No request is made: the agent's own check finds the token gone.
+    let lost = Instant::now();
+    while health(&agent).await != 2 {
+        assert!(
+            lost.elapsed() < Duration::from_secs(10),
+            "health still SERVING 10 s after the token was removed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "NOT_SERVING {:?} after the token was removed",
+        lost.elapsed()
+    );
+    let dir = agent.dir.path().to_owned();
+    tokio::task::spawn_blocking(move || recreate_token(&dir, &read(&dir.join("pin"))))
+        .await
+        .expect("recreate");
+    let back = Instant::now();
+    while health(&agent).await != 1 {
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "not SERVING 30 s after the token came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let grant = agent
+        .client()
+        .await
+        .sign_grant(SignGrantRequest {
+            grant: Some(params()),
+        })
+        .await
+        .expect("signed after the token came back")
+        .into_inner();
+    let _ = verify(&grant.assertion, TEST_AUD);
+    assert!(agent.log().contains("found by the idle check"));
+}
+
+#[tokio::test]
 async fn a_refused_pin_while_recovering_is_not_retried() {
     let agent = agent_with_importable_key();
     let mut client = agent.client().await;

@@ -193,6 +193,9 @@ struct Losses {
     last: Option<std::time::Duration>,
 }
 
+/// How often an idle agent checks that its token is still there.
+pub const TOKEN_CHECK_EVERY: Duration = Duration::from_secs(2);
+
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
@@ -348,17 +351,24 @@ impl Agent {
         }
     }
 
-    /// Runs until dropped: recovers the token when a request found it gone, logs when a
-    /// key switches to another version (rollover), and repeats expiry warnings daily.
-    /// Spawn it next to the server.
+    /// Runs until dropped: checks the token every [`TOKEN_CHECK_EVERY`] (so health turns
+    /// NOT_SERVING within seconds of a token loss even when no request comes), recovers
+    /// the token when it or a request found it gone, logs when a key switches to another
+    /// version (rollover), and repeats expiry warnings daily. Spawn it next to the server.
     pub async fn watch(self: Arc<Self>) {
         let mut active: BTreeMap<String, String> = BTreeMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut check = tokio::time::interval(TOKEN_CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_warning = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 () = self.recover.notified() => {
                     Arc::clone(&self).recover_until_back().await;
+                    continue;
+                }
+                _ = check.tick() => {
+                    Arc::clone(&self).check_token().await;
                     continue;
                 }
                 _ = tick.tick() => {}
@@ -380,6 +390,30 @@ impl Agent {
                 last_warning = tokio::time::Instant::now();
                 self.warn_about_expiry();
             }
+        }
+    }
+
+    /// One idle check of the token: reads an attribute of a key on the anchor session,
+    /// and starts a recovery when the token is gone.
+    async fn check_token(self: Arc<Self>) {
+        if !*self.serving.borrow() {
+            return;
+        }
+        let Some(token) = self.current_token() else {
+            return;
+        };
+        let Some(handle) = self.keys().versions().next().map(|k| k.handle) else {
+            return;
+        };
+        let checked = tokio::task::spawn_blocking(move || token.check(handle)).await;
+        if let Ok(Err(error)) = checked
+            && error.token_is_gone()
+        {
+            tracing::warn!(%error, "the token is gone (found by the idle check); recovering");
+            if let HsmError::Call { rv, .. } = &error {
+                *self.lock_losses().errors.entry(rv.clone()).or_insert(0) += 1;
+            }
+            let _ = self.await_recovery(Some(std::time::Instant::now())).await;
         }
     }
 

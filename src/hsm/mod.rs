@@ -308,6 +308,23 @@ impl Token {
             .run_blocking(|session| mechanism::sign(session, key, algorithm, path, data))
     }
 
+    /// Checks on the anchor session that `key` is still there: one attribute read, which
+    /// fails (with an error for which [`HsmError::token_is_gone`] holds) when the token
+    /// was removed, re-provisioned or lost its login. Blocking; uses no pooled session.
+    pub fn check(&self, key: ObjectHandle) -> Result<(), HsmError> {
+        let anchor = match self.anchor.lock() {
+            Ok(anchor) => anchor,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let Some(session) = anchor.as_ref() else {
+            return Err(HsmError::Unavailable);
+        };
+        session
+            .get_attributes(key, &[cryptoki::object::AttributeType::Class])
+            .map(|_| ())
+            .map_err(HsmError::call("C_GetAttributeValue"))
+    }
+
     /// Closes every session (which logs out) and finalizes the module. cryptoki does not
     /// call C_Finalize on drop, so shutdown and re-initialisation must come through here.
     pub fn close(self) -> Result<(), HsmError> {
