@@ -42,6 +42,48 @@ fn run(config: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A label the agent cannot find names the slots whose token it could not read, rather
+/// than saying no token is present (opencryptoki 3.8's token information does not parse
+/// in cryptoki: its clock field is `HH:MM:SS`).
+#[test]
+fn a_label_not_found_names_the_slots_it_could_not_read() {
+    let ock = opencryptoki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = read(&ock.join("config.toml"))
+        .replace(
+            "pin_file = \"pin\"",
+            &format!("pin_file = \"{}\"", ock.join("pin").display()),
+        )
+        .lines()
+        .map(|l| {
+            if l.starts_with("slot_id") || l.starts_with("token_label") {
+                "token_label = \"no-such-token\"".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, config).expect("config");
+    let out = std::process::Command::new(BIN)
+        .args(["key", "list"])
+        .env("GRANT_AGENT_CONFIG", &path)
+        .output()
+        .expect("grant-agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no token labelled \"no-such-token\""),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("tokens present: none"), "{stderr}");
+    assert!(
+        stderr.contains("its token information cannot be read"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn keys_csrs_certificates_and_grants_on_opencryptoki() {
     let ock = opencryptoki();

@@ -376,6 +376,12 @@ fn find_token(pkcs11: &Pkcs11, selector: &TokenSelector) -> Result<Slot, HsmErro
             Ok(_) => continue,
             Err(error) => {
                 tracing::debug!(slot = slot.id(), %error, "skipping a slot whose token cannot be read");
+                // Named as such, so "tokens present" never says "none" about a slot
+                // whose token is there but whose information does not parse.
+                present.push(format!(
+                    "slot {} (its token information cannot be read: {error})",
+                    slot.id()
+                ));
                 continue;
             }
         };
