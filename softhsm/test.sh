@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 bash softhsm/setup.sh
 # A second PKCS#11 implementation (opencryptoki's soft token) for tests/opencryptoki.rs.
 bash softhsm/opencryptoki.sh
-cargo test --locked "$@"
+# The fault-injecting PKCS#11 module (fault-pkcs11/) that tests/fault.rs loads by path.
+cargo build --locked -p fault-pkcs11
+cargo test --locked --workspace "$@"

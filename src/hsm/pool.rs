@@ -151,12 +151,38 @@ impl SessionPool {
         &self,
         work: impl FnOnce(&Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
+        // Through the same permits as signing, so a reload or a command under load never
+        // opens more sessions than the pool may: a token's session cap holds. In the
+        // semaphore's queue like any request (a loop of try_acquire would never get a
+        // permit while requests queue), parking this thread until its turn.
+        let _permit = park_until(self.permits.acquire())
+            .map_err(|_| HsmError::Thread("the session pool is closed".into()))?;
         Checkout {
             pkcs11: self.pkcs11.clone(),
             slot: self.slot,
             idle: Arc::clone(&self.idle),
         }
         .with_session(work)
+    }
+}
+
+/// Runs `future` to completion on this thread, parking it between polls: for waiting on a
+/// tokio semaphore (which needs no runtime) from blocking code.
+fn park_until<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut context = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return output;
+        }
+        std::thread::park();
     }
 }
 
@@ -180,7 +206,12 @@ impl Checkout {
                 .map_err(HsmError::call("C_OpenSession"))?,
         };
         let result = work(&session);
-        if let Ok(mut idle) = self.idle.lock() {
+        // Only a session that just worked goes back. One that failed may be closed, in an
+        // operation the module did not end, or logged out; dropping it closes it, and the
+        // next request opens a fresh one.
+        if result.is_ok()
+            && let Ok(mut idle) = self.idle.lock()
+        {
             idle.push(session);
         }
         result

@@ -1,0 +1,276 @@
+//! The agent on `fault-pkcs11`, the project's PKCS#11 module that passes every call to
+//! SoftHSM and injects, on command, the faults of the network HSMs the test machines
+//! cannot install (see `fault-pkcs11/src/lib.rs` and docs/hsm-compatibility.md). Each
+//! test asserts what a caller sees, and that grants verify afterwards.
+
+#![allow(
+    clippy::expect_used,
+    reason = "a test that cannot go on should fail loudly"
+)]
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use common::{BIN, DevAgent, TEST_AUD, params, read, verify};
+use grant_agent::proto::SignGrantRequest;
+use tonic::Code;
+
+/// The fault module, built next to the agent's binary by `cargo build -p fault-pkcs11`.
+fn fault_module() -> PathBuf {
+    let module = Path::new(BIN)
+        .parent()
+        .expect("target folder")
+        .join("libfault_pkcs11.so");
+    assert!(
+        module.exists(),
+        "{} is missing: run `cargo build -p fault-pkcs11` (softhsm/test.sh does it)",
+        module.display()
+    );
+    module
+}
+
+/// An agent on a fresh dev token behind the fault module, with `faults` in its control
+/// file from the start and `extra` added to its `[pkcs11]` section.
+fn agent_behind_faults(faults: &str, extra: &str) -> (DevAgent, PathBuf) {
+    let dir = DevAgent::start().stop();
+    let p = dir.path();
+    let softhsm = grant_agent::dev::softhsm_module().expect("SoftHSM");
+    let config = read(&p.join("config.toml"))
+        .replace(
+            &format!("module = \"{}\"", softhsm.display()),
+            &format!("module = \"{}\"{extra}", fault_module().display()),
+        )
+        .replace(
+            "[pkcs11]\n",
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[pkcs11]\n",
+        );
+    assert!(config.contains("libfault_pkcs11"), "{config}");
+    std::fs::write(p.join("agent.toml"), config).expect("config");
+    let control = p.join("faults");
+    std::fs::write(&control, faults).expect("control file");
+    let softhsm = softhsm.display().to_string();
+    let control_path = control.display().to_string();
+    let agent = DevAgent::serve_with_env(
+        dir,
+        "agent.toml",
+        &[
+            ("FAULT_PKCS11_MODULE", &softhsm),
+            ("FAULT_PKCS11_CONTROL", &control_path),
+        ],
+    );
+    (agent, control)
+}
+
+/// Changes the faults in force (the module reads the file again when its mtime moves).
+fn set_faults(control: &Path, faults: &str) {
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(control, faults).expect("control file");
+}
+
+async fn sign(agent: &DevAgent) -> Result<String, tonic::Status> {
+    agent
+        .client()
+        .await
+        .sign_grant(SignGrantRequest {
+            grant: Some(params()),
+        })
+        .await
+        .map(|r| r.into_inner().assertion)
+}
+
+async fn health(agent: &DevAgent) -> i32 {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agent.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "grantagent.v1.GrantAgent".into(),
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .status
+}
+
+fn metric_sum(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits up to `limit` for `sign` to succeed; the time it took.
+async fn until_signed(agent: &DevAgent, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        match sign(agent).await {
+            Ok(assertion) => {
+                let _ = verify(&assertion, TEST_AUD);
+                return started.elapsed();
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(
+                    started.elapsed() < limit,
+                    "no grant within {limit:?}: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_device_errors_is_recovered_and_grants_verify() {
+    let (agent, control) = agent_behind_faults("", "");
+    let _ = verify(&sign(&agent).await.expect("signed"), TEST_AUD);
+    // CloudHSM when throttled, an appliance failing over: C_Sign answers DEVICE_ERROR.
+    set_faults(&control, "sign_errors = DEVICE_ERROR 3\n");
+    let mut outcomes = Vec::new();
+    for _ in 0..10 {
+        outcomes.push(
+            sign(&agent)
+                .await
+                .map_err(|s| (s.code(), s.message().to_owned())),
+        );
+    }
+    for failure in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+        assert_eq!(failure.0, Code::Unavailable, "{}", failure.1);
+    }
+    let _ = until_signed(&agent, Duration::from_secs(30)).await;
+    let metrics = common::http_get(agent.metrics_url()).await;
+    assert!(
+        metric_sum(
+            &metrics,
+            "grant_agent_pkcs11_errors_total{rv=\"DeviceError\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric_sum(&metrics, "grant_agent_recoveries_total ") >= 1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_that_vanishes_while_idle_and_returns_is_noticed_both_ways() {
+    let (agent, control) = agent_behind_faults("", "");
+    let _ = verify(&sign(&agent).await.expect("signed"), TEST_AUD);
+    set_faults(&control, "token = absent\n");
+    let gone = Instant::now();
+    while health(&agent).await != 2 {
+        assert!(
+            gone.elapsed() < Duration::from_secs(10),
+            "still SERVING 10 s after the token vanished, with no request"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = sign(&agent).await.expect_err("no token");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    set_faults(&control, "token = present\n");
+    let back = Instant::now();
+    while health(&agent).await != 1 {
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "not SERVING 30 s after the token came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = until_signed(&agent, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn the_token_session_cap_holds_under_load_and_reload() {
+    // YubiHSM 2 allows 16 sessions, appliances fewer per partition: here 3, against 8
+    // configured. The agent keeps one for its anchor and pools the rest, and a reload
+    // under load reads the token through the same pool, never a session more.
+    // 20 ms a sign (a network HSM), so both pooled sessions are busy when the reload
+    // comes, and it must wait for one rather than open a fourth.
+    let (agent, _control) =
+        agent_behind_faults("max_sessions = 3\nsign_latency_ms = 20\n", "\nsessions = 8");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (mut client, stop) = (agent.client().await, std::sync::Arc::clone(&stop));
+        let _ = load.spawn(async move {
+            let mut signed = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let assertion = client
+                    .sign_grant(SignGrantRequest {
+                        grant: Some(params()),
+                    })
+                    .await
+                    .map_err(|s| format!("{s:?}"))?
+                    .into_inner()
+                    .assertion;
+                signed.push(assertion);
+            }
+            Ok::<_, String>(signed)
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent.signal("HUP");
+    let until = Instant::now() + Duration::from_secs(10);
+    while !agent.log().contains("reload") {
+        assert!(Instant::now() < until, "no reload: {}", agent.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(result) = load.join_next().await {
+        let signed = result
+            .expect("task")
+            .expect("signed within the session cap");
+        let _ = verify(signed.last().expect("a grant"), TEST_AUD);
+    }
+    let log = agent.log();
+    assert!(
+        log.contains("the token allows fewer sessions; using fewer") && log.contains("allowed=2"),
+        "{log}"
+    );
+    assert!(!log.contains("reload failed"), "{log}");
+    assert!(!log.contains("SessionCount"), "{log}");
+}
+
+#[tokio::test]
+async fn a_session_that_failed_is_never_used_again() {
+    // Luna after CKR_GENERAL_ERROR: that session is dead. The pool must not hand it out
+    // again; the next request opens a fresh one, and no recovery is needed.
+    let (agent, control) = agent_behind_faults("", "");
+    let _ = verify(&sign(&agent).await.expect("signed"), TEST_AUD);
+    set_faults(&control, "sign_errors = GENERAL_ERROR 1\n");
+    let status = sign(&agent).await.expect_err("the injected error");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("GeneralError"), "{status:?}");
+    for _ in 0..20 {
+        let _ = verify(
+            &sign(&agent).await.expect("signed on a fresh session"),
+            TEST_AUD,
+        );
+    }
+    let metrics = common::http_get(agent.metrics_url()).await;
+    assert_eq!(
+        metric_sum(&metrics, "grant_agent_recoveries_total "),
+        0.0,
+        "a dead session cost a recovery: {metrics}"
+    );
+}
+
+#[tokio::test]
+async fn instant_sign_answers_with_its_fixed_signature() {
+    let (agent, _control) = agent_behind_faults("instant_sign = true\n", "");
+    let assertion = sign(&agent).await.expect("signed");
+    use base64::Engine;
+    let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(assertion.rsplit('.').next().expect("signature"))
+        .expect("base64url");
+    assert_eq!(signature, vec![0x5a; 256]);
+}
