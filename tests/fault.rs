@@ -82,31 +82,6 @@ async fn sign(agent: &DevAgent) -> Result<String, tonic::Status> {
         .map(|r| r.into_inner().assertion)
 }
 
-async fn health(agent: &DevAgent) -> i32 {
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agent.addr))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: "grantagent.v1.GrantAgent".into(),
-        })
-        .await
-        .expect("health")
-        .into_inner()
-        .status
-}
-
-fn metric_sum(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Waits up to `limit` for `sign` to succeed; the time it took.
 async fn until_signed(agent: &DevAgent, limit: Duration) -> Duration {
     let started = Instant::now();
@@ -148,14 +123,14 @@ async fn a_burst_of_device_errors_is_recovered_and_grants_verify() {
     let _ = until_signed(&agent, Duration::from_secs(30)).await;
     let metrics = common::http_get(agent.metrics_url()).await;
     assert!(
-        metric_sum(
+        common::metric_sum(
             &metrics,
             "grant_agent_pkcs11_errors_total{rv=\"DeviceError\"}"
         ) >= 1.0,
         "{metrics}"
     );
     assert!(
-        metric_sum(&metrics, "grant_agent_recoveries_total ") >= 1.0,
+        common::metric_sum(&metrics, "grant_agent_recoveries_total ") >= 1.0,
         "{metrics}"
     );
 }
@@ -166,7 +141,7 @@ async fn a_token_that_vanishes_while_idle_and_returns_is_noticed_both_ways() {
     let _ = verify(&sign(&agent).await.expect("signed"), TEST_AUD);
     set_faults(&control, "token = absent\n");
     let gone = Instant::now();
-    while health(&agent).await != 2 {
+    while agent.health().await != 2 {
         assert!(
             gone.elapsed() < Duration::from_secs(10),
             "still SERVING 10 s after the token vanished, with no request"
@@ -177,7 +152,7 @@ async fn a_token_that_vanishes_while_idle_and_returns_is_noticed_both_ways() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     set_faults(&control, "token = present\n");
     let back = Instant::now();
-    while health(&agent).await != 1 {
+    while agent.health().await != 1 {
         assert!(
             back.elapsed() < Duration::from_secs(30),
             "not SERVING 30 s after the token came back"
@@ -258,7 +233,7 @@ async fn a_session_that_failed_is_never_used_again() {
     }
     let metrics = common::http_get(agent.metrics_url()).await;
     assert_eq!(
-        metric_sum(&metrics, "grant_agent_recoveries_total "),
+        common::metric_sum(&metrics, "grant_agent_recoveries_total "),
         0.0,
         "a dead session cost a recovery: {metrics}"
     );

@@ -845,17 +845,16 @@ async fn junk_connections_never_keep_a_caller_out_and_peers_have_a_cap() {
         ));
     }
     // Once the agent has taken the junk up (each new one closing the oldest of the 8
-    // it may hold, or refused over the per-peer cap), the newest is a real caller's, and real callers on both listeners
-    // are served.
-    let evicted = |metrics: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("grant_agent_connections_refused_total{reason=\"evicted\"}")
-                    || l.starts_with("grant_agent_connections_refused_total{reason=\"per_peer\"}")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    // it may hold, or refused over the per-peer cap), the newest is a real caller's, and
+    // real callers on both listeners are served.
+    let evicted = |metrics: &str| {
+        common::metric_sum(
+            metrics,
+            "grant_agent_connections_refused_total{reason=\"evicted\"}",
+        ) + common::metric_sum(
+            metrics,
+            "grant_agent_connections_refused_total{reason=\"per_peer\"}",
+        )
     };
     let until = Instant::now() + Duration::from_secs(10);
     while evicted(&common::http_get(agent.metrics_url()).await) < 82.0 {

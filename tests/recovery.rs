@@ -191,23 +191,6 @@ fn agent_with_importable_key_through(module: Option<&str>) -> DevAgent {
     )
 }
 
-async fn health(agent: &DevAgent) -> i32 {
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agent.addr))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: "grantagent.v1.GrantAgent".into(),
-        })
-        .await
-        .expect("health")
-        .into_inner()
-        .status
-}
-
 #[tokio::test]
 async fn the_agent_heals_when_the_token_is_deleted_and_recreated_under_load() {
     heals_under_load(agent_with_importable_key()).await;
@@ -332,7 +315,7 @@ async fn heals_under_load(agent: DevAgent) {
         "the same key and certificate"
     );
     let _ = verify(&after.assertion, TEST_AUD);
-    assert_eq!(health(&agent).await, 1, "SERVING again");
+    assert_eq!(agent.health().await, 1, "SERVING again");
     let out = Command::new(BIN)
         .args(["client", "health", "--addr", &agent.addr])
         .output()
@@ -349,13 +332,7 @@ async fn heals_under_load(agent: DevAgent) {
     // The documented alerts see it: the errors that found the token gone are PKCS#11
     // errors, and the recovery is counted and timed.
     let metrics = common::http_get(agent.metrics_url()).await;
-    let value = |prefix: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let value = |prefix: &str| common::metric_sum(&metrics, prefix);
     assert!(
         value("grant_agent_pkcs11_errors_total{") >= 1.0,
         "increase(grant_agent_pkcs11_errors_total) would not fire: {metrics}"
@@ -371,14 +348,14 @@ async fn heals_under_load(agent: DevAgent) {
 #[tokio::test]
 async fn health_notices_a_lost_token_with_no_request() {
     let agent = agent_with_importable_key();
-    assert_eq!(health(&agent).await, 1, "SERVING");
+    assert_eq!(agent.health().await, 1, "SERVING");
     let dir = agent.dir.path().to_owned();
     tokio::task::spawn_blocking(move || remove_tokens(&dir))
         .await
         .expect("remove");
     // No request is made: the agent's own check finds the token gone.
     let lost = Instant::now();
-    while health(&agent).await != 2 {
+    while agent.health().await != 2 {
         assert!(
             lost.elapsed() < Duration::from_secs(10),
             "health still SERVING 10 s after the token was removed"
@@ -394,7 +371,7 @@ async fn health_notices_a_lost_token_with_no_request() {
         .await
         .expect("recreate");
     let back = Instant::now();
-    while health(&agent).await != 1 {
+    while agent.health().await != 1 {
         assert!(
             back.elapsed() < Duration::from_secs(30),
             "not SERVING 30 s after the token came back"
@@ -459,7 +436,7 @@ async fn a_refused_pin_while_recovering_is_not_retried() {
         status.message(),
         "signing in the token failed: the token is unavailable (being recovered, or waiting for an operator: see the agent log)"
     );
-    assert_eq!(health(&agent).await, 2, "NOT_SERVING");
+    assert_eq!(agent.health().await, 2, "NOT_SERVING");
     // The probe command says so too.
     let out = Command::new(BIN)
         .args(["client", "health", "--addr", &agent.addr])

@@ -126,6 +126,25 @@ impl DevAgent {
         std::fs::read_to_string(self.path("agent.log")).expect("agent log")
     }
 
+    /// The health service's status for `grantagent.v1.GrantAgent`: 1 SERVING,
+    /// 2 NOT_SERVING (readiness).
+    pub(crate) async fn health(&self) -> i32 {
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: "grantagent.v1.GrantAgent".into(),
+            })
+            .await
+            .expect("health")
+            .into_inner()
+            .status
+    }
+
     /// The lines of the audit file (`audit.jsonl` in the agent's folder) so far.
     pub(crate) fn audit_lines(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.path("audit.jsonl"))
@@ -634,6 +653,16 @@ impl Drop for Mock {
 }
 
 /// The body of `GET url` over plain HTTP; the answer must be a success.
+/// The sum of the samples whose line starts with `prefix` in a Prometheus text
+/// exposition (0 when there are none).
+pub(crate) fn metric_sum(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub(crate) async fn http_get(url: &str) -> String {
     let body = test_http_client(None)
         .get(url)
