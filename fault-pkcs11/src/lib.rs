@@ -80,8 +80,16 @@ fn dead_sessions() -> std::sync::MutexGuard<'static, Vec<CK_SESSION_HANDLE>> {
     }
 }
 
-fn is_dead(session: CK_SESSION_HANDLE) -> bool {
-    dead_sessions().contains(&session)
+/// Why a call on `session` fails before it reaches the real module: the token is gone,
+/// or a failure killed the session.
+fn refusal(faults: &Faults, session: CK_SESSION_HANDLE) -> Option<CK_RV> {
+    if faults.token_absent {
+        Some(CKR_DEVICE_REMOVED)
+    } else if dead_sessions().contains(&session) {
+        Some(CKR_SESSION_HANDLE_INVALID)
+    } else {
+        None
+    }
 }
 
 fn real() -> Option<&'static CK_FUNCTION_LIST> {
@@ -296,11 +304,8 @@ unsafe extern "C" fn sign_init(
     key: CK_OBJECT_HANDLE,
 ) -> CK_RV {
     let faults = faults();
-    if faults.token_absent {
-        return CKR_DEVICE_REMOVED;
-    }
-    if is_dead(session) {
-        return CKR_SESSION_HANDLE_INVALID;
+    if let Some(rv) = refusal(&faults, session) {
+        return rv;
     }
     if faults.instant_sign {
         return CKR_OK;
@@ -316,11 +321,8 @@ unsafe extern "C" fn sign(
     signature_len: CK_ULONG_PTR,
 ) -> CK_RV {
     let faults = faults();
-    if faults.token_absent {
-        return CKR_DEVICE_REMOVED;
-    }
-    if is_dead(session) {
-        return CKR_SESSION_HANDLE_INVALID;
+    if let Some(rv) = refusal(&faults, session) {
+        return rv;
     }
     if let Some((rv, _)) = faults.sign_errors
         && ERRORS_LEFT
@@ -376,11 +378,8 @@ unsafe extern "C" fn get_attribute_value(
     template: cryptoki_sys::CK_ATTRIBUTE_PTR,
     count: CK_ULONG,
 ) -> CK_RV {
-    if faults().token_absent {
-        return CKR_DEVICE_REMOVED;
-    }
-    if is_dead(session) {
-        return CKR_SESSION_HANDLE_INVALID;
+    if let Some(rv) = refusal(&faults(), session) {
+        return rv;
     }
     forward!(C_GetAttributeValue(session, object, template, count))
 }
@@ -390,11 +389,8 @@ unsafe extern "C" fn find_objects_init(
     template: cryptoki_sys::CK_ATTRIBUTE_PTR,
     count: CK_ULONG,
 ) -> CK_RV {
-    if faults().token_absent {
-        return CKR_DEVICE_REMOVED;
-    }
-    if is_dead(session) {
-        return CKR_SESSION_HANDLE_INVALID;
+    if let Some(rv) = refusal(&faults(), session) {
+        return rv;
     }
     forward!(C_FindObjectsInit(session, template, count))
 }
