@@ -176,7 +176,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// EX_CONFIG (sysexits.h): the token refused the PIN. A supervisor must not start the
+/// EX_CONFIG (sysexits.h): the token refused the PIN, or said one more wrong PIN would
+/// lock it (so it was not tried). A supervisor must not start the
 /// agent again with the same PIN, which would count towards locking the token; the
 /// systemd unit stops restarting on it (`RestartPreventExitStatus=78`).
 const EXIT_PIN_REFUSED: u8 = 78;
@@ -186,8 +187,9 @@ const EXIT_PIN_REFUSED: u8 = 78;
 fn exit_code(error: &(dyn std::error::Error + 'static)) -> ExitCode {
     let mut cause = Some(error);
     while let Some(error) = cause {
-        if let Some(grant_agent::hsm::HsmError::PinRefused(_)) =
-            error.downcast_ref::<grant_agent::hsm::HsmError>()
+        if error
+            .downcast_ref::<grant_agent::hsm::HsmError>()
+            .is_some_and(grant_agent::hsm::HsmError::pin_refused)
         {
             return ExitCode::from(EXIT_PIN_REFUSED);
         }

@@ -33,9 +33,10 @@ fn fault_module() -> PathBuf {
     module
 }
 
-/// An agent on a fresh dev token behind the fault module, with `faults` in its control
-/// file from the start and `extra` added to its `[pkcs11]` section.
-fn agent_behind_faults(faults: &str, extra: &str) -> (DevAgent, PathBuf) {
+/// A fresh dev token whose `agent.toml` uses the fault module, with `faults` in its
+/// control file and `extra` added to its `[pkcs11]` section; the environment the agent
+/// needs for it.
+fn behind_faults(faults: &str, extra: &str) -> (tempfile::TempDir, PathBuf, [(String, String); 2]) {
     let dir = DevAgent::start().stop();
     let p = dir.path();
     let softhsm = grant_agent::dev::softhsm_module().expect("SoftHSM");
@@ -52,17 +53,24 @@ fn agent_behind_faults(faults: &str, extra: &str) -> (DevAgent, PathBuf) {
     std::fs::write(p.join("agent.toml"), config).expect("config");
     let control = p.join("faults");
     std::fs::write(&control, faults).expect("control file");
-    let softhsm = softhsm.display().to_string();
-    let control_path = control.display().to_string();
-    let agent = DevAgent::serve_with_env(
-        dir,
-        "agent.toml",
-        &[
-            ("FAULT_PKCS11_MODULE", &softhsm),
-            ("FAULT_PKCS11_CONTROL", &control_path),
-        ],
-    );
-    (agent, control)
+    let env = [
+        (
+            "FAULT_PKCS11_MODULE".to_owned(),
+            softhsm.display().to_string(),
+        ),
+        (
+            "FAULT_PKCS11_CONTROL".to_owned(),
+            control.display().to_string(),
+        ),
+    ];
+    (dir, control, env)
+}
+
+/// An agent serving on [`behind_faults`].
+fn agent_behind_faults(faults: &str, extra: &str) -> (DevAgent, PathBuf) {
+    let (dir, control, env) = behind_faults(faults, extra);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    (DevAgent::serve_with_env(dir, "agent.toml", &env), control)
 }
 
 /// Changes the faults in force (the module reads the file again when its mtime moves).
@@ -248,4 +256,66 @@ async fn instant_sign_answers_with_its_fixed_signature() {
         .decode(assertion.rsplit('.').next().expect("signature"))
         .expect("base64url");
     assert_eq!(signature, vec![0x5a; 256]);
+}
+
+#[test]
+fn a_token_one_wrong_pin_from_locking_is_not_tried() {
+    for (flag, name) in [
+        ("final_try", "CKF_USER_PIN_FINAL_TRY"),
+        ("locked", "CKF_USER_PIN_LOCKED"),
+    ] {
+        let (dir, _control, env) = behind_faults(&format!("pin_flags = {flag}\n"), "");
+        let mut child = std::process::Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(dir.path().join("agent.toml"))
+            .env("SOFTHSM2_CONF", dir.path().join("softhsm2.conf"))
+            .envs(env)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("serve");
+        // An agent that logged in anyway would serve until killed.
+        let until = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > until {
+                let _ = child.kill();
+                panic!("the agent started on a token with {name} set");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().expect("output");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{stderr}");
+        assert!(
+            stderr.contains(&format!("the token reports {name}: not trying the PIN")),
+            "{stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_token_that_returns_one_wrong_pin_from_locking_is_not_logged_in_to() {
+    let (agent, control) = agent_behind_faults("", "");
+    let _ = verify(&sign(&agent).await.expect("signed"), TEST_AUD);
+    set_faults(&control, "token = absent\n");
+    let gone = Instant::now();
+    while agent.health().await != 2 {
+        assert!(gone.elapsed() < Duration::from_secs(10), "still SERVING");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    set_faults(&control, "pin_flags = final_try\n");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = agent.log();
+    assert_eq!(
+        log.matches("refused the PIN while recovering; not retrying")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("CKF_USER_PIN_FINAL_TRY"), "{log}");
+    assert_eq!(
+        agent.health().await,
+        2,
+        "NOT_SERVING until an operator acts"
+    );
 }

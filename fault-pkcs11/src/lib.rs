@@ -11,6 +11,7 @@
 //! | `sign_errors = DEVICE_ERROR 3` | the next 3 `C_Sign` calls after the file changed fail with that return value (`DEVICE_ERROR`, `GENERAL_ERROR`, `SESSION_HANDLE_INVALID`, `DEVICE_REMOVED`); after GENERAL_ERROR or SESSION_HANDLE_INVALID that session is dead: every later call on it answers SESSION_HANDLE_INVALID until it is closed | CloudHSM throttling (DEVICE_ERROR), Luna's GENERAL_ERROR after which only a new context helps, a session the HSM dropped |
 //! | `max_sessions = 8` | `C_OpenSession` fails with SESSION_COUNT past 8 open sessions, and `C_GetTokenInfo` says so | YubiHSM 2 (16 sessions), appliance session caps |
 //! | `token = absent` | the token is gone: `C_GetSlotList` lists no token, and calls on its sessions and objects fail with DEVICE_REMOVED | an HSM restart, a re-provisioned or removed token |
+//! | `pin_flags = final_try` (or `locked`) | `C_GetTokenInfo` reports CKF_USER_PIN_FINAL_TRY (or CKF_USER_PIN_LOCKED) | a token after wrong PINs: one more locks it (or it is locked) |
 //! | `instant_sign = true` | `C_SignInit`/`C_Sign` answer at once with a fixed 256-byte signature (not valid) | a fast HSM, to measure the agent's own ceiling |
 //!
 //! The module never unloads (it is linked with `-z nodelete`), like many vendor modules:
@@ -54,6 +55,7 @@ struct Faults {
     max_sessions: Option<u64>,
     token_absent: bool,
     instant_sign: bool,
+    pin_flags: CK_FLAGS,
 }
 
 /// The control file's faults, and when it was read.
@@ -177,6 +179,13 @@ fn parse(text: &str) -> Faults {
             "max_sessions" => faults.max_sessions = value.parse().ok(),
             "token" => faults.token_absent = value == "absent",
             "instant_sign" => faults.instant_sign = value == "true",
+            "pin_flags" => {
+                faults.pin_flags = match value {
+                    "final_try" => cryptoki_sys::CKF_USER_PIN_FINAL_TRY,
+                    "locked" => cryptoki_sys::CKF_USER_PIN_LOCKED,
+                    _ => 0,
+                }
+            }
             _ => {}
         }
     }
@@ -245,12 +254,14 @@ unsafe extern "C" fn get_slot_list(
 
 unsafe extern "C" fn get_token_info(slot: CK_SLOT_ID, info: CK_TOKEN_INFO_PTR) -> CK_RV {
     let rv = forward!(C_GetTokenInfo(slot, info));
-    if rv == CKR_OK
-        && !info.is_null()
-        && let Some(max) = faults().max_sessions
-    {
+    if rv == CKR_OK && !info.is_null() {
+        let faults = faults();
         // SAFETY: the real module filled `info`, a valid CK_TOKEN_INFO, just now.
-        unsafe { (*info).ulMaxSessionCount = max };
+        let info = unsafe { &mut *info };
+        if let Some(max) = faults.max_sessions {
+            info.ulMaxSessionCount = max;
+        }
+        info.flags |= faults.pin_flags;
     }
     rv
 }
@@ -402,7 +413,7 @@ mod tests {
     #[test]
     fn the_control_file_is_parsed() {
         let faults = parse(
-            "sign_latency_ms = 2\nsign_errors = DEVICE_ERROR 3\nmax_sessions = 8\ntoken = absent\ninstant_sign = true\nunknown = 1\n",
+            "sign_latency_ms = 2\nsign_errors = DEVICE_ERROR 3\nmax_sessions = 8\ntoken = absent\ninstant_sign = true\npin_flags = locked\nunknown = 1\n",
         );
         assert_eq!(
             faults,
@@ -412,6 +423,7 @@ mod tests {
                 max_sessions: Some(8),
                 token_absent: true,
                 instant_sign: true,
+                pin_flags: cryptoki_sys::CKF_USER_PIN_LOCKED,
             }
         );
         assert_eq!(parse(""), Faults::default());

@@ -15,7 +15,7 @@ use std::{
 };
 
 use super::{Agent, KeySet, StartError, unix_now};
-use crate::hsm::{HsmError, Token};
+use crate::hsm::Token;
 
 /// Longest a request that found the token gone waits for it to come back before retrying.
 const RETRY_WAIT: Duration = Duration::from_secs(5);
@@ -69,12 +69,9 @@ impl Agent {
                     let _ = self.serving.send_replace(true);
                     return;
                 }
-                Ok(Err(StartError::Hsm {
-                    source: HsmError::PinRefused(rv),
-                    ..
-                })) => {
+                Ok(Err(StartError::Hsm { source, .. })) if source.pin_refused() => {
                     tracing::error!(
-                        ?rv,
+                        error = %source,
                         "the token refused the PIN while recovering; not retrying, so the token is not locked out. Fix the PIN and restart the agent"
                     );
                     return;

@@ -72,6 +72,17 @@ pub enum HsmError {
         "the token refused the user PIN ({0:?}); check the PIN source, and do not retry blindly: tokens lock after a few wrong PINs"
     )]
     PinRefused(RvError),
+    /// The token reports that one more wrong PIN would lock it, or that it is locked, so
+    /// the agent does not try the PIN at all: if it is wrong, trying locks the token.
+    #[error(
+        "the token reports {flag}: not trying the PIN ({why}); check the PIN source, then have the HSM's security officer reset the counter or unlock the PIN with the vendor's tool"
+    )]
+    PinNotTried {
+        /// The token flag.
+        flag: &'static str,
+        /// What it means.
+        why: &'static str,
+    },
     /// The PIN could not be read from its source.
     #[error("cannot read the user PIN: {0}")]
     PinSource(String),
@@ -135,6 +146,12 @@ pub enum HsmError {
 }
 
 impl HsmError {
+    /// Whether the PIN was refused, or not tried for fear of locking the token: never to
+    /// be retried with the same PIN, by the agent or by a supervisor restarting it.
+    pub fn pin_refused(&self) -> bool {
+        matches!(self, HsmError::PinRefused(_) | HsmError::PinNotTried { .. })
+    }
+
     /// Whether this error means the session, login or token is gone, so that opening the
     /// token again (and finding the keys again) is the way back.
     pub fn token_is_gone(&self) -> bool {
@@ -221,8 +238,23 @@ impl Token {
         let mechanisms = mechanism::Mechanisms::detect(&pkcs11, slot)?;
         // Respect the token's session limit, keeping one for the anchor session. Some
         // tokens' information does not parse (opencryptoki's clock field); then the
-        // configured size stands.
-        let sessions = match pkcs11.get_token_info(slot).map(|i| i.max_session_count()) {
+        // configured size stands, and the PIN flags cannot be checked.
+        let info = pkcs11.get_token_info(slot);
+        if let Ok(info) = &info {
+            if info.user_pin_locked() {
+                return Err(HsmError::PinNotTried {
+                    flag: "CKF_USER_PIN_LOCKED",
+                    why: "the user PIN is locked",
+                });
+            }
+            if info.user_pin_final_try() {
+                return Err(HsmError::PinNotTried {
+                    flag: "CKF_USER_PIN_FINAL_TRY",
+                    why: "one more wrong PIN locks it",
+                });
+            }
+        }
+        let sessions = match info.map(|i| i.max_session_count()) {
             Ok(cryptoki::slot::Limit::Max(max)) => {
                 let allowed = usize::try_from(max.saturating_sub(1))
                     .unwrap_or(usize::MAX)
