@@ -44,8 +44,9 @@ pub struct Limits {
     pub max_header_list_bytes: u32,
     /// Streams a peer may cancel before the agent has taken them up, per connection; more
     /// is an HTTP/2 rapid-reset attack and ends the connection. Set well above
-    /// `max_concurrent_streams`, so callers that give up on many calls at once (tiny
-    /// deadlines) never cost the calls they did not give up.
+    /// `max_concurrent_streams` (four times), so callers that give up on many calls at once
+    /// (tiny deadlines), storm after storm on a busy machine, never cost the calls they did
+    /// not give up. Each holds its request's headers until it is taken up.
     pub max_pending_resets: usize,
     /// Request bytes buffered at once over all calls, before their messages are decoded.
     /// A request that would go over is refused at once with RESOURCE_EXHAUSTED.
@@ -67,7 +68,7 @@ impl Default for Limits {
             window_bytes: 64 * 1024,
             connection_window_bytes: 128 * 1024,
             max_header_list_bytes: 8 * 1024,
-            max_pending_resets: 200,
+            max_pending_resets: 400,
             max_buffered_request_bytes: 16 * 1024 * 1024,
             request_timeout: Duration::from_secs(10),
         }
