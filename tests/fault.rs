@@ -148,25 +148,23 @@ async fn a_token_that_vanishes_while_idle_and_returns_is_noticed_both_ways() {
     let (agent, control) = agent_behind_faults("", "");
     let _ = verify(&sign(&agent).await.expect("signed"), TEST_AUD);
     set_faults(&control, "token = absent\n");
-    let gone = Instant::now();
-    while agent.health().await != 2 {
-        assert!(
-            gone.elapsed() < Duration::from_secs(10),
-            "still SERVING 10 s after the token vanished, with no request"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let _ = agent
+        .wait_for_health(
+            2,
+            Duration::from_secs(10),
+            "still SERVING 10 s after the token vanished, with no request",
+        )
+        .await;
     let status = sign(&agent).await.expect_err("no token");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     set_faults(&control, "token = present\n");
-    let back = Instant::now();
-    while agent.health().await != 1 {
-        assert!(
-            back.elapsed() < Duration::from_secs(30),
-            "not SERVING 30 s after the token came back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let _ = agent
+        .wait_for_health(
+            1,
+            Duration::from_secs(30),
+            "not SERVING 30 s after the token came back",
+        )
+        .await;
     let _ = until_signed(&agent, Duration::from_secs(5)).await;
 }
 
@@ -298,11 +296,9 @@ async fn a_token_that_returns_one_wrong_pin_from_locking_is_not_logged_in_to() {
     let (agent, control) = agent_behind_faults("", "");
     let _ = verify(&sign(&agent).await.expect("signed"), TEST_AUD);
     set_faults(&control, "token = absent\n");
-    let gone = Instant::now();
-    while agent.health().await != 2 {
-        assert!(gone.elapsed() < Duration::from_secs(10), "still SERVING");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let _ = agent
+        .wait_for_health(2, Duration::from_secs(10), "still SERVING")
+        .await;
     set_faults(&control, "pin_flags = final_try\n");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let log = agent.log();

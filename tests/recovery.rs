@@ -354,30 +354,25 @@ async fn health_notices_a_lost_token_with_no_request() {
         .await
         .expect("remove");
     // No request is made: the agent's own check finds the token gone.
-    let lost = Instant::now();
-    while agent.health().await != 2 {
-        assert!(
-            lost.elapsed() < Duration::from_secs(10),
-            "health still SERVING 10 s after the token was removed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    println!(
-        "NOT_SERVING {:?} after the token was removed",
-        lost.elapsed()
-    );
+    let lost = agent
+        .wait_for_health(
+            2,
+            Duration::from_secs(10),
+            "health still SERVING 10 s after the token was removed",
+        )
+        .await;
+    println!("NOT_SERVING {lost:?} after the token was removed");
     let dir = agent.dir.path().to_owned();
     tokio::task::spawn_blocking(move || recreate_token(&dir, &read(&dir.join("pin"))))
         .await
         .expect("recreate");
-    let back = Instant::now();
-    while agent.health().await != 1 {
-        assert!(
-            back.elapsed() < Duration::from_secs(30),
-            "not SERVING 30 s after the token came back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let _ = agent
+        .wait_for_health(
+            1,
+            Duration::from_secs(30),
+            "not SERVING 30 s after the token came back",
+        )
+        .await;
     let grant = agent
         .client()
         .await

@@ -145,6 +145,22 @@ impl DevAgent {
             .status
     }
 
+    /// Waits up to `limit` for [`DevAgent::health`] to say `status`, failing the test
+    /// with `what` otherwise; how long it took.
+    pub(crate) async fn wait_for_health(
+        &self,
+        status: i32,
+        limit: Duration,
+        what: &str,
+    ) -> Duration {
+        let started = std::time::Instant::now();
+        while self.health().await != status {
+            assert!(started.elapsed() < limit, "{what} (waited {limit:?})");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        started.elapsed()
+    }
+
     /// The lines of the audit file (`audit.jsonl` in the agent's folder) so far.
     pub(crate) fn audit_lines(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.path("audit.jsonl"))
