@@ -75,7 +75,7 @@ pub enum AdminError {
 pub fn open_token(config: &std::path::Path) -> Result<Token, AdminError> {
     let settings = Config::load_token_settings(config)?;
     let pin = read_pin(&settings.pin)?;
-    Ok(Token::open(&settings, &pin)?)
+    Ok(Token::open(&settings, &pin, Default::default())?)
 }
 
 /// Generates an RSA key pair of `bits` in the token under a new label and a random id.

@@ -166,13 +166,13 @@ pub fn provision(state_dir: &Path, listen: SocketAddr) -> Result<PathBuf, DevErr
     let config = Config::load(&config_path)?;
     let pin = read_pin(&config.pkcs11.pin)?;
 
-    let token = match Token::open(&config.pkcs11, &pin) {
+    let token = match Token::open(&config.pkcs11, &pin, Default::default()) {
         Ok(token) => token,
         Err(HsmError::TokenNotFound { .. }) => {
             let so_pin = read_pin(&crate::config::PinSource::File(so_pin_path))?;
             init_token(&module, TOKEN_LABEL, &so_pin, &pin)?;
             tracing::info!(label = TOKEN_LABEL, "initialised a development token");
-            Token::open(&config.pkcs11, &pin)?
+            Token::open(&config.pkcs11, &pin, Default::default())?
         }
         Err(e) => return Err(e.into()),
     };

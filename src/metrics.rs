@@ -8,7 +8,7 @@
 //! | `grant_agent_queue_wait_seconds` | histogram | time waiting for a session |
 //! | `grant_agent_queue_depth` | gauge | requests waiting for a session now |
 //! | `grant_agent_sessions_busy` | gauge | sessions signing now (of `grant_agent_sessions`) |
-//! | `grant_agent_pkcs11_errors_total` | counter | `rv` (the PKCS#11 return value; never overload) |
+//! | `grant_agent_pkcs11_errors_total` | counter | `class` (session, handle, login, device, token, other: what mends it), `rv` (the PKCS#11 return value): every failed call while signing, checking or recovering, including those the agent mended without the caller noticing; never overload |
 //! | `grant_agent_certificate_expiry_seconds` | gauge | `key`, `certificate_sha256`: seconds until notAfter |
 //! | `grant_agent_serving` | gauge | 1 when the token is usable, 0 while it is being recovered |
 //! | `grant_agent_recoveries_total` | counter | times the token was found gone |
@@ -54,6 +54,7 @@ struct UpstreamLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
+    class: &'static str,
     rv: String,
 }
 
@@ -82,8 +83,8 @@ pub struct Metrics {
     serving: Gauge,
     recoveries: Counter,
     last_recovery_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
-    /// The agent's token-loss errors already added to `pkcs11_errors`, by `rv`.
-    losses_counted: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// The agent's PKCS#11 errors already added to `pkcs11_errors`.
+    errors_counted: std::sync::Mutex<std::collections::BTreeMap<(&'static str, String), u64>>,
     tokens: Family<GrantLabels, Counter>,
     token_cache: Family<CacheLabels, Counter>,
     token_upstream: Family<UpstreamLabels, Histogram>,
@@ -117,7 +118,7 @@ impl Metrics {
             serving: Gauge::default(),
             recoveries: Counter::default(),
             last_recovery_seconds: Gauge::default(),
-            losses_counted: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            errors_counted: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             tokens: Family::default(),
             token_cache: Family::default(),
             token_upstream: Family::new_with_constructor(|| {
@@ -263,14 +264,6 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Counts a failed PKCS#11 call.
-    pub fn pkcs11_error(&self, rv: &str) {
-        let _ = self
-            .pkcs11_errors
-            .get_or_create(&ErrorLabels { rv: rv.to_owned() })
-            .inc();
-    }
-
     /// Counts a connection past its handshake.
     pub fn connection_opened(&self) {
         let _ = self.connections.inc();
@@ -321,15 +314,15 @@ impl Metrics {
             let _ = self.last_recovery_seconds.set(last.as_secs_f64());
         }
         {
-            let mut counted = match self.losses_counted.lock() {
+            let mut counted = match self.errors_counted.lock() {
                 Ok(counted) => counted,
                 Err(poisoned) => poisoned.into_inner(),
             };
-            for (rv, total) in agent.token_loss_errors() {
-                let seen = counted.entry(rv.clone()).or_insert(0);
+            for (class, rv, total) in agent.pkcs11_errors() {
+                let seen = counted.entry((class, rv.clone())).or_insert(0);
                 let _ = self
                     .pkcs11_errors
-                    .get_or_create(&ErrorLabels { rv })
+                    .get_or_create(&ErrorLabels { class, rv })
                     .inc_by(total.saturating_sub(*seen));
                 *seen = total;
             }

@@ -8,7 +8,8 @@
 //! | key | effect | models |
 //! |---|---|---|
 //! | `sign_latency_ms = 2` | every `C_Sign` takes this long first | a network HSM's round trip (Luna, CloudHSM) |
-//! | `sign_errors = DEVICE_ERROR 3` | the next 3 `C_Sign` calls after the file changed fail with that return value (`DEVICE_ERROR`, `GENERAL_ERROR`, `SESSION_HANDLE_INVALID`, `DEVICE_REMOVED`); after GENERAL_ERROR or SESSION_HANDLE_INVALID that session is dead: every later call on it answers SESSION_HANDLE_INVALID until it is closed | CloudHSM throttling (DEVICE_ERROR), Luna's GENERAL_ERROR after which only a new context helps, a session the HSM dropped |
+//! | `sign_errors = DEVICE_ERROR 3` | the next 3 `C_Sign` calls after the file changed fail with that return value (`DEVICE_ERROR`, `GENERAL_ERROR`, `SESSION_HANDLE_INVALID`, `DEVICE_REMOVED`, `USER_NOT_LOGGED_IN`); `sign_errors = SESSION_HANDLE_INVALID every 50` fails every 50th instead. After GENERAL_ERROR or SESSION_HANDLE_INVALID that session is dead: every later call on it answers SESSION_HANDLE_INVALID until it is closed. USER_NOT_LOGGED_IN logs the application out for real (C_Logout), so every session stays logged out until someone logs in again | CloudHSM throttling (DEVICE_ERROR), Luna's GENERAL_ERROR after which only a new context helps, a session the HSM dropped, a network HSM that reconnected without the login |
+//! | `per_session_handles = true` | object handles are valid only in the session that found them: `C_FindObjects` answers handles of its own session, and any other session gets KEY_HANDLE_INVALID (`C_SignInit`) or OBJECT_HANDLE_INVALID (`C_GetAttributeValue`) for them | AWS CloudHSM Client SDK 5 |
 //! | `max_sessions = 8` | `C_OpenSession` fails with SESSION_COUNT past 8 open sessions, and `C_GetTokenInfo` says so | YubiHSM 2 (16 sessions), appliance session caps |
 //! | `token = absent` | the token is gone: `C_GetSlotList` lists no token, and calls on its sessions and objects fail with DEVICE_REMOVED | an HSM restart, a re-provisioned or removed token |
 //! | `pin_flags = final_try` (or `locked`) | `C_GetTokenInfo` reports CKF_USER_PIN_FINAL_TRY (or CKF_USER_PIN_LOCKED) | a token after wrong PINs: one more locks it (or it is locked) |
@@ -34,8 +35,9 @@ use cryptoki_sys::{
     CK_BBOOL, CK_BYTE_PTR, CK_FLAGS, CK_FUNCTION_LIST, CK_FUNCTION_LIST_PTR_PTR, CK_MECHANISM_PTR,
     CK_NOTIFY, CK_OBJECT_HANDLE, CK_RV, CK_SESSION_HANDLE, CK_SESSION_HANDLE_PTR, CK_SLOT_ID,
     CK_SLOT_ID_PTR, CK_TOKEN_INFO_PTR, CK_ULONG, CK_ULONG_PTR, CK_VOID_PTR, CKR_ARGUMENTS_BAD,
-    CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED, CKR_FUNCTION_FAILED, CKR_GENERAL_ERROR, CKR_OK,
-    CKR_SESSION_COUNT, CKR_SESSION_HANDLE_INVALID,
+    CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED, CKR_FUNCTION_FAILED, CKR_GENERAL_ERROR,
+    CKR_KEY_HANDLE_INVALID, CKR_OBJECT_HANDLE_INVALID, CKR_OK, CKR_SESSION_COUNT,
+    CKR_SESSION_HANDLE_INVALID, CKR_USER_NOT_LOGGED_IN,
 };
 
 /// Length of the fixed signature of `instant_sign` (an RSA-2048 signature's).
@@ -51,11 +53,21 @@ struct Real {
 #[derive(Debug, Default, Clone, PartialEq)]
 struct Faults {
     sign_latency: Duration,
-    sign_errors: Option<(CK_RV, u64)>,
+    sign_errors: Option<(CK_RV, Schedule)>,
+    per_session_handles: bool,
     max_sessions: Option<u64>,
     token_absent: bool,
     instant_sign: bool,
     pin_flags: CK_FLAGS,
+}
+
+/// Which `C_Sign` calls fail.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Schedule {
+    /// The next n after the control file changed.
+    Next(u64),
+    /// Every nth.
+    Every(u64),
 }
 
 /// The control file's faults, and when it was read.
@@ -70,6 +82,8 @@ static OURS: OnceLock<CK_FUNCTION_LIST> = OnceLock::new();
 static CONTROL: Mutex<Option<Control>> = Mutex::new(None);
 /// `sign_errors` still to inject since the control file last changed.
 static ERRORS_LEFT: AtomicU64 = AtomicU64::new(0);
+/// `C_Sign` calls since the control file last changed, for `sign_errors = RV every N`.
+static SIGNS: AtomicU64 = AtomicU64::new(0);
 static OPEN_SESSIONS: AtomicU64 = AtomicU64::new(0);
 /// Sessions a failure killed: the real module's session is still open (so closing it
 /// frees it), but every other call on it fails.
@@ -144,10 +158,12 @@ fn faults() -> Faults {
             control.faults = std::fs::read_to_string(path)
                 .map(|text| parse(&text))
                 .unwrap_or_default();
-            ERRORS_LEFT.store(
-                control.faults.sign_errors.map_or(0, |(_, n)| n),
-                Ordering::SeqCst,
-            );
+            let left = match control.faults.sign_errors {
+                Some((_, Schedule::Next(n))) => n,
+                _ => 0,
+            };
+            ERRORS_LEFT.store(left, Ordering::SeqCst);
+            SIGNS.store(0, Ordering::SeqCst);
         }
     }
     control.faults.clone()
@@ -171,14 +187,23 @@ fn parse(text: &str) -> Faults {
                     Some("GENERAL_ERROR") => Some(CKR_GENERAL_ERROR),
                     Some("SESSION_HANDLE_INVALID") => Some(CKR_SESSION_HANDLE_INVALID),
                     Some("DEVICE_REMOVED") => Some(CKR_DEVICE_REMOVED),
+                    Some("USER_NOT_LOGGED_IN") => Some(CKR_USER_NOT_LOGGED_IN),
                     _ => None,
                 };
-                let count = words.next().and_then(|n| n.parse().ok()).unwrap_or(1);
-                faults.sign_errors = rv.map(|rv| (rv, count));
+                let schedule = match (words.next(), words.next()) {
+                    (Some("every"), Some(n)) => {
+                        n.parse().ok().filter(|n| *n > 0).map(Schedule::Every)
+                    }
+                    (Some(n), None) => n.parse().ok().map(Schedule::Next),
+                    (None, _) => Some(Schedule::Next(1)),
+                    _ => None,
+                };
+                faults.sign_errors = rv.zip(schedule);
             }
             "max_sessions" => faults.max_sessions = value.parse().ok(),
             "token" => faults.token_absent = value == "absent",
             "instant_sign" => faults.instant_sign = value == "true",
+            "per_session_handles" => faults.per_session_handles = value == "true",
             "pin_flags" => {
                 faults.pin_flags = match value {
                     "final_try" => cryptoki_sys::CKF_USER_PIN_FINAL_TRY,
@@ -216,6 +241,7 @@ pub unsafe extern "C" fn C_GetFunctionList(list: CK_FUNCTION_LIST_PTR_PTR) -> CK
         C_Sign: Some(sign),
         C_GetAttributeValue: Some(get_attribute_value),
         C_FindObjectsInit: Some(find_objects_init),
+        C_FindObjects: Some(find_objects),
         ..*real
     });
     // SAFETY: checked non-null; PKCS#11 callers treat the list as read-only, so handing
@@ -318,6 +344,9 @@ unsafe extern "C" fn sign_init(
     if let Some(rv) = refusal(&faults, session) {
         return rv;
     }
+    let Some(key) = own_handle(&faults, session, key) else {
+        return CKR_KEY_HANDLE_INVALID;
+    };
     if faults.instant_sign {
         return CKR_OK;
     }
@@ -335,10 +364,8 @@ unsafe extern "C" fn sign(
     if let Some(rv) = refusal(&faults, session) {
         return rv;
     }
-    if let Some((rv, _)) = faults.sign_errors
-        && ERRORS_LEFT
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
+    if let Some((rv, schedule)) = faults.sign_errors
+        && injected(schedule)
     {
         // A C_Sign that fails ends its operation (PKCS#11 2.40, 5.11); end the real
         // module's too, as a real HSM's failure would, so the failure is the only fault.
@@ -355,6 +382,9 @@ unsafe extern "C" fn sign(
         }
         if rv == CKR_GENERAL_ERROR || rv == CKR_SESSION_HANDLE_INVALID {
             dead_sessions().push(session);
+        }
+        if rv == CKR_USER_NOT_LOGGED_IN {
+            let _ = forward!(C_Logout(session));
         }
         return rv;
     }
@@ -389,9 +419,13 @@ unsafe extern "C" fn get_attribute_value(
     template: cryptoki_sys::CK_ATTRIBUTE_PTR,
     count: CK_ULONG,
 ) -> CK_RV {
-    if let Some(rv) = refusal(&faults(), session) {
+    let faults = faults();
+    if let Some(rv) = refusal(&faults, session) {
         return rv;
     }
+    let Some(object) = own_handle(&faults, session, object) else {
+        return CKR_OBJECT_HANDLE_INVALID;
+    };
     forward!(C_GetAttributeValue(session, object, template, count))
 }
 
@@ -406,6 +440,55 @@ unsafe extern "C" fn find_objects_init(
     forward!(C_FindObjectsInit(session, template, count))
 }
 
+unsafe extern "C" fn find_objects(
+    session: CK_SESSION_HANDLE,
+    objects: cryptoki_sys::CK_OBJECT_HANDLE_PTR,
+    max: CK_ULONG,
+    found: CK_ULONG_PTR,
+) -> CK_RV {
+    let faults = faults();
+    if let Some(rv) = refusal(&faults, session) {
+        return rv;
+    }
+    let rv = forward!(C_FindObjects(session, objects, max, found));
+    if rv == CKR_OK && faults.per_session_handles && !objects.is_null() && !found.is_null() {
+        // SAFETY: the real module wrote `*found` (at most `max`) handles to `objects`.
+        let handles = unsafe { std::slice::from_raw_parts_mut(objects, *found as usize) };
+        for handle in handles {
+            *handle |= session << SESSION_SHIFT;
+        }
+    }
+    rv
+}
+
+/// Where `per_session_handles` puts the session in a handle (SoftHSM's handles and
+/// session handles are small numbers).
+const SESSION_SHIFT: u32 = 32;
+
+/// The real module's handle for `handle` used in `session`, or `None` when
+/// `per_session_handles` is on and the handle belongs to another session (or was found
+/// before the fault was turned on, which is another session's too).
+fn own_handle(
+    faults: &Faults,
+    session: CK_SESSION_HANDLE,
+    handle: CK_OBJECT_HANDLE,
+) -> Option<CK_OBJECT_HANDLE> {
+    if !faults.per_session_handles {
+        return Some(handle);
+    }
+    (handle >> SESSION_SHIFT == session).then_some(handle & ((1 << SESSION_SHIFT) - 1))
+}
+
+/// Whether this `C_Sign` is one `sign_errors` fails.
+fn injected(schedule: Schedule) -> bool {
+    match schedule {
+        Schedule::Next(_) => ERRORS_LEFT
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok(),
+        Schedule::Every(n) => (SIGNS.fetch_add(1, Ordering::SeqCst) + 1) % n == 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,13 +496,14 @@ mod tests {
     #[test]
     fn the_control_file_is_parsed() {
         let faults = parse(
-            "sign_latency_ms = 2\nsign_errors = DEVICE_ERROR 3\nmax_sessions = 8\ntoken = absent\ninstant_sign = true\npin_flags = locked\nunknown = 1\n",
+            "sign_latency_ms = 2\nsign_errors = DEVICE_ERROR 3\nmax_sessions = 8\ntoken = absent\ninstant_sign = true\nper_session_handles = true\npin_flags = locked\nunknown = 1\n",
         );
         assert_eq!(
             faults,
             Faults {
                 sign_latency: Duration::from_millis(2),
-                sign_errors: Some((CKR_DEVICE_ERROR, 3)),
+                sign_errors: Some((CKR_DEVICE_ERROR, Schedule::Next(3))),
+                per_session_handles: true,
                 max_sessions: Some(8),
                 token_absent: true,
                 instant_sign: true,
@@ -428,5 +512,17 @@ mod tests {
         );
         assert_eq!(parse(""), Faults::default());
         assert_eq!(parse("sign_errors = NOPE 2").sign_errors, None);
+        assert_eq!(
+            parse("sign_errors = SESSION_HANDLE_INVALID every 50").sign_errors,
+            Some((CKR_SESSION_HANDLE_INVALID, Schedule::Every(50)))
+        );
+        assert_eq!(
+            parse("sign_errors = DEVICE_ERROR every 0").sign_errors,
+            None
+        );
+        assert_eq!(
+            parse("sign_errors = USER_NOT_LOGGED_IN").sign_errors,
+            Some((CKR_USER_NOT_LOGGED_IN, Schedule::Next(1)))
+        );
     }
 }

@@ -7,7 +7,7 @@ use crate::{
     cert::{CertEnvironment, CertificateChain},
     config::{CertificateSource, Config, EnvironmentConfig, KeyBinding, KeyConfig},
     grant::{Algorithm, Claims, Header, InvalidGrant, ValidGrant},
-    hsm::{ObjectHandle, Token},
+    hsm::{KeyRef, Token},
 };
 
 use super::{SignError, StartError};
@@ -16,7 +16,7 @@ use super::{SignError, StartError};
 #[derive(Debug)]
 pub struct SigningKey {
     name: String,
-    pub(super) handle: ObjectHandle,
+    pub(super) key: KeyRef,
     pub(super) header: Header,
     identity: Identity,
     not_before: Option<i64>,
@@ -327,7 +327,7 @@ fn load_key(token: &Token, config: &KeyConfig) -> Result<SigningKey, StartError>
     };
     let key = SigningKey {
         name: name.clone(),
-        handle: token_key.handle,
+        key: token_key.key_ref(),
         header,
         identity,
         not_before,

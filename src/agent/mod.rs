@@ -17,7 +17,7 @@ mod recovery;
 use std::{
     collections::BTreeMap,
     sync::{Arc, RwLock},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 pub use keys::{KeySet, SigningKey, rfc3339};
@@ -28,7 +28,7 @@ use crate::{
     cert::{CertEnvironment, CertError},
     config::{Config, Pkcs11Config},
     grant::{self, Algorithm, GrantParameters, InvalidGrant, ValidGrant},
-    hsm::{HsmError, Token, read_pin},
+    hsm::{ErrorCounts, HsmError, Recovery, Token, read_pin},
 };
 
 /// A signed grant and the facts a caller may want without decoding it.
@@ -172,21 +172,26 @@ pub struct Agent {
     token: RwLock<Option<Arc<Token>>>,
     pkcs11: Pkcs11Config,
     /// Kept (zeroizing) to log in again after the token comes back.
-    pin: AuthPin,
+    pin: Arc<AuthPin>,
     /// The last config that loaded, to find the keys again after recovery.
     config: std::sync::Mutex<Config>,
     keys: RwLock<Arc<KeySet>>,
     serving: tokio::sync::watch::Sender<bool>,
     recover: tokio::sync::Notify,
     recoveries: std::sync::atomic::AtomicU64,
-    /// What the token losses were and how long the last recovery took, for the metrics.
+    /// When the token was lost and how long the last recovery took, for the metrics.
     losses: std::sync::Mutex<Losses>,
+    /// Every PKCS#11 error met while signing or checking, by class and return value.
+    errors: ErrorCounts,
+    /// Since when the token has answered DEVICE_ERROR without a sign succeeding in
+    /// between, as nanoseconds since `started` (0: it has not).
+    device_errors_since: std::sync::atomic::AtomicU64,
+    started: Instant,
 }
 
-/// The PKCS#11 errors that started a recovery, by return value, and recovery times.
+/// Recovery times.
 #[derive(Debug, Default)]
 struct Losses {
-    errors: std::collections::BTreeMap<String, u64>,
     /// When the recovery under way started.
     since: Option<std::time::Instant>,
     /// How long the last completed recovery took.
@@ -195,6 +200,15 @@ struct Losses {
 
 /// How often an idle agent checks that its token is still there.
 pub const TOKEN_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// How long DEVICE_ERROR may go on, with no sign succeeding, before it counts as a token
+/// fault and the token is re-initialised. Shorter runs are an HSM throttling (AWS
+/// CloudHSM), which a re-initialisation would make worse: requests back off instead.
+pub const DEVICE_ERROR_PERSISTS: Duration = Duration::from_secs(5);
+/// The first wait after a DEVICE_ERROR; it doubles on each retry of the same request.
+const FIRST_DEVICE_BACKOFF: Duration = Duration::from_millis(20);
+/// Most retries of one request after DEVICE_ERROR.
+const DEVICE_RETRIES: u32 = 4;
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -221,18 +235,22 @@ impl Agent {
             context: "pkcs11".into(),
             source,
         };
-        let token = Token::open(&config.pkcs11, &pin).map_err(hsm)?;
+        let errors = ErrorCounts::default();
+        let token = Token::open(&config.pkcs11, &pin, errors.clone()).map_err(hsm)?;
         let keys = KeySet::load(&token, config, unix_now())?;
         let agent = Agent {
             token: RwLock::new(Some(Arc::new(token))),
             pkcs11: config.pkcs11.clone(),
-            pin,
+            pin: Arc::new(pin),
             config: std::sync::Mutex::new(config.clone()),
             keys: RwLock::new(Arc::new(keys)),
             serving: tokio::sync::watch::Sender::new(true),
             recover: tokio::sync::Notify::new(),
             recoveries: std::sync::atomic::AtomicU64::new(0),
             losses: std::sync::Mutex::new(Losses::default()),
+            errors,
+            device_errors_since: std::sync::atomic::AtomicU64::new(0),
+            started: Instant::now(),
         };
         agent.warn_about_expiry();
         Ok(agent)
@@ -277,20 +295,111 @@ impl Agent {
         grant: &ValidGrant,
         deadline: Option<std::time::Instant>,
     ) -> Result<SignedGrant, SignError> {
-        match self.try_sign(grant, deadline).await {
-            Err(SignError::Hsm(e)) if e.token_is_gone() => {
-                // Safe to retry: nothing was returned, and the retry is a new grant.
-                tracing::warn!(error = %e, "the token is gone; recovering");
-                if let HsmError::Call { rv, .. } = &e {
-                    *self.lock_losses().errors.entry(rv.clone()).or_insert(0) += 1;
+        // Every retry signs a new grant (a new jti): nothing was returned before it.
+        let mut backoff = FIRST_DEVICE_BACKOFF;
+        let (mut retries, mut logged_in, mut recovered) = (0, false, false);
+        loop {
+            let error = match self.try_sign(grant, deadline).await {
+                Err(SignError::Hsm(error)) => error,
+                other => {
+                    if other.is_ok() {
+                        self.device_ok();
+                    }
+                    return other;
                 }
-                if self.await_recovery(deadline).await {
-                    self.try_sign(grant, deadline).await
+            };
+            match self.next_step(&error) {
+                Recovery::LogInAgain if !logged_in => {
+                    logged_in = true;
+                    if !self.log_in_again().await {
+                        return Err(SignError::Hsm(HsmError::Unavailable));
+                    }
+                }
+                Recovery::BackOff
+                    if retries < DEVICE_RETRIES
+                        && deadline.is_none_or(|d| Instant::now() + backoff < d) =>
+                {
+                    retries += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Recovery::NewSession | Recovery::FindKeyAgain | Recovery::Reinitialize
+                    if !recovered =>
+                {
+                    recovered = true;
+                    tracing::warn!(%error, "the token is gone; recovering");
+                    if !self.await_recovery(deadline).await {
+                        return Err(SignError::Hsm(HsmError::Unavailable));
+                    }
+                }
+                _ => return Err(SignError::Hsm(error)),
+            }
+        }
+    }
+
+    /// What to do about a failed sign. What a session can mend it has mended already, so a
+    /// dead session or an unknown handle coming back here means the token changed; so does
+    /// a DEVICE_ERROR that has gone on for [`DEVICE_ERROR_PERSISTS`].
+    fn next_step(&self, error: &HsmError) -> Recovery {
+        use std::sync::atomic::Ordering;
+        match error.recovery() {
+            Recovery::BackOff => {
+                let now = u64::try_from(self.started.elapsed().as_nanos())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                let since = match self.device_errors_since.compare_exchange(
+                    0,
+                    now,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => now,
+                    Err(since) => since,
+                };
+                if Duration::from_nanos(now.saturating_sub(since)) >= DEVICE_ERROR_PERSISTS {
+                    Recovery::Reinitialize
                 } else {
-                    Err(SignError::Hsm(HsmError::Unavailable))
+                    Recovery::BackOff
                 }
             }
             other => other,
+        }
+    }
+
+    /// A sign succeeded: a run of DEVICE_ERROR, if any, is over.
+    fn device_ok(&self) {
+        use std::sync::atomic::Ordering;
+        if self.device_errors_since.load(Ordering::Relaxed) != 0 {
+            self.device_errors_since.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Logs in again after USER_NOT_LOGGED_IN. A refused PIN takes the token out of
+    /// service for good (the PIN is never tried again); any other failure starts a
+    /// recovery. False when the agent cannot sign now.
+    async fn log_in_again(&self) -> bool {
+        let Some(token) = self.current_token() else {
+            return false;
+        };
+        let pin = Arc::clone(&self.pin);
+        match tokio::task::spawn_blocking(move || token.log_in_again(&pin)).await {
+            Ok(Ok(())) => {
+                tracing::warn!("the token lost the login; logged in again");
+                true
+            }
+            Ok(Err(error)) if error.pin_refused() => {
+                tracing::error!(%error, "the token refused the PIN when logging in again; not retrying, so the token is not locked out. Fix the PIN and restart the agent");
+                let _ = self.serving.send_replace(false);
+                false
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "logging in again failed; recovering");
+                self.await_recovery(None).await
+            }
+            Err(error) => {
+                tracing::error!(%error, "the login task failed");
+                false
+            }
         }
     }
 
@@ -305,7 +414,7 @@ impl Agent {
         let input = grant::signing_input(&key.header, &claims);
         let (signature, queued) = token
             .sign(
-                key.handle,
+                key.key.clone(),
                 key.algorithm(),
                 input.as_bytes().to_vec(),
                 deadline,
@@ -323,7 +432,8 @@ impl Agent {
         let keys = self.keys();
         let (key, claims) = keys.prepare(&grant, unix_now())?;
         let input = grant::signing_input(&key.header, &claims);
-        let signature = token.sign_blocking(key.handle, key.algorithm(), input.as_bytes())?;
+        let signature =
+            token.sign_blocking(key.key.clone(), key.algorithm(), input.as_bytes().to_vec())?;
         Ok(finish(key, claims, input, &signature))
     }
 
@@ -402,18 +512,24 @@ impl Agent {
         let Some(token) = self.current_token() else {
             return;
         };
-        let Some(handle) = self.keys().versions().next().map(|k| k.handle) else {
+        let Some(key) = self.keys().versions().next().map(|k| k.key.clone()) else {
             return;
         };
-        let checked = tokio::task::spawn_blocking(move || token.check(handle)).await;
-        if let Ok(Err(error)) = checked
-            && error.token_is_gone()
-        {
-            tracing::warn!(%error, "the token is gone (found by the idle check); recovering");
-            if let HsmError::Call { rv, .. } = &error {
-                *self.lock_losses().errors.entry(rv.clone()).or_insert(0) += 1;
+        let checked = tokio::task::spawn_blocking(move || token.check(&key)).await;
+        let Ok(Err(error)) = checked else {
+            return;
+        };
+        match error.recovery() {
+            Recovery::LogInAgain => {
+                let _ = self.log_in_again().await;
             }
-            let _ = self.await_recovery(Some(std::time::Instant::now())).await;
+            Recovery::None | Recovery::BackOff => {
+                tracing::debug!(%error, "the idle check of the token failed");
+            }
+            _ => {
+                tracing::warn!(%error, "the token is gone (found by the idle check); recovering");
+                let _ = self.await_recovery(Some(Instant::now())).await;
+            }
         }
     }
 
@@ -444,15 +560,11 @@ impl Agent {
         self.recoveries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The PKCS#11 errors that found the token gone and started a recovery, by return
-    /// value, since start. The request that met one is retried after the recovery, so it
-    /// never reaches the caller as an error of its own.
-    pub fn token_loss_errors(&self) -> Vec<(String, u64)> {
-        self.lock_losses()
-            .errors
-            .iter()
-            .map(|(rv, n)| (rv.clone(), *n))
-            .collect()
+    /// Every PKCS#11 error met while signing, checking or recovering the token since
+    /// start, as `(class, rv, count)`; the class is [`Recovery::class`]. Most never reach
+    /// a caller: the agent mends the session, the handle or the login and signs again.
+    pub fn pkcs11_errors(&self) -> Vec<(&'static str, String, u64)> {
+        self.errors.snapshot()
     }
 
     /// How long the last completed recovery took, from the token found gone to serving

@@ -66,6 +66,9 @@ impl Agent {
                         seconds = took.map_or(0.0, |t| t.as_secs_f64()),
                         "the token is back; serving again"
                     );
+                    // A new period: DEVICE_ERROR must persist again before the next one.
+                    self.device_errors_since
+                        .store(0, std::sync::atomic::Ordering::Relaxed);
                     let _ = self.serving.send_replace(true);
                     return;
                 }
@@ -112,7 +115,9 @@ impl Agent {
             context: "recovery".into(),
             source,
         };
-        let token = Token::open(&self.pkcs11, &self.pin).map_err(hsm)?;
+        let token = Token::open(&self.pkcs11, &self.pin, self.errors.clone())
+            .inspect_err(|error| self.errors.count(error))
+            .map_err(hsm)?;
         let config = match self.config.lock() {
             Ok(config) => config.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),

@@ -28,19 +28,43 @@ pub struct TokenKey {
     pub public_key_der: Vec<u8>,
     /// Modulus size.
     pub bits: usize,
+    /// How it was found, to find it again where its handle is not valid.
+    pub locator: KeyLocator,
+}
+
+impl TokenKey {
+    /// The key as signing uses it: its handle, and how to find it again in a session
+    /// where that handle is not valid (handles are per session on some HSMs).
+    pub fn key_ref(&self) -> KeyRef {
+        KeyRef {
+            handle: self.handle,
+            locator: std::sync::Arc::new(self.locator.clone()),
+        }
+    }
+}
+
+/// A private key as the pool's sessions use it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct KeyRef {
+    /// The handle found when the key was loaded; valid in every session on most tokens.
+    pub handle: ObjectHandle,
+    pub(super) locator: std::sync::Arc<KeyLocator>,
 }
 
 impl Token {
     /// Finds exactly one RSA private key by label or id and reads its public half.
     pub fn find_key(&self, locator: &KeyLocator) -> Result<TokenKey, HsmError> {
-        self.pool.run_blocking(|session| find_key(session, locator))
+        let locator = locator.clone();
+        self.pool
+            .run_blocking(move |session| find_key(session, &locator))
     }
 
     /// Reads the DER of every certificate object that shares the key's `CKA_ID` (the leaf
     /// and any intermediates imported with it), in no particular order.
     pub fn certificates_der(&self, key: &TokenKey) -> Result<Vec<Vec<u8>>, HsmError> {
+        let id = key.id.clone();
         self.pool
-            .run_blocking(|session| certificates_der(session, &key.id))
+            .run_blocking(move |session| certificates_der(session, &id))
     }
 }
 
@@ -117,6 +141,7 @@ pub(super) fn find_key(session: &Session, locator: &KeyLocator) -> Result<TokenK
         id,
         public_key_der,
         bits,
+        locator: locator.clone(),
     })
 }
 
@@ -164,7 +189,7 @@ pub struct KeyObject {
 impl Token {
     /// Every private key object in the token, with its protection attributes.
     pub fn private_keys(&self) -> Result<Vec<KeyObject>, HsmError> {
-        self.pool.run_blocking(|session| {
+        self.pool.run_blocking(move |session| {
             let handles = session
                 .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
                 .map_err(HsmError::call("C_FindObjects"))?;

@@ -33,7 +33,7 @@ use cryptoki::{
 };
 
 pub use cryptoki::object::ObjectHandle;
-pub use key::{KeyObject, MIN_RSA_BITS, TokenKey, rsa_bits};
+pub use key::{KeyObject, KeyRef, MIN_RSA_BITS, TokenKey, rsa_bits};
 pub use mechanism::SignPath;
 pub use provision::{RsaKeyParts, TokenSigner, init_token};
 
@@ -152,28 +152,25 @@ impl HsmError {
         matches!(self, HsmError::PinRefused(_) | HsmError::PinNotTried { .. })
     }
 
-    /// Whether this error means the session, login or token is gone, so that opening the
-    /// token again (and finding the keys again) is the way back.
-    pub fn token_is_gone(&self) -> bool {
-        matches!(
-            self,
+    /// What brings the token back after this error, and the class it is counted under.
+    /// The one place a PKCS#11 return value is mapped to a way back: the pool, the agent
+    /// and the metrics all ask here.
+    pub fn recovery(&self) -> Recovery {
+        match self {
             HsmError::Call {
-                source: Pkcs11Error::Pkcs11(
-                    RvError::SessionHandleInvalid
-                        | RvError::SessionClosed
-                        | RvError::UserNotLoggedIn
-                        | RvError::TokenNotPresent
-                        | RvError::TokenNotRecognized
-                        | RvError::DeviceRemoved
-                        | RvError::DeviceError
-                        | RvError::ObjectHandleInvalid
-                        | RvError::KeyHandleInvalid
-                        | RvError::CryptokiNotInitialized,
-                    _
-                ),
+                source: Pkcs11Error::Pkcs11(rv, _),
                 ..
-            }
-        )
+            } => Recovery::of(*rv),
+            _ => Recovery::None,
+        }
+    }
+
+    /// The PKCS#11 return value, for a failed call.
+    pub fn rv(&self) -> Option<&str> {
+        match self {
+            HsmError::Call { rv, .. } => Some(rv),
+            _ => None,
+        }
     }
 
     fn call(function: &'static str) -> impl FnOnce(Pkcs11Error) -> HsmError {
@@ -188,14 +185,117 @@ impl HsmError {
     }
 }
 
+/// The way back from a failed PKCS#11 call, by the class of its return value. Vendors
+/// fail differently (see docs/hsm-compatibility.md), and the cheapest remedy that works is
+/// the right one: a full re-initialisation drops every session, and on a throttled HSM
+/// (CloudHSM's CKR_DEVICE_ERROR) makes things worse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// The session is gone (SESSION_HANDLE_INVALID, SESSION_CLOSED): close it, open another.
+    NewSession,
+    /// The object handle is not valid in this session (OBJECT_HANDLE_INVALID,
+    /// KEY_HANDLE_INVALID; handles are per session on AWS CloudHSM SDK 5): find the key
+    /// again in the session.
+    FindKeyAgain,
+    /// The login is gone (USER_NOT_LOGGED_IN): log in again.
+    LogInAgain,
+    /// The HSM is overloaded or briefly unwell (DEVICE_ERROR, DEVICE_MEMORY): wait and
+    /// retry; re-initialise only if it persists.
+    BackOff,
+    /// The token or the module is gone (TOKEN_NOT_PRESENT, DEVICE_REMOVED, GENERAL_ERROR,
+    /// CRYPTOKI_NOT_INITIALIZED, ...): finalize, initialise, log in, find the keys again.
+    Reinitialize,
+    /// Not a fault of the token's state: the error stands.
+    None,
+}
+
+impl Recovery {
+    fn of(rv: RvError) -> Recovery {
+        match rv {
+            RvError::SessionHandleInvalid | RvError::SessionClosed => Recovery::NewSession,
+            RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid => Recovery::FindKeyAgain,
+            RvError::UserNotLoggedIn => Recovery::LogInAgain,
+            RvError::DeviceError | RvError::DeviceMemory => Recovery::BackOff,
+            RvError::TokenNotPresent
+            | RvError::TokenNotRecognized
+            | RvError::DeviceRemoved
+            | RvError::GeneralError
+            | RvError::CryptokiNotInitialized
+            | RvError::SlotIdInvalid => Recovery::Reinitialize,
+            _ => Recovery::None,
+        }
+    }
+
+    /// The `class` label of `grant_agent_pkcs11_errors_total`.
+    pub fn class(self) -> &'static str {
+        match self {
+            Recovery::NewSession => "session",
+            Recovery::FindKeyAgain => "handle",
+            Recovery::LogInAgain => "login",
+            Recovery::BackOff => "device",
+            Recovery::Reinitialize => "token",
+            Recovery::None => "other",
+        }
+    }
+}
+
+/// Every failed PKCS#11 call the agent met while signing or checking the token, by class
+/// and return value, including those it recovered from without the caller noticing. Shared
+/// by the pool's threads and the agent; it outlives a re-initialised token.
+#[derive(Debug, Clone, Default)]
+pub struct ErrorCounts(
+    std::sync::Arc<Mutex<std::collections::BTreeMap<(&'static str, String), u64>>>,
+);
+
+impl ErrorCounts {
+    /// Counts `error` if it is a failed PKCS#11 call.
+    pub fn count(&self, error: &HsmError) {
+        if let Some(rv) = error.rv() {
+            let class = error.recovery().class();
+            let mut counts = match self.0.lock() {
+                Ok(counts) => counts,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            match counts.get_mut(&(class, rv.to_owned())) {
+                Some(n) => *n += 1,
+                None => {
+                    let _ = counts.insert((class, rv.to_owned()), 1);
+                }
+            }
+        }
+    }
+
+    /// The counts so far: `(class, rv, count)`.
+    pub fn snapshot(&self) -> Vec<(&'static str, String, u64)> {
+        let counts = match self.0.lock() {
+            Ok(counts) => counts,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        counts
+            .iter()
+            .map(|((class, rv), n)| (*class, rv.clone(), *n))
+            .collect()
+    }
+}
+
 /// An open, logged-in token with a pool of sessions.
 pub struct Token {
     pkcs11: Pkcs11,
     slot: Slot,
     mechanisms: mechanism::Mechanisms,
     pool: SessionPool,
-    /// Keeps the login alive; see the module doc. Never used for operations.
-    anchor: Mutex<Option<Session>>,
+    /// Keeps the login alive (see the module doc), logs in again when the login is lost,
+    /// and checks the token when idle. Never used for signing.
+    anchor: Mutex<Anchor>,
+    errors: ErrorCounts,
+}
+
+/// The anchor session, the handles keys have in it where they differ from those found at
+/// start, and a PIN the token refused, so it is never tried again.
+struct Anchor {
+    session: Option<Session>,
+    handles: Vec<(ObjectHandle, ObjectHandle)>,
+    refused: Option<RvError>,
 }
 
 impl std::fmt::Debug for Token {
@@ -214,9 +314,14 @@ impl Token {
     /// OpenSC's pkcs11-spy in front of SoftHSM) would otherwise answer the next
     /// C_Initialize with CKR_CRYPTOKI_ALREADY_INITIALIZED and keep its stale slot list,
     /// and recovery would never see the token come back.
-    pub fn open(config: &Pkcs11Config, pin: &AuthPin) -> Result<Token, HsmError> {
+    /// PKCS#11 errors met while signing or checking are counted in `errors`.
+    pub fn open(
+        config: &Pkcs11Config,
+        pin: &AuthPin,
+        errors: ErrorCounts,
+    ) -> Result<Token, HsmError> {
         let pkcs11 = load(&config.module)?;
-        match Self::open_loaded(&pkcs11, config, pin) {
+        match Self::open_loaded(&pkcs11, config, pin, errors) {
             Ok(token) => Ok(token),
             Err(error) => {
                 if let Err(finalize) = pkcs11.finalize() {
@@ -232,6 +337,7 @@ impl Token {
         pkcs11: &Pkcs11,
         config: &Pkcs11Config,
         pin: &AuthPin,
+        errors: ErrorCounts,
     ) -> Result<Token, HsmError> {
         let pkcs11 = pkcs11.clone();
         let slot = find_token(&pkcs11, &config.token)?;
@@ -241,18 +347,7 @@ impl Token {
         // configured size stands, and the PIN flags cannot be checked.
         let info = pkcs11.get_token_info(slot);
         if let Ok(info) = &info {
-            if info.user_pin_locked() {
-                return Err(HsmError::PinNotTried {
-                    flag: "CKF_USER_PIN_LOCKED",
-                    why: "the user PIN is locked",
-                });
-            }
-            if info.user_pin_final_try() {
-                return Err(HsmError::PinNotTried {
-                    flag: "CKF_USER_PIN_FINAL_TRY",
-                    why: "one more wrong PIN locks it",
-                });
-            }
+            pin_flags(info)?;
         }
         let sessions = match info.map(|i| i.max_session_count()) {
             Ok(cryptoki::slot::Limit::Max(max)) => {
@@ -277,24 +372,18 @@ impl Token {
         let anchor = pkcs11
             .open_ro_session(slot)
             .map_err(HsmError::call("C_OpenSession"))?;
-        match anchor.login(UserType::User, Some(pin)) {
-            Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(Pkcs11Error::Pkcs11(
-                rv @ (RvError::PinIncorrect
-                | RvError::PinLocked
-                | RvError::PinExpired
-                | RvError::PinInvalid
-                | RvError::PinLenRange),
-                _,
-            )) => return Err(HsmError::PinRefused(rv)),
-            Err(e) => return Err(HsmError::call("C_Login")(e)),
-        }
+        log_in(&anchor, pin)?;
         Ok(Token {
-            pool: SessionPool::new(pkcs11.clone(), slot, sessions, config.queue),
+            pool: SessionPool::new(pkcs11.clone(), slot, sessions, config.queue, errors.clone())?,
             mechanisms,
             pkcs11,
             slot,
-            anchor: Mutex::new(Some(anchor)),
+            anchor: Mutex::new(Anchor {
+                session: Some(anchor),
+                handles: Vec::new(),
+                refused: None,
+            }),
+            errors,
         })
     }
 
@@ -303,15 +392,15 @@ impl Token {
     /// signature and the time spent queued.
     pub async fn sign(
         &self,
-        key: ObjectHandle,
+        key: KeyRef,
         algorithm: Algorithm,
         data: Vec<u8>,
         deadline: Option<std::time::Instant>,
     ) -> Result<(Vec<u8>, std::time::Duration), HsmError> {
         let path = self.sign_path(algorithm)?;
         self.pool
-            .run(deadline, move |session| {
-                mechanism::sign(session, key, algorithm, path, &data)
+            .sign(key, deadline, move |session, handle| {
+                mechanism::sign(session, handle, algorithm, path, &data)
             })
             .await
     }
@@ -328,33 +417,70 @@ impl Token {
         self.pool.load()
     }
 
-    /// Signs on the calling thread; for command-line tools that are not async.
+    /// Signs and waits on the calling thread; for command-line tools that are not async.
     pub fn sign_blocking(
         &self,
-        key: ObjectHandle,
+        key: KeyRef,
         algorithm: Algorithm,
-        data: &[u8],
+        data: Vec<u8>,
     ) -> Result<Vec<u8>, HsmError> {
         let path = self.sign_path(algorithm)?;
-        self.pool
-            .run_blocking(|session| mechanism::sign(session, key, algorithm, path, data))
+        self.pool.sign_blocking(key, move |session, handle| {
+            mechanism::sign(session, handle, algorithm, path, &data)
+        })
     }
 
     /// Checks on the anchor session that `key` is still there: one attribute read, which
-    /// fails (with an error for which [`HsmError::token_is_gone`] holds) when the token
-    /// was removed, re-provisioned or lost its login. Blocking; uses no pooled session.
-    pub fn check(&self, key: ObjectHandle) -> Result<(), HsmError> {
-        let anchor = match self.anchor.lock() {
-            Ok(anchor) => anchor,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let Some(session) = anchor.as_ref() else {
+    /// fails when the token was removed, re-provisioned or lost its login. A handle the
+    /// anchor session does not know is looked up again there first. Blocking; uses no
+    /// pooled session.
+    pub fn check(&self, key: &KeyRef) -> Result<(), HsmError> {
+        let mut anchor = self.lock_anchor();
+        let anchor = &mut *anchor;
+        let Some(session) = anchor.session.as_ref() else {
             return Err(HsmError::Unavailable);
         };
-        session
-            .get_attributes(key, &[cryptoki::object::AttributeType::Class])
-            .map(|_| ())
-            .map_err(HsmError::call("C_GetAttributeValue"))
+        let handle = own_handle(&anchor.handles, key.handle);
+        let error = match session.get_attributes(handle, &[cryptoki::object::AttributeType::Class])
+        {
+            Ok(_) => return Ok(()),
+            Err(e) => HsmError::call("C_GetAttributeValue")(e),
+        };
+        self.errors.count(&error);
+        if error.recovery() != Recovery::FindKeyAgain {
+            return Err(error);
+        }
+        let found = key::find_key(session, &key.locator).map_err(|_| error)?;
+        remember(&mut anchor.handles, key.handle, found.handle);
+        Ok(())
+    }
+
+    /// Logs in again on the anchor session after the token answered USER_NOT_LOGGED_IN (a
+    /// network HSM that reconnected, or a logout elsewhere in the process). Checks the PIN
+    /// flags first, and never tries a PIN the token has refused.
+    pub fn log_in_again(&self, pin: &AuthPin) -> Result<(), HsmError> {
+        let mut anchor = self.lock_anchor();
+        if let Some(rv) = anchor.refused {
+            return Err(HsmError::PinRefused(rv));
+        }
+        if let Ok(info) = self.pkcs11.get_token_info(self.slot) {
+            pin_flags(&info)?;
+        }
+        let session = anchor.session.as_ref().ok_or(HsmError::Unavailable)?;
+        let result = log_in(session, pin);
+        match &result {
+            Err(HsmError::PinRefused(rv)) => anchor.refused = Some(*rv),
+            Err(error) => self.errors.count(error),
+            Ok(()) => {}
+        }
+        result
+    }
+
+    fn lock_anchor(&self) -> std::sync::MutexGuard<'_, Anchor> {
+        match self.anchor.lock() {
+            Ok(anchor) => anchor,
+            Err(poisoned) => poisoned.into_inner(),
+        }
     }
 
     /// Closes every session (which logs out) and finalizes the module. cryptoki does not
@@ -369,6 +495,62 @@ impl Token {
         drop(pool);
         drop(anchor);
         pkcs11.finalize().map_err(HsmError::call("C_Finalize"))
+    }
+}
+
+/// The handle a key has in a session: the one found at start, unless the session found
+/// its own (`handles` maps one to the other; a session uses a few keys at most).
+fn own_handle(
+    handles: &[(ObjectHandle, ObjectHandle)],
+    found_at_start: ObjectHandle,
+) -> ObjectHandle {
+    handles
+        .iter()
+        .find(|(start, _)| *start == found_at_start)
+        .map_or(found_at_start, |(_, own)| *own)
+}
+
+fn remember(
+    handles: &mut Vec<(ObjectHandle, ObjectHandle)>,
+    found_at_start: ObjectHandle,
+    own: ObjectHandle,
+) {
+    handles.retain(|(start, _)| *start != found_at_start);
+    handles.push((found_at_start, own));
+}
+
+/// Refuses to try the PIN when the token says one more wrong PIN locks it, or that it is
+/// locked: if the PIN is wrong, trying would lock the token.
+fn pin_flags(info: &cryptoki::slot::TokenInfo) -> Result<(), HsmError> {
+    if info.user_pin_locked() {
+        return Err(HsmError::PinNotTried {
+            flag: "CKF_USER_PIN_LOCKED",
+            why: "the user PIN is locked",
+        });
+    }
+    if info.user_pin_final_try() {
+        return Err(HsmError::PinNotTried {
+            flag: "CKF_USER_PIN_FINAL_TRY",
+            why: "one more wrong PIN locks it",
+        });
+    }
+    Ok(())
+}
+
+/// C_Login as the user. Already logged in (by another session of this process) is
+/// success; a refused PIN is [`HsmError::PinRefused`], never to be retried.
+fn log_in(session: &Session, pin: &AuthPin) -> Result<(), HsmError> {
+    match session.login(UserType::User, Some(pin)) {
+        Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(Pkcs11Error::Pkcs11(
+            rv @ (RvError::PinIncorrect
+            | RvError::PinLocked
+            | RvError::PinExpired
+            | RvError::PinInvalid
+            | RvError::PinLenRange),
+            _,
+        )) => Err(HsmError::PinRefused(rv)),
+        Err(e) => Err(HsmError::call("C_Login")(e)),
     }
 }
 

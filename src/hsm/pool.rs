@@ -1,40 +1,69 @@
-//! A pool of PKCS#11 sessions, so concurrent requests sign in parallel, with a bounded
-//! queue in front of it.
+//! A pool of PKCS#11 sessions, each kept by a thread of its own, with a bounded queue in
+//! front of them.
 //!
-//! Sessions are opened lazily up to the configured size and reused. A semaphore bounds
-//! how many are in use; the idle ones wait in a stack so the warmest is reused first.
-//! Work runs on tokio's blocking threads: PKCS#11 calls never block an async worker.
+//! **One thread a session.** A `cryptoki::Session` may be used by one thread at a time,
+//! and every PKCS#11 call blocks. Each session lives on its own thread, which takes the
+//! next request from the queue the moment its sign returns: on a network HSM, where a sign
+//! is a round trip of milliseconds, no session idles between requests waiting for an
+//! async task to be scheduled and a blocking thread to be woken. Sessions are opened
+//! lazily, by their thread, on its first request, and only ever there: the token's
+//! session cap holds for signing, reloads and command-line tools alike.
 //!
-//! An HSM is slow and shared, so waiting is bounded twice: at most `queue` requests wait
-//! for a session (more get [`HsmError::Busy`] at once), and a request whose deadline
-//! cannot be met given the queue ahead of it and the recent signing time gets
-//! [`HsmError::Deadline`] at once instead of occupying the token for an answer nobody
-//! will read.
+//! **Recovery in the session.** A failed session never serves again: its thread closes it
+//! and opens a new one for the next request. A sign that meets a dead session
+//! (SESSION_HANDLE_INVALID) is tried once more on a new session; one that meets a handle
+//! this session does not know (KEY_HANDLE_INVALID: handles are per session on AWS CloudHSM
+//! SDK 5) finds the key again in this session, remembers the handle for it, and is tried
+//! once more. Everything else goes back to the agent, which knows what the other classes
+//! need (see [`Recovery`]).
+//!
+//! **Bounded waiting.** An HSM is slow and shared: at most `queue` requests wait (more get
+//! [`HsmError::Busy`] at once), and a request whose deadline cannot be met given the queue
+//! ahead of it and the recent signing time gets [`HsmError::Deadline`] at once instead of
+//! occupying the token for an answer nobody will read. A request whose caller went away
+//! or whose deadline passed while it waited is dropped unsigned.
 
 use std::{
+    collections::VecDeque,
     sync::{
-        Arc, Mutex,
+        Arc, Condvar, Mutex, MutexGuard,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use cryptoki::{context::Pkcs11, session::Session, slot::Slot};
-use tokio::sync::Semaphore;
+use cryptoki::{context::Pkcs11, object::ObjectHandle, session::Session, slot::Slot};
 
-use super::HsmError;
+use super::{ErrorCounts, HsmError, KeyRef, Recovery, own_handle, remember};
 
+/// The pool: the queue and the threads that serve it. Dropping it stops the threads
+/// after the request each is on, closes their sessions, and fails the requests still
+/// queued with [`HsmError::Unavailable`].
 pub(super) struct SessionPool {
+    shared: Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+struct Shared {
     pkcs11: Pkcs11,
     slot: Slot,
     size: usize,
     queue: usize,
-    idle: Arc<Mutex<Vec<Session>>>,
-    permits: Arc<Semaphore>,
-    waiting: AtomicUsize,
+    jobs: Mutex<Jobs>,
+    ready: Condvar,
+    busy: AtomicUsize,
     /// Moving average of one operation, in nanoseconds, for deadline admission.
-    average_nanos: Arc<AtomicU64>,
+    average_nanos: AtomicU64,
+    errors: ErrorCounts,
 }
+
+#[derive(Default)]
+struct Jobs {
+    waiting: VecDeque<Job>,
+    closed: bool,
+}
+
+type Job = Box<dyn FnOnce(&mut Worker) + Send>;
 
 /// How full the pool is, for metrics.
 #[derive(Debug, Clone, Copy)]
@@ -47,173 +76,297 @@ pub struct PoolLoad {
     pub waiting: usize,
 }
 
-/// Decrements the waiting count however the wait ends.
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl SessionPool {
-    pub(super) fn new(pkcs11: Pkcs11, slot: Slot, size: usize, queue: usize) -> Self {
-        SessionPool {
+    pub(super) fn new(
+        pkcs11: Pkcs11,
+        slot: Slot,
+        size: usize,
+        queue: usize,
+        errors: ErrorCounts,
+    ) -> Result<Self, HsmError> {
+        let shared = Arc::new(Shared {
             pkcs11,
             slot,
             size,
             queue,
-            idle: Arc::new(Mutex::new(Vec::with_capacity(size))),
-            permits: Arc::new(Semaphore::new(size)),
-            waiting: AtomicUsize::new(0),
-            average_nanos: Arc::new(AtomicU64::new(0)),
+            jobs: Mutex::new(Jobs::default()),
+            ready: Condvar::new(),
+            busy: AtomicUsize::new(0),
+            average_nanos: AtomicU64::new(0),
+            errors,
+        });
+        let mut pool = SessionPool {
+            shared,
+            threads: Vec::with_capacity(size),
+        };
+        for n in 0..size {
+            let shared = Arc::clone(&pool.shared);
+            let thread = std::thread::Builder::new()
+                .name(format!("pkcs11-session-{n}"))
+                .spawn(move || serve(&shared))
+                .map_err(|e| HsmError::Thread(format!("cannot start a session thread: {e}")))?;
+            pool.threads.push(thread);
         }
+        Ok(pool)
     }
 
     pub(super) fn load(&self) -> PoolLoad {
         PoolLoad {
-            size: self.size,
-            busy: self.size - self.permits.available_permits(),
-            waiting: self.waiting.load(Ordering::Relaxed),
+            size: self.shared.size,
+            busy: self.shared.busy.load(Ordering::Relaxed),
+            waiting: self.shared.lock().waiting.len(),
         }
     }
 
-    /// Runs `work` with a session on a blocking thread, waiting for a free session first
-    /// (up to `deadline`). Returns the result and how long the request waited.
-    pub(super) async fn run<T, F>(
+    /// Signs on a session's thread, waiting for a free session first (up to `deadline`).
+    /// Returns the signature and how long the request waited.
+    pub(super) async fn sign(
         &self,
+        key: KeyRef,
         deadline: Option<Instant>,
-        work: F,
-    ) -> Result<(T, Duration), HsmError>
-    where
-        F: FnOnce(&Session) -> Result<T, HsmError> + Send + 'static,
-        T: Send + 'static,
-    {
+        sign: impl Fn(&Session, ObjectHandle) -> Result<Vec<u8>, HsmError> + Send + 'static,
+    ) -> Result<(Vec<u8>, Duration), HsmError> {
         let arrived = Instant::now();
-        let permit = match Arc::clone(&self.permits).try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                let ahead = self.waiting.fetch_add(1, Ordering::Relaxed);
-                let _waiting = Waiting(&self.waiting);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |worker: &mut Worker| {
+            if reply.is_closed() {
+                return;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                let _ = reply.send(Err(HsmError::Deadline));
+                return;
+            }
+            let waited = arrived.elapsed();
+            let _ = reply.send(worker.sign(&key, sign).map(|s| (s, waited)));
+        });
+        self.shared.submit(job, Some(deadline))?;
+        let answer = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), answer)
+                .await
+                .map_err(|_| HsmError::Deadline)?,
+            None => answer.await,
+        };
+        answer.map_err(|_| HsmError::Unavailable)?
+    }
+
+    /// [`SessionPool::sign`] for callers that are not async: waits here, in the queue
+    /// like any request but never refused for its length.
+    pub(super) fn sign_blocking(
+        &self,
+        key: KeyRef,
+        sign: impl Fn(&Session, ObjectHandle) -> Result<Vec<u8>, HsmError> + Send + 'static,
+    ) -> Result<Vec<u8>, HsmError> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let job: Job = Box::new(move |worker: &mut Worker| {
+            let _ = reply.send(worker.sign(&key, sign));
+        });
+        self.shared.submit(job, None)?;
+        answer.recv().map_err(|_| HsmError::Unavailable)?
+    }
+
+    /// Runs `work` with a session, on that session's thread, and waits for it here. In
+    /// the queue like any request but never refused for its length: a reload or a
+    /// command waits its turn.
+    pub(super) fn run_blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Session) -> Result<T, HsmError> + Send + 'static,
+    ) -> Result<T, HsmError> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let job: Job = Box::new(move |worker: &mut Worker| {
+            let _ = reply.send(worker.with_session(work));
+        });
+        self.shared.submit(job, None)?;
+        answer.recv().map_err(|_| HsmError::Unavailable)?
+    }
+}
+
+impl Drop for SessionPool {
+    fn drop(&mut self) {
+        let queued = {
+            let mut jobs = self.shared.lock();
+            jobs.closed = true;
+            std::mem::take(&mut jobs.waiting)
+        };
+        // Dropping a queued job drops its reply channel: its caller gets Unavailable.
+        drop(queued);
+        self.shared.ready.notify_all();
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!("a PKCS#11 session thread panicked");
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Jobs> {
+        match self.jobs.lock() {
+            Ok(jobs) => jobs,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Queues `job`. `admission` is `Some(deadline)` for a request that may be refused
+    /// (queue full, or its deadline out of reach), `None` for one that waits its turn.
+    fn submit(&self, job: Job, admission: Option<Option<Instant>>) -> Result<(), HsmError> {
+        let mut jobs = self.lock();
+        if jobs.closed {
+            return Err(HsmError::Unavailable);
+        }
+        if let Some(deadline) = admission {
+            let ahead = jobs.waiting.len();
+            let idle = self.size.saturating_sub(self.busy.load(Ordering::Relaxed));
+            if ahead >= idle {
                 if ahead >= self.queue {
                     return Err(HsmError::Busy { queued: ahead });
                 }
                 let average = Duration::from_nanos(self.average_nanos.load(Ordering::Relaxed));
                 // Our turn comes after the queue ahead drains through `size` sessions.
                 let expected = average * u32::try_from(ahead / self.size + 2).unwrap_or(u32::MAX);
-                let acquire = Arc::clone(&self.permits).acquire_owned();
-                match deadline {
-                    Some(deadline) if deadline.saturating_duration_since(arrived) < expected => {
-                        return Err(HsmError::Deadline);
-                    }
-                    Some(deadline) => {
-                        let budget = deadline.saturating_duration_since(Instant::now());
-                        match tokio::time::timeout(budget.saturating_sub(average), acquire).await {
-                            Ok(permit) => permit,
-                            Err(_) => return Err(HsmError::Deadline),
-                        }
-                    }
-                    None => acquire.await,
+                if deadline.is_some_and(|d| d.saturating_duration_since(Instant::now()) < expected)
+                {
+                    return Err(HsmError::Deadline);
                 }
-                .map_err(|_| HsmError::Thread("the session pool is closed".into()))?
+            }
+        }
+        jobs.waiting.push_back(job);
+        drop(jobs);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    fn record(&self, took: Duration) {
+        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        // Exponential moving average with weight 1/8; racing updates lose a sample, which is fine.
+        let old = self.average_nanos.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            took
+        } else {
+            old - old / 8 + took / 8
+        };
+        self.average_nanos.store(new, Ordering::Relaxed);
+    }
+}
+
+/// A session thread: takes requests until the pool closes; its session closes with it.
+fn serve(shared: &Arc<Shared>) {
+    let mut worker = Worker {
+        shared: Arc::clone(shared),
+        session: None,
+        handles: Vec::new(),
+    };
+    loop {
+        let job = {
+            let mut jobs = shared.lock();
+            loop {
+                if jobs.closed {
+                    return;
+                }
+                if let Some(job) = jobs.waiting.pop_front() {
+                    break job;
+                }
+                jobs = match shared.ready.wait(jobs) {
+                    Ok(jobs) => jobs,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
             }
         };
-        let waited = arrived.elapsed();
-        let checkout = Checkout {
-            pkcs11: self.pkcs11.clone(),
-            slot: self.slot,
-            idle: Arc::clone(&self.idle),
-        };
-        let average = Arc::clone(&self.average_nanos);
-        let sign = move || {
-            let started = Instant::now();
-            let result = checkout.with_session(work);
-            let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            // Exponential moving average with weight 1/8; racing updates lose a sample, which is fine.
-            let old = average.load(Ordering::Relaxed);
-            let new = if old == 0 {
-                took
-            } else {
-                old - old / 8 + took / 8
-            };
-            average.store(new, Ordering::Relaxed);
-            drop(permit);
-            result
-        };
-        let result = tokio::task::spawn_blocking(sign)
-            .await
-            .map_err(|e| HsmError::Thread(e.to_string()))??;
-        Ok((result, waited))
-    }
-
-    /// Runs `work` with a session on the calling thread.
-    pub(super) fn run_blocking<T>(
-        &self,
-        work: impl FnOnce(&Session) -> Result<T, HsmError>,
-    ) -> Result<T, HsmError> {
-        // Through the same permits as signing, so a reload or a command under load never
-        // opens more sessions than the pool may: a token's session cap holds. In the
-        // semaphore's queue like any request (a loop of try_acquire would never get a
-        // permit while requests queue), parking this thread until its turn.
-        let _permit = park_until(self.permits.acquire())
-            .map_err(|_| HsmError::Thread("the session pool is closed".into()))?;
-        Checkout {
-            pkcs11: self.pkcs11.clone(),
-            slot: self.slot,
-            idle: Arc::clone(&self.idle),
-        }
-        .with_session(work)
+        let _ = shared.busy.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        job(&mut worker);
+        shared.record(started.elapsed());
+        let _ = shared.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// Runs `future` to completion on this thread, parking it between polls: for waiting on a
-/// tokio semaphore (which needs no runtime) from blocking code.
-fn park_until<F: std::future::Future>(future: F) -> F::Output {
-    struct Unpark(std::thread::Thread);
-    impl std::task::Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut context = std::task::Context::from_waker(&waker);
-    let mut future = std::pin::pin!(future);
-    loop {
-        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut context) {
-            return output;
-        }
-        std::thread::park();
-    }
+/// Most sessions one request opens after its session was dropped under it.
+const NEW_SESSIONS: u32 = 3;
+
+/// A session thread's state: its session, and the handles keys have in it where they
+/// differ from the handles found at start.
+struct Worker {
+    shared: Arc<Shared>,
+    session: Option<Session>,
+    handles: Vec<(ObjectHandle, ObjectHandle)>,
 }
 
-struct Checkout {
-    pkcs11: Pkcs11,
-    slot: Slot,
-    idle: Arc<Mutex<Vec<Session>>>,
-}
-
-impl Checkout {
-    fn with_session<T>(
-        self,
-        work: impl FnOnce(&Session) -> Result<T, HsmError>,
-    ) -> Result<T, HsmError> {
-        let reused = self.idle.lock().map_or(None, |mut idle| idle.pop());
-        let session = match reused {
-            Some(session) => session,
-            None => self
+impl Worker {
+    /// The thread's session, opened if it has none.
+    fn session(&mut self) -> Result<&Session, HsmError> {
+        if self.session.is_none() {
+            let session = self
+                .shared
                 .pkcs11
-                .open_ro_session(self.slot)
-                .map_err(HsmError::call("C_OpenSession"))?,
-        };
-        let result = work(&session);
-        // Only a session that just worked goes back. One that failed may be closed, in an
-        // operation the module did not end, or logged out; dropping it closes it, and the
-        // next request opens a fresh one.
-        if result.is_ok()
-            && let Ok(mut idle) = self.idle.lock()
-        {
-            idle.push(session);
+                .open_ro_session(self.shared.slot)
+                .map_err(HsmError::call("C_OpenSession"))
+                .inspect_err(|e| self.shared.errors.count(e))?;
+            self.session = Some(session);
+        }
+        self.session.as_ref().ok_or(HsmError::Unavailable)
+    }
+
+    /// Closes the session after a failure: one that failed may be closed, in an operation
+    /// the module did not end, or logged out. The next request opens a fresh one.
+    fn discard(&mut self) {
+        self.session = None;
+        self.handles.clear();
+    }
+
+    fn with_session<T>(
+        &mut self,
+        work: impl FnOnce(&Session) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
+        let result = work(self.session()?);
+        if let Err(error) = &result {
+            self.shared.errors.count(error);
+            if error.rv().is_some() {
+                self.discard();
+            }
         }
         result
+    }
+
+    /// Signs with `key`, mending what this session can mend: a dead session (up to
+    /// [`NEW_SESSIONS`] times: sessions drop one by one on a busy network HSM, and a token
+    /// that is gone fails the opening of the next), a handle the session does not know
+    /// (once).
+    fn sign(
+        &mut self,
+        key: &KeyRef,
+        sign: impl Fn(&Session, ObjectHandle) -> Result<Vec<u8>, HsmError>,
+    ) -> Result<Vec<u8>, HsmError> {
+        let (mut new_sessions, mut find_again) = (0, true);
+        loop {
+            let handle = own_handle(&self.handles, key.handle);
+            let error = match sign(self.session()?, handle) {
+                Ok(signature) => return Ok(signature),
+                Err(error) => error,
+            };
+            self.shared.errors.count(&error);
+            match error.recovery() {
+                Recovery::NewSession if new_sessions < NEW_SESSIONS => {
+                    new_sessions += 1;
+                    self.discard();
+                }
+                Recovery::FindKeyAgain if find_again => {
+                    find_again = false;
+                    let session = self.session()?;
+                    match super::key::find_key(session, &key.locator) {
+                        Ok(found) => {
+                            remember(&mut self.handles, key.handle, found.handle);
+                        }
+                        Err(not_found) => {
+                            tracing::debug!(error = %not_found, "the key is not in a new session either");
+                            self.discard();
+                            return Err(error);
+                        }
+                    }
+                }
+                _ => {
+                    self.discard();
+                    return Err(error);
+                }
+            }
+        }
     }
 }

@@ -16,7 +16,7 @@ use der::{Any, asn1::ObjectIdentifier};
 use rsa::{pkcs1::DecodeRsaPublicKey, pkcs1v15, sha2::Sha256};
 use spki::{AlgorithmIdentifierOwned, DynSignatureAlgorithmIdentifier};
 
-use super::{HsmError, Token, TokenKey, key::find_key, load};
+use super::{HsmError, KeyRef, Token, TokenKey, key::find_key, load};
 use crate::{config::KeyLocator, grant::Algorithm};
 
 /// sha256WithRSAEncryption, what the token's CKM_SHA256_RSA_PKCS produces.
@@ -249,7 +249,7 @@ impl std::fmt::Debug for RsaKeyParts<'_> {
 /// certificates and requests inside the token (sha256WithRSAEncryption).
 pub struct TokenSigner<'a> {
     token: &'a Token,
-    key: ObjectHandle,
+    key: KeyRef,
     verifying_key: pkcs1v15::VerifyingKey<Sha256>,
 }
 
@@ -264,7 +264,7 @@ impl<'a> TokenSigner<'a> {
         })?;
         Ok(TokenSigner {
             token,
-            key: key.handle,
+            key: key.key_ref(),
             verifying_key: pkcs1v15::VerifyingKey::new(public),
         })
     }
@@ -291,7 +291,7 @@ impl signature::Signer<pkcs1v15::Signature> for TokenSigner<'_> {
     fn try_sign(&self, msg: &[u8]) -> Result<pkcs1v15::Signature, signature::Error> {
         let signature = self
             .token
-            .sign_blocking(self.key, Algorithm::Rs256, msg)
+            .sign_blocking(self.key.clone(), Algorithm::Rs256, msg.to_vec())
             .map_err(signature::Error::from_source)?;
         pkcs1v15::Signature::try_from(signature.as_slice())
     }

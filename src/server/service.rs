@@ -268,10 +268,9 @@ impl GrantAgentService {
                 self.overload.refused();
                 "busy"
             }
-            SignError::Hsm(hsm) => {
-                if let HsmError::Call { rv, .. } = hsm {
-                    self.metrics.pkcs11_error(rv);
-                }
+            SignError::Hsm(_) => {
+                // Its PKCS#11 return value, if any, is counted where it happened (the
+                // agent's ErrorCounts), with the errors the agent mended.
                 tracing::error!(error = %error, "signing failed");
                 "failed"
             }
