@@ -485,7 +485,7 @@ fn injected(schedule: Schedule) -> bool {
         Schedule::Next(_) => ERRORS_LEFT
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok(),
-        Schedule::Every(n) => (SIGNS.fetch_add(1, Ordering::SeqCst) + 1) % n == 0,
+        Schedule::Every(n) => (SIGNS.fetch_add(1, Ordering::SeqCst) + 1).is_multiple_of(n),
     }
 }
 
