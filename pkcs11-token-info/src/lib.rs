@@ -22,7 +22,7 @@
 //! module must already be initialised by its owner in this process (for the agent,
 //! cryptoki's `Pkcs11`), which must keep it loaded while this runs. Otherwise the
 //! module answers `CKR_CRYPTOKI_NOT_INITIALIZED` and [`read`] returns that as an
-//! [`Error::Call`]. The library handle taken here is released when [`read`] returns;
+//! [`Error::TokenInfo`]. The library handle taken here is released when [`read`] returns;
 //! that only drops this reference.
 
 use std::{fmt, path::Path};
@@ -55,10 +55,7 @@ pub fn read(module: &Path, slot: CK_SLOT_ID) -> Result<TokenInfo, Error> {
     // call may be made before C_Initialize.
     let rv = unsafe { get_function_list(&mut list) };
     if rv != CKR_OK {
-        return Err(Error::Call {
-            function: "C_GetFunctionList",
-            rv,
-        });
+        return Err(Error::FunctionList(rv));
     }
     // SAFETY: the module answered CKR_OK, so a non-null `list` points to its function
     // list, which it keeps for as long as it is loaded (`library` holds it here). The
@@ -77,10 +74,7 @@ pub fn read(module: &Path, slot: CK_SLOT_ID) -> Result<TokenInfo, Error> {
     let rv = unsafe { get_token_info(slot, &mut info) };
     drop(library);
     if rv != CKR_OK {
-        return Err(Error::Call {
-            function: "C_GetTokenInfo",
-            rv,
-        });
+        return Err(Error::TokenInfo(rv));
     }
     Ok(TokenInfo::from_raw(&info))
 }
@@ -210,23 +204,22 @@ fn limit(value: CK_ULONG) -> Limit {
 pub enum Error {
     /// The module could not be opened, or exports no `C_GetFunctionList`.
     Load(libloading::Error),
-    /// A PKCS#11 function answered other than `CKR_OK`.
-    Call {
-        /// The function, such as `C_GetTokenInfo`.
-        function: &'static str,
-        /// Its return value.
-        rv: CK_RV,
-    },
+    /// `C_GetFunctionList` answered this return value, never `CKR_OK`.
+    FunctionList(CK_RV),
     /// The module gave no function list, or its list has no such function.
     Missing(&'static str),
+    /// `C_GetTokenInfo` answered this return value, never `CKR_OK`: the slot has no
+    /// token, the module is not initialised (`CKR_CRYPTOKI_NOT_INITIALIZED`), ...
+    TokenInfo(CK_RV),
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Load(error) => write!(f, "cannot open the PKCS#11 module: {error}"),
-            Error::Call { function, rv } => write!(f, "{function} answered {rv:#010x}"),
+            Error::FunctionList(rv) => write!(f, "C_GetFunctionList answered {rv:#010x}"),
             Error::Missing(what) => write!(f, "the PKCS#11 module has no {what}"),
+            Error::TokenInfo(rv) => write!(f, "C_GetTokenInfo answered {rv:#010x}"),
         }
     }
 }
@@ -235,7 +228,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Load(error) => Some(error),
-            Error::Call { .. } | Error::Missing(_) => None,
+            Error::FunctionList(_) | Error::Missing(_) | Error::TokenInfo(_) => None,
         }
     }
 }
@@ -337,13 +330,7 @@ mod tests {
             .unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".into());
         let e = read(Path::new(&module), 0).expect_err("not initialised");
         assert!(
-            matches!(
-                e,
-                Error::Call {
-                    function: "C_GetTokenInfo",
-                    rv: CKR_CRYPTOKI_NOT_INITIALIZED
-                }
-            ),
+            matches!(e, Error::TokenInfo(CKR_CRYPTOKI_NOT_INITIALIZED)),
             "{e}"
         );
         assert_eq!(e.to_string(), "C_GetTokenInfo answered 0x00000190");
