@@ -10,9 +10,12 @@
 //! flags, and cannot be selected by label or serial. The agent's crate forbids `unsafe`
 //! code, so the one C call that reads the information without that parse lives here.
 //!
-//! The approach suits cryptoki itself: keep the clock as the raw string it is (or parse
-//! it into an `Option` that is `None` when malformed) instead of failing the token's
-//! other fields; [`TokenInfo::utc_time`] here is that raw string.
+//! The fix belongs in cryptoki, and this crate is written to be proposed there: read the
+//! clock leniently, as the raw string it is or an `Option` that is `None` when it does
+//! not parse, instead of failing the token's other fields. [`TokenInfo`] mirrors
+//! cryptoki's type (same accessor names, the same three-way [`Limit`]), with
+//! [`TokenInfo::utc_time`] as that raw string. Once cryptoki reads such tokens, the
+//! agent can go back to `get_token_info` and this crate can go.
 //!
 //! # Usage rules
 //!
@@ -69,8 +72,9 @@ pub fn read(module: &Path, slot: CK_SLOT_ID) -> Result<TokenInfo, Error> {
     let mut info = CK_TOKEN_INFO::default();
     // SAFETY: the function pointer comes from the module's own list, `library` keeps the
     // module loaded during the call, and `info` is a CK_TOKEN_INFO the module may write
-    // whole. The module is initialised by its owner (see the crate doc), and takes its
-    // own locks for calls from any thread.
+    // whole. C_GetTokenInfo takes no session and changes nothing; on a module its owner
+    // initialised for threads (the agent passes CKF_OS_LOCKING_OK) any thread may call
+    // it, and on one not initialised it answers CKR_CRYPTOKI_NOT_INITIALIZED.
     let rv = unsafe { get_token_info(slot, &mut info) };
     drop(library);
     if rv != CKR_OK {
