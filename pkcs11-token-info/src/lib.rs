@@ -326,12 +326,23 @@ mod tests {
         assert!(e.to_string().contains("/nonexistent/libpkcs11.so"), "{e}");
     }
 
-    /// The whole C path against a real module (SoftHSM unless `TEST_PKCS11_MODULE` names
-    /// another), which nothing has initialised here: the module's own answer comes back.
+    /// The whole C path against a real module (SoftHSM, where Debian or Ubuntu put it,
+    /// unless `TEST_PKCS11_MODULE` names another), which nothing has initialised here:
+    /// the module's own answer comes back.
     #[test]
     fn an_uninitialised_module_answers_not_initialised() {
-        let module = std::env::var("TEST_PKCS11_MODULE")
-            .unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".into());
+        let module = std::env::var("TEST_PKCS11_MODULE").unwrap_or_else(|_| {
+            [
+                "/usr/lib/softhsm/libsofthsm2.so".to_owned(),
+                format!(
+                    "/usr/lib/{}-linux-gnu/softhsm/libsofthsm2.so",
+                    std::env::consts::ARCH
+                ),
+            ]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("SoftHSM (softhsm/setup.sh installs it), or TEST_PKCS11_MODULE")
+        });
         let e = read(Path::new(&module), 0).expect_err("not initialised");
         assert!(
             matches!(e, Error::TokenInfo(CKR_CRYPTOKI_NOT_INITIALIZED)),
