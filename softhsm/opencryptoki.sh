@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up opencryptoki's soft token (Debian package `opencryptoki`, slot 3) as a second
 # PKCS#11 implementation for the integration suite. It differs from SoftHSM where real HSMs
-# differ: no CKM_SHA256_RSA_PKCS (only CKM_RSA_PKCS), fixed slot numbers, a slot daemon,
-# and PINs that must be changed after initialisation.
+# differ: no CKM_SHA256_RSA_PKCS (only CKM_RSA_PKCS), fixed slot numbers, a token clock
+# in a form cryptoki cannot parse, a slot daemon, and PINs that must be changed after
+# initialisation.
 #
 # It initialises slot 3 as "grant-agent-test" when the token there is new, and writes
 # $GRANT_AGENT_OCK_DIR (default /var/lib/grant-agent-test/opencryptoki)/config.toml and pin;
@@ -74,7 +75,7 @@ default_environment = "test"
 
 [pkcs11]
 module = "$module"
-slot_id = $slot
+token_label = "$label"
 pin_file = "pin"
 TOML
 echo "opencryptoki: token \"$label\" ready in slot $slot ($module); config in $state/config.toml"

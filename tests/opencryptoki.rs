@@ -1,7 +1,9 @@
 //! The agent on a second PKCS#11 implementation: opencryptoki's soft token, set up by
 //! `softhsm/opencryptoki.sh`. It lacks CKM_SHA256_RSA_PKCS, so every signature here goes
-//! the DigestInfo way (hash in software, CKM_RSA_PKCS in the token), it numbers its slots
-//! itself (the config selects slot 3 by id), and it runs behind a slot daemon.
+//! the DigestInfo way (hash in software, CKM_RSA_PKCS in the token), its token clock is
+//! `HH:MM:SS` (which cryptoki cannot parse, so the agent reads the token's information
+//! itself: the tests select the token by label and serial number), and it runs behind a
+//! slot daemon.
 
 #![allow(
     clippy::expect_used,
@@ -42,46 +44,75 @@ fn run(config: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A label the agent cannot find names the slots whose token it could not read, rather
-/// than saying no token is present (opencryptoki 3.8's token information does not parse
-/// in cryptoki: its clock field is `HH:MM:SS`).
-#[test]
-fn a_label_not_found_names_the_slots_it_could_not_read() {
-    let ock = opencryptoki();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = read(&ock.join("config.toml"))
+/// The label of the token `softhsm/opencryptoki.sh` sets up in slot 3.
+const LABEL: &str = "grant-agent-test";
+
+/// The setup script's config, with the PIN file where the script keeps it and the token
+/// selected by `selector` (a `token_label`, `token_serial` or `slot_id` line).
+fn config_selecting(ock: &Path, selector: &str) -> String {
+    read(&ock.join("config.toml"))
         .replace(
             "pin_file = \"pin\"",
             &format!("pin_file = \"{}\"", ock.join("pin").display()),
         )
         .lines()
         .map(|l| {
-            if l.starts_with("slot_id") || l.starts_with("token_label") {
-                "token_label = \"no-such-token\"".to_owned()
+            if ["slot_id", "token_label", "token_serial"]
+                .iter()
+                .any(|key| l.starts_with(key))
+            {
+                selector
             } else {
-                l.to_owned()
+                l
             }
         })
         .collect::<Vec<_>>()
-        .join("\n");
-    let path = dir.path().join("agent.toml");
+        .join("\n")
+}
+
+/// `grant-agent key list` with `config`: its exit status and stderr.
+fn key_list(dir: &Path, config: &str) -> (bool, String) {
+    let path = dir.join("agent.toml");
     std::fs::write(&path, config).expect("config");
     let out = std::process::Command::new(BIN)
         .args(["key", "list"])
         .env("GRANT_AGENT_CONFIG", &path)
         .output()
         .expect("grant-agent");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// opencryptoki 3.8 writes its token clock as `HH:MM:SS`, which cryptoki cannot parse;
+/// the agent reads the token's information without it, so a label it cannot find is
+/// answered with the tokens that are there, never with "none".
+#[test]
+fn a_label_not_found_lists_the_opencryptoki_token() {
+    let ock = opencryptoki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_selecting(&ock, "token_label = \"no-such-token\"");
+    let (ok, stderr) = key_list(dir.path(), &config);
+    assert!(!ok);
     assert!(
-        stderr.contains("no token labelled \"no-such-token\""),
+        stderr.contains(&format!(
+            "no token labelled \"no-such-token\" (tokens present: \"{LABEL}\" (serial 123, slot 3));"
+        )),
         "{stderr}"
     );
-    assert!(!stderr.contains("tokens present: none"), "{stderr}");
-    assert!(
-        stderr.contains("its token information cannot be read"),
-        "{stderr}"
-    );
+    assert!(!stderr.contains("none"), "{stderr}");
+    assert!(!stderr.contains("cannot be read"), "{stderr}");
+}
+
+/// The serial number selects the token as well as the label does.
+#[test]
+fn the_serial_number_selects_the_opencryptoki_token() {
+    let ock = opencryptoki();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_selecting(&ock, "token_serial = \"123\"");
+    let (ok, stderr) = key_list(dir.path(), &config);
+    assert!(ok, "{stderr}");
 }
 
 #[tokio::test]
@@ -89,16 +120,12 @@ async fn keys_csrs_certificates_and_grants_on_opencryptoki() {
     let ock = opencryptoki();
     let dir = tempfile::tempdir().expect("tempdir");
     let p = dir.path();
-    // The token's settings, with the PIN file where the setup script keeps it.
-    let token = read(&ock.join("config.toml"))
-        .replace(
-            "pin_file = \"pin\"",
-            &format!("pin_file = \"{}\"", ock.join("pin").display()),
-        )
-        .replace(
-            "unix_socket = \"agent.sock\"",
-            "listen = \"127.0.0.1:0\"\ninsecure = true",
-        );
+    // The token's settings, selecting it by label, with the PIN file where the setup
+    // script keeps it.
+    let token = config_selecting(&ock, &format!("token_label = \"{LABEL}\"")).replace(
+        "unix_socket = \"agent.sock\"",
+        "listen = \"127.0.0.1:0\"\ninsecure = true",
+    );
     let config = p.join("agent.toml");
     std::fs::write(&config, &token).expect("config");
 

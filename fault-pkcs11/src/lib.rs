@@ -20,7 +20,8 @@
 //! so it must finalize it before trying again.
 //!
 //! Nothing here is meant for production: it exists so the suite can prove how the agent
-//! handles each fault. It is the only crate of the project with `unsafe` code.
+//! handles each fault. With `pkcs11-token-info` (one C call the agent needs), it is one of
+//! the two crates of the project with `unsafe` code.
 
 use std::{
     path::PathBuf,

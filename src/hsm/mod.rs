@@ -21,6 +21,7 @@ mod key;
 mod mechanism;
 mod pool;
 mod provision;
+mod slots;
 
 use std::{path::Path, sync::Mutex};
 
@@ -37,10 +38,7 @@ pub use key::{KeyObject, KeyRef, MIN_RSA_BITS, TokenKey, rsa_bits};
 pub use mechanism::SignPath;
 pub use provision::{RsaKeyParts, TokenSigner, init_token};
 
-use crate::{
-    config::{Pkcs11Config, TokenSelector},
-    grant::Algorithm,
-};
+use crate::{config::Pkcs11Config, grant::Algorithm};
 pub use pool::PoolLoad;
 use pool::SessionPool;
 
@@ -281,6 +279,8 @@ impl ErrorCounts {
 /// An open, logged-in token with a pool of sessions.
 pub struct Token {
     pkcs11: Pkcs11,
+    /// The module's path, to read the token's information (see `slots`).
+    module: std::path::PathBuf,
     slot: Slot,
     mechanisms: mechanism::Mechanisms,
     pool: SessionPool,
@@ -340,17 +340,14 @@ impl Token {
         errors: ErrorCounts,
     ) -> Result<Token, HsmError> {
         let pkcs11 = pkcs11.clone();
-        let slot = find_token(&pkcs11, &config.token)?;
+        let slot = slots::find_token(&pkcs11, &config.module, &config.token)?;
         let mechanisms = mechanism::Mechanisms::detect(&pkcs11, slot)?;
-        // Respect the token's session limit, keeping one for the anchor session. Some
-        // tokens' information does not parse (opencryptoki's clock field); then the
-        // configured size stands, and the PIN flags cannot be checked.
-        let info = pkcs11.get_token_info(slot);
-        if let Ok(info) = &info {
-            pin_flags(info)?;
-        }
-        let sessions = match info.map(|i| i.max_session_count()) {
-            Ok(cryptoki::slot::Limit::Max(max)) => {
+        // The PIN flags, checked before any C_Login, and the token's session limit,
+        // respected with one session kept for the anchor.
+        let info = slots::token_info(&config.module, slot)?;
+        pin_flags(&info)?;
+        let sessions = match info.max_session_count() {
+            slots::Limit::Max(max) => {
                 let allowed = usize::try_from(max.saturating_sub(1))
                     .unwrap_or(usize::MAX)
                     .max(1);
@@ -363,11 +360,7 @@ impl Token {
                 }
                 config.sessions.min(allowed)
             }
-            Ok(_) => config.sessions,
-            Err(error) => {
-                tracing::debug!(%error, "cannot read the token's session limit");
-                config.sessions
-            }
+            slots::Limit::Unavailable | slots::Limit::Infinite => config.sessions,
         };
         let anchor = pkcs11
             .open_ro_session(slot)
@@ -377,6 +370,7 @@ impl Token {
             pool: SessionPool::new(pkcs11.clone(), slot, sessions, config.queue, errors.clone())?,
             mechanisms,
             pkcs11,
+            module: config.module.clone(),
             slot,
             anchor: Mutex::new(Anchor {
                 session: Some(anchor),
@@ -463,9 +457,7 @@ impl Token {
         if let Some(rv) = anchor.refused {
             return Err(HsmError::PinRefused(rv));
         }
-        if let Ok(info) = self.pkcs11.get_token_info(self.slot) {
-            pin_flags(&info)?;
-        }
+        pin_flags(&slots::token_info(&self.module, self.slot)?)?;
         let session = anchor.session.as_ref().ok_or(HsmError::Unavailable)?;
         let result = log_in(session, pin);
         match &result {
@@ -521,7 +513,7 @@ fn remember(
 
 /// Refuses to try the PIN when the token says one more wrong PIN locks it, or that it is
 /// locked: if the PIN is wrong, trying would lock the token.
-fn pin_flags(info: &cryptoki::slot::TokenInfo) -> Result<(), HsmError> {
+fn pin_flags(info: &pkcs11_token_info::TokenInfo) -> Result<(), HsmError> {
     if info.user_pin_locked() {
         return Err(HsmError::PinNotTried {
             flag: "CKF_USER_PIN_LOCKED",
@@ -566,62 +558,6 @@ fn load(module: &Path) -> Result<Pkcs11, HsmError> {
         Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(pkcs11),
         Err(e) => Err(err(e)),
     }
-}
-
-/// Finds the token's slot. Slot numbers change when tokens are (re)initialised on some
-/// modules (SoftHSM), so a label or serial number is the stable choice.
-fn find_token(pkcs11: &Pkcs11, selector: &TokenSelector) -> Result<Slot, HsmError> {
-    // Slots are listed without reading their tokens: some modules have slots whose token
-    // information does not parse (opencryptoki's TPM slot), which must not hide the others.
-    let slots = pkcs11
-        .get_slots_with_token()
-        .map_err(HsmError::call("C_GetSlotList"))?;
-    let mut present = Vec::new();
-    for slot in slots {
-        if let TokenSelector::Slot(id) = selector {
-            if slot.id() == *id {
-                return Ok(slot);
-            }
-            present.push(format!("slot {}", slot.id()));
-            continue;
-        }
-        let info = match pkcs11.get_token_info(slot) {
-            Ok(info) if info.token_initialized() => info,
-            Ok(_) => continue,
-            Err(error) => {
-                tracing::debug!(slot = slot.id(), %error, "skipping a slot whose token cannot be read");
-                // Named as such, so "tokens present" never says "none" about a slot
-                // whose token is there but whose information does not parse.
-                present.push(format!(
-                    "slot {} (its token information cannot be read: {error})",
-                    slot.id()
-                ));
-                continue;
-            }
-        };
-        let found = match selector {
-            TokenSelector::Label(label) => info.label().trim_end() == label,
-            TokenSelector::Serial(serial) => info.serial_number().trim_end() == serial,
-            TokenSelector::Slot(_) => false,
-        };
-        if found {
-            return Ok(slot);
-        }
-        present.push(format!(
-            "\"{}\" (serial {}, slot {})",
-            info.label().trim_end(),
-            info.serial_number().trim_end(),
-            slot.id()
-        ));
-    }
-    Err(HsmError::TokenNotFound {
-        label: selector.to_string(),
-        present: if present.is_empty() {
-            "none".into()
-        } else {
-            present.join(", ")
-        },
-    })
 }
 
 /// Reads a PIN file, refusing one that group or others may read: checked on the open

@@ -16,7 +16,7 @@ use der::{Any, asn1::ObjectIdentifier};
 use rsa::{pkcs1::DecodeRsaPublicKey, pkcs1v15, sha2::Sha256};
 use spki::{AlgorithmIdentifierOwned, DynSignatureAlgorithmIdentifier};
 
-use super::{HsmError, KeyRef, Token, TokenKey, key::find_key, load};
+use super::{HsmError, KeyRef, Token, TokenKey, key::find_key, load, slots};
 use crate::{config::KeyLocator, grant::Algorithm};
 
 /// sha256WithRSAEncryption, what the token's CKM_SHA256_RSA_PKCS produces.
@@ -37,10 +37,7 @@ pub fn init_token(
             .map_err(HsmError::call("C_GetSlotList"))?;
         let mut free = None;
         for slot in slots {
-            let info = pkcs11
-                .get_token_info(slot)
-                .map_err(HsmError::call("C_GetTokenInfo"))?;
-            if !info.token_initialized() {
+            if !slots::token_info(module, slot)?.token_initialized() {
                 free = Some(slot);
                 break;
             }
