@@ -413,9 +413,11 @@ async fn failures_are_retried_with_new_grants_within_the_deadline() {
         .expect("token after resets");
     assert_eq!(requests_at_mock(&mock).await, 6);
 
-    // Failing for good: the tries stop at the deadline the caller set.
+    // Failing for good: the caller's answer comes at the deadline it set; the flight
+    // goes on with its own budget until its tries run out.
     mock.fault(serde_json::json!({"mode": "status", "status": 503}))
         .await;
+    let before = requests_at_mock(&mock).await;
     let mut request = tonic::Request::new(ask(mock_params(), true));
     request.set_timeout(Duration::from_millis(1500));
     let started = std::time::Instant::now();
@@ -428,6 +430,20 @@ async fn failures_are_retried_with_new_grants_within_the_deadline() {
         started.elapsed() < Duration::from_millis(2500),
         "{:?}",
         started.elapsed()
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while requests_at_mock(&mock).await < before + 4 {
+        assert!(
+            std::time::Instant::now() < until,
+            "the flight stopped early"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        requests_at_mock(&mock).await,
+        before + 4,
+        "4 tries, no more"
     );
 
     // Without a deadline, after the configured tries (4), with the last failure named.
@@ -464,6 +480,74 @@ async fn failures_are_retried_with_new_grants_within_the_deadline() {
         .get_access_token(ask(mock_params(), true))
         .await
         .expect("token");
+}
+
+#[tokio::test]
+async fn a_joined_flight_outlives_its_impatient_first_caller() {
+    let Setup { agent, mock } = setup(Options::default()).await;
+    let mut client = agent.client().await;
+    mock.fault(serde_json::json!({"mode": "delay", "delay_ms": 2000, "count": 1}))
+        .await;
+    // Caller A starts the flight with one second to wait; 99 patient callers join it.
+    let mut impatient = tonic::Request::new(ask(mock_params(), false));
+    impatient.set_timeout(Duration::from_secs(1));
+    let first = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            (client.get_access_token(impatient).await, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut patient = tokio::task::JoinSet::new();
+    for _ in 0..99 {
+        let mut client = client.clone();
+        let _ = patient.spawn(async move {
+            let mut request = tonic::Request::new(ask(mock_params(), false));
+            request.set_timeout(Duration::from_secs(10));
+            client.get_access_token(request).await
+        });
+    }
+    let (answer, took) = first.await.expect("task");
+    let status = answer.expect_err("A's deadline passes first");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    let mut tokens = std::collections::BTreeSet::new();
+    while let Some(answer) = patient.join_next().await {
+        let token = answer
+            .expect("task")
+            .expect("a token for every patient caller");
+        let _ = tokens.insert(token.into_inner().access_token);
+    }
+    assert_eq!(tokens.len(), 1, "one flight, one token");
+    assert_eq!(requests_at_mock(&mock).await, 1);
+    // The next call is served from the cache.
+    let cached = token(&mut client, mock_params(), false).await;
+    assert!(cached.from_cache);
+    assert!(tokens.contains(&cached.access_token));
+    assert_eq!(requests_at_mock(&mock).await, 1);
+}
+
+#[tokio::test]
+async fn a_flight_whose_callers_all_left_still_fills_the_cache() {
+    let Setup { agent, mock } = setup(Options::default()).await;
+    let mut client = agent.client().await;
+    mock.fault(serde_json::json!({"mode": "delay", "delay_ms": 1500, "count": 1}))
+        .await;
+    let mut request = tonic::Request::new(ask(mock_params(), false));
+    request.set_timeout(Duration::from_millis(400));
+    let status = client.get_access_token(request).await.expect_err("gave up");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // The grant's jti is spent at Maskinporten either way; the token it buys is kept.
+    // Once the flight has landed, with nobody waiting, the next call finds it cached.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !agent.log().contains("access token issued") {
+        assert!(std::time::Instant::now() < until, "the flight never landed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answer = token(&mut client, mock_params(), false).await;
+    assert!(answer.from_cache);
+    assert_eq!(requests_at_mock(&mock).await, 1, "no second fetch");
 }
 
 #[tokio::test]

@@ -286,11 +286,7 @@ impl TokenService {
                 self.metrics.token_cache(true);
                 if let Some(flight) = refresh {
                     tracing::debug!("refreshing a cached token ahead of expiry");
-                    self.fly(
-                        flight,
-                        grant.clone(),
-                        Instant::now() + self.settings.timeout,
-                    );
+                    self.fly(flight, grant.clone(), self.flight_budget());
                 }
                 return Ok(Issued {
                     token,
@@ -309,12 +305,13 @@ impl TokenService {
             }
             Lookup::Fetch(flight, rx) => {
                 self.metrics.token_cache(false);
-                self.fly(flight, grant.clone(), deadline);
+                self.fly(flight, grant.clone(), self.flight_budget());
                 rx
             }
         };
-        // The flight stops at the same deadline and reports how far it got; give its
-        // report a moment to arrive rather than answer "deadline" without the detail.
+        // A caller without a deadline of its own has the flight's budget, and the flight
+        // reports how far it got just before that: give its report a moment to arrive
+        // rather than answer "deadline" without the detail.
         let outcome = cache::wait(rx, deadline + REPORT_MARGIN / 2)
             .await
             .ok_or_else(|| Arc::new(TokenError::Deadline { attempts: 1 }))?;
@@ -322,6 +319,15 @@ impl TokenService {
             token,
             from_cache: false,
         })
+    }
+
+    /// When a flight starting now must end: `token.timeout_seconds` from now, whoever
+    /// started it. A flight is shared: the caller that happened to start it, with perhaps
+    /// the shortest deadline of all, must not cut it short for the others, who each wait
+    /// within their own deadline; and a flight that lands after every caller left still
+    /// fills the cache (its grant's jti is spent either way).
+    fn flight_budget(&self) -> Instant {
+        answer_by(Instant::now() + self.settings.timeout)
     }
 
     /// Runs a flight in its own task, so that it lands even if its caller gives up.
