@@ -11,7 +11,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     // Server reflection serves this descriptor set so grpcurl works without the .proto.
     fs::write(out.join("grantagent_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // GrantParameters gets a Debug of its own (src/lib.rs) that keeps the pid out.
+    tonic_prost_build::configure()
+        .skip_debug(["grantagent.v1.GrantParameters"])
+        .compile_fds(fds)?;
 
     // `grant-agent --version` says which commit and compiler built it, so an operator can
     // tell exactly what runs. A build outside a git checkout says "unknown".

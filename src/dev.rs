@@ -153,6 +153,8 @@ pub fn provision(state_dir: &Path, listen: SocketAddr) -> Result<PathBuf, DevErr
          resources = [\"*\"]\n\
          consumer_orgs = [\"*\"]\n\
          authorization_types = [\"*\"]\n\
+         allow_pid = true\n\
+         iss_onbehalfof = [\"*\"]\n\
          requests_per_second = 100000\n\n\
          [[keys]]\n\
          name = \"default\"\n\

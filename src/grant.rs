@@ -8,7 +8,9 @@
 //! Limits (also in `docs/architecture.md`): client_id 1..=256 bytes; 1..=100 scopes of
 //! 1..=256 bytes each; 0..=20 resources of 1..=2048 bytes each; consumer_org nine
 //! digits with a valid check digit; lifetime 1..=120 seconds; authorization_details a
-//! JSON array of 1..=20 objects, each with a `type`, at most 8 KiB in all.
+//! JSON array of 1..=20 objects, each with a `type`, at most 8 KiB in all; pid eleven
+//! digits with both check digits valid (national identity numbers and D-numbers);
+//! iss_onbehalfof 1..=128 bytes of printable ASCII without spaces.
 
 use base64::{
     Engine,
@@ -26,6 +28,7 @@ const MAX_RESOURCE: usize = 2048;
 const MAX_AUTHORIZATION_DETAILS: usize = 8 * 1024;
 const MAX_AUTHORIZATION_ENTRIES: usize = 20;
 const MAX_AUTHORIZATION_TYPE: usize = 256;
+const MAX_ISS_ONBEHALFOF: usize = 128;
 
 /// JWS algorithms Maskinporten accepts. All are RSASSA-PKCS1-v1_5.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +84,8 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> InvalidGrant 
     }
 }
 
-/// The claims of one grant, in the order they are serialised.
-#[derive(Debug, Clone, Serialize)]
+/// The claims of one grant, in the order they are serialised. Its Debug leaves the pid out.
+#[derive(Clone, Serialize)]
 pub struct Claims {
     /// Maskinporten's issuer URL for the environment.
     pub aud: String,
@@ -105,6 +108,30 @@ pub struct Claims {
     /// Rich authorization requests (Altinn system users, consent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authorization_details: Option<AuthorizationDetails>,
+    /// The person a person-restricted token is for. Personal data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<String>,
+    /// The customer a supplier acts for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss_onbehalfof: Option<String>,
+}
+
+impl std::fmt::Debug for Claims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claims")
+            .field("aud", &self.aud)
+            .field("iss", &self.iss)
+            .field("scope", &self.scope)
+            .field("iat", &self.iat)
+            .field("exp", &self.exp)
+            .field("jti", &self.jti)
+            .field("resource", &self.resource)
+            .field("consumer_org", &self.consumer_org)
+            .field("authorization_details", &self.authorization_details)
+            .field("pid", &self.pid.as_ref().map(|_| "[redacted]"))
+            .field("iss_onbehalfof", &self.iss_onbehalfof)
+            .finish()
+    }
 }
 
 impl Claims {
@@ -177,6 +204,8 @@ impl ValidGrant {
             resource: params.resources.clone(),
             consumer_org: Some(params.consumer_org.clone()).filter(|org| !org.is_empty()),
             authorization_details: self.authorization_details.clone(),
+            pid: Some(params.pid.clone()).filter(|pid| !pid.is_empty()),
+            iss_onbehalfof: Some(params.iss_onbehalfof.clone()).filter(|v| !v.is_empty()),
         }
     }
 }
@@ -204,8 +233,46 @@ fn check(params: &GrantParameters) -> Result<(u32, Option<AuthorizationDetails>)
             ));
         }
     };
+    if !params.pid.is_empty() && !is_national_identity_number(&params.pid) {
+        // The value stays out of the message: it may be a person's number with a typo.
+        return Err(invalid(
+            "grant.pid",
+            "must be an 11-digit national identity number or D-number with valid check digits",
+        ));
+    }
+    if !params.iss_onbehalfof.is_empty()
+        && (params.iss_onbehalfof.len() > MAX_ISS_ONBEHALFOF
+            || !params.iss_onbehalfof.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(invalid(
+            "grant.iss_onbehalfof",
+            format!("must be 1..={MAX_ISS_ONBEHALFOF} bytes of printable ASCII without spaces"),
+        ));
+    }
     let authorization_details = AuthorizationDetails::parse(&params.authorization_details_json)?;
     Ok((lifetime, authorization_details))
+}
+
+/// Whether `s` is a Norwegian national identity number (fødselsnummer) or D-number: eleven
+/// digits whose two check digits are right (modulus 11 with the weights Skatteetaten
+/// publishes). The date part is not checked: D-numbers add 4 to the first digit, and
+/// synthetic test persons (Tenor) add 80 to the month.
+pub fn is_national_identity_number(s: &str) -> bool {
+    const FIRST: [u32; 9] = [3, 7, 6, 1, 8, 9, 4, 5, 2];
+    const SECOND: [u32; 10] = [5, 4, 3, 2, 7, 6, 5, 4, 3, 2];
+    let digits: Vec<u32> = s.chars().filter_map(|c| c.to_digit(10)).collect();
+    if s.len() != 11 || digits.len() != 11 {
+        return false;
+    }
+    let check = |weights: &[u32]| {
+        let sum: u32 = weights.iter().zip(&digits).map(|(w, d)| w * d).sum();
+        match 11 - sum % 11 {
+            11 => Some(0),
+            10 => None,
+            k => Some(k),
+        }
+    };
+    check(&FIRST) == Some(digits[9]) && check(&SECOND) == Some(digits[10])
 }
 
 /// A validated `authorization_details` value (RFC 9396): a JSON array of objects, each
@@ -522,12 +589,54 @@ mod tests {
         );
         assert_eq!(json["consumer_org"], "974760673");
         assert_eq!(c.exp - c.iat, 30);
+
+        p.pid = "01019012480".into();
+        p.iss_onbehalfof = "kunde-42".into();
+        let c = Claims::new(&p, "https://maskinporten.no/", 1_700_000_000).expect("valid");
+        let json = serde_json::to_value(&c).expect("json");
+        assert_eq!(json["pid"], "01019012480");
+        assert_eq!(json["iss_onbehalfof"], "kunde-42");
+        let debug = format!("{c:?} {p:?}");
+        assert!(!debug.contains("01019012480"), "{debug}");
+        assert!(debug.contains("[redacted]"), "{debug}");
+    }
+
+    #[test]
+    fn national_identity_numbers_need_both_check_digits() {
+        // A national identity number, a D-number (first digit + 4) and a synthetic test
+        // person (month + 80).
+        for valid in ["01019012480", "41019012393", "01809012375", "15058543206"] {
+            assert!(is_national_identity_number(valid), "{valid}");
+        }
+        for invalid in [
+            "01019012481",  // second check digit
+            "01019012470",  // first check digit
+            "0101901248",   // ten digits
+            "010190124800", // twelve
+            "0101901248a",
+            "０1019012480", // a full-width digit
+            "",
+        ] {
+            assert!(!is_national_identity_number(invalid), "{invalid}");
+        }
     }
 
     #[test]
     fn every_bad_field_is_named() {
         type Mutate = fn(&mut GrantParameters);
         let cases: Vec<(Mutate, &str)> = vec![
+            (
+                |p| p.pid = "01019012481".into(),
+                "grant.pid: must be an 11-digit national identity number or D-number with valid check digits",
+            ),
+            (
+                |p| p.iss_onbehalfof = "two words".into(),
+                "grant.iss_onbehalfof: must be 1..=128 bytes of printable ASCII without spaces",
+            ),
+            (
+                |p| p.iss_onbehalfof = "x".repeat(129),
+                "grant.iss_onbehalfof: must be 1..=128 bytes",
+            ),
             (
                 |p| p.client_id.clear(),
                 "grant.client_id: must not be empty",

@@ -56,6 +56,35 @@ pub mod token;
 pub mod proto {
     tonic::include_proto!("grantagent.v1");
 
+    /// Like the derived Debug, except for `pid`: a person's national identity number
+    /// must not reach a log line, an error or a panic message through a `{:?}`.
+    impl std::fmt::Debug for GrantParameters {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("GrantParameters")
+                .field("key", &self.key)
+                .field("client_id", &self.client_id)
+                .field("scopes", &self.scopes)
+                .field("environment", &self.environment)
+                .field("resources", &self.resources)
+                .field("consumer_org", &self.consumer_org)
+                .field("lifetime_seconds", &self.lifetime_seconds)
+                .field(
+                    "authorization_details_json",
+                    &self.authorization_details_json,
+                )
+                .field(
+                    "pid",
+                    &if self.pid.is_empty() {
+                        ""
+                    } else {
+                        "[redacted]"
+                    },
+                )
+                .field("iss_onbehalfof", &self.iss_onbehalfof)
+                .finish()
+        }
+    }
+
     /// The encoded descriptor set, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/grantagent_descriptor.bin"));

@@ -131,6 +131,19 @@ pub(crate) struct GrantArgs {
     /// '[{"type":"urn:altinn:systemuser","systemuser_org":{...}}]'.
     #[arg(long = "authorization-details", default_value = "")]
     authorization_details_json: String,
+    /// A person-restricted token's national identity number or D-number (the `pid`
+    /// claim). Prefer the environment variable: a command line is visible to every user
+    /// of the machine.
+    #[arg(
+        long,
+        env = "GRANT_AGENT_PID",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pid: String,
+    /// The customer a supplier acts for (the `iss_onbehalfof` claim).
+    #[arg(long = "iss-onbehalfof", default_value = "")]
+    iss_onbehalfof: String,
 }
 
 impl From<GrantArgs> for GrantParameters {
@@ -144,6 +157,8 @@ impl From<GrantArgs> for GrantParameters {
             consumer_org: a.consumer_org,
             lifetime_seconds: a.lifetime_seconds,
             authorization_details_json: a.authorization_details_json,
+            pid: a.pid,
+            iss_onbehalfof: a.iss_onbehalfof,
         }
     }
 }

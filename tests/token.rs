@@ -236,6 +236,77 @@ async fn tokens_verify_are_cached_and_never_logged() {
 }
 
 #[tokio::test]
+async fn pid_and_iss_onbehalfof_reach_the_token_and_never_a_log() {
+    const PID: &str = "01019012480";
+    const OTHER_PID: &str = "41019012393";
+    const TYPO: &str = "01019012481";
+    let Setup { agent, mock } = setup(Options::default()).await;
+    let mut client = agent.client().await;
+    let mut person = mock_params();
+    person.pid = PID.into();
+    person.iss_onbehalfof = "kunde-42".into();
+    let answer = token(&mut client, person.clone(), false).await;
+    let claims = mock.verify_access_token(&answer.access_token).await;
+    assert_eq!(claims["pid"], PID);
+    assert_eq!(claims["iss_onbehalfof"], "kunde-42");
+    // A person-restricted token is that person's alone: never served for another person
+    // or for a request without one.
+    let plain = token(&mut client, mock_params(), false).await;
+    assert!(!plain.from_cache);
+    let mut other = person.clone();
+    other.pid = OTHER_PID.into();
+    let for_other = token(&mut client, other, false).await;
+    assert!(!for_other.from_cache);
+    assert_ne!(for_other.access_token, answer.access_token);
+    let again = token(&mut client, person, false).await;
+    assert!(again.from_cache);
+    assert_eq!(again.access_token, answer.access_token);
+
+    // A mistyped number is refused naming the field, without echoing the number.
+    let mut typo = mock_params();
+    typo.pid = TYPO.into();
+    let status = client
+        .get_access_token(ask(typo, false))
+        .await
+        .expect_err("invalid pid");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("grant.pid"),
+        "{}",
+        status.message()
+    );
+    assert!(!status.message().contains(TYPO));
+
+    // SignGrant carries both claims too.
+    let grant = client
+        .sign_grant(SignGrantRequest {
+            grant: Some(GrantParameters {
+                pid: PID.into(),
+                iss_onbehalfof: "kunde-42".into(),
+                ..params()
+            }),
+        })
+        .await
+        .expect("signed")
+        .into_inner();
+    let verified = verify(&grant.assertion, TEST_AUD);
+    assert_eq!(verified.claims["pid"], PID);
+    assert_eq!(verified.claims["iss_onbehalfof"], "kunde-42");
+
+    // No number reaches a log; the audit says a pid was there.
+    for log in [agent.log(), mock.log()] {
+        for number in [PID, OTHER_PID, TYPO] {
+            assert!(!log.contains(number), "a pid reached a log:\n{log}");
+        }
+    }
+    let log = agent.log();
+    assert!(log.contains(r#""pid":true"#), "{log}");
+    assert!(log.contains(r#""iss_onbehalfof":"kunde-42""#), "{log}");
+    let metrics = common::http_get(agent.metrics_url()).await;
+    assert!(!metrics.contains(PID));
+}
+
+#[tokio::test]
 async fn concurrent_identical_requests_make_one_upstream_call() {
     let Setup { agent, mock } = setup(Options::default()).await;
     // A slow Maskinporten, so that all 100 arrive while the first is in flight.

@@ -85,6 +85,11 @@ pub struct PolicyRule {
     /// authorization_details types a caller may ask for (e.g. `urn:altinn:systemuser`); a
     /// request without authorization_details is always fine.
     pub authorization_types: Vec<Pattern>,
+    /// Whether a caller may ask for person-restricted tokens (`pid`); false unless set.
+    pub allow_pid: bool,
+    /// iss_onbehalfof values (customers) a supplier may act for; a request without one is
+    /// always fine.
+    pub iss_onbehalfof: Vec<Pattern>,
     /// Requests per second for each caller matching the rule, counted per caller identity
     /// (every uid matched by a `gid:` rule has its own).
     pub requests_per_second: u32,
@@ -133,6 +138,10 @@ pub(super) struct RawPolicy {
     consumer_orgs: Vec<String>,
     #[serde(default)]
     authorization_types: Vec<String>,
+    #[serde(default)]
+    allow_pid: bool,
+    #[serde(default)]
+    iss_onbehalfof: Vec<String>,
     requests_per_second: Option<u32>,
     burst: Option<u32>,
 }
@@ -317,6 +326,8 @@ pub(super) fn access(
             resources: patterns("resources", rule.resources)?,
             consumer_orgs: patterns("consumer_orgs", rule.consumer_orgs)?,
             authorization_types: patterns("authorization_types", rule.authorization_types)?,
+            allow_pid: rule.allow_pid,
+            iss_onbehalfof: patterns("iss_onbehalfof", rule.iss_onbehalfof)?,
             requests_per_second,
             burst: rule.burst.unwrap_or(requests_per_second),
         });

@@ -98,6 +98,8 @@ impl TokenSigner {
                 .map(Organization::new),
             aud,
             authorization_details: granted.authorization_details.as_ref(),
+            pid: granted.pid.as_deref(),
+            iss_onbehalfof: granted.iss_onbehalfof.as_deref(),
         };
         // Serialising maps of strings and integers cannot fail.
         let mut jwt = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).unwrap_or_default());
@@ -132,6 +134,10 @@ struct AccessTokenClaims<'a> {
     aud: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     authorization_details: Option<&'a serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss_onbehalfof: Option<&'a str>,
 }
 
 /// An organisation as Maskinporten names it in tokens: ISO 6523 ICD 0192 (the Norwegian

@@ -30,8 +30,8 @@ use crate::{
 
 /// The only grant type Maskinporten accepts (RFC 7523).
 pub(super) const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
-/// The claims Maskinporten knows; since 2025 any other is refused.
-const ALLOWED_CLAIMS: [&str; 9] = [
+/// The claims Digdir's JWT-grant page lists; since 2025 any other is refused.
+const ALLOWED_CLAIMS: [&str; 11] = [
     "aud",
     "iss",
     "scope",
@@ -41,6 +41,8 @@ const ALLOWED_CLAIMS: [&str; 9] = [
     "resource",
     "consumer_org",
     "authorization_details",
+    "pid",
+    "iss_onbehalfof",
 ];
 /// How far `iat` may be from the mock's clock, either way.
 const CLOCK_SKEW_SECONDS: u64 = 10;
@@ -75,6 +77,10 @@ pub(super) struct Granted {
     pub(super) resources: Vec<String>,
     /// The grant's `authorization_details`, echoed into the token.
     pub(super) authorization_details: Option<Value>,
+    /// The person the token is restricted to, echoed into the token.
+    pub(super) pid: Option<String>,
+    /// The customer a supplier acts for, echoed into the token.
+    pub(super) iss_onbehalfof: Option<String>,
 }
 
 /// `jti`s seen recently, each with when it may be forgotten.
@@ -202,6 +208,22 @@ impl Verifier {
                 "authorization_details must be a JSON array of objects, each with a string `type`",
             ));
         }
+        let pid = match jws.claims.get("pid") {
+            None => None,
+            Some(Value::String(pid)) if crate::grant::is_national_identity_number(pid) => {
+                Some(pid.clone())
+            }
+            Some(_) => {
+                return Err(invalid_request(
+                    "pid must be an 11-digit national identity number or D-number",
+                ));
+            }
+        };
+        let iss_onbehalfof = match jws.claims.get("iss_onbehalfof") {
+            None => None,
+            Some(Value::String(value)) if !value.is_empty() => Some(value.clone()),
+            Some(_) => return Err(invalid_request("iss_onbehalfof must be a string")),
+        };
         let resources = match jws.claims.get("resource") {
             None => Vec::new(),
             Some(Value::String(one)) => vec![one.clone()],
@@ -224,6 +246,8 @@ impl Verifier {
             consumer_org,
             resources,
             authorization_details,
+            pid,
+            iss_onbehalfof,
         })
     }
 

@@ -39,6 +39,12 @@ pub(crate) struct Decision<'a> {
     /// The `type` of each authorization_details entry (the details themselves may name
     /// people or systems, and stay out of the trail).
     pub(crate) authorization_types: &'a [String],
+    /// Whether the token was restricted to a person. The pid itself is personal data and
+    /// never written.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) pid: bool,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub(crate) iss_onbehalfof: &'a str,
     pub(crate) jti: &'a str,
     pub(crate) expires_at: Option<i64>,
     /// "signed" (a grant), "issued" or "cached" (a token), "denied" (policy), "refused"

@@ -1,6 +1,7 @@
 //! The caller policy: default deny; a caller may make a request when a rule for one of
 //! its identities allows every part of it (key, client_id, each scope, environment, each
-//! resource, consumer_org, each authorization_details type), and within that rule's rate.
+//! resource, consumer_org, each authorization_details type, a pid, iss_onbehalfof), and
+//! within that rule's rate.
 //! The rate is counted per caller identity ([`Caller::name`]), so every uid matched by one
 //! `gid:` rule has a bucket of its own with the rule's quota. A refusal names the part of
 //! the request that was not allowed, never another caller's rules or the allowed values.
@@ -23,6 +24,10 @@ pub(crate) struct Ask<'a> {
     pub(crate) consumer_org: &'a str,
     /// The `type` of each authorization_details entry.
     pub(crate) authorization_types: &'a [String],
+    /// Whether the request restricts the token to a person (the pid itself is not
+    /// the policy's business, and stays out of refusals).
+    pub(crate) pid: bool,
+    pub(crate) iss_onbehalfof: &'a str,
 }
 
 /// Why the policy refused.
@@ -159,6 +164,12 @@ fn refusal(rule: &PolicyRule, ask: &Ask<'_>) -> Option<String> {
     {
         return Some(format!("authorization_details type {t:?}"));
     }
+    if ask.pid && !rule.allow_pid {
+        return Some("pid (person-restricted tokens; allow_pid)".into());
+    }
+    if !ask.iss_onbehalfof.is_empty() && !any(&rule.iss_onbehalfof, ask.iss_onbehalfof) {
+        return Some(format!("iss_onbehalfof {:?}", ask.iss_onbehalfof));
+    }
     None
 }
 
@@ -194,6 +205,8 @@ mod tests {
             resources,
             consumer_org: "",
             authorization_types: &[],
+            pid: false,
+            iss_onbehalfof: "",
         }
     }
 
@@ -262,5 +275,34 @@ mod tests {
             strict.authorize(&me, &ask(&scopes, &allowed)),
             Err(Refusal::NotAllowed { what, .. }) if what == "resource \"https://api.example.no/v1\""
         ));
+    }
+
+    #[test]
+    fn pid_and_iss_onbehalfof_are_refused_unless_a_rule_allows_them() {
+        let me = caller(&["uid:1000"]);
+        let scopes = ["a:b".to_owned()];
+        let with = |pid: bool, iss_onbehalfof: &'static str| Ask {
+            pid,
+            iss_onbehalfof,
+            ..ask(&scopes, &[])
+        };
+        let strict = policy(&format!("caller = \"uid:1000\"\n{ANYTHING}"));
+        assert_eq!(
+            strict
+                .authorize(&me, &with(true, ""))
+                .map_err(|r| r.to_string()),
+            Err("caller uid:1000 may not use pid (person-restricted tokens; allow_pid)".into())
+        );
+        assert_eq!(
+            strict
+                .authorize(&me, &with(false, "kunde-1"))
+                .map_err(|r| r.to_string()),
+            Err("caller uid:1000 may not use iss_onbehalfof \"kunde-1\"".into())
+        );
+        let open = policy(&format!(
+            "caller = \"uid:1000\"\n{ANYTHING}allow_pid = true\niss_onbehalfof = [\"kunde-*\"]\n"
+        ));
+        assert_eq!(open.authorize(&me, &with(true, "kunde-1")), Ok(()));
+        assert!(open.authorize(&me, &with(false, "other")).is_err());
     }
 }

@@ -116,6 +116,8 @@ impl GrantAgentService {
             resources: &params.resources,
             consumer_org: &params.consumer_org,
             authorization_types: &at.authorization_types,
+            pid: !params.pid.is_empty(),
+            iss_onbehalfof: &params.iss_onbehalfof,
             jti: result.jti,
             expires_at: result.expires_at,
             outcome,
@@ -208,6 +210,8 @@ impl GrantAgentService {
             resources: &params.resources,
             consumer_org: &params.consumer_org,
             authorization_types: &head.authorization_types,
+            pid: !params.pid.is_empty(),
+            iss_onbehalfof: &params.iss_onbehalfof,
         };
         if let Err(refusal) = self.policy.authorize(&head.caller, &ask) {
             let status = status::from_refusal(&refusal);

@@ -34,6 +34,10 @@ pub(super) struct CacheKey {
     pub(super) consumer_org: String,
     pub(super) environment: String,
     pub(super) authorization_details: String,
+    /// SHA-256 of the pid (empty without one): a person-restricted token is only for
+    /// that person, and the number itself stays out of anything printable.
+    pub(super) pid_sha256: Vec<u8>,
+    pub(super) iss_onbehalfof: String,
 }
 
 struct Entry {
@@ -204,6 +208,8 @@ mod tests {
             consumer_org: String::new(),
             environment: "test".into(),
             authorization_details: String::new(),
+            pid_sha256: Vec::new(),
+            iss_onbehalfof: String::new(),
         }
     }
 

@@ -419,6 +419,12 @@ impl TokenService {
             consumer_org: params.consumer_org.clone(),
             environment: keys.environment_name(&params.environment).to_owned(),
             authorization_details,
+            pid_sha256: if params.pid.is_empty() {
+                Vec::new()
+            } else {
+                <sha2::Sha256 as sha2::Digest>::digest(params.pid.as_bytes()).to_vec()
+            },
+            iss_onbehalfof: params.iss_onbehalfof.clone(),
         }
     }
 }
