@@ -232,7 +232,94 @@ async fn tokens_verify_are_cached_and_never_logged() {
         assert!(!log.contains("eyJ"), "something JWT-shaped reached a log");
     }
     let audit = agent.log();
-    assert!(audit.contains(r#""audit":"token""#) && audit.contains(r#""outcome":"cached""#));
+    assert!(audit.contains(r#""audit":"token""#) && audit.contains(r#""outcome":"issued""#));
+}
+
+/// The agent's audit lines of one kind (`"audit":"<kind>"`), parsed.
+fn audit_lines(agent: &DevAgent, kind: &str) -> Vec<serde_json::Value> {
+    agent
+        .log()
+        .lines()
+        .filter(|l| l.starts_with('{') && l.contains(&format!(r#""audit":"{kind}""#)))
+        .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_grant_behind_a_token_is_audited_and_cached_answers_are_counted() {
+    let Setup { agent, mock } = setup(Options {
+        extra: "\n[audit]\nsummary_seconds = 1\n",
+        ..Options::default()
+    })
+    .await;
+    let mut client = agent.client().await;
+    // One 503 first: the fetch spends two grants, each audited with its own jti.
+    mock.fault(serde_json::json!({"mode": "status", "status": 503, "count": 1}))
+        .await;
+    let issued = token(&mut client, mock_params(), false).await;
+    assert!(!issued.from_cache);
+    for _ in 0..10 {
+        assert!(token(&mut client, mock_params(), false).await.from_cache);
+    }
+    let spent = audit_lines(&agent, "token_grant");
+    assert_eq!(spent.len(), 2, "{spent:?}");
+    assert_eq!(spent[0]["attempt"], 1);
+    assert_eq!(spent[0]["outcome"], "failed");
+    assert!(
+        spent[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("503"))
+    );
+    assert_eq!(spent[1]["attempt"], 2);
+    assert_eq!(spent[1]["outcome"], "issued");
+    assert_ne!(spent[0]["jti"], spent[1]["jti"]);
+    for line in &spent {
+        assert_eq!(line["certificate_sha256"].as_str().map(str::len), Some(64));
+        assert_eq!(line["caller"], "anonymous");
+    }
+    let answers = audit_lines(&agent, "token");
+    assert_eq!(
+        answers.len(),
+        1,
+        "cached answers are counted, not written: {answers:?}"
+    );
+    assert_eq!(answers[0]["outcome"], "issued");
+    assert_eq!(answers[0]["jti"], spent[1]["jti"]);
+    assert_eq!(
+        answers[0]["certificate_sha256"],
+        spent[1]["certificate_sha256"]
+    );
+    // Within a summary interval or two, the ten cached answers are one count.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let counted = loop {
+        let summaries = audit_lines(&agent, "token_cached");
+        let counted: u64 = summaries.iter().filter_map(|l| l["count"].as_u64()).sum();
+        if counted >= 10 || std::time::Instant::now() > until {
+            assert!(summaries.iter().all(|l| l["jti"] == spent[1]["jti"]));
+            assert!(summaries.iter().all(|l| l["client_id"] == CLIENT_ID));
+            break counted;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(counted, 10);
+
+    // `cached = "each"` writes every answer.
+    let Setup { agent, mock: _mock } = setup(Options {
+        extra: "\n[audit]\ncached = \"each\"\n",
+        ..Options::default()
+    })
+    .await;
+    let mut client = agent.client().await;
+    for _ in 0..4 {
+        let _ = token(&mut client, mock_params(), false).await;
+    }
+    let answers = audit_lines(&agent, "token");
+    assert_eq!(answers.len(), 4);
+    assert_eq!(
+        answers.iter().filter(|l| l["outcome"] == "cached").count(),
+        3
+    );
+    assert!(answers.iter().all(|l| l["jti"] == answers[0]["jti"]));
 }
 
 #[tokio::test]

@@ -29,7 +29,24 @@ pub struct Access {
     pub policy: Vec<PolicyRule>,
     /// Where audit lines go; `None` is stderr.
     pub audit_file: Option<PathBuf>,
+    /// How tokens served from the cache are audited.
+    pub audit_cached: CachedAudit,
 }
+
+/// How GetAccessToken answers served from the cache are audited. They are the agent's
+/// most frequent answer and reveal nothing new (the grant behind the token is audited
+/// when it is spent), so by default they are counted, not written one by one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachedAudit {
+    /// One line per answer (`[audit] cached = "each"`).
+    Each,
+    /// One `"audit":"token_cached"` line per caller and request shape per interval, with
+    /// the count (`[audit] cached = "summary"`, `summary_seconds`; the default, 60 s).
+    Summary(std::time::Duration),
+}
+
+/// Default interval of cached-answer summaries.
+const DEFAULT_AUDIT_SUMMARY_SECONDS: u64 = 60;
 
 /// A Unix socket listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +167,8 @@ pub(super) struct RawPolicy {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAudit {
     file: Option<PathBuf>,
+    cached: Option<String>,
+    summary_seconds: Option<u64>,
 }
 
 /// The raw access settings, as they appear at the top level of the file.
@@ -339,6 +358,31 @@ pub(super) fn access(
         insecure: raw.insecure,
         tls,
         policy,
+        audit_cached: cached_audit(raw.audit.as_ref(), invalid)?,
         audit_file: raw.audit.and_then(|a| a.file).map(|f| base.join(f)),
     })
+}
+
+fn cached_audit(raw: Option<&RawAudit>, invalid: Invalid<'_>) -> Result<CachedAudit, ConfigError> {
+    let seconds = raw
+        .and_then(|a| a.summary_seconds)
+        .unwrap_or(DEFAULT_AUDIT_SUMMARY_SECONDS);
+    if !(1..=3600).contains(&seconds) {
+        return Err(invalid(
+            "audit.summary_seconds",
+            format!("{seconds} is outside 1..=3600"),
+            "summaries are written every summary_seconds; 60 is the default",
+        ));
+    }
+    match raw.and_then(|a| a.cached.as_deref()) {
+        None | Some("summary") => Ok(CachedAudit::Summary(std::time::Duration::from_secs(
+            seconds,
+        ))),
+        Some("each") => Ok(CachedAudit::Each),
+        Some(other) => Err(invalid(
+            "audit.cached",
+            format!("{other:?} is not a choice"),
+            "use \"summary\" (counts per caller per summary_seconds) or \"each\" (one line per answer)",
+        )),
+    }
 }

@@ -21,7 +21,8 @@ mod limits;
 mod token;
 
 pub use access::{
-    Access, DEFAULT_REQUESTS_PER_SECOND, IdentityField, Pattern, PolicyRule, Tls, UnixSocket,
+    Access, CachedAudit, DEFAULT_REQUESTS_PER_SECOND, IdentityField, Pattern, PolicyRule, Tls,
+    UnixSocket,
 };
 pub use limits::{Limits, MAX_REQUEST_BYTES};
 pub use token::TokenSettings;
@@ -1183,6 +1184,21 @@ certificate = "token"
             err(&GOOD.replace("[pkcs11]", "[pkcs11]\nsessions = 0")).contains("`pkcs11.sessions`")
         );
         assert!(err(&format!("default_key = \"nope\"\n{GOOD}")).contains("`default_key`"));
+        assert!(
+            err(&(GOOD.to_owned() + "[audit]\ncached = \"never\"\n")).contains("`audit.cached`")
+        );
+        assert!(
+            err(&(GOOD.to_owned() + "[audit]\nsummary_seconds = 0\n"))
+                .contains("`audit.summary_seconds`")
+        );
+        let each = Config::from_toml_str(&(GOOD.to_owned() + "[audit]\ncached = \"each\"\n"), "a")
+            .expect("valid");
+        assert_eq!(each.access.audit_cached, CachedAudit::Each);
+        let default = Config::from_toml_str(GOOD, "a").expect("valid");
+        assert_eq!(
+            default.access.audit_cached,
+            CachedAudit::Summary(std::time::Duration::from_secs(60))
+        );
         assert!(
             err(&format!("default_environment = \"nope\"\n{GOOD}"))
                 .contains("`default_environment`")

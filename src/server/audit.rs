@@ -2,6 +2,10 @@
 //! for what, and what happened. Never the assertion, the PIN or a token: the grant is
 //! identified by its `jti`. Lines go to a file (append-only, mode 0600) or to stderr.
 //!
+//! Tokens served from the cache are, by default, counted instead: one `token_cached` line
+//! per caller and request shape per interval ([`CachedAudit`]), since they are the most
+//! frequent answer and the grant behind each token has its own line when it is spent.
+//!
 //! Refusals made before a request is read (a caller no rule names, a malformed or
 //! oversized message, a connection refused at its TLS handshake) cost a peer nothing to
 //! send, so their lines are rate-limited: at most [`REFUSALS_PER_SECOND`] a second, and
@@ -17,6 +21,8 @@ use std::{
 };
 
 use serde::Serialize;
+
+use crate::config::CachedAudit;
 
 /// One decision.
 #[derive(Debug, Serialize)]
@@ -47,6 +53,9 @@ pub(crate) struct Decision<'a> {
     pub(crate) iss_onbehalfof: &'a str,
     pub(crate) jti: &'a str,
     pub(crate) expires_at: Option<i64>,
+    /// For a grant signed to fetch a token: which try of the fetch it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) attempt: Option<u32>,
     /// "signed" (a grant), "issued" or "cached" (a token), "denied" (policy), "refused"
     /// (bad request, or Maskinporten said no), "busy" (overload: the session queue was full
     /// or the deadline could not be met with the queue ahead) or "failed" (the token or
@@ -90,15 +99,52 @@ struct Window {
     suppressed: u64,
 }
 
+/// Cached answers of one shape for one caller since the last summary.
+#[derive(Debug, Serialize)]
+pub(crate) struct CachedSummary {
+    audit: &'static str,
+    time: String,
+    /// When the counting started.
+    since: String,
+    caller: String,
+    key: String,
+    client_id: String,
+    scopes: Vec<String>,
+    environment: String,
+    /// Answers served from the cache.
+    count: u64,
+    /// The jti of the grant behind the last token served.
+    jti: String,
+}
+
+/// What a cached answer is counted under.
+pub(crate) struct CachedAnswer<'a> {
+    pub(crate) caller: &'a str,
+    pub(crate) key: &'a str,
+    pub(crate) client_id: &'a str,
+    pub(crate) scopes: &'a [String],
+    pub(crate) environment: &'a str,
+    pub(crate) jti: &'a str,
+}
+
+/// The counts since the last summary: by caller, then a short list of shapes (a caller
+/// asks for few), so that counting allocates only for a shape not yet seen.
+struct CachedCounts {
+    since: String,
+    callers: std::collections::HashMap<String, Vec<CachedSummary>>,
+}
+
 /// Where audit lines are written.
 pub(crate) struct AuditLog {
     sink: Mutex<Box<dyn Write + Send>>,
     refusals: Mutex<Window>,
+    cached: CachedAudit,
+    counts: Mutex<CachedCounts>,
 }
 
 impl AuditLog {
     /// Appends to `file` (created with mode 0600), or writes to stderr.
-    pub(crate) fn open(file: Option<&Path>) -> std::io::Result<Self> {
+    pub(crate) fn open(file: Option<&Path>, cached: CachedAudit) -> std::io::Result<Self> {
         let sink: Box<dyn Write + Send> = match file {
             Some(path) => Box::new(
                 OpenOptions::new()
@@ -116,7 +162,80 @@ impl AuditLog {
                 written: 0,
                 suppressed: 0,
             }),
+            cached,
+            counts: Mutex::new(CachedCounts {
+                since: crate::agent::rfc3339(crate::agent::unix_now()),
+                callers: std::collections::HashMap::new(),
+            }),
         })
+    }
+
+    /// How often cached answers are summarised; `None` when each is written.
+    pub(crate) fn summary_interval(&self) -> Option<Duration> {
+        match self.cached {
+            CachedAudit::Each => None,
+            CachedAudit::Summary(every) => Some(every),
+        }
+    }
+
+    /// Counts a cached answer for the next summary.
+    pub(crate) fn count_cached(&self, answer: &CachedAnswer<'_>) {
+        let mut counts = match self.counts.lock() {
+            Ok(counts) => counts,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let shapes = match counts.callers.get_mut(answer.caller) {
+            Some(shapes) => shapes,
+            None => counts.callers.entry(answer.caller.to_owned()).or_default(),
+        };
+        let same = |s: &&mut CachedSummary| {
+            s.key == answer.key
+                && s.client_id == answer.client_id
+                && s.environment == answer.environment
+                && s.scopes == answer.scopes
+        };
+        match shapes.iter_mut().find(same) {
+            Some(shape) => {
+                shape.count += 1;
+                if shape.jti != answer.jti {
+                    answer.jti.clone_into(&mut shape.jti);
+                }
+            }
+            None => shapes.push(CachedSummary {
+                audit: "token_cached",
+                time: String::new(),
+                since: String::new(),
+                caller: answer.caller.to_owned(),
+                key: answer.key.to_owned(),
+                client_id: answer.client_id.to_owned(),
+                scopes: answer.scopes.to_vec(),
+                environment: answer.environment.to_owned(),
+                count: 1,
+                jti: answer.jti.to_owned(),
+            }),
+        }
+    }
+
+    /// Writes the summaries of the cached answers counted since the last call, one line
+    /// per caller and shape, and starts counting afresh. Call it every interval and at
+    /// shutdown.
+    pub(crate) fn write_cached_summaries(&self) {
+        let now = crate::agent::rfc3339(crate::agent::unix_now());
+        let (since, callers) = {
+            let mut counts = match self.counts.lock() {
+                Ok(counts) => counts,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            (
+                std::mem::replace(&mut counts.since, now.clone()),
+                std::mem::take(&mut counts.callers),
+            )
+        };
+        for mut summary in callers.into_values().flatten() {
+            summary.time.clone_from(&now);
+            summary.since.clone_from(&since);
+            self.write(&summary);
+        }
     }
 
     /// Writes one decision line.

@@ -113,13 +113,15 @@ pub async fn run(
         tracing::warn!("the policy has no rules: every grant request will be refused");
     }
     let audit = Arc::new(
-        AuditLog::open(access.audit_file.as_deref()).map_err(|source| ServeError::Audit {
-            path: access
-                .audit_file
-                .as_deref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            source,
+        AuditLog::open(access.audit_file.as_deref(), access.audit_cached).map_err(|source| {
+            ServeError::Audit {
+                path: access
+                    .audit_file
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                source,
+            }
         })?,
     );
     let policy = Arc::new(Policy::new(&access.policy));
@@ -128,6 +130,7 @@ pub async fn run(
         Arc::clone(&agent),
         &config.token,
         Arc::clone(&metrics),
+        service::grant_audit(Arc::clone(&audit)),
     )?);
     let service = GrantAgentService::new(
         Arc::clone(&agent),
@@ -235,6 +238,20 @@ pub async fn run(
             config.limits,
         ));
     }
+    if let Some(every) = audit.summary_interval() {
+        let audit = Arc::clone(&audit);
+        let mut done = stopped.clone();
+        let _summaries = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            let _ = tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => audit.write_cached_summaries(),
+                    _ = done.changed() => return,
+                }
+            }
+        });
+    }
     tracing::info!(endpoints = %endpoints.join(", "), "listening");
     on_ready(&endpoints);
 
@@ -260,6 +277,8 @@ pub async fn run(
     if let Some(path) = socket_path {
         let _ = std::fs::remove_file(path);
     }
+    // The cached answers counted since the last summary are audited too.
+    audit.write_cached_summaries();
     tracing::info!("stopped serving");
     Ok(())
 }

@@ -21,11 +21,11 @@ use crate::{
         GetAccessTokenRequest, GetAccessTokenResponse, KeyInfo, ListKeysRequest, ListKeysResponse,
         SignGrantRequest, SignGrantResponse, grant_agent_server::GrantAgent,
     },
-    token::{TokenError, TokenService},
+    token::{GrantAudit, GrantSpent, Origin, TokenError, TokenService},
 };
 
 use super::{
-    audit::{AuditLog, Decision},
+    audit::{AuditLog, CachedAnswer, Decision},
     caller::{Caller, Peer},
     policy::{Ask, Policy},
     status,
@@ -120,6 +120,7 @@ impl GrantAgentService {
             iss_onbehalfof: &params.iss_onbehalfof,
             jti: result.jti,
             expires_at: result.expires_at,
+            attempt: None,
             outcome,
             code: format!("{:?}", result.status.map_or(tonic::Code::Ok, Status::code)),
             reason: result
@@ -291,7 +292,16 @@ impl GrantAgentService {
         let (at, message) = self.admit("token", request, |m| m.grant.take(), request_id)?;
         match self
             .tokens
-            .get(&at.grant, message.force_refresh, at.head.deadline)
+            .get(&at.grant, message.force_refresh, at.head.deadline, || {
+                Origin {
+                    request_id: at.head.request_id.clone(),
+                    caller: at.head.caller.name().to_owned(),
+                    peer: at.head.peer.clone(),
+                    key: at.head.key.clone(),
+                    environment: at.head.environment.clone(),
+                    authorization_types: at.head.authorization_types.clone(),
+                }
+            })
             .await
         {
             Ok(issued) => {
@@ -301,16 +311,30 @@ impl GrantAgentService {
                 } else {
                     "issued"
                 };
-                self.record(
-                    "token",
-                    &at.head,
-                    at.grant.params(),
-                    outcome,
-                    &Detail {
-                        expires_at: Some(token.expires_at),
-                        ..Detail::default()
-                    },
-                );
+                if issued.from_cache && self.audit.summary_interval().is_some() {
+                    self.metrics.token(&at.head.key, outcome);
+                    self.audit.count_cached(&CachedAnswer {
+                        caller: at.head.caller.name(),
+                        key: &at.head.key,
+                        client_id: &at.grant.params().client_id,
+                        scopes: &at.grant.params().scopes,
+                        environment: &at.head.environment,
+                        jti: &token.grant_jti,
+                    });
+                } else {
+                    self.record(
+                        "token",
+                        &at.head,
+                        at.grant.params(),
+                        outcome,
+                        &Detail {
+                            expires_at: Some(token.expires_at),
+                            jti: &token.grant_jti,
+                            certificate_sha256: &token.certificate_sha256,
+                            ..Detail::default()
+                        },
+                    );
+                }
                 Ok(Response::new(GetAccessTokenResponse {
                     access_token: token.access_token.to_string(),
                     token_type: token.token_type.clone(),
@@ -335,6 +359,39 @@ impl GrantAgentService {
             }
         }
     }
+}
+
+/// Audits every grant a token fetch signs (`"audit":"token_grant"`), with its jti,
+/// certificate and which try it was, and what the token endpoint made of it: a fetch
+/// outlives the callers that wait for it, so its grants are audited where they are spent.
+pub(super) fn grant_audit(audit: Arc<AuditLog>) -> GrantAudit {
+    Arc::new(move |spent: &GrantSpent<'_>| {
+        let params = spent.request.params();
+        let origin = spent.origin;
+        audit.record(&Decision {
+            audit: "token_grant",
+            request_id: &origin.request_id,
+            time: crate::agent::rfc3339(unix_now()),
+            caller: &origin.caller,
+            peer: origin.peer.clone(),
+            key: &origin.key,
+            certificate_sha256: &spent.grant.certificate_sha256,
+            client_id: &params.client_id,
+            scopes: &params.scopes,
+            environment: &origin.environment,
+            resources: &params.resources,
+            consumer_org: &params.consumer_org,
+            authorization_types: &origin.authorization_types,
+            pid: !params.pid.is_empty(),
+            iss_onbehalfof: &params.iss_onbehalfof,
+            jti: &spent.grant.jti,
+            expires_at: Some(spent.grant.expires_at),
+            attempt: Some(spent.attempt),
+            outcome: spent.outcome,
+            code: String::new(),
+            reason: spent.reason.clone(),
+        });
+    })
 }
 
 /// The `type` of each authorization_details entry, for the audit line of a request that is

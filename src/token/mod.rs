@@ -22,7 +22,7 @@ use zeroize::Zeroizing;
 pub use exchange::SetupError;
 
 use crate::{
-    agent::{Agent, SignError, unix_now},
+    agent::{Agent, SignError, SignedGrant, unix_now},
     config::TokenSettings,
     grant::{AuthorizationDetails, ValidGrant},
     metrics::Metrics,
@@ -41,6 +41,11 @@ pub struct AccessToken {
     pub scope: String,
     /// Unix seconds: when the answer arrived plus `expires_in`.
     pub expires_at: i64,
+    /// The `jti` of the grant this token was bought with, for the audit of every answer
+    /// it serves.
+    pub grant_jti: String,
+    /// SHA-256 of the certificate that signed that grant (empty for a `kid` key).
+    pub certificate_sha256: String,
     lifetime: Duration,
     received: Instant,
 }
@@ -67,6 +72,8 @@ impl AccessToken {
             token_type,
             scope,
             expires_at: unix_now().saturating_add(i64::try_from(lifetime.as_secs()).unwrap_or(0)),
+            grant_jti: String::new(),
+            certificate_sha256: String::new(),
             lifetime,
             received: Instant::now(),
         }
@@ -241,9 +248,49 @@ pub fn check_settings(settings: &TokenSettings) -> Result<(), SetupError> {
     Exchange::new(settings).map(drop)
 }
 
+/// Who asked for the fetch of a token: named in the audit lines of the grants the fetch
+/// signs (a fetch serves everyone who joins it; these are the request that started it).
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    /// The starting request's id.
+    pub request_id: String,
+    /// Its caller.
+    pub caller: String,
+    /// Its peer address.
+    pub peer: String,
+    /// The key name, resolved.
+    pub key: String,
+    /// The environment name, resolved.
+    pub environment: String,
+    /// The `type` of each authorization_details entry.
+    pub authorization_types: Vec<String>,
+}
+
+/// One grant a fetch signed, and what the token endpoint made of it.
+#[derive(Debug)]
+pub struct GrantSpent<'a> {
+    /// Who started the fetch.
+    pub origin: &'a Origin,
+    /// The request the grant was made for.
+    pub request: &'a ValidGrant,
+    /// The grant (its jti, certificate, expiry; never log its assertion).
+    pub grant: &'a SignedGrant,
+    /// 1 for the first try of the fetch.
+    pub attempt: u32,
+    /// `issued`, `refused` (Maskinporten said no) or `failed` (no usable answer).
+    pub outcome: &'static str,
+    /// What the token endpoint answered, when it was not a token.
+    pub reason: String,
+}
+
+/// Where a fetch reports each grant it signed: every grant is audited with its `jti`,
+/// retries included, whether or not any caller is still waiting.
+pub type GrantAudit = Arc<dyn Fn(&GrantSpent<'_>) + Send + Sync>;
+
 /// Access tokens for every caller: cache, single flight, exchange, retries.
 pub struct TokenService {
     agent: Arc<Agent>,
+    audit: GrantAudit,
     exchange: Exchange,
     cache: TokenCache,
     settings: TokenSettings,
@@ -256,9 +303,11 @@ impl TokenService {
         agent: Arc<Agent>,
         settings: &TokenSettings,
         metrics: Arc<Metrics>,
+        audit: GrantAudit,
     ) -> Result<Self, SetupError> {
         Ok(TokenService {
             agent,
+            audit,
             exchange: Exchange::new(settings)?,
             cache: TokenCache::new(
                 settings.cache_entries,
@@ -271,12 +320,14 @@ impl TokenService {
     }
 
     /// An access token for a validated request, from the cache unless `force_refresh` or
-    /// it is not fresh, within `deadline` (the configured timeout when `None`).
+    /// it is not fresh, within `deadline` (the configured timeout when `None`). `origin`
+    /// is called only when this request starts a fetch.
     pub async fn get(
         self: &Arc<Self>,
         grant: &ValidGrant,
         force_refresh: bool,
         deadline: Option<Instant>,
+        origin: impl FnOnce() -> Origin,
     ) -> Result<Issued, Arc<TokenError>> {
         let deadline =
             answer_by(deadline.unwrap_or_else(|| Instant::now() + self.settings.timeout));
@@ -286,7 +337,7 @@ impl TokenService {
                 self.metrics.token_cache(true);
                 if let Some(flight) = refresh {
                     tracing::debug!("refreshing a cached token ahead of expiry");
-                    self.fly(flight, grant.clone(), self.flight_budget());
+                    self.fly(flight, grant.clone(), self.flight_budget(), origin());
                 }
                 return Ok(Issued {
                     token,
@@ -305,7 +356,7 @@ impl TokenService {
             }
             Lookup::Fetch(flight, rx) => {
                 self.metrics.token_cache(false);
-                self.fly(flight, grant.clone(), self.flight_budget());
+                self.fly(flight, grant.clone(), self.flight_budget(), origin());
                 rx
             }
         };
@@ -331,11 +382,11 @@ impl TokenService {
     }
 
     /// Runs a flight in its own task, so that it lands even if its caller gives up.
-    fn fly(self: &Arc<Self>, flight: Flight, grant: ValidGrant, deadline: Instant) {
+    fn fly(self: &Arc<Self>, flight: Flight, grant: ValidGrant, deadline: Instant, origin: Origin) {
         let service = Arc::clone(self);
         drop(tokio::spawn(async move {
             let outcome = service
-                .fetch(&grant, deadline)
+                .fetch(&grant, deadline, &origin)
                 .await
                 .map(Arc::new)
                 .map_err(Arc::new);
@@ -349,6 +400,7 @@ impl TokenService {
         &self,
         request: &ValidGrant,
         deadline: Instant,
+        origin: &Origin,
     ) -> Result<AccessToken, TokenError> {
         let keys = self.agent.keys();
         let (_, environment) = keys
@@ -366,14 +418,32 @@ impl TokenService {
                 .await;
             self.metrics
                 .token_upstream(outcome_label(&result), started.elapsed());
+            (self.audit)(&GrantSpent {
+                origin,
+                request,
+                grant: &grant,
+                attempt,
+                outcome: match &result {
+                    Ok(_) => "issued",
+                    Err(exchange::Failure::Refused { .. }) => "refused",
+                    Err(_) => "failed",
+                },
+                reason: result
+                    .as_ref()
+                    .err()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+            });
             let failure = match result {
-                Ok(token) => {
+                Ok(mut token) => {
                     tracing::info!(
                         jti = %grant.jti,
                         attempt,
                         expires_in = token.lifetime.as_secs(),
                         "access token issued"
                     );
+                    token.grant_jti = grant.jti;
+                    token.certificate_sha256 = grant.certificate_sha256;
                     return Ok(token);
                 }
                 Err(failure) => failure,
