@@ -47,7 +47,9 @@ pub(super) enum MpCode {
     Mp122,
     /// Malformed certificate, or the signature does not verify with it.
     Mp123,
-    /// A certificate for the other environment (test vs production).
+    /// The grant's signature cannot be validated with its certificate; Digdir names an
+    /// expired certificate or one for the other environment. The mock answers it for
+    /// the other environment (test vs production).
     Mp124,
     /// `iat`/`exp` out of bounds.
     Mp130,
