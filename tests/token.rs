@@ -45,6 +45,8 @@ struct Options<'a> {
     extra: &'a str,
     /// Extra lines for the agent's `[pkcs11]` section.
     pkcs11: &'a str,
+    /// Extra top-level lines for the mock's config.
+    mock: &'a str,
 }
 
 /// A dev token and its self-signed test certificate (the mock's trust anchor), a mock
@@ -72,9 +74,10 @@ async fn setup(options: Options<'_>) -> Setup {
     let mock = Mock::start(
         dir.path(),
         &format!(
-            "certificates = \"test\"\nca = \"{}\"\ntoken_lifetime_seconds = {}\n\n\
+            "{}certificates = \"test\"\nca = \"{}\"\ntoken_lifetime_seconds = {}\n\n\
              [[clients]]\nclient_id = \"{CLIENT_ID}\"\nscopes = [\"test:scope\", \"test:other\"]\n\
              organization_number = \"313367002\"\nconsumer_orgs = [\"974760673\"]\n",
+            options.mock,
             path("dev-cert.pem").display(),
             options.lifetime.unwrap_or(120),
         ),
@@ -607,45 +610,97 @@ async fn https_with_a_configured_ca_and_refused_without_it() {
 
 #[tokio::test]
 async fn discovery_must_name_the_issuer_asked_about() {
-    // A local Maskinporten whose metadata claims another issuer than the one asked.
+    // A local Maskinporten whose metadata claims another issuer than the one asked, in
+    // either document discovery reads; and an issuer that publishes neither.
     let dir = tempfile::tempdir().expect("dir");
-    let impostor = Mock::start(
-        dir.path(),
-        &format!(
-            "issuer = \"https://maskinporten.example/\"\n[[clients]]\nclient_id = \"{CLIENT_ID}\"\nscopes = [\"test:scope\"]\n"
-        ),
-        None,
-    );
-    let environment = format!(
-        "[environments.impostor]\nissuer = \"{}\"\ndiscover = true\n",
-        impostor.url
-    );
+    let mut impostors = Vec::new();
+    let mut environments = String::new();
+    for (name, document) in [
+        ("rfc8414", "oauth-authorization-server"),
+        ("openid", "openid-configuration"),
+    ] {
+        let dir = dir.path().join(name);
+        std::fs::create_dir(&dir).expect("dir");
+        let impostor = Mock::start(
+            &dir,
+            &format!(
+                "issuer = \"https://maskinporten.example/\"\nwell_known = \"{document}\"\n\
+                 [[clients]]\nclient_id = \"{CLIENT_ID}\"\nscopes = [\"test:scope\"]\n"
+            ),
+            None,
+        );
+        environments.push_str(&format!(
+            "[environments.{name}]\nissuer = \"{}\"\ndiscover = true\n\
+             [environments.{name}-none]\nissuer = \"{}nothing/\"\ndiscover = true\n",
+            impostor.url, impostor.url
+        ));
+        impostors.push((name, document, impostor));
+    }
     let Setup { agent, mock: _mock } = setup(Options {
-        extra: &environment,
+        extra: &environments,
         ..Options::default()
     })
     .await;
-    let status = agent
-        .client()
-        .await
-        .get_access_token(ask(
-            GrantParameters {
-                environment: "impostor".into(),
-                ..mock_params()
-            },
-            false,
-        ))
-        .await
-        .expect_err("refused");
-    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    let mut client = agent.client().await;
+    for (name, document, impostor) in &impostors {
+        let status = client
+            .get_access_token(ask(
+                GrantParameters {
+                    environment: (*name).into(),
+                    ..mock_params()
+                },
+                false,
+            ))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+        let expected = format!(
+            "{}.well-known/{document} names issuer \"https://maskinporten.example/\"",
+            impostor.url
+        );
+        assert!(status.message().contains(&expected), "{}", status.message());
+
+        // An issuer with a path that publishes neither document: both are tried, at the
+        // places RFC 8414 and OpenID Connect Discovery put them.
+        let status = client
+            .get_access_token(ask(
+                GrantParameters {
+                    environment: format!("{name}-none"),
+                    ..mock_params()
+                },
+                false,
+            ))
+            .await
+            .expect_err("no metadata");
+        assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+        let expected = format!(
+            "no metadata: neither {url}.well-known/oauth-authorization-server/nothing nor \
+             {url}nothing/.well-known/openid-configuration exists",
+            url = impostor.url
+        );
+        assert!(status.message().contains(&expected), "{}", status.message());
+        assert_eq!(requests_at_mock(impostor).await, 0, "no grant was sent");
+    }
+}
+
+#[tokio::test]
+async fn discovery_falls_back_to_openid_configuration() {
+    // Like Skyporten: the issuer publishes only /.well-known/openid-configuration.
+    let Setup { agent, mock } = setup(Options {
+        mock: "well_known = \"openid-configuration\"\n",
+        ..Options::default()
+    })
+    .await;
+    let token = token(&mut agent.client().await, mock_params(), false).await;
+    let claims = mock.verify_access_token(&token.access_token).await;
+    assert_eq!(claims["client_id"], CLIENT_ID);
+    assert_eq!(requests_at_mock(&mock).await, 1);
+    let log = agent.log();
     assert!(
-        status
-            .message()
-            .contains("names issuer \"https://maskinporten.example/\""),
-        "{}",
-        status.message()
+        log.contains("discovered the token endpoint")
+            && log.contains(&format!("{}token", mock.url)),
+        "{log}"
     );
-    assert_eq!(requests_at_mock(&impostor).await, 0, "no grant was sent");
 }
 
 #[tokio::test]

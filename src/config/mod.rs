@@ -249,8 +249,9 @@ pub struct EnvironmentConfig {
 pub enum TokenEndpoint {
     /// This URL.
     Url(String),
-    /// `token_endpoint` from the issuer's `/.well-known/oauth-authorization-server`,
-    /// fetched at the first token request and kept.
+    /// `token_endpoint` from the issuer's `/.well-known/oauth-authorization-server`, or
+    /// its `/.well-known/openid-configuration` when that is absent, fetched at the first
+    /// token request and kept.
     Discover,
 }
 
@@ -285,10 +286,9 @@ fn built_in(name: &str) -> Option<EnvironmentConfig> {
     Some(match name {
         "test" => EnvironmentConfig::at("https://test.maskinporten.no/", CertEnvironment::Test),
         "prod" => EnvironmentConfig::at("https://maskinporten.no/", CertEnvironment::Production),
-        "sky-test" => EnvironmentConfig::discovered(
-            "https://test.sky.maskinporten.no",
-            CertEnvironment::Test,
-        ),
+        "sky-test" => {
+            EnvironmentConfig::discovered("https://test.sky.maskinporten.no", CertEnvironment::Test)
+        }
         "sky" => EnvironmentConfig::discovered(
             "https://sky.maskinporten.no",
             CertEnvironment::Production,

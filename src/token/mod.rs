@@ -500,7 +500,10 @@ mod tests {
         // environment's.
         e.uri = "https://x/errors/MP-124".into();
         let hint = e.hint().unwrap_or_default();
-        assert!(hint.contains("signature") && hint.contains("expired"), "{hint}");
+        assert!(
+            hint.contains("signature") && hint.contains("expired"),
+            "{hint}"
+        );
         assert!(hint.contains("other environment"), "{hint}");
         e.uri = "https://x/errors/MP-303".into();
         assert!(e.hint().is_some_and(|h| h.contains("system register")));
