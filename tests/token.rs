@@ -777,3 +777,239 @@ async fn a_full_session_queue_is_busy_not_a_failed_token() {
         "overload is not logged as an error:\n{log}"
     );
 }
+
+/// `grant-agent client token ... --out FILE` plus `extra`, as a child process whose
+/// stderr goes to `stderr`.
+fn token_to_file(
+    agent: &DevAgent,
+    scope: &str,
+    file: &std::path::Path,
+    extra: &[&str],
+    stderr: &std::path::Path,
+) -> std::process::Child {
+    std::process::Command::new(BIN)
+        .args([
+            "client",
+            "token",
+            "--addr",
+            &agent.addr,
+            "--client-id",
+            CLIENT_ID,
+        ])
+        .args(["--scope", scope, "--env", "mock", "--out"])
+        .arg(file)
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(stderr).expect("stderr file"))
+        .spawn()
+        .expect("client token --out")
+}
+
+/// Waits up to `timeout` for `check` to give something.
+async fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Some(found) = check() {
+            return Some(found);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[tokio::test]
+async fn client_token_out_writes_the_token_to_a_private_file() {
+    let Setup { agent, mock } = setup(Options::default()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("maskinporten-token");
+    let stderr = dir.path().join("stderr");
+    // A file that others could read is replaced by one they cannot.
+    std::fs::write(&file, "stale").expect("stale");
+    let out = token_to_file(&agent, "test:scope", &file, &[], &stderr)
+        .wait_with_output()
+        .expect("ran");
+    assert!(out.status.success(), "{}", read(&stderr));
+    assert!(out.stdout.is_empty(), "the token goes to the file alone");
+    let token = std::fs::read_to_string(&file).expect("token file");
+    assert!(
+        !token.ends_with('\n'),
+        "the bare token, as credential_source.file reads it"
+    );
+    let claims = mock.verify_access_token(&token).await;
+    assert_eq!(claims["client_id"], CLIENT_ID);
+    assert_eq!(mode(&file), 0o600);
+    assert!(!read(&stderr).contains(&token), "the token reached stderr");
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "no temporary file left: {names:?}");
+
+    let out = token_to_file(&agent, "test:scope", &file, &["--format", "json"], &stderr)
+        .wait_with_output()
+        .expect("ran");
+    assert!(out.status.success(), "{}", read(&stderr));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).expect("file")).expect("JSON");
+    assert_eq!(
+        json["access_token"].as_str(),
+        Some(token.as_str()),
+        "cached"
+    );
+    assert_eq!(json["token_type"], "Bearer");
+    assert!(
+        json["expires_at"]
+            .as_i64()
+            .is_some_and(|t| t > common::unix_now())
+    );
+
+    // The flags that make no sense together are refused, by name.
+    for (args, message) in [
+        (
+            &["--json"][..],
+            "'--json' cannot be used with '--out <FILE>'",
+        ),
+        (&["--watch"][..], "--out <FILE>"),
+    ] {
+        let mut command = std::process::Command::new(BIN);
+        let _ = command.args([
+            "client",
+            "token",
+            "--addr",
+            &agent.addr,
+            "--client-id",
+            CLIENT_ID,
+        ]);
+        let _ = command
+            .args(["--scope", "test:scope", "--env", "mock"])
+            .args(args);
+        if args == ["--json"] {
+            let _ = command.arg("--out").arg(&file);
+        }
+        let out = command.output().expect("ran");
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(message), "{stderr}");
+    }
+    // A file that cannot be written is named with the flag.
+    let nowhere = dir.path().join("missing").join("token");
+    let out = token_to_file(&agent, "test:scope", &nowhere, &[], &stderr)
+        .wait_with_output()
+        .expect("ran");
+    assert!(!out.status.success());
+    let text = read(&stderr);
+    assert!(
+        text.contains(&format!("--out {}: cannot create", nowhere.display())),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn client_token_watch_renews_before_expiry_and_rides_out_failures() {
+    // 6 s tokens: the watch renews at two thirds of what is left, about 4 s.
+    let Setup { agent, mock } = setup(Options {
+        lifetime: Some(6),
+        ..Options::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("token");
+    let stderr = dir.path().join("stderr");
+    let mut watch = token_to_file(&agent, "test:scope", &file, &["--watch"], &stderr);
+    let read_token = || {
+        std::fs::read_to_string(&file)
+            .ok()
+            .filter(|t| !t.is_empty())
+    };
+
+    let first = eventually(Duration::from_secs(10), read_token)
+        .await
+        .expect("a first token");
+    let first_expires = mock.verify_access_token(&first).await["exp"]
+        .as_i64()
+        .expect("exp");
+    let second = eventually(Duration::from_secs(10), || {
+        read_token().filter(|t| *t != first)
+    })
+    .await
+    .expect("a renewed token");
+    assert!(
+        common::unix_now() <= first_expires,
+        "renewed before the first token expired"
+    );
+    assert_eq!(
+        mock.verify_access_token(&second).await["client_id"],
+        CLIENT_ID
+    );
+    assert_eq!(mode(&file), 0o600);
+
+    // Maskinporten fails for a while: the watch retries, then renews once it is back.
+    mock.fault(serde_json::json!({"mode": "status", "status": 503}))
+        .await;
+    let retried = eventually(Duration::from_secs(15), || {
+        read(&stderr).contains("retrying").then_some(())
+    })
+    .await;
+    assert!(retried.is_some(), "{}", read(&stderr));
+    mock.clear_faults().await;
+    let third = eventually(Duration::from_secs(20), || {
+        read_token().filter(|t| *t != first && *t != second)
+    })
+    .await
+    .expect("renewed after the failures");
+    assert_eq!(
+        mock.verify_access_token(&third).await["client_id"],
+        CLIENT_ID
+    );
+    assert!(watch.try_wait().expect("wait").is_none(), "still watching");
+
+    // SIGTERM ends it cleanly, leaving the file.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &watch.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exited = eventually(Duration::from_secs(5), || watch.try_wait().expect("wait")).await;
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "{exited:?}\n{}",
+        read(&stderr)
+    );
+    assert!(read_token().is_some());
+    let log = read(&stderr);
+    for token in [&first, &second, &third] {
+        assert!(!log.contains(token.as_str()), "a token reached stderr");
+    }
+    assert!(
+        log.contains("UNAVAILABLE") || log.contains("Unavailable"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn client_token_watch_stops_on_a_refusal_a_retry_would_repeat() {
+    let Setup { agent, mock } = setup(Options::default()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("token");
+    let stderr = dir.path().join("stderr");
+    let mut watch = token_to_file(&agent, "test:forbidden", &file, &["--watch"], &stderr);
+    let exited = eventually(Duration::from_secs(10), || watch.try_wait().expect("wait")).await;
+    let text = read(&stderr);
+    assert!(exited.is_some_and(|s| !s.success()), "{exited:?}\n{text}");
+    assert!(
+        text.contains("--watch stopped: the agent refused: PermissionDenied")
+            && text.contains("MP-200"),
+        "{text}"
+    );
+    assert!(!file.exists(), "nothing written");
+    assert_eq!(requests_at_mock(&mock).await, 1, "not retried");
+}
