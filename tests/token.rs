@@ -1012,4 +1012,34 @@ async fn client_token_watch_stops_on_a_refusal_a_retry_would_repeat() {
     );
     assert!(!file.exists(), "nothing written");
     assert_eq!(requests_at_mock(&mock).await, 1, "not retried");
+
+    // An agent that is not there (yet) is waited for, not given up on; SIGINT ends that.
+    let mut waiting = std::process::Command::new(BIN)
+        .args([
+            "client",
+            "token",
+            "--addr",
+            "127.0.0.1:9",
+            "--client-id",
+            CLIENT_ID,
+        ])
+        .args(["--scope", "test:scope", "--env", "mock", "--watch", "--out"])
+        .arg(&file)
+        .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+        .spawn()
+        .expect("client token --watch");
+    let retried = eventually(Duration::from_secs(10), || {
+        let text = read(&stderr);
+        (text.contains("retrying") && text.contains("cannot connect")).then_some(())
+    })
+    .await;
+    assert!(retried.is_some(), "{}", read(&stderr));
+    assert!(waiting.try_wait().expect("wait").is_none(), "still waiting");
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &waiting.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exited = eventually(Duration::from_secs(5), || waiting.try_wait().expect("wait")).await;
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
 }
