@@ -1043,3 +1043,40 @@ async fn client_token_watch_stops_on_a_refusal_a_retry_would_repeat() {
     let exited = eventually(Duration::from_secs(5), || waiting.try_wait().expect("wait")).await;
     assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
 }
+
+#[tokio::test]
+async fn skyporten_grants_carry_its_issuer_exactly() {
+    // The dev agent's certificate is a test certificate: sky-test takes it, sky does not.
+    let agent = DevAgent::start();
+    let mut client = agent.client().await;
+    let signed = client
+        .sign_grant(SignGrantRequest {
+            grant: Some(GrantParameters {
+                environment: "sky-test".into(),
+                ..params()
+            }),
+        })
+        .await
+        .expect("signed for sky-test")
+        .into_inner();
+    let claims = verify(&signed.assertion, "https://test.sky.maskinporten.no").claims;
+    assert_eq!(
+        claims["aud"], "https://test.sky.maskinporten.no",
+        "no trailing slash"
+    );
+    let status = client
+        .sign_grant(SignGrantRequest {
+            grant: Some(GrantParameters {
+                environment: "sky".into(),
+                ..params()
+            }),
+        })
+        .await
+        .expect_err("a test certificate for production Skyporten");
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "{}",
+        status.message()
+    );
+}
