@@ -8,7 +8,8 @@
 //! - [`config`]: the TOML configuration, validated before anything starts.
 //! - [`grant`]: claims, request validation and JWS encoding; no PKCS#11.
 //! - [`cert`]: the certificate chain and what the agent reads from it.
-//! - [`client`]: connecting to a running agent (Unix socket, TCP, mutual TLS).
+//! - [`client`]: connecting to a running agent (Unix socket, TCP, mutual TLS), and a file
+//!   kept holding a fresh access token.
 //! - [`hsm`]: the PKCS#11 token: login, session pool, key lookup, signing, provisioning.
 //! - [`admin`]: key management commands: generate, CSR, certificate import, JWK, list.
 //! - [`agent`]: keys bound to certificates, and `sign_grant`, which ties the above together.

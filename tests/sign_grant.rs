@@ -240,7 +240,7 @@ async fn bad_input_names_the_field_and_the_agent_keeps_serving() {
         (
             |p| p.environment = "staging".into(),
             Code::InvalidArgument,
-            "grant.environment: \"staging\" is not a known environment; use one of: prod, test",
+            "grant.environment: \"staging\" is not a known environment; use one of: prod, sky, sky-test, test",
         ),
         (
             |p| p.lifetime_seconds = 121,

@@ -45,6 +45,8 @@ struct Options<'a> {
     extra: &'a str,
     /// Extra lines for the agent's `[pkcs11]` section.
     pkcs11: &'a str,
+    /// Extra top-level lines for the mock's config.
+    mock: &'a str,
 }
 
 /// A dev token and its self-signed test certificate (the mock's trust anchor), a mock
@@ -72,9 +74,10 @@ async fn setup(options: Options<'_>) -> Setup {
     let mock = Mock::start(
         dir.path(),
         &format!(
-            "certificates = \"test\"\nca = \"{}\"\ntoken_lifetime_seconds = {}\n\n\
+            "{}certificates = \"test\"\nca = \"{}\"\ntoken_lifetime_seconds = {}\n\n\
              [[clients]]\nclient_id = \"{CLIENT_ID}\"\nscopes = [\"test:scope\", \"test:other\"]\n\
              organization_number = \"313367002\"\nconsumer_orgs = [\"974760673\"]\n",
+            options.mock,
             path("dev-cert.pem").display(),
             options.lifetime.unwrap_or(120),
         ),
@@ -849,45 +852,97 @@ async fn https_with_a_configured_ca_and_refused_without_it() {
 
 #[tokio::test]
 async fn discovery_must_name_the_issuer_asked_about() {
-    // A local Maskinporten whose metadata claims another issuer than the one asked.
+    // A local Maskinporten whose metadata claims another issuer than the one asked, in
+    // either document discovery reads; and an issuer that publishes neither.
     let dir = tempfile::tempdir().expect("dir");
-    let impostor = Mock::start(
-        dir.path(),
-        &format!(
-            "issuer = \"https://maskinporten.example/\"\n[[clients]]\nclient_id = \"{CLIENT_ID}\"\nscopes = [\"test:scope\"]\n"
-        ),
-        None,
-    );
-    let environment = format!(
-        "[environments.impostor]\nissuer = \"{}\"\ndiscover = true\n",
-        impostor.url
-    );
+    let mut impostors = Vec::new();
+    let mut environments = String::new();
+    for (name, document) in [
+        ("rfc8414", "oauth-authorization-server"),
+        ("openid", "openid-configuration"),
+    ] {
+        let dir = dir.path().join(name);
+        std::fs::create_dir(&dir).expect("dir");
+        let impostor = Mock::start(
+            &dir,
+            &format!(
+                "issuer = \"https://maskinporten.example/\"\nwell_known = \"{document}\"\n\
+                 [[clients]]\nclient_id = \"{CLIENT_ID}\"\nscopes = [\"test:scope\"]\n"
+            ),
+            None,
+        );
+        environments.push_str(&format!(
+            "[environments.{name}]\nissuer = \"{}\"\ndiscover = true\n\
+             [environments.{name}-none]\nissuer = \"{}nothing/\"\ndiscover = true\n",
+            impostor.url, impostor.url
+        ));
+        impostors.push((name, document, impostor));
+    }
     let Setup { agent, mock: _mock } = setup(Options {
-        extra: &environment,
+        extra: &environments,
         ..Options::default()
     })
     .await;
-    let status = agent
-        .client()
-        .await
-        .get_access_token(ask(
-            GrantParameters {
-                environment: "impostor".into(),
-                ..mock_params()
-            },
-            false,
-        ))
-        .await
-        .expect_err("refused");
-    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    let mut client = agent.client().await;
+    for (name, document, impostor) in &impostors {
+        let status = client
+            .get_access_token(ask(
+                GrantParameters {
+                    environment: (*name).into(),
+                    ..mock_params()
+                },
+                false,
+            ))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+        let expected = format!(
+            "{}.well-known/{document} names issuer \"https://maskinporten.example/\"",
+            impostor.url
+        );
+        assert!(status.message().contains(&expected), "{}", status.message());
+
+        // An issuer with a path that publishes neither document: both are tried, at the
+        // places RFC 8414 and OpenID Connect Discovery put them.
+        let status = client
+            .get_access_token(ask(
+                GrantParameters {
+                    environment: format!("{name}-none"),
+                    ..mock_params()
+                },
+                false,
+            ))
+            .await
+            .expect_err("no metadata");
+        assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+        let expected = format!(
+            "no metadata: neither {url}.well-known/oauth-authorization-server/nothing nor \
+             {url}nothing/.well-known/openid-configuration exists",
+            url = impostor.url
+        );
+        assert!(status.message().contains(&expected), "{}", status.message());
+        assert_eq!(requests_at_mock(impostor).await, 0, "no grant was sent");
+    }
+}
+
+#[tokio::test]
+async fn discovery_falls_back_to_openid_configuration() {
+    // Like Skyporten: the issuer publishes only /.well-known/openid-configuration.
+    let Setup { agent, mock } = setup(Options {
+        mock: "well_known = \"openid-configuration\"\n",
+        ..Options::default()
+    })
+    .await;
+    let token = token(&mut agent.client().await, mock_params(), false).await;
+    let claims = mock.verify_access_token(&token.access_token).await;
+    assert_eq!(claims["client_id"], CLIENT_ID);
+    assert_eq!(requests_at_mock(&mock).await, 1);
+    let log = agent.log();
     assert!(
-        status
-            .message()
-            .contains("names issuer \"https://maskinporten.example/\""),
-        "{}",
-        status.message()
+        log.contains("discovered the token endpoint")
+            && log.contains(&format!("{}token", mock.url)),
+        "{log}"
     );
-    assert_eq!(requests_at_mock(&impostor).await, 0, "no grant was sent");
 }
 
 #[tokio::test]
@@ -962,5 +1017,308 @@ async fn a_full_session_queue_is_busy_not_a_failed_token() {
     assert!(
         !log.contains("signing failed") && !log.contains("no access token"),
         "overload is not logged as an error:\n{log}"
+    );
+}
+
+/// `grant-agent client token ... --out FILE` plus `extra`, as a child process whose
+/// stderr goes to `stderr`.
+fn token_to_file(
+    agent: &DevAgent,
+    scope: &str,
+    file: &std::path::Path,
+    extra: &[&str],
+    stderr: &std::path::Path,
+) -> std::process::Child {
+    std::process::Command::new(BIN)
+        .args([
+            "client",
+            "token",
+            "--addr",
+            &agent.addr,
+            "--client-id",
+            CLIENT_ID,
+        ])
+        .args(["--scope", scope, "--env", "mock", "--out"])
+        .arg(file)
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(stderr).expect("stderr file"))
+        .spawn()
+        .expect("client token --out")
+}
+
+/// Waits up to `timeout` for `check` to give something.
+async fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Some(found) = check() {
+            return Some(found);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .expect("metadata")
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[tokio::test]
+async fn client_token_out_writes_the_token_to_a_private_file() {
+    let Setup { agent, mock } = setup(Options::default()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("maskinporten-token");
+    let stderr = dir.path().join("stderr");
+    // A file that others could read is replaced by one they cannot.
+    std::fs::write(&file, "stale").expect("stale");
+    let out = token_to_file(&agent, "test:scope", &file, &[], &stderr)
+        .wait_with_output()
+        .expect("ran");
+    assert!(out.status.success(), "{}", read(&stderr));
+    assert!(out.stdout.is_empty(), "the token goes to the file alone");
+    let token = std::fs::read_to_string(&file).expect("token file");
+    assert!(
+        !token.ends_with('\n'),
+        "the bare token, as credential_source.file reads it"
+    );
+    let claims = mock.verify_access_token(&token).await;
+    assert_eq!(claims["client_id"], CLIENT_ID);
+    assert_eq!(mode(&file), 0o600);
+    assert!(!read(&stderr).contains(&token), "the token reached stderr");
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "no temporary file left: {names:?}");
+
+    let out = token_to_file(&agent, "test:scope", &file, &["--format", "json"], &stderr)
+        .wait_with_output()
+        .expect("ran");
+    assert!(out.status.success(), "{}", read(&stderr));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).expect("file")).expect("JSON");
+    assert_eq!(
+        json["access_token"].as_str(),
+        Some(token.as_str()),
+        "cached"
+    );
+    assert_eq!(json["token_type"], "Bearer");
+    assert!(
+        json["expires_at"]
+            .as_i64()
+            .is_some_and(|t| t > common::unix_now())
+    );
+
+    // The flags that make no sense together are refused, by name.
+    for (args, message) in [
+        (
+            &["--json"][..],
+            "'--json' cannot be used with '--out <FILE>'",
+        ),
+        (&["--watch"][..], "--out <FILE>"),
+    ] {
+        let mut command = std::process::Command::new(BIN);
+        let _ = command.args([
+            "client",
+            "token",
+            "--addr",
+            &agent.addr,
+            "--client-id",
+            CLIENT_ID,
+        ]);
+        let _ = command
+            .args(["--scope", "test:scope", "--env", "mock"])
+            .args(args);
+        if args == ["--json"] {
+            let _ = command.arg("--out").arg(&file);
+        }
+        let out = command.output().expect("ran");
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(message), "{stderr}");
+    }
+    // A file that cannot be written is named with the flag.
+    let nowhere = dir.path().join("missing").join("token");
+    let out = token_to_file(&agent, "test:scope", &nowhere, &[], &stderr)
+        .wait_with_output()
+        .expect("ran");
+    assert!(!out.status.success());
+    let text = read(&stderr);
+    assert!(
+        text.contains(&format!("--out {}: cannot create", nowhere.display())),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn client_token_watch_renews_before_expiry_and_rides_out_failures() {
+    // 6 s tokens: the watch renews at two thirds of what is left, about 4 s.
+    let Setup { agent, mock } = setup(Options {
+        lifetime: Some(6),
+        ..Options::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("token");
+    let stderr = dir.path().join("stderr");
+    let mut watch = token_to_file(&agent, "test:scope", &file, &["--watch"], &stderr);
+    let read_token = || {
+        std::fs::read_to_string(&file)
+            .ok()
+            .filter(|t| !t.is_empty())
+    };
+
+    let first = eventually(Duration::from_secs(10), read_token)
+        .await
+        .expect("a first token");
+    let first_expires = mock.verify_access_token(&first).await["exp"]
+        .as_i64()
+        .expect("exp");
+    let second = eventually(Duration::from_secs(10), || {
+        read_token().filter(|t| *t != first)
+    })
+    .await
+    .expect("a renewed token");
+    assert!(
+        common::unix_now() <= first_expires,
+        "renewed before the first token expired"
+    );
+    assert_eq!(
+        mock.verify_access_token(&second).await["client_id"],
+        CLIENT_ID
+    );
+    assert_eq!(mode(&file), 0o600);
+
+    // Maskinporten fails for a while: the watch retries, then renews once it is back.
+    mock.fault(serde_json::json!({"mode": "status", "status": 503}))
+        .await;
+    let retried = eventually(Duration::from_secs(15), || {
+        read(&stderr).contains("retrying").then_some(())
+    })
+    .await;
+    assert!(retried.is_some(), "{}", read(&stderr));
+    mock.clear_faults().await;
+    let third = eventually(Duration::from_secs(20), || {
+        read_token().filter(|t| *t != first && *t != second)
+    })
+    .await
+    .expect("renewed after the failures");
+    assert_eq!(
+        mock.verify_access_token(&third).await["client_id"],
+        CLIENT_ID
+    );
+    assert!(watch.try_wait().expect("wait").is_none(), "still watching");
+
+    // SIGTERM ends it cleanly, leaving the file.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &watch.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exited = eventually(Duration::from_secs(5), || watch.try_wait().expect("wait")).await;
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "{exited:?}\n{}",
+        read(&stderr)
+    );
+    assert!(read_token().is_some());
+    let log = read(&stderr);
+    for token in [&first, &second, &third] {
+        assert!(!log.contains(token.as_str()), "a token reached stderr");
+    }
+    assert!(
+        log.contains("UNAVAILABLE") || log.contains("Unavailable"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn client_token_watch_stops_on_a_refusal_a_retry_would_repeat() {
+    let Setup { agent, mock } = setup(Options::default()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("token");
+    let stderr = dir.path().join("stderr");
+    let mut watch = token_to_file(&agent, "test:forbidden", &file, &["--watch"], &stderr);
+    let exited = eventually(Duration::from_secs(10), || watch.try_wait().expect("wait")).await;
+    let text = read(&stderr);
+    assert!(exited.is_some_and(|s| !s.success()), "{exited:?}\n{text}");
+    assert!(
+        text.contains("--watch stopped: the agent refused: PermissionDenied")
+            && text.contains("MP-200"),
+        "{text}"
+    );
+    assert!(!file.exists(), "nothing written");
+    assert_eq!(requests_at_mock(&mock).await, 1, "not retried");
+
+    // An agent that is not there (yet) is waited for, not given up on; SIGINT ends that.
+    let mut waiting = std::process::Command::new(BIN)
+        .args([
+            "client",
+            "token",
+            "--addr",
+            "127.0.0.1:9",
+            "--client-id",
+            CLIENT_ID,
+        ])
+        .args(["--scope", "test:scope", "--env", "mock", "--watch", "--out"])
+        .arg(&file)
+        .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+        .spawn()
+        .expect("client token --watch");
+    let retried = eventually(Duration::from_secs(10), || {
+        let text = read(&stderr);
+        (text.contains("retrying") && text.contains("cannot connect")).then_some(())
+    })
+    .await;
+    assert!(retried.is_some(), "{}", read(&stderr));
+    assert!(waiting.try_wait().expect("wait").is_none(), "still waiting");
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &waiting.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exited = eventually(Duration::from_secs(5), || waiting.try_wait().expect("wait")).await;
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+}
+
+#[tokio::test]
+async fn skyporten_grants_carry_its_issuer_exactly() {
+    // The dev agent's certificate is a test certificate: sky-test takes it, sky does not.
+    let agent = DevAgent::start();
+    let mut client = agent.client().await;
+    let signed = client
+        .sign_grant(SignGrantRequest {
+            grant: Some(GrantParameters {
+                environment: "sky-test".into(),
+                ..params()
+            }),
+        })
+        .await
+        .expect("signed for sky-test")
+        .into_inner();
+    let claims = verify(&signed.assertion, "https://test.sky.maskinporten.no").claims;
+    assert_eq!(
+        claims["aud"], "https://test.sky.maskinporten.no",
+        "no trailing slash"
+    );
+    let status = client
+        .sign_grant(SignGrantRequest {
+            grant: Some(GrantParameters {
+                environment: "sky".into(),
+                ..params()
+            }),
+        })
+        .await
+        .expect_err("a test certificate for production Skyporten");
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "{}",
+        status.message()
     );
 }

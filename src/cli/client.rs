@@ -1,11 +1,17 @@
 //! `grant-agent client ...`: for scripts and probes, talking to a running agent. Results
 //! go to stdout alone (a grant, a token), so `$(grant-agent client token ...)` works;
 //! refusals go to stderr with the agent's whole message and a non-zero exit.
+//! `client token --out FILE [--watch]` writes the token to a file instead, and keeps it
+//! fresh ([`grant_agent::client::token_file`]).
 
 use std::path::PathBuf;
 
-use clap::{Args, Subcommand};
-use grant_agent::{client, grant::GrantParameters, proto};
+use clap::{Args, Subcommand, ValueEnum};
+use grant_agent::{
+    client::{self, token_file},
+    grant::GrantParameters,
+    proto,
+};
 
 use crate::{Failure, GrantArgs};
 
@@ -30,8 +36,20 @@ pub(crate) enum ClientCommand {
         force_refresh: bool,
         /// Print the whole answer as JSON (access_token, token_type, expires_at, scope,
         /// from_cache) instead of the bare token.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "out")]
         json: bool,
+        /// Write the token to FILE (mode 0600, replaced atomically) instead of stdout, for
+        /// tools that read a credential file (e.g. Google's credential_source.file).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// With --out: keep FILE fresh, renewing the token at two thirds of its life and
+        /// retrying transient failures, until SIGTERM or SIGINT; a refusal a retry would
+        /// repeat stops it with the agent's message.
+        #[arg(long, requires = "out")]
+        watch: bool,
+        /// With --out: what FILE holds [default: text, the bare token without a newline].
+        #[arg(long, value_enum, requires = "out")]
+        format: Option<OutFormat>,
     },
     /// Exit 0 when the agent is SERVING (its token is usable), 1 otherwise: the readiness
     /// probe.
@@ -43,6 +61,15 @@ pub(crate) enum ClientCommand {
         #[arg(long)]
         liveness: bool,
     },
+}
+
+/// What `client token --out` writes.
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum OutFormat {
+    /// The bare access token, without a newline.
+    Text,
+    /// {"access_token", "token_type", "expires_at", "scope"}.
+    Json,
 }
 
 /// Where the agent is, and the caller's TLS identity for mutual TLS.
@@ -133,7 +160,40 @@ pub(crate) async fn client(command: ClientCommand) -> Result<(), Failure> {
             connection,
             grant,
             force_refresh,
+            out: Some(out),
+            watch,
+            format,
+            ..
+        } => {
+            let format = match format {
+                None | Some(OutFormat::Text) => token_file::FileFormat::Text,
+                Some(OutFormat::Json) => token_file::FileFormat::Json,
+            };
+            let source = token_file::Source {
+                tls: connection.tls()?,
+                addr: connection.addr,
+                request: proto::GetAccessTokenRequest {
+                    grant: Some(GrantParameters::from(grant)),
+                    force_refresh,
+                },
+            };
+            let file = token_file::TokenFile::new(out, format);
+            if !watch {
+                // One try; an interrupt ends it as it ends any command.
+                let once = std::future::pending();
+                return Ok(token_file::keep_fresh(source, &file, false, once).await?);
+            }
+            token_file::keep_fresh(source, &file, true, grant_agent::server::shutdown_signal())
+                .await
+                .map_err(|e| format!("--watch stopped: {e}").into())
+        }
+        ClientCommand::Token {
+            connection,
+            grant,
+            force_refresh,
             json,
+            out: None,
+            ..
         } => {
             let token = connection
                 .connect()

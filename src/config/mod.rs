@@ -54,7 +54,8 @@ pub struct Config {
     pub default_key: String,
     /// Environment used when a request names none; `None` makes it required.
     pub default_environment: Option<String>,
-    /// Named environments beyond (or overriding) the built-in `test` and `prod`.
+    /// Named environments beyond (or overriding) the built-in `test`, `prod`, `sky-test`
+    /// and `sky`.
     pub environments: BTreeMap<String, EnvironmentConfig>,
     /// Warn when a certificate expires within this many days.
     pub expiry_warning_days: u32,
@@ -249,8 +250,9 @@ pub struct EnvironmentConfig {
 pub enum TokenEndpoint {
     /// This URL.
     Url(String),
-    /// `token_endpoint` from the issuer's `/.well-known/oauth-authorization-server`,
-    /// fetched at the first token request and kept.
+    /// `token_endpoint` from the issuer's `/.well-known/oauth-authorization-server`, or
+    /// its `/.well-known/openid-configuration` when that is absent, fetched at the first
+    /// token request and kept.
     Discover,
 }
 
@@ -262,6 +264,38 @@ impl EnvironmentConfig {
             token_endpoint: TokenEndpoint::Url(default_token_endpoint(audience)),
         }
     }
+
+    /// An issuer whose token endpoint is read from its metadata at the first request.
+    fn discovered(audience: &str, certificates: CertEnvironment) -> Self {
+        EnvironmentConfig {
+            audience: audience.to_owned(),
+            certificates,
+            token_endpoint: TokenEndpoint::Discover,
+        }
+    }
+}
+
+/// The environments every config has, unless it names its own of the same name.
+///
+/// Maskinporten's issuers end in `/`; Skyporten's do not, and a grant's `aud` must be the
+/// issuer exactly, so each string is kept as Digdir publishes it. Digdir documents
+/// Skyporten's metadata (`/.well-known/openid-configuration`) but not its token endpoint,
+/// so `sky-test` and `sky` discover it.
+const BUILT_IN: [&str; 4] = ["prod", "sky", "sky-test", "test"];
+
+fn built_in(name: &str) -> Option<EnvironmentConfig> {
+    Some(match name {
+        "test" => EnvironmentConfig::at("https://test.maskinporten.no/", CertEnvironment::Test),
+        "prod" => EnvironmentConfig::at("https://maskinporten.no/", CertEnvironment::Production),
+        "sky-test" => {
+            EnvironmentConfig::discovered("https://test.sky.maskinporten.no", CertEnvironment::Test)
+        }
+        "sky" => EnvironmentConfig::discovered(
+            "https://sky.maskinporten.no",
+            CertEnvironment::Production,
+        ),
+        _ => return None,
+    })
 }
 
 /// Maskinporten's layout: the token endpoint is `token` under the issuer.
@@ -613,33 +647,24 @@ impl Config {
             return Err(invalid(
                 "default_environment",
                 format!("{env:?} is not a known environment"),
-                "use \"test\", \"prod\" or a name from [environments]",
+                "use \"test\", \"prod\", \"sky-test\", \"sky\" or a name from [environments]",
             ));
         }
         Ok(config)
     }
 
-    /// An environment by name: the config's own first, then the built-in `test` and `prod`.
+    /// An environment by name: the config's own first, then the built-in `test`, `prod`
+    /// (Maskinporten) and `sky-test`, `sky` (Skyporten).
     pub fn environment(&self, name: &str) -> Option<EnvironmentConfig> {
-        if let Some(env) = self.environments.get(name) {
-            return Some(env.clone());
-        }
-        match name {
-            "test" => Some(EnvironmentConfig::at(
-                "https://test.maskinporten.no/",
-                CertEnvironment::Test,
-            )),
-            "prod" => Some(EnvironmentConfig::at(
-                "https://maskinporten.no/",
-                CertEnvironment::Production,
-            )),
-            _ => None,
+        match self.environments.get(name) {
+            Some(env) => Some(env.clone()),
+            None => built_in(name),
         }
     }
 
     /// All environment names a request may use, sorted.
     pub fn environment_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = ["prod", "test"].map(String::from).into();
+        let mut names: Vec<String> = BUILT_IN.map(String::from).into();
         names.extend(self.environments.keys().cloned());
         names.sort();
         names.dedup();
@@ -1086,7 +1111,10 @@ certificate = "token"
                 token_endpoint: TokenEndpoint::Url("http://127.0.0.1:8080/token".into()),
             })
         );
-        assert_eq!(c.environment_names(), ["prod", "staging", "test"]);
+        assert_eq!(
+            c.environment_names(),
+            ["prod", "sky", "sky-test", "staging", "test"]
+        );
         assert_eq!(
             c.environment("prod").map(|e| e.token_endpoint),
             Some(TokenEndpoint::Url("https://maskinporten.no/token".into()))
@@ -1098,6 +1126,43 @@ certificate = "token"
             ))
         );
         assert_eq!(c.token, TokenSettings::default());
+    }
+
+    #[test]
+    fn skyporten_is_built_in_with_its_issuers_exactly() {
+        let c = Config::from_toml_str(GOOD, "agent.toml").expect("valid");
+        // No trailing slash: the grant's aud must be Skyporten's issuer as published.
+        assert_eq!(
+            c.environment("sky-test"),
+            Some(EnvironmentConfig {
+                audience: "https://test.sky.maskinporten.no".into(),
+                certificates: CertEnvironment::Test,
+                token_endpoint: TokenEndpoint::Discover,
+            })
+        );
+        assert_eq!(
+            c.environment("sky"),
+            Some(EnvironmentConfig {
+                audience: "https://sky.maskinporten.no".into(),
+                certificates: CertEnvironment::Production,
+                token_endpoint: TokenEndpoint::Discover,
+            })
+        );
+        // A config may still name its own "sky", and may default to a built-in one.
+        let own = format!(
+            "default_environment = \"sky-test\"\n{GOOD}[environments.sky]\nissuer = \"https://sky.example/\"\n"
+        );
+        let c = Config::from_toml_str(&own, "agent.toml").expect("valid");
+        assert_eq!(
+            c.environment("sky").map(|e| e.audience),
+            Some("https://sky.example/".into())
+        );
+        assert_eq!(c.default_environment.as_deref(), Some("sky-test"));
+        let unknown = format!("default_environment = \"skyport\"\n{GOOD}");
+        let error = Config::from_toml_str(&unknown, "agent.toml")
+            .expect_err("unknown")
+            .to_string();
+        assert!(error.contains("\"sky-test\", \"sky\""), "{error}");
     }
 
     #[test]

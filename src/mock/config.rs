@@ -40,6 +40,32 @@ pub(super) enum CertificatePolicy {
     Any,
 }
 
+/// Which metadata documents the mock publishes, so a client's discovery can be tested
+/// against an issuer that has only one of them (Skyporten has only OpenID Connect's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(super) enum WellKnown {
+    /// `/.well-known/oauth-authorization-server` (RFC 8414), as Maskinporten publishes.
+    #[default]
+    OauthAuthorizationServer,
+    /// `/.well-known/openid-configuration` (OpenID Connect Discovery) only.
+    OpenidConfiguration,
+    /// Both.
+    Both,
+}
+
+impl WellKnown {
+    /// Whether `/.well-known/oauth-authorization-server` is served.
+    pub(super) fn rfc8414(self) -> bool {
+        matches!(self, WellKnown::OauthAuthorizationServer | WellKnown::Both)
+    }
+
+    /// Whether `/.well-known/openid-configuration` is served.
+    pub(super) fn openid(self) -> bool {
+        matches!(self, WellKnown::OpenidConfiguration | WellKnown::Both)
+    }
+}
+
 /// A registered Maskinporten client.
 #[derive(Debug)]
 pub(super) struct Client {
@@ -84,6 +110,8 @@ pub(super) struct RegisteredKey {
 struct RawConfig {
     issuer: Option<String>,
     token_lifetime_seconds: Option<u32>,
+    #[serde(default)]
+    well_known: WellKnown,
     #[serde(default)]
     certificates: CertificatePolicy,
     ca: Option<PathBuf>,
@@ -182,6 +210,7 @@ pub(super) fn parse(text: &str, file: &str, base: &Path) -> Result<MockConfig, C
     Ok(MockConfig {
         issuer: raw.issuer,
         token_lifetime_seconds,
+        well_known: raw.well_known,
         certificates: raw.certificates,
         trust_anchors,
         signing_key,

@@ -12,7 +12,9 @@
 //!   400 with `error`, `error_description` (ending in `(trace_id: <32 hex>)`) and, for the
 //!   cases Maskinporten documents, `error_uri` naming the MP code (see the table below).
 //! - `GET /jwks`: the access-token signing key.
-//! - `GET /.well-known/oauth-authorization-server`: RFC 8414 metadata.
+//! - `GET /.well-known/oauth-authorization-server`: RFC 8414 metadata; with `well_known =
+//!   "openid-configuration"` only `GET /.well-known/openid-configuration` (the same
+//!   document, as Skyporten publishes it), with `"both"` both.
 //! - `GET /mock/stats`: `{"token_requests", "tokens_issued", "refused", "faults"}` since start.
 //! - `POST /mock/faults`: `{"mode": "status"|"delay"|"drop", "status": 503, "delay_ms":
 //!   2000, "count": 3}` applies to the next `count` token requests (0 or absent: until
@@ -24,6 +26,7 @@
 //! ```toml
 //! # issuer = "http://127.0.0.1:9000/"  # default: http(s)://<bound address>/; aud must match
 //! token_lifetime_seconds = 120          # expires_in of access tokens (1 to 86400)
+//! well_known = "oauth-authorization-server"  # or "openid-configuration", "both"
 //! certificates = "test"                 # "test": refuse production certificates; "prod"; "any"
 //! ca = "test-ca.pem"                    # trust anchors for x5c; without it x5c is refused
 //! signing_key = "mock-token-key.pem"    # PKCS#8 RSA key for access tokens; generated if absent
@@ -54,7 +57,8 @@
 //! | a claim Maskinporten does not know                | `invalid_grant`          |         |
 //! | `iss` is no configured client                     | `invalid_client`         | MP-100  |
 //! | `aud` is not the issuer                           | `invalid_grant`          | MP-110  |
-//! | x5c malformed, or the JWS signature fails         | `invalid_grant`          | MP-123  |
+//! | x5c malformed                                     | `invalid_grant`          | MP-123  |
+//! | the JWS signature fails with the x5c certificate  | `invalid_grant`          | MP-124  |
 //! | x5c chain broken, expired, not to a `ca` anchor   | `invalid_grant`          | MP-120  |
 //! | certificate from the wrong environment            | `invalid_grant`          | MP-124  |
 //! | certificate organisation is not the client's      | `invalid_grant`          | MP-122  |
@@ -95,7 +99,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ConfigError;
-use config::{CertificatePolicy, Client};
+use config::{CertificatePolicy, Client, WellKnown};
 use token::TokenSigner;
 use verify::Verifier;
 
@@ -109,6 +113,7 @@ use verify::Verifier;
 pub struct MockConfig {
     issuer: Option<String>,
     token_lifetime_seconds: u32,
+    well_known: WellKnown,
     certificates: CertificatePolicy,
     trust_anchors: Vec<x509_cert::Certificate>,
     signing_key: Option<rsa::PrivateKey>,
@@ -216,6 +221,7 @@ impl MockServer {
             .clone()
             .unwrap_or_else(|| format!("{scheme}://{local_addr}/"));
         let lifetime = config.token_lifetime_seconds;
+        let well_known = config.well_known;
         let verifier = Verifier::new(config, issuer.clone());
         let mock = server::Mock::new(verifier, signer, issuer.clone(), lifetime);
         Ok(MockServer {
@@ -223,7 +229,7 @@ impl MockServer {
             local_addr,
             issuer,
             tls,
-            app: server::router(Arc::new(mock)),
+            app: server::router(Arc::new(mock), well_known),
         })
     }
 

@@ -45,9 +45,11 @@ pub(super) enum MpCode {
     Mp121,
     /// The certificate belongs to another organisation than the client.
     Mp122,
-    /// Malformed certificate, or the signature does not verify with it.
+    /// Malformed certificate.
     Mp123,
-    /// A certificate for the other environment (test vs production).
+    /// The grant's signature cannot be validated with its certificate; Digdir names an
+    /// expired certificate or one for the other environment. The mock answers it for a
+    /// signature that does not verify and for the other environment (test vs production).
     Mp124,
     /// `iat`/`exp` out of bounds.
     Mp130,

@@ -27,6 +27,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
+    WellKnown,
     accept::ConnectionAbort,
     refusal::{MpCode, Refusal, invalid_request},
     token::TokenSigner,
@@ -126,15 +127,21 @@ impl Mock {
     }
 }
 
-/// All routes, sharing `mock`.
-pub(super) fn router(mock: Arc<Mock>) -> Router {
-    Router::new()
+/// All routes, sharing `mock`; the metadata at the well-known paths `well_known` names
+/// (any other is 404, as at an issuer that does not publish it).
+pub(super) fn router(mock: Arc<Mock>, well_known: WellKnown) -> Router {
+    let mut router = Router::new()
         .route("/token", post(token))
         .route("/jwks", get(jwks))
-        .route("/.well-known/oauth-authorization-server", get(metadata))
         .route("/mock/stats", get(stats))
-        .route("/mock/faults", post(set_fault).delete(clear_fault))
-        .with_state(mock)
+        .route("/mock/faults", post(set_fault).delete(clear_fault));
+    if well_known.rfc8414() {
+        router = router.route("/.well-known/oauth-authorization-server", get(metadata));
+    }
+    if well_known.openid() {
+        router = router.route("/.well-known/openid-configuration", get(metadata));
+    }
+    router.with_state(mock)
 }
 
 async fn token(

@@ -301,7 +301,7 @@ impl Verifier {
             .map_err(|why| malformed(format!("x5c[0]: {why}")))?;
         if !jws.signature_verifies(&leaf_key) {
             return Err(invalid_grant(
-                Some(MpCode::Mp123),
+                Some(MpCode::Mp124),
                 "the signature does not verify with the key of the x5c certificate",
             ));
         }

@@ -134,47 +134,60 @@ impl Exchange {
         Ok(found)
     }
 
-    /// RFC 8414: `GET {issuer}/.well-known/oauth-authorization-server`, whose `issuer` must
-    /// be the one asked about and whose `token_endpoint` must pass the same checks as a
-    /// configured one.
+    /// The issuer's metadata: RFC 8414's `oauth-authorization-server` document, or, when
+    /// that is absent (404 or 410), OpenID Connect Discovery's `openid-configuration`
+    /// (all Skyporten publishes). Any other failure of the first (a 5xx, no answer) is
+    /// reported rather than skipped: it says nothing about whether the document exists,
+    /// and the next request discovers again. Either document's `issuer` must be exactly
+    /// the one asked about (RFC 8414 section 3.3, OpenID Connect Discovery section 4.3),
+    /// and its `token_endpoint` must pass the same checks as a configured one.
     async fn discover(&self, issuer: &str, deadline: Instant) -> Result<String, TokenError> {
         #[derive(Deserialize)]
         struct Metadata {
             issuer: String,
             token_endpoint: String,
         }
-        let url = format!(
-            "{}/.well-known/oauth-authorization-server",
-            issuer.trim_end_matches('/')
-        );
         let fail = |detail: String| TokenError::Discovery {
             issuer: issuer.to_owned(),
             detail,
         };
-        let answer = tokio::time::timeout_at(deadline.into(), async {
-            let response = self.http.get(&url).send().await.map_err(describe)?;
-            let status = response.status();
-            let body = read_limited(response).await?;
-            Ok::<_, String>((status, body))
-        })
-        .await
-        .map_err(|_| fail(format!("no answer from {url} before the deadline")))?
-        .map_err(fail)?;
-        if !answer.0.is_success() {
-            return Err(fail(format!("{url} answered HTTP {}", answer.0.as_u16())));
+        let mut absent = Vec::new();
+        for document in WELL_KNOWN {
+            let url = well_known_url(issuer, document).map_err(fail)?;
+            let (status, body) = tokio::time::timeout_at(deadline.into(), async {
+                let response = self.http.get(&url).send().await.map_err(describe)?;
+                let status = response.status();
+                let body = read_limited(response).await?;
+                Ok::<_, String>((status, body))
+            })
+            .await
+            .map_err(|_| fail(format!("no answer from {url} before the deadline")))?
+            .map_err(fail)?;
+            if matches!(status.as_u16(), 404 | 410) {
+                absent.push(url);
+                continue;
+            }
+            if !status.is_success() {
+                return Err(fail(format!("{url} answered HTTP {}", status.as_u16())));
+            }
+            let metadata: Metadata = serde_json::from_slice(&body)
+                .map_err(|e| fail(format!("{url} is not authorization server metadata: {e}")))?;
+            if metadata.issuer != issuer {
+                return Err(fail(format!(
+                    "{url} names issuer {:?}, not {issuer:?}; the environment's issuer must be \
+                     exactly the metadata's, as the grant's aud must",
+                    metadata.issuer
+                )));
+            }
+            if let Some(problem) = endpoint_problem(&metadata.token_endpoint) {
+                return Err(fail(format!("token_endpoint: {problem}")));
+            }
+            return Ok(metadata.token_endpoint);
         }
-        let metadata: Metadata = serde_json::from_slice(&answer.1)
-            .map_err(|e| fail(format!("{url} is not authorization server metadata: {e}")))?;
-        if metadata.issuer.trim_end_matches('/') != issuer.trim_end_matches('/') {
-            return Err(fail(format!(
-                "{url} names issuer {:?}, not {issuer:?}",
-                metadata.issuer
-            )));
-        }
-        if let Some(problem) = endpoint_problem(&metadata.token_endpoint) {
-            return Err(fail(format!("token_endpoint: {problem}")));
-        }
-        Ok(metadata.token_endpoint)
+        Err(fail(format!(
+            "no metadata: neither {} exists",
+            absent.join(" nor ")
+        )))
     }
 
     /// POSTs one grant and reads the answer, all before `deadline`.
@@ -220,6 +233,28 @@ impl Exchange {
             }),
         }
     }
+}
+
+/// The metadata documents discovery reads, in order.
+const WELL_KNOWN: [&str; 2] = ["oauth-authorization-server", "openid-configuration"];
+
+/// Where `document` is for `issuer`. RFC 8414 puts the well-known segment between the
+/// host and the issuer's path; OpenID Connect Discovery appends it to the issuer. For a
+/// host-only issuer both are `{issuer without its trailing slash}/.well-known/{document}`.
+fn well_known_url(issuer: &str, document: &str) -> Result<String, String> {
+    if document == "openid-configuration" {
+        return Ok(format!(
+            "{}/.well-known/{document}",
+            issuer.trim_end_matches('/')
+        ));
+    }
+    let mut url =
+        reqwest::Url::parse(issuer).map_err(|e| format!("{issuer:?} is not a URL: {e}"))?;
+    let path = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&format!("/.well-known/{document}{path}"));
+    url.set_query(None);
+    url.set_fragment(None);
+    Ok(url.into())
 }
 
 fn parse_token(body: &[u8]) -> Result<AccessToken, Failure> {
@@ -387,6 +422,37 @@ mod tests {
         ] {
             assert!(matches!(parse_token(body), Err(Failure::BadAnswer(_))));
         }
+    }
+
+    #[test]
+    fn well_known_urls_for_issuers_with_and_without_a_slash_or_a_path() {
+        for issuer in [
+            "https://sky.maskinporten.no",
+            "https://sky.maskinporten.no/",
+        ] {
+            assert_eq!(
+                well_known_url(issuer, "oauth-authorization-server").as_deref(),
+                Ok("https://sky.maskinporten.no/.well-known/oauth-authorization-server")
+            );
+            assert_eq!(
+                well_known_url(issuer, "openid-configuration").as_deref(),
+                Ok("https://sky.maskinporten.no/.well-known/openid-configuration")
+            );
+        }
+        // An issuer with a path: RFC 8414 inserts, OpenID Connect appends.
+        assert_eq!(
+            well_known_url("https://as.example/tenant/", "oauth-authorization-server").as_deref(),
+            Ok("https://as.example/.well-known/oauth-authorization-server/tenant")
+        );
+        assert_eq!(
+            well_known_url("https://as.example/tenant", "openid-configuration").as_deref(),
+            Ok("https://as.example/tenant/.well-known/openid-configuration")
+        );
+        assert_eq!(
+            well_known_url("http://127.0.0.1:9000/", "oauth-authorization-server").as_deref(),
+            Ok("http://127.0.0.1:9000/.well-known/oauth-authorization-server")
+        );
+        assert!(well_known_url("not a url", "oauth-authorization-server").is_err());
     }
 
     #[test]

@@ -132,6 +132,9 @@ impl OAuthError {
     /// What to do about it, for the codes we know.
     pub fn hint(&self) -> Option<&'static str> {
         Some(match self.mp_code()? {
+            "MP-011" => {
+                "Maskinporten could not read the grant (a claim missing or of the wrong form); error_description names it: compare the grant (grant-agent client grant) with Digdir's JWT grant page"
+            }
             "MP-012" => {
                 "the grant's jti was used before: a grant must never be replayed (the agent signs a new one for every request and retry)"
             }
@@ -154,7 +157,7 @@ impl OAuthError {
                 "the x5c header is malformed or does not match the signature: check the certificate configured for the key"
             }
             "MP-124" => {
-                "the certificate is for the other environment: use a test certificate in test and a production certificate in prod"
+                "the grant's signature did not validate against its certificate: typically the certificate has expired (renew it), or it is from the other environment (a test certificate in test, a production certificate in prod)"
             }
             "MP-130" => {
                 "the grant's iat is over 10 s from Maskinporten's clock, or it expired: synchronise this host's clock (NTP)"
@@ -165,6 +168,12 @@ impl OAuthError {
             "MP-250" => "the scope is not granted to this client: ask the API owner to grant it",
             "MP-251" => {
                 "no delegation for consumer_org: the consumer must delegate the scope to your organisation in Altinn"
+            }
+            "MP-301" | "MP-302" => {
+                "Maskinporten refused the authorization_details (RFC 9396): error_description names the entry; check its type and fields against the API's documentation, and that the client may ask for that type"
+            }
+            "MP-303" => {
+                "invalid_altinn_customer_configuration: Altinn found no usable system user for this request: the system in Altinn's system register must carry this client_id, systemuser_org must be the customer's organisation, and externalRef must match when the system user request set one"
             }
             _ => return None,
         })
@@ -558,16 +567,28 @@ mod tests {
         assert_eq!(e.mp_code(), Some("MP-251"));
         assert_eq!(find_mp_code("MP-1x MP-12"), None);
         for code in [
-            "MP-012", "MP-100", "MP-110", "MP-120", "MP-121", "MP-122", "MP-123", "MP-124",
-            "MP-130", "MP-200", "MP-201", "MP-250", "MP-251",
+            "MP-011", "MP-012", "MP-100", "MP-110", "MP-120", "MP-121", "MP-122", "MP-123",
+            "MP-124", "MP-130", "MP-200", "MP-201", "MP-250", "MP-251", "MP-301", "MP-302",
+            "MP-303",
         ] {
             e.uri = format!("https://x/errors/{code}");
             assert!(e.hint().is_some(), "{code} has a hint");
         }
         assert_eq!(
             e.to_string(),
-            "invalid_grant: MP-251: no delegation (error_uri https://x/errors/MP-251)"
+            "invalid_grant: MP-251: no delegation (error_uri https://x/errors/MP-303)"
         );
+        // MP-124 is an invalid signature: an expired certificate as much as the wrong
+        // environment's.
+        e.uri = "https://x/errors/MP-124".into();
+        let hint = e.hint().unwrap_or_default();
+        assert!(
+            hint.contains("signature") && hint.contains("expired"),
+            "{hint}"
+        );
+        assert!(hint.contains("other environment"), "{hint}");
+        e.uri = "https://x/errors/MP-303".into();
+        assert!(e.hint().is_some_and(|h| h.contains("system register")));
     }
 
     #[test]

@@ -364,3 +364,41 @@ async fn serves_https_with_the_given_certificate() {
         "{refused}"
     );
 }
+
+#[tokio::test]
+async fn the_metadata_documents_served_are_chosen_by_well_known() {
+    let dir = files();
+    let http = client(None);
+    for (well_known, rfc8414, openid) in [
+        ("", true, false),
+        ("well_known = \"openid-configuration\"", false, true),
+        ("well_known = \"both\"", true, true),
+    ] {
+        let mock = Running::start(config(dir.path(), well_known), None).await;
+        for (path, served) in [
+            (".well-known/oauth-authorization-server", rfc8414),
+            (".well-known/openid-configuration", openid),
+        ] {
+            let response = http.get(mock.url(path)).send().await.expect("GET");
+            if served {
+                assert_eq!(response.status(), StatusCode::OK, "{well_known}: {path}");
+                let metadata = json_of(response).await;
+                assert_eq!(metadata["issuer"], mock.issuer.as_str());
+                assert_eq!(metadata["token_endpoint"], mock.url("token"));
+            } else {
+                assert_eq!(
+                    response.status(),
+                    StatusCode::NOT_FOUND,
+                    "{well_known}: {path}"
+                );
+            }
+        }
+        mock.stop().await;
+    }
+    let wrong = MockConfig::from_toml_str(
+        &super::config_text("well_known = \"oidc\""),
+        &dir.path().join("mock.toml").display().to_string(),
+    )
+    .expect_err("unknown value");
+    assert!(wrong.to_string().contains("well_known"), "{wrong}");
+}

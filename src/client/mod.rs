@@ -1,6 +1,7 @@
 //! A client for a running agent, for scripts (`grant-agent client ...`) and tests: over a
 //! Unix socket (`unix:/run/grant-agent.sock`), plain TCP on loopback (`127.0.0.1:50051`),
-//! or mutual TLS (`host:port` with [`ClientTls`]).
+//! or mutual TLS (`host:port` with [`ClientTls`]). [`token_file`] keeps a file holding a
+//! fresh access token, for tools that read their credential from a file.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +9,8 @@ use hyper_util::rt::TokioIo;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 
 use crate::proto::grant_agent_client::GrantAgentClient;
+
+pub mod token_file;
 
 /// The caller's side of mutual TLS.
 #[derive(Debug, Clone)]
@@ -34,7 +37,16 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    /// The address is malformed or the agent could not be reached.
+    /// The address is not one a connection can be made to.
+    #[error("--addr {addr}: not an address: {source}")]
+    Address {
+        /// The address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The agent could not be reached.
     #[error("--addr {addr}: cannot connect: {source}")]
     Connect {
         /// The address.
@@ -75,6 +87,10 @@ async fn channel(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, ClientE
         addr: addr.to_owned(),
         source,
     };
+    let malformed = |source| ClientError::Address {
+        addr: addr.to_owned(),
+        source,
+    };
     if let Some(path) = addr.strip_prefix("unix:") {
         let path = PathBuf::from(path);
         // The URI is required by the API but unused: the connector opens the socket.
@@ -92,11 +108,11 @@ async fn channel(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, ClientE
         return Ok(channel);
     }
     let channel = match tls {
-        None => Endpoint::from_shared(format!("http://{addr}")).map_err(fail)?,
+        None => Endpoint::from_shared(format!("http://{addr}")).map_err(malformed)?,
         Some(tls) => {
             let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
             Endpoint::from_shared(format!("https://{addr}"))
-                .map_err(fail)?
+                .map_err(malformed)?
                 .tls_config(
                     ClientTlsConfig::new()
                         .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
