@@ -15,8 +15,9 @@ use x509_cert::{builder::Builder, name::Name, request::RequestBuilder};
 
 use crate::{
     cert::{CertError, CertificateChain, escape_rfc4514},
-    config::{Config, ConfigError, KeyLocator, hex},
+    config::{Config, ConfigError, KeyLocator},
     grant::{Algorithm, is_organization_number},
+    hex,
     hsm::{
         HsmError, MIN_RSA_BITS, ObjectHandle, RsaKeyParts, Token, TokenKey, TokenSigner, read_pin,
         rsa_bits,
@@ -309,7 +310,7 @@ pub fn list(token: &Token, now: i64) -> Result<String, AdminError> {
             out,
             "key {:?} (id {}): {kind}, {protection}",
             key.label,
-            hex(&key.id)
+            hex::encode(&key.id)
         );
         let chain = key.rsa.as_ref().and_then(|rsa| {
             let ders = token.certificates_der(rsa).ok()?;

@@ -222,7 +222,7 @@ impl CertificateChain {
     /// Lowercase hex SHA-256 of the leaf's DER, as `openssl x509 -fingerprint -sha256` shows it
     /// (without colons).
     pub fn leaf_sha256_hex(&self) -> String {
-        crate::config::hex(&Sha256::digest(&self.der[0]))
+        crate::hex::encode(&Sha256::digest(&self.der[0]))
     }
 
     /// The leaf's subject in RFC 4514 form.
@@ -398,7 +398,7 @@ fn rfc4514(name: &x509_cert::name::Name) -> String {
                             "#{}",
                             atv.value
                                 .to_der()
-                                .map_or_else(|_| String::new(), |d| crate::config::hex(&d))
+                                .map_or_else(|_| String::new(), |d| crate::hex::encode(&d))
                         ),
                     };
                     format!("{key}={value}")

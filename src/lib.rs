@@ -10,6 +10,7 @@
 //! - [`cert`]: the certificate chain and what the agent reads from it.
 //! - [`client`]: connecting to a running agent (Unix socket, TCP, mutual TLS), and a file
 //!   kept holding a fresh access token.
+//! - `hex`: lowercase hex of ids and fingerprints; imports nothing, so any layer may use it.
 //! - [`hsm`]: the PKCS#11 token: login, session pool, key lookup, signing, provisioning.
 //! - [`admin`]: key management commands: generate, CSR, certificate import, JWK, list.
 //! - [`agent`]: keys bound to certificates, and `sign_grant`, which ties the above together.
@@ -34,6 +35,7 @@ pub mod client;
 pub mod config;
 pub mod dev;
 pub mod grant;
+mod hex;
 pub mod hsm;
 pub mod metrics;
 pub mod mock;

@@ -14,7 +14,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{cert::CertEnvironment, grant::Algorithm};
+use crate::{cert::CertEnvironment, grant::Algorithm, hex};
 
 mod access;
 mod limits;
@@ -220,7 +220,7 @@ impl fmt::Display for KeyLocator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KeyLocator::Label(label) => write!(f, "label \"{label}\""),
-            KeyLocator::Id(id) => write!(f, "id {}", hex(id)),
+            KeyLocator::Id(id) => write!(f, "id {}", hex::encode(id)),
         }
     }
 }
@@ -420,7 +420,7 @@ impl Config {
             }
             let locator = match (k.label, k.id) {
                 (Some(label), None) if !label.is_empty() => KeyLocator::Label(label),
-                (None, Some(id)) => KeyLocator::Id(parse_hex(&id).ok_or_else(|| {
+                (None, Some(id)) => KeyLocator::Id(hex::decode(&id).ok_or_else(|| {
                     invalid(
                         &at("id"),
                         format!("{id:?} is not hex"),
@@ -869,21 +869,6 @@ fn is_key_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-}
-
-fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    if s.is_empty() || !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-/// Lowercase hex of bytes.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Deserialize)]

@@ -7,7 +7,7 @@ use cryptoki::{
 use der::{Encode, asn1::UintRef};
 
 use super::{HsmError, Token};
-use crate::config::{KeyLocator, hex};
+use crate::{config::KeyLocator, hex};
 
 /// Smallest RSA modulus Maskinporten (and we) accept.
 pub const MIN_RSA_BITS: usize = 2048;
@@ -163,7 +163,7 @@ fn certificates_der(session: &Session, id: &[u8]) -> Result<Vec<Vec<u8>>, HsmErr
         }));
     }
     if ders.is_empty() {
-        return Err(HsmError::CertificateNotFound(hex(id)));
+        return Err(HsmError::CertificateNotFound(hex::encode(id)));
     }
     Ok(ders)
 }
