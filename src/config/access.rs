@@ -9,7 +9,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{ConfigError, Invalid};
 
 /// Requests per second per caller when a policy rule sets no `requests_per_second`.
 pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 100;
@@ -181,8 +181,6 @@ pub(super) struct RawAccess {
     pub(super) policy: Vec<RawPolicy>,
     pub(super) audit: Option<RawAudit>,
 }
-
-type Invalid<'a> = &'a dyn Fn(&str, String, &str) -> ConfigError;
 
 pub(super) fn access(
     raw: RawAccess,

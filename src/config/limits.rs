@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{ConfigError, Invalid};
 
 /// The connection and HTTP/2 limits of the gRPC listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,8 +97,6 @@ pub(super) struct RawLimits {
 /// Largest request message accepted, far above any valid grant request (see `grant` for
 /// the per-field limits), so an oversized message is refused before it is read.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-
-type Invalid<'a> = &'a dyn Fn(&str, String, &str) -> ConfigError;
 
 /// Smallest HTTP/2 window (RFC 9113's initial value); the largest is 2^31 - 1.
 const MIN_WINDOW: u32 = 65_535;

@@ -10,7 +10,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::ConfigError;
+use super::{ConfigError, Invalid};
 
 /// Token exchange and cache settings, with the defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,8 +65,6 @@ pub(super) struct RawToken {
     refresh_ahead_seconds: Option<u64>,
     cache_entries: Option<usize>,
 }
-
-type Invalid<'a> = &'a dyn Fn(&str, String, &str) -> ConfigError;
 
 pub(super) fn token(
     raw: Option<RawToken>,
