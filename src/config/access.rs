@@ -182,174 +182,36 @@ pub(super) struct RawAccess {
     pub(super) audit: Option<RawAudit>,
 }
 
+/// Validates the listeners, `[tls]`, `[[policy]]` and `[audit]`; relative paths resolve
+/// against `base`.
 pub(super) fn access(
     raw: RawAccess,
     base: &Path,
     invalid: Invalid<'_>,
 ) -> Result<Access, ConfigError> {
-    let listen = match (&raw.listen, &raw.unix_socket) {
-        (None, None) => Some(super::DEFAULT_LISTEN),
-        (None, Some(_)) => None,
-        (Some(text), _) => Some(text.as_str()),
-    }
-    .map(|text| {
-        text.parse::<SocketAddr>().map_err(|_| {
-            invalid(
-                "listen",
-                format!("{text:?} is not an IP address and port"),
-                "write it as \"127.0.0.1:50051\" or \"[::1]:50051\"",
-            )
-        })
-    })
-    .transpose()?;
-
-    let tls = raw
-        .tls
-        .map(|t| {
-            let caller_identity = match t.caller_identity.as_deref() {
-                None | Some("san_uri") => IdentityField::SanUri,
-                Some("san_dns") => IdentityField::SanDns,
-                Some("subject_cn") => IdentityField::SubjectCn,
-                Some(other) => {
-                    return Err(invalid(
-                        "tls.caller_identity",
-                        format!("{other:?} is not a certificate field the agent reads"),
-                        "use \"san_uri\", \"san_dns\" or \"subject_cn\"",
-                    ));
-                }
-            };
-            Ok(Tls {
-                certificate: base.join(t.certificate),
-                key: base.join(t.key),
-                client_ca: base.join(t.client_ca),
-                caller_identity,
-            })
-        })
-        .transpose()?;
-
-    match (listen, &tls) {
-        (Some(addr), None) if !addr.ip().is_loopback() => {
-            return Err(invalid(
-                "listen",
-                format!(
-                    "{addr} is not a loopback address, and there is no [tls]: anyone who reaches it could get grants"
-                ),
-                "configure [tls] with client_ca (mutual TLS), or serve callers on unix_socket",
-            ));
-        }
-        (Some(addr), None) if !raw.insecure => {
-            return Err(invalid(
-                "listen",
-                format!("{addr} would serve plain TCP, where callers cannot be identified"),
-                "configure [tls] with client_ca (mutual TLS), use unix_socket, or set insecure = true to accept every local process as `anonymous`",
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(invalid(
-                "tls",
-                "is set but there is no TCP listener".into(),
-                "set listen, or remove [tls]",
-            ));
-        }
-        _ => {}
-    }
-    if raw.insecure && tls.is_some() {
-        return Err(invalid(
-            "insecure",
-            "is set together with [tls]".into(),
-            "remove insecure: with mutual TLS every caller is identified",
-        ));
-    }
-
+    let listen = listen(raw.listen.as_deref(), raw.unix_socket.is_some(), invalid)?;
+    let tls = raw.tls.map(|t| tls(t, base, invalid)).transpose()?;
+    check_transport(listen, tls.is_some(), raw.insecure, invalid)?;
     let unix_socket = match raw.unix_socket {
         None => None,
-        Some(path) => {
-            let mode = match raw.socket_mode.as_deref() {
-                None => 0o660,
-                Some(text) => u32::from_str_radix(text, 8)
-                    .ok()
-                    .filter(|m| *m <= 0o777 && m & 0o007 == 0)
-                    .ok_or_else(|| {
-                        invalid(
-                            "socket_mode",
-                            format!("{text:?} is not an octal mode without access for others"),
-                            "use \"0660\" (user and group) or \"0600\" (user only)",
-                        )
-                    })?,
-            };
-            Some(UnixSocket {
-                path: base.join(path),
-                mode,
-            })
-        }
+        Some(path) => Some(UnixSocket {
+            path: base.join(path),
+            mode: socket_mode(raw.socket_mode.as_deref(), invalid)?,
+        }),
     };
-
-    let mut policy = Vec::with_capacity(raw.policy.len());
-    for (i, rule) in raw.policy.into_iter().enumerate() {
-        let at = |field: &str| format!("policy[{i}].{field}");
-        let caller = rule.caller;
-        let known = match caller.split_once(':') {
-            Some(("uri" | "dns" | "cn", rest)) => !rest.is_empty(),
-            Some(("uid" | "gid", n)) => n.parse::<u32>().is_ok(),
-            None => caller == "anonymous",
-            Some(_) => false,
-        };
-        if !known {
-            return Err(invalid(
-                &at("caller"),
-                format!("{caller:?} is not a caller the agent can identify"),
-                "use uri:..., dns:..., cn:... (mutual TLS), uid:N or gid:N (unix socket), or anonymous (insecure loopback)",
-            ));
-        }
-        if caller == "anonymous" && !raw.insecure {
-            return Err(invalid(
-                &at("caller"),
-                "anonymous callers exist only with insecure = true".into(),
-                "identify the caller by certificate or uid, or set insecure = true on a loopback listener",
-            ));
-        }
-        let patterns = |field: &str, values: Vec<String>| -> Result<Vec<Pattern>, ConfigError> {
-            values
-                .into_iter()
-                .map(|v| {
-                    if v.is_empty() || v[..v.len() - 1].contains('*') {
-                        Err(invalid(
-                            &at(field),
-                            format!("{v:?} is not a pattern"),
-                            "use an exact value, a prefix ending in * (\"nav:*\"), or \"*\"",
-                        ))
-                    } else {
-                        Ok(Pattern(v))
-                    }
-                })
-                .collect()
-        };
-        let requests_per_second = rule
-            .requests_per_second
-            .unwrap_or(DEFAULT_REQUESTS_PER_SECOND);
-        if requests_per_second == 0 || rule.burst == Some(0) {
-            return Err(invalid(
-                &at("requests_per_second"),
-                "a rate of 0 refuses everything".into(),
-                "remove the rule to refuse the caller, or set a rate of at least 1",
-            ));
-        }
-        policy.push(PolicyRule {
-            caller,
-            keys: patterns("keys", rule.keys)?,
-            client_ids: patterns("client_ids", rule.client_ids)?,
-            scopes: patterns("scopes", rule.scopes)?,
-            environments: patterns("environments", rule.environments)?,
-            resources: patterns("resources", rule.resources)?,
-            consumer_orgs: patterns("consumer_orgs", rule.consumer_orgs)?,
-            authorization_types: patterns("authorization_types", rule.authorization_types)?,
-            allow_pid: rule.allow_pid,
-            iss_onbehalfof: patterns("iss_onbehalfof", rule.iss_onbehalfof)?,
-            requests_per_second,
-            burst: rule.burst.unwrap_or(requests_per_second),
-        });
-    }
-
+    let policy = raw
+        .policy
+        .into_iter()
+        .enumerate()
+        .map(|(i, rule)| {
+            policy_rule(
+                rule,
+                &|field| format!("policy[{i}].{field}"),
+                raw.insecure,
+                invalid,
+            )
+        })
+        .collect::<Result<_, _>>()?;
     Ok(Access {
         listen,
         unix_socket,
@@ -359,6 +221,187 @@ pub(super) fn access(
         audit_cached: cached_audit(raw.audit.as_ref(), invalid)?,
         audit_file: raw.audit.and_then(|a| a.file).map(|f| base.join(f)),
     })
+}
+
+/// `listen`: an IP address and port; the default one unless only a Unix socket is set.
+fn listen(
+    text: Option<&str>,
+    unix_socket: bool,
+    invalid: Invalid<'_>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let text = match (text, unix_socket) {
+        (None, false) => super::DEFAULT_LISTEN,
+        (None, true) => return Ok(None),
+        (Some(text), _) => text,
+    };
+    text.parse::<SocketAddr>().map(Some).map_err(|_| {
+        invalid(
+            "listen",
+            format!("{text:?} is not an IP address and port"),
+            "write it as \"127.0.0.1:50051\" or \"[::1]:50051\"",
+        )
+    })
+}
+
+/// `[tls]`: the server's certificate and key, the CA of its callers, and the field that
+/// names a caller.
+fn tls(t: RawTls, base: &Path, invalid: Invalid<'_>) -> Result<Tls, ConfigError> {
+    let caller_identity = match t.caller_identity.as_deref() {
+        None | Some("san_uri") => IdentityField::SanUri,
+        Some("san_dns") => IdentityField::SanDns,
+        Some("subject_cn") => IdentityField::SubjectCn,
+        Some(other) => {
+            return Err(invalid(
+                "tls.caller_identity",
+                format!("{other:?} is not a certificate field the agent reads"),
+                "use \"san_uri\", \"san_dns\" or \"subject_cn\"",
+            ));
+        }
+    };
+    Ok(Tls {
+        certificate: base.join(t.certificate),
+        key: base.join(t.key),
+        client_ca: base.join(t.client_ca),
+        caller_identity,
+    })
+}
+
+/// A TCP listener identifies its callers by mutual TLS, or serves plain on loopback only
+/// when `insecure` says so; `[tls]` needs a TCP listener and excludes `insecure`.
+fn check_transport(
+    listen: Option<SocketAddr>,
+    tls: bool,
+    insecure: bool,
+    invalid: Invalid<'_>,
+) -> Result<(), ConfigError> {
+    match (listen, tls) {
+        (Some(addr), false) if !addr.ip().is_loopback() => {
+            return Err(invalid(
+                "listen",
+                format!(
+                    "{addr} is not a loopback address, and there is no [tls]: anyone who reaches it could get grants"
+                ),
+                "configure [tls] with client_ca (mutual TLS), or serve callers on unix_socket",
+            ));
+        }
+        (Some(addr), false) if !insecure => {
+            return Err(invalid(
+                "listen",
+                format!("{addr} would serve plain TCP, where callers cannot be identified"),
+                "configure [tls] with client_ca (mutual TLS), use unix_socket, or set insecure = true to accept every local process as `anonymous`",
+            ));
+        }
+        (None, true) => {
+            return Err(invalid(
+                "tls",
+                "is set but there is no TCP listener".into(),
+                "set listen, or remove [tls]",
+            ));
+        }
+        _ => {}
+    }
+    if insecure && tls {
+        return Err(invalid(
+            "insecure",
+            "is set together with [tls]".into(),
+            "remove insecure: with mutual TLS every caller is identified",
+        ));
+    }
+    Ok(())
+}
+
+/// `socket_mode`: octal, with no access for others; 0660 by default.
+fn socket_mode(text: Option<&str>, invalid: Invalid<'_>) -> Result<u32, ConfigError> {
+    let Some(text) = text else {
+        return Ok(0o660);
+    };
+    u32::from_str_radix(text, 8)
+        .ok()
+        .filter(|m| *m <= 0o777 && m & 0o007 == 0)
+        .ok_or_else(|| {
+            invalid(
+                "socket_mode",
+                format!("{text:?} is not an octal mode without access for others"),
+                "use \"0660\" (user and group) or \"0600\" (user only)",
+            )
+        })
+}
+
+/// One `[[policy]]` rule; `at` names its fields.
+fn policy_rule(
+    rule: RawPolicy,
+    at: &dyn Fn(&str) -> String,
+    insecure: bool,
+    invalid: Invalid<'_>,
+) -> Result<PolicyRule, ConfigError> {
+    let caller = rule.caller;
+    let known = match caller.split_once(':') {
+        Some(("uri" | "dns" | "cn", rest)) => !rest.is_empty(),
+        Some(("uid" | "gid", n)) => n.parse::<u32>().is_ok(),
+        None => caller == "anonymous",
+        Some(_) => false,
+    };
+    if !known {
+        return Err(invalid(
+            &at("caller"),
+            format!("{caller:?} is not a caller the agent can identify"),
+            "use uri:..., dns:..., cn:... (mutual TLS), uid:N or gid:N (unix socket), or anonymous (insecure loopback)",
+        ));
+    }
+    if caller == "anonymous" && !insecure {
+        return Err(invalid(
+            &at("caller"),
+            "anonymous callers exist only with insecure = true".into(),
+            "identify the caller by certificate or uid, or set insecure = true on a loopback listener",
+        ));
+    }
+    let requests_per_second = rule
+        .requests_per_second
+        .unwrap_or(DEFAULT_REQUESTS_PER_SECOND);
+    if requests_per_second == 0 || rule.burst == Some(0) {
+        return Err(invalid(
+            &at("requests_per_second"),
+            "a rate of 0 refuses everything".into(),
+            "remove the rule to refuse the caller, or set a rate of at least 1",
+        ));
+    }
+    let patterns = |field: &str, values: Vec<String>| patterns(values, &at(field), invalid);
+    Ok(PolicyRule {
+        caller,
+        keys: patterns("keys", rule.keys)?,
+        client_ids: patterns("client_ids", rule.client_ids)?,
+        scopes: patterns("scopes", rule.scopes)?,
+        environments: patterns("environments", rule.environments)?,
+        resources: patterns("resources", rule.resources)?,
+        consumer_orgs: patterns("consumer_orgs", rule.consumer_orgs)?,
+        authorization_types: patterns("authorization_types", rule.authorization_types)?,
+        allow_pid: rule.allow_pid,
+        iss_onbehalfof: patterns("iss_onbehalfof", rule.iss_onbehalfof)?,
+        requests_per_second,
+        burst: rule.burst.unwrap_or(requests_per_second),
+    })
+}
+
+/// A policy list's values: exact, a prefix ending in `*`, or `*`.
+fn patterns(
+    values: Vec<String>,
+    key: &str,
+    invalid: Invalid<'_>,
+) -> Result<Vec<Pattern>, ConfigError> {
+    values
+        .into_iter()
+        .map(|v| {
+            if v.is_empty() || v[..v.len() - 1].contains('*') {
+                Err(invalid(
+                    key,
+                    format!("{v:?} is not a pattern"),
+                    "use an exact value, a prefix ending in * (\"nav:*\"), or \"*\"",
+                ))
+            } else {
+                Ok(Pattern(v))
+            }
+        })
+        .collect()
 }
 
 fn cached_audit(raw: Option<&RawAudit>, invalid: Invalid<'_>) -> Result<CachedAudit, ConfigError> {

@@ -105,62 +105,18 @@ const MIN_WINDOW: u32 = 65_535;
 /// small DATA frames not yet read, and 64 KiB of it covers 256 cancelled gRPC requests.
 const MIN_CONNECTION_WINDOW: u32 = 128 * 1024;
 
+/// Validates `[limits]`; every key left out takes its default.
 pub(super) fn limits(raw: Option<RawLimits>, invalid: Invalid<'_>) -> Result<Limits, ConfigError> {
     let raw = raw.unwrap_or_default();
     let d = Limits::default();
-    let count = |key: &str, value: Option<usize>, default: usize| match value {
-        Some(0) => Err(invalid(
-            &format!("limits.{key}"),
-            "0 would refuse every caller".into(),
-            "leave it out for the default, or set at least 1",
-        )),
-        Some(n) => Ok(n),
-        None => Ok(default),
+    let (window, connection_window, header) = http2_sizes(&raw, &d, invalid)?;
+    // A count of at least 1, or the default.
+    let count = |key: &str, value: Option<usize>, default: usize| {
+        not_zero(key, value, "0 would refuse every caller", invalid).map(|n| n.unwrap_or(default))
     };
-    let seconds = |key: &str, value: Option<u64>, default: Duration| match value {
-        Some(0) => Err(invalid(
-            &format!("limits.{key}"),
-            "0 seconds would close every connection at once".into(),
-            "leave it out for the default, or set at least 1",
-        )),
-        Some(n) if n > 86_400 => Err(invalid(
-            &format!("limits.{key}"),
-            format!("{n} seconds is more than a day"),
-            "set at most 86400",
-        )),
-        Some(n) => Ok(Duration::from_secs(n)),
-        None => Ok(default),
+    let seconds = |key: &str, value: Option<u64>, default: Duration| {
+        seconds_limit(key, value, default, invalid)
     };
-    let window = raw.window_bytes.unwrap_or(d.window_bytes);
-    if !(MIN_WINDOW..=i32::MAX.unsigned_abs()).contains(&window) {
-        return Err(invalid(
-            "limits.window_bytes",
-            format!("{window} is outside HTTP/2's window range"),
-            "set 65535 to 2147483647; the default, 65536, suits requests of a few KiB",
-        ));
-    }
-    let connection_window = raw
-        .connection_window_bytes
-        .unwrap_or(d.connection_window_bytes.max(window));
-    if !(window..=i32::MAX.unsigned_abs()).contains(&connection_window)
-        || connection_window < MIN_CONNECTION_WINDOW
-    {
-        return Err(invalid(
-            "limits.connection_window_bytes",
-            format!(
-                "{connection_window} is below window_bytes ({window}), below {MIN_CONNECTION_WINDOW}, or above 2147483647"
-            ),
-            "set at least the larger of window_bytes and 131072 (the default)",
-        ));
-    }
-    let header = raw.max_header_list_bytes.unwrap_or(d.max_header_list_bytes);
-    if header < 1024 {
-        return Err(invalid(
-            "limits.max_header_list_bytes",
-            format!("{header} bytes is too small for a gRPC request's headers"),
-            "set at least 1024; the default is 8192",
-        ));
-    }
     let streams = count(
         "max_concurrent_streams",
         raw.max_concurrent_streams.map(|n| n as usize),
@@ -224,6 +180,82 @@ pub(super) fn limits(raw: Option<RawLimits>, invalid: Invalid<'_>) -> Result<Lim
         ));
     }
     Ok(limits)
+}
+
+/// The HTTP/2 stream window, connection window and header list size, as
+/// (`window_bytes`, `connection_window_bytes`, `max_header_list_bytes`).
+fn http2_sizes(
+    raw: &RawLimits,
+    d: &Limits,
+    invalid: Invalid<'_>,
+) -> Result<(u32, u32, u32), ConfigError> {
+    let window = raw.window_bytes.unwrap_or(d.window_bytes);
+    if !(MIN_WINDOW..=i32::MAX.unsigned_abs()).contains(&window) {
+        return Err(invalid(
+            "limits.window_bytes",
+            format!("{window} is outside HTTP/2's window range"),
+            "set 65535 to 2147483647; the default, 65536, suits requests of a few KiB",
+        ));
+    }
+    let connection_window = raw
+        .connection_window_bytes
+        .unwrap_or(d.connection_window_bytes.max(window));
+    if !(window..=i32::MAX.unsigned_abs()).contains(&connection_window)
+        || connection_window < MIN_CONNECTION_WINDOW
+    {
+        return Err(invalid(
+            "limits.connection_window_bytes",
+            format!(
+                "{connection_window} is below window_bytes ({window}), below {MIN_CONNECTION_WINDOW}, or above 2147483647"
+            ),
+            "set at least the larger of window_bytes and 131072 (the default)",
+        ));
+    }
+    let header = raw.max_header_list_bytes.unwrap_or(d.max_header_list_bytes);
+    if header < 1024 {
+        return Err(invalid(
+            "limits.max_header_list_bytes",
+            format!("{header} bytes is too small for a gRPC request's headers"),
+            "set at least 1024; the default is 8192",
+        ));
+    }
+    Ok((window, connection_window, header))
+}
+
+/// A time of 1 second to a day, or the default.
+fn seconds_limit(
+    key: &str,
+    value: Option<u64>,
+    default: Duration,
+    invalid: Invalid<'_>,
+) -> Result<Duration, ConfigError> {
+    let zero = "0 seconds would close every connection at once";
+    match not_zero(key, value, zero, invalid)? {
+        Some(n) if n > 86_400 => Err(invalid(
+            &format!("limits.{key}"),
+            format!("{n} seconds is more than a day"),
+            "set at most 86400",
+        )),
+        Some(n) => Ok(Duration::from_secs(n)),
+        None => Ok(default),
+    }
+}
+
+/// `value`, unless it is 0, which `problem` explains.
+fn not_zero<T: PartialEq + From<u8>>(
+    key: &str,
+    value: Option<T>,
+    problem: &str,
+    invalid: Invalid<'_>,
+) -> Result<Option<T>, ConfigError> {
+    if value == Some(T::from(0)) {
+        return Err(invalid(
+            &format!("limits.{key}"),
+            problem.to_owned(),
+            "leave it out for the default, or set at least 1",
+        ));
+    }
+    Ok(value)
 }
 
 #[cfg(test)]

@@ -218,6 +218,22 @@ fn metrics_listen(
 /// How a section reports a value that cannot work: the key, the problem, the fix.
 type Invalid<'a> = &'a dyn Fn(&str, String, &str) -> ConfigError;
 
+/// A number within `range`, or `default` when the key is left out; `fix` gives the range.
+fn within<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: Option<T>,
+    range: std::ops::RangeInclusive<T>,
+    default: T,
+    fix: &str,
+    invalid: Invalid<'_>,
+) -> Result<T, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(n) if range.contains(&n) => Ok(n),
+        Some(n) => Err(invalid(key, format!("{n} is out of range"), fix)),
+    }
+}
+
 /// A certificate environment as the file names it: `test` or `prod`.
 fn cert_environment(name: &str) -> Option<CertEnvironment> {
     match name {

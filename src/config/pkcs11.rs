@@ -10,7 +10,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{ConfigError, Invalid};
+use super::{ConfigError, Invalid, within};
 
 /// Most sessions a pool may open; more buys nothing on any token we know of.
 const MAX_SESSIONS: usize = 256;
@@ -157,28 +157,22 @@ pub(super) fn pkcs11(
     }
     let token = token_selector(raw.token_label, raw.token_serial, raw.slot_id, invalid)?;
     let pin = pin_source(raw.pin_file, raw.pin_env, base, invalid)?;
-    let sessions = match raw.sessions {
-        None => default_sessions(),
-        Some(n) if (1..=MAX_SESSIONS).contains(&n) => n,
-        Some(n) => {
-            return Err(invalid(
-                "pkcs11.sessions",
-                format!("{n} is out of range"),
-                &format!("use 1 to {MAX_SESSIONS}, or leave it out for four per CPU"),
-            ));
-        }
-    };
-    let queue = match raw.queue {
-        None => DEFAULT_QUEUE,
-        Some(n) if (1..=100_000).contains(&n) => n,
-        Some(n) => {
-            return Err(invalid(
-                "pkcs11.queue",
-                format!("{n} is out of range"),
-                "use 1 to 100000 waiting requests",
-            ));
-        }
-    };
+    let sessions = within(
+        "pkcs11.sessions",
+        raw.sessions,
+        1..=MAX_SESSIONS,
+        default_sessions(),
+        &format!("use 1 to {MAX_SESSIONS}, or leave it out for four per CPU"),
+        invalid,
+    )?;
+    let queue = within(
+        "pkcs11.queue",
+        raw.queue,
+        1..=100_000,
+        DEFAULT_QUEUE,
+        "use 1 to 100000 waiting requests",
+        invalid,
+    )?;
     Ok(Pkcs11Config {
         module: raw.module,
         token,

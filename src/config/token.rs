@@ -10,7 +10,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{ConfigError, Invalid};
+use super::{ConfigError, Invalid, within};
 
 /// Token exchange and cache settings, with the defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +66,7 @@ pub(super) struct RawToken {
     cache_entries: Option<usize>,
 }
 
+/// Validates `[token]`; a relative `ca_file` resolves against `base`.
 pub(super) fn token(
     raw: Option<RawToken>,
     base: &Path,
@@ -96,28 +97,22 @@ pub(super) fn token(
             &format!("use {} to {} seconds", range.0, range.1),
         )),
     };
-    let attempts = match raw.attempts {
-        None => defaults.attempts,
-        Some(n @ 1..=10) => n,
-        Some(n) => {
-            return Err(invalid(
-                "token.attempts",
-                format!("{n} is out of range"),
-                "use 1 (no retries) to 10",
-            ));
-        }
-    };
-    let cache_entries = match raw.cache_entries {
-        None => defaults.cache_entries,
-        Some(n @ 1..=1_000_000) => n,
-        Some(n) => {
-            return Err(invalid(
-                "token.cache_entries",
-                format!("{n} is out of range"),
-                "use 1 to 1000000",
-            ));
-        }
-    };
+    let attempts = within(
+        "token.attempts",
+        raw.attempts,
+        1..=10,
+        defaults.attempts,
+        "use 1 (no retries) to 10",
+        invalid,
+    )?;
+    let cache_entries = within(
+        "token.cache_entries",
+        raw.cache_entries,
+        1..=1_000_000,
+        defaults.cache_entries,
+        "use 1 to 1000000",
+        invalid,
+    )?;
     Ok(TokenSettings {
         proxy: raw.proxy,
         no_proxy: raw.no_proxy,
