@@ -129,7 +129,8 @@ impl Config {
         Self::parse(text, origin, Path::new("."))
     }
 
-    /// Each section in turn, in the order of the checks an operator meets first.
+    /// Validates each section in turn and stops at the first error, so the order here is
+    /// the order in which an operator meets them.
     fn parse(text: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
         let raw: RawConfig = from_toml(text, file)?;
         let invalid = invalid_in(file);
