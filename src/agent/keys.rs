@@ -7,7 +7,7 @@ use crate::{
     cert::{CertEnvironment, CertificateChain},
     config::{CertificateSource, Config, EnvironmentConfig, KeyBinding, KeyConfig},
     grant::{Algorithm, Claims, Header, InvalidGrant, ValidGrant},
-    hsm::{KeyRef, Token},
+    hsm::{Hash, KeyRef, Token},
 };
 
 use super::{SignError, StartError};
@@ -275,7 +275,7 @@ fn load_key(token: &Token, config: &KeyConfig) -> Result<SigningKey, StartError>
         source,
     };
     let token_key = token.find_key(&config.locator).map_err(hsm)?;
-    let path = token.sign_path(config.algorithm).map_err(hsm)?;
+    let path = token.sign_path(hash(config.algorithm)).map_err(hsm)?;
     let (identity, header, not_before, not_after) = match &config.binding {
         KeyBinding::Kid {
             kid,
@@ -339,7 +339,7 @@ fn load_key(token: &Token, config: &KeyConfig) -> Result<SigningKey, StartError>
         locator = %config.locator,
         bits = token_key.bits,
         algorithm = config.algorithm.jws_name(),
-        mechanism = path.describe(config.algorithm),
+        mechanism = path.describe(hash(config.algorithm)),
         kid = key.kid().unwrap_or_default(),
         subject = %key.chain().map(CertificateChain::subject).unwrap_or_default(),
         environment = key.environment().map_or("", CertEnvironment::name),
@@ -370,6 +370,15 @@ pub fn rfc3339(t: i64) -> String {
         secs % 3600 / 60,
         secs % 60
     )
+}
+
+/// The hash a JWS algorithm signs with: the token knows hashes, not JWS names.
+pub(super) fn hash(algorithm: Algorithm) -> Hash {
+    match algorithm {
+        Algorithm::Rs256 => Hash::Sha256,
+        Algorithm::Rs384 => Hash::Sha384,
+        Algorithm::Rs512 => Hash::Sha512,
+    }
 }
 
 #[cfg(test)]

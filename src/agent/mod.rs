@@ -415,7 +415,7 @@ impl Agent {
         let (signature, queued) = token
             .sign(
                 key.key.clone(),
-                key.algorithm(),
+                keys::hash(key.algorithm()),
                 input.as_bytes().to_vec(),
                 deadline,
             )
@@ -432,8 +432,11 @@ impl Agent {
         let keys = self.keys();
         let (key, claims) = keys.prepare(&grant, unix_now())?;
         let input = grant::signing_input(&key.header, &claims);
-        let signature =
-            token.sign_blocking(key.key.clone(), key.algorithm(), input.as_bytes().to_vec())?;
+        let signature = token.sign_blocking(
+            key.key.clone(),
+            keys::hash(key.algorithm()),
+            input.as_bytes().to_vec(),
+        )?;
         Ok(finish(key, claims, input, &signature))
     }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{ConfigError, Invalid, cert_environment, is_key_name, unix_seconds};
+pub use crate::hsm::KeyLocator;
 use crate::{cert::CertEnvironment, grant::Algorithm, hex};
 
 /// One signing key.
@@ -43,24 +44,6 @@ pub enum KeyBinding {
         /// Unix seconds after which this key is no longer used.
         not_after: Option<i64>,
     },
-}
-
-/// How a private key is found in the token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyLocator {
-    /// By `CKA_LABEL`.
-    Label(String),
-    /// By `CKA_ID` (bytes, given in the file as hex).
-    Id(Vec<u8>),
-}
-
-impl std::fmt::Display for KeyLocator {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            KeyLocator::Label(label) => write!(f, "label \"{label}\""),
-            KeyLocator::Id(id) => write!(f, "id {}", hex::encode(id)),
-        }
-    }
 }
 
 /// Where a key's certificate chain comes from.

@@ -32,7 +32,6 @@ pub use access::{
 pub use environments::{EnvironmentConfig, TokenEndpoint};
 pub use keys::{CertificateSource, KeyBinding, KeyConfig, KeyLocator};
 pub use limits::{Limits, MAX_REQUEST_BYTES};
-pub(crate) use pkcs11::exposed_pin_file;
 pub use pkcs11::{DEFAULT_QUEUE, PinSource, Pkcs11Config, TokenSelector, default_sessions};
 pub use token::TokenSettings;
 pub(crate) use token::endpoint_problem;

@@ -3,123 +3,19 @@
 //! The PIN itself is never in the file: it comes from a file (whose permissions are
 //! checked at load, as ssh checks a private key's) or an environment variable.
 
-use std::{
-    fmt,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use super::{ConfigError, Invalid, within};
+use crate::hsm::exposed_pin_file;
+pub use crate::hsm::{PinSource, Pkcs11Config, TokenSelector};
 
 /// Most sessions a pool may open; more buys nothing on any token we know of.
 const MAX_SESSIONS: usize = 256;
 
 /// Requests that may wait for a PKCS#11 session before more are refused.
 pub const DEFAULT_QUEUE: usize = 1024;
-
-/// How to reach the token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pkcs11Config {
-    /// Path of the PKCS#11 shared library.
-    pub module: PathBuf,
-    /// Which token: by label (slot numbers move; labels do not), serial number or slot id.
-    pub token: TokenSelector,
-    /// Where the user PIN comes from.
-    pub pin: PinSource,
-    /// Sessions in the signing pool.
-    pub sessions: usize,
-    /// Requests that may wait for a session; more are refused at once.
-    pub queue: usize,
-}
-
-/// How the token is found among the module's slots.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenSelector {
-    /// By token label (`token_label`).
-    Label(String),
-    /// By token serial number (`token_serial`).
-    Serial(String),
-    /// By slot id (`slot_id`), for modules whose slots are fixed (opencryptoki, some HSMs).
-    Slot(u64),
-}
-
-impl fmt::Display for TokenSelector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TokenSelector::Label(label) => write!(f, "labelled \"{label}\""),
-            TokenSelector::Serial(serial) => write!(f, "with serial number \"{serial}\""),
-            TokenSelector::Slot(slot) => write!(f, "in slot {slot}"),
-        }
-    }
-}
-
-/// The user PIN is read from a file or an environment variable, never from the command line
-/// (which every user of the machine can read in `/proc`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PinSource {
-    /// A file holding the PIN; one trailing newline is ignored.
-    File(PathBuf),
-    /// The name of an environment variable holding the PIN.
-    Env(String),
-}
-
-/// A PIN file that users other than the agent's may read or change, as (problem, fix).
-///
-/// As ssh does for private keys: a PIN file the agent's user owns must be open to that
-/// user only (0600 or 0400). A file owned by another user (root, or the kubelet for a
-/// Kubernetes Secret under `fsGroup`, which forces mode 0440) reaches the agent through
-/// its group, so there group read is allowed, and nothing else for group or others.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ExposedPinFile {
-    /// What is wrong, naming the file and its mode.
-    pub(crate) problem: String,
-    /// The command that fixes it.
-    pub(crate) fix: String,
-}
-
-impl fmt::Display for ExposedPinFile {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}; {}", self.problem, self.fix)
-    }
-}
-
-/// Checks a PIN file's permissions from its metadata (`stat`, or `fstat` of the open file).
-pub(crate) fn exposed_pin_file(
-    path: &Path,
-    metadata: &std::fs::Metadata,
-) -> Option<ExposedPinFile> {
-    use std::os::unix::fs::MetadataExt;
-    let owned_by_agent = metadata.uid() == rustix::process::geteuid().as_raw();
-    pin_file_exposure(path, metadata.mode(), owned_by_agent)
-}
-
-fn pin_file_exposure(path: &Path, mode: u32, owned_by_agent: bool) -> Option<ExposedPinFile> {
-    let (forbidden, fix_mode) = if owned_by_agent {
-        (0o077, "600")
-    } else {
-        (0o037, "440")
-    };
-    let open = mode & forbidden;
-    if open == 0 {
-        return None;
-    }
-    let how = if open & 0o044 != 0 {
-        "readable"
-    } else if open & 0o022 != 0 {
-        "writable"
-    } else {
-        "executable"
-    };
-    let path = path.display();
-    Some(ExposedPinFile {
-        problem: format!(
-            "{path} is {how} by group or others (mode {:04o})",
-            mode & 0o7777
-        ),
-        fix: format!("run: chmod {fix_mode} {path}"),
-    })
-}
 
 /// Sessions when the config sets none: four per CPU (at least 4). A soft token signs on the
 /// CPU, so extra sessions keep every core busy while other requests are between signs
@@ -259,49 +155,5 @@ pub(super) fn refuse_exposed_pin_file(
             problem: exposed.problem,
             fix: exposed.fix,
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::Path;
-
-    use super::pin_file_exposure;
-
-    #[test]
-    fn a_pin_file_is_open_to_its_owner_only_or_read_through_the_group() {
-        let at = Path::new("/x/pin");
-        let problem = |mode, owned| pin_file_exposure(at, mode, owned).map(|e| e.to_string());
-        // The agent's own file: owner only, as ssh wants of a private key.
-        assert_eq!(problem(0o100600, true), None);
-        assert_eq!(problem(0o100400, true), None);
-        assert_eq!(
-            problem(0o100644, true).as_deref(),
-            Some("/x/pin is readable by group or others (mode 0644); run: chmod 600 /x/pin")
-        );
-        assert_eq!(
-            problem(0o100640, true).as_deref(),
-            Some("/x/pin is readable by group or others (mode 0640); run: chmod 600 /x/pin")
-        );
-        assert_eq!(
-            problem(0o100620, true).as_deref(),
-            Some("/x/pin is writable by group or others (mode 0620); run: chmod 600 /x/pin")
-        );
-        assert_eq!(
-            problem(0o100601, true).as_deref(),
-            Some("/x/pin is executable by group or others (mode 0601); run: chmod 600 /x/pin")
-        );
-        // Another user's file (root:agent-group 0440, a Secret under fsGroup): read
-        // through the group, nothing more.
-        assert_eq!(problem(0o100440, false), None);
-        assert_eq!(problem(0o100400, false), None);
-        assert_eq!(
-            problem(0o100444, false).as_deref(),
-            Some("/x/pin is readable by group or others (mode 0444); run: chmod 440 /x/pin")
-        );
-        assert_eq!(
-            problem(0o100460, false).as_deref(),
-            Some("/x/pin is writable by group or others (mode 0460); run: chmod 440 /x/pin")
-        );
     }
 }

@@ -6,8 +6,9 @@ use cryptoki::{
 };
 use der::{Encode, asn1::UintRef};
 
+use super::KeyLocator;
 use super::{HsmError, Token};
-use crate::{config::KeyLocator, hex};
+use crate::hex;
 
 /// Smallest RSA modulus Maskinporten (and we) accept.
 pub const MIN_RSA_BITS: usize = 2048;

@@ -12,12 +12,25 @@ use cryptoki::{
     session::Session,
     slot::Slot,
 };
-use sha2::{Digest, Sha256, Sha384, Sha512};
+use rsa::{
+    pkcs1v15::Pkcs1v15Sign,
+    sha2::{Digest, Sha256, Sha384, Sha512},
+};
 
 use super::HsmError;
-use crate::grant::Algorithm;
 
-/// How one algorithm is signed on this token.
+/// The hash of an RSASSA-PKCS1-v1_5 signature: RS256, RS384 and RS512 in JWS terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hash {
+    /// SHA-256.
+    Sha256,
+    /// SHA-384.
+    Sha384,
+    /// SHA-512.
+    Sha512,
+}
+
+/// How one hash is signed on this token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SignPath {
     /// The token hashes and signs (`CKM_SHAxxx_RSA_PKCS`).
@@ -28,14 +41,14 @@ pub enum SignPath {
 
 impl SignPath {
     /// For the log: which mechanism the token is asked for.
-    pub fn describe(self, algorithm: Algorithm) -> &'static str {
-        match (self, algorithm) {
-            (SignPath::InToken, Algorithm::Rs256) => "CKM_SHA256_RSA_PKCS",
-            (SignPath::InToken, Algorithm::Rs384) => "CKM_SHA384_RSA_PKCS",
-            (SignPath::InToken, Algorithm::Rs512) => "CKM_SHA512_RSA_PKCS",
-            (SignPath::DigestInfo, Algorithm::Rs256) => "CKM_RSA_PKCS over a SHA-256 DigestInfo",
-            (SignPath::DigestInfo, Algorithm::Rs384) => "CKM_RSA_PKCS over a SHA-384 DigestInfo",
-            (SignPath::DigestInfo, Algorithm::Rs512) => "CKM_RSA_PKCS over a SHA-512 DigestInfo",
+    pub fn describe(self, hash: Hash) -> &'static str {
+        match (self, hash) {
+            (SignPath::InToken, Hash::Sha256) => "CKM_SHA256_RSA_PKCS",
+            (SignPath::InToken, Hash::Sha384) => "CKM_SHA384_RSA_PKCS",
+            (SignPath::InToken, Hash::Sha512) => "CKM_SHA512_RSA_PKCS",
+            (SignPath::DigestInfo, Hash::Sha256) => "CKM_RSA_PKCS over a SHA-256 DigestInfo",
+            (SignPath::DigestInfo, Hash::Sha384) => "CKM_RSA_PKCS over a SHA-384 DigestInfo",
+            (SignPath::DigestInfo, Hash::Sha512) => "CKM_RSA_PKCS over a SHA-512 DigestInfo",
         }
     }
 }
@@ -66,59 +79,44 @@ impl Mechanisms {
         ]))
     }
 
-    pub(super) fn path(&self, algorithm: Algorithm) -> Option<SignPath> {
-        self.0[match algorithm {
-            Algorithm::Rs256 => 0,
-            Algorithm::Rs384 => 1,
-            Algorithm::Rs512 => 2,
+    pub(super) fn path(&self, hash: Hash) -> Option<SignPath> {
+        self.0[match hash {
+            Hash::Sha256 => 0,
+            Hash::Sha384 => 1,
+            Hash::Sha512 => 2,
         }]
     }
 }
 
-/// DER of `DigestInfo { digestAlgorithm, digest }` up to the digest, per hash.
-const SHA256_PREFIX: [u8; 19] = [
-    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
-    0x00, 0x04, 0x20,
-];
-const SHA384_PREFIX: [u8; 19] = [
-    0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02, 0x05,
-    0x00, 0x04, 0x30,
-];
-const SHA512_PREFIX: [u8; 19] = [
-    0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03, 0x05,
-    0x00, 0x04, 0x40,
-];
-
-/// The DER DigestInfo of `data` for `algorithm`'s hash.
-fn digest_info(algorithm: Algorithm, data: &[u8]) -> Vec<u8> {
-    let (prefix, digest): (&[u8], Vec<u8>) = match algorithm {
-        Algorithm::Rs256 => (&SHA256_PREFIX, Sha256::digest(data).to_vec()),
-        Algorithm::Rs384 => (&SHA384_PREFIX, Sha384::digest(data).to_vec()),
-        Algorithm::Rs512 => (&SHA512_PREFIX, Sha512::digest(data).to_vec()),
+/// The DER DigestInfo of `data` for `hash`: the rsa crate's prefix (the DER of the
+/// AlgorithmIdentifier and the OCTET STRING header), then the digest.
+fn digest_info(hash: Hash, data: &[u8]) -> Vec<u8> {
+    let (padding, digest) = match hash {
+        Hash::Sha256 => (Pkcs1v15Sign::new::<Sha256>(), Sha256::digest(data).to_vec()),
+        Hash::Sha384 => (Pkcs1v15Sign::new::<Sha384>(), Sha384::digest(data).to_vec()),
+        Hash::Sha512 => (Pkcs1v15Sign::new::<Sha512>(), Sha512::digest(data).to_vec()),
     };
-    [prefix, &digest].concat()
+    [&padding.prefix[..], &digest].concat()
 }
 
 /// Signs `data` on `session` the way `path` says.
 pub(super) fn sign(
     session: &Session,
     key: ObjectHandle,
-    algorithm: Algorithm,
+    hash: Hash,
     path: SignPath,
     data: &[u8],
 ) -> Result<Vec<u8>, HsmError> {
     let result = match path {
         SignPath::InToken => {
-            let mechanism = match algorithm {
-                Algorithm::Rs256 => Mechanism::Sha256RsaPkcs,
-                Algorithm::Rs384 => Mechanism::Sha384RsaPkcs,
-                Algorithm::Rs512 => Mechanism::Sha512RsaPkcs,
+            let mechanism = match hash {
+                Hash::Sha256 => Mechanism::Sha256RsaPkcs,
+                Hash::Sha384 => Mechanism::Sha384RsaPkcs,
+                Hash::Sha512 => Mechanism::Sha512RsaPkcs,
             };
             session.sign(&mechanism, key, data)
         }
-        SignPath::DigestInfo => {
-            session.sign(&Mechanism::RsaPkcs, key, &digest_info(algorithm, data))
-        }
+        SignPath::DigestInfo => session.sign(&Mechanism::RsaPkcs, key, &digest_info(hash, data)),
     };
     result.map_err(HsmError::call("C_Sign"))
 }
@@ -127,23 +125,23 @@ pub(super) fn sign(
 mod tests {
     use super::*;
 
-    /// The prefixes are the DER of the AlgorithmIdentifier and the OCTET STRING header,
-    /// checked here against an encoder rather than trusted as magic numbers.
+    /// The DigestInfo is the DER of the AlgorithmIdentifier and the digest, checked here
+    /// against an encoder.
     #[test]
     fn digest_info_is_the_der_encoding() {
         use der::{Encode, asn1::OctetString};
         use spki::{AlgorithmIdentifierOwned, ObjectIdentifier};
-        for (algorithm, oid, len) in [
-            (Algorithm::Rs256, "2.16.840.1.101.3.4.2.1", 32),
-            (Algorithm::Rs384, "2.16.840.1.101.3.4.2.2", 48),
-            (Algorithm::Rs512, "2.16.840.1.101.3.4.2.3", 64),
+        for (hash, oid, len) in [
+            (Hash::Sha256, "2.16.840.1.101.3.4.2.1", 32),
+            (Hash::Sha384, "2.16.840.1.101.3.4.2.2", 48),
+            (Hash::Sha512, "2.16.840.1.101.3.4.2.3", 64),
         ] {
             #[derive(der::Sequence)]
             struct DigestInfo {
                 algorithm: AlgorithmIdentifierOwned,
                 digest: OctetString,
             }
-            let info = digest_info(algorithm, b"grant");
+            let info = digest_info(hash, b"grant");
             let expected = DigestInfo {
                 algorithm: AlgorithmIdentifierOwned {
                     oid: ObjectIdentifier::new_unwrap(oid),

@@ -19,8 +19,10 @@
 
 mod key;
 mod mechanism;
+mod pin;
 mod pool;
 mod provision;
+mod settings;
 mod slots;
 
 use std::{path::Path, sync::Mutex};
@@ -35,10 +37,12 @@ use cryptoki::{
 
 pub use cryptoki::object::ObjectHandle;
 pub use key::{KeyObject, KeyRef, MIN_RSA_BITS, TokenKey, rsa_bits};
-pub use mechanism::SignPath;
+pub use mechanism::{Hash, SignPath};
+pub(crate) use pin::exposed_pin_file;
+pub use pin::{PinSource, read_pin};
 pub use provision::{RsaKeyParts, TokenSigner, init_token};
+pub use settings::{KeyLocator, Pkcs11Config, TokenSelector};
 
-use crate::{config::Pkcs11Config, grant::Algorithm};
 pub use pool::PoolLoad;
 use pool::SessionPool;
 
@@ -124,9 +128,9 @@ pub enum HsmError {
         "the token is unavailable (being recovered, or waiting for an operator: see the agent log)"
     )]
     Unavailable,
-    /// The token can sign this algorithm neither directly nor over a DigestInfo.
-    #[error("the token has neither the combined mechanism nor CKM_RSA_PKCS for {0}")]
-    NoMechanism(&'static str),
+    /// The token can sign with this hash neither directly nor over a DigestInfo.
+    #[error("the token has neither the combined mechanism nor CKM_RSA_PKCS for RSA with {0:?}")]
+    NoMechanism(Hash),
     /// Too many requests are waiting for a session.
     #[error(
         "the token is busy: {queued} requests are already waiting for a session; retry with backoff"
@@ -382,28 +386,28 @@ impl Token {
     }
 
     /// Signs `data` with `key` on a pooled session, on a blocking thread, if a session
-    /// frees up before `deadline`, by the token's [`SignPath`] for `algorithm`. Returns the
+    /// frees up before `deadline`, by the token's [`SignPath`] for `hash`. Returns the
     /// signature and the time spent queued.
     pub async fn sign(
         &self,
         key: KeyRef,
-        algorithm: Algorithm,
+        hash: Hash,
         data: Vec<u8>,
         deadline: Option<std::time::Instant>,
     ) -> Result<(Vec<u8>, std::time::Duration), HsmError> {
-        let path = self.sign_path(algorithm)?;
+        let path = self.sign_path(hash)?;
         self.pool
             .sign(key, deadline, move |session, handle| {
-                mechanism::sign(session, handle, algorithm, path, &data)
+                mechanism::sign(session, handle, hash, path, &data)
             })
             .await
     }
 
-    /// How this token signs `algorithm`: in the token, or over a DigestInfo.
-    pub fn sign_path(&self, algorithm: Algorithm) -> Result<SignPath, HsmError> {
+    /// How this token signs `hash`: in the token, or over a DigestInfo.
+    pub fn sign_path(&self, hash: Hash) -> Result<SignPath, HsmError> {
         self.mechanisms
-            .path(algorithm)
-            .ok_or(HsmError::NoMechanism(algorithm.jws_name()))
+            .path(hash)
+            .ok_or(HsmError::NoMechanism(hash))
     }
 
     /// How busy the session pool is now.
@@ -415,12 +419,12 @@ impl Token {
     pub fn sign_blocking(
         &self,
         key: KeyRef,
-        algorithm: Algorithm,
+        hash: Hash,
         data: Vec<u8>,
     ) -> Result<Vec<u8>, HsmError> {
-        let path = self.sign_path(algorithm)?;
+        let path = self.sign_path(hash)?;
         self.pool.sign_blocking(key, move |session, handle| {
-            mechanism::sign(session, handle, algorithm, path, &data)
+            mechanism::sign(session, handle, hash, path, &data)
         })
     }
 
@@ -557,95 +561,5 @@ fn load(module: &Path) -> Result<Pkcs11, HsmError> {
         // Another part of the process initialised it already; that is fine.
         Ok(()) | Err(Pkcs11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(pkcs11),
         Err(e) => Err(err(e)),
-    }
-}
-
-/// Reads a PIN file, refusing one that group or others may read: checked on the open
-/// file, so the file checked is the file read.
-fn read_pin_file(path: &std::path::Path) -> Result<String, HsmError> {
-    use std::io::Read;
-    let failed =
-        |e: std::io::Error| HsmError::PinSource(format!("pin_file {}: {e}", path.display()));
-    let mut file = std::fs::File::open(path).map_err(failed)?;
-    let metadata = file.metadata().map_err(failed)?;
-    if let Some(exposed) = crate::config::exposed_pin_file(path, &metadata) {
-        return Err(HsmError::PinSource(format!("pin_file {exposed}")));
-    }
-    // Sized up front, as fs::read_to_string does, so the PIN is not left behind in a
-    // smaller buffer given back on growth.
-    let mut pin = String::with_capacity(usize::try_from(metadata.len()).unwrap_or(0) + 1);
-    if let Err(e) = file.read_to_string(&mut pin) {
-        zeroize::Zeroize::zeroize(&mut pin);
-        return Err(failed(e));
-    }
-    Ok(pin)
-}
-
-/// Reads the user PIN from its configured source into a zeroizing secret.
-pub fn read_pin(source: &crate::config::PinSource) -> Result<AuthPin, HsmError> {
-    use crate::config::PinSource;
-    let mut pin = match source {
-        PinSource::File(path) => read_pin_file(path)?,
-        PinSource::Env(var) => std::env::var(var)
-            .map_err(|_| HsmError::PinSource(format!("pin_env {var} is not set")))?,
-    };
-    if pin.ends_with('\n') {
-        let _ = pin.pop();
-        if pin.ends_with('\r') {
-            let _ = pin.pop();
-        }
-    }
-    // Copy into an exactly-sized box and wipe the original: converting the String itself
-    // could reallocate and leave an unwiped copy in freed memory.
-    let secret = (!pin.is_empty()).then(|| AuthPin::new(Box::from(pin.as_str())));
-    zeroize::Zeroize::zeroize(&mut pin);
-    secret.ok_or_else(|| HsmError::PinSource("the PIN is empty".into()))
-}
-
-#[cfg(test)]
-mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
-    use cryptoki::types::AuthPin;
-
-    use super::*;
-    use crate::config::PinSource;
-
-    fn pin_file(mode: u32) -> (tempfile::TempDir, std::path::PathBuf) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("pin");
-        std::fs::write(&path, "8765-4321\n").expect("pin");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-        (dir, path)
-    }
-
-    fn read(path: &std::path::Path) -> Result<AuthPin, HsmError> {
-        read_pin(&PinSource::File(path.to_owned()))
-    }
-
-    #[test]
-    fn a_pin_file_group_or_others_may_read_is_refused_when_read() {
-        let (_dir, path) = pin_file(0o644);
-        let e = read(&path).expect_err("refused").to_string();
-        assert_eq!(
-            e,
-            format!(
-                "cannot read the user PIN: pin_file {p} is readable by group or others (mode 0644); run: chmod 600 {p}",
-                p = path.display()
-            )
-        );
-        assert!(!e.contains("8765"), "the PIN stays out of the error");
-    }
-
-    #[test]
-    fn an_owner_only_pin_file_is_read() {
-        for mode in [0o600, 0o400] {
-            let (_dir, path) = pin_file(mode);
-            assert!(read(&path).is_ok(), "mode {mode:o}");
-        }
-        let (_dir, path) = pin_file(0o600);
-        std::fs::write(&path, "\n").expect("empty pin");
-        let e = read(&path).expect_err("empty").to_string();
-        assert_eq!(e, "cannot read the user PIN: the PIN is empty");
     }
 }

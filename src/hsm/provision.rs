@@ -16,8 +16,7 @@ use der::{Any, asn1::ObjectIdentifier};
 use rsa::{pkcs1::DecodeRsaPublicKey, pkcs1v15, sha2::Sha256};
 use spki::{AlgorithmIdentifierOwned, DynSignatureAlgorithmIdentifier};
 
-use super::{HsmError, KeyRef, Token, TokenKey, key::find_key, load, slots};
-use crate::{config::KeyLocator, grant::Algorithm};
+use super::{Hash, HsmError, KeyLocator, KeyRef, Token, TokenKey, key::find_key, load, slots};
 
 /// sha256WithRSAEncryption, what the token's CKM_SHA256_RSA_PKCS produces.
 const SHA256_WITH_RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.11");
@@ -288,7 +287,7 @@ impl signature::Signer<pkcs1v15::Signature> for TokenSigner<'_> {
     fn try_sign(&self, msg: &[u8]) -> Result<pkcs1v15::Signature, signature::Error> {
         let signature = self
             .token
-            .sign_blocking(self.key.clone(), Algorithm::Rs256, msg.to_vec())
+            .sign_blocking(self.key.clone(), Hash::Sha256, msg.to_vec())
             .map_err(signature::Error::from_source)?;
         pkcs1v15::Signature::try_from(signature.as_slice())
     }

@@ -16,8 +16,7 @@ use cryptoki::{
 pub(super) use pkcs11_token_info::Limit;
 use pkcs11_token_info::{Error as ReadError, TokenInfo};
 
-use super::HsmError;
-use crate::config::TokenSelector;
+use super::{HsmError, TokenSelector};
 
 /// The information of the token in `slot` of `module`, which must be loaded and
 /// initialised in this process (it is the same library, found again by its path).
