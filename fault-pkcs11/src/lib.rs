@@ -48,7 +48,7 @@ struct Real {
 }
 
 /// The faults in force, as the control file last said.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 struct Faults {
     sign_latency: Duration,
     sign_errors: Option<(CK_RV, u64)>,
@@ -71,6 +71,15 @@ static CONTROL: Mutex<Option<Control>> = Mutex::new(None);
 /// `sign_errors` still to inject since the control file last changed.
 static ERRORS_LEFT: AtomicU64 = AtomicU64::new(0);
 static OPEN_SESSIONS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The faults this thread's last `C_SignInit` read, and its session. The `C_Sign` calls
+    /// of that operation (cryptoki makes two: the length, then the signature) use them
+    /// instead of reading the control file again: faults change between operations, and
+    /// with `instant_sign` the file's `stat` would be most of what a sign costs.
+    static OPERATION: std::cell::Cell<Option<(CK_SESSION_HANDLE, Faults)>> =
+        const { std::cell::Cell::new(None) };
+}
 /// Sessions a failure killed: the real module's session is still open (so closing it
 /// frees it), but every other call on it fails.
 static DEAD_SESSIONS: Mutex<Vec<CK_SESSION_HANDLE>> = Mutex::new(Vec::new());
@@ -150,7 +159,7 @@ fn faults() -> Faults {
             );
         }
     }
-    control.faults.clone()
+    control.faults
 }
 
 fn parse(text: &str) -> Faults {
@@ -318,6 +327,7 @@ unsafe extern "C" fn sign_init(
     if let Some(rv) = refusal(&faults, session) {
         return rv;
     }
+    OPERATION.set(Some((session, faults)));
     if faults.instant_sign {
         return CKR_OK;
     }
@@ -331,8 +341,16 @@ unsafe extern "C" fn sign(
     signature: CK_BYTE_PTR,
     signature_len: CK_ULONG_PTR,
 ) -> CK_RV {
-    let faults = faults();
+    let faults = match OPERATION.get() {
+        Some((started, faults)) if started == session => faults,
+        _ => faults(),
+    };
+    if !signature.is_null() {
+        // The call that signs ends the operation (as does any failure, below).
+        OPERATION.set(None);
+    }
     if let Some(rv) = refusal(&faults, session) {
+        OPERATION.set(None);
         return rv;
     }
     if let Some((rv, _)) = faults.sign_errors
@@ -356,6 +374,7 @@ unsafe extern "C" fn sign(
         if rv == CKR_GENERAL_ERROR || rv == CKR_SESSION_HANDLE_INVALID {
             dead_sessions().push(session);
         }
+        OPERATION.set(None);
         return rv;
     }
     // The round trip is the signing call's: a length query (no buffer) answers at once,
