@@ -25,7 +25,7 @@ use crate::{
 };
 
 use super::{
-    audit::{AuditLog, Decision},
+    audit::{AuditLog, Decision, code_name},
     caller::{Caller, Peer},
     policy::{Ask, Policy},
     status,
@@ -63,8 +63,8 @@ impl GrantAgentService {
 /// Who asked for what (defaults resolved), as every audit line of a request says it.
 struct Head {
     request_id: String,
-    caller: Caller,
-    peer: String,
+    caller: Arc<Caller>,
+    peer: Arc<str>,
     key: String,
     environment: String,
     /// The `type` of each authorization_details entry (empty when there are none, or the
@@ -107,7 +107,7 @@ impl GrantAgentService {
             request_id: &at.request_id,
             time: crate::agent::rfc3339(unix_now()),
             caller: at.caller.name(),
-            peer: at.peer.clone(),
+            peer: &at.peer,
             key: &at.key,
             certificate_sha256: result.certificate_sha256,
             client_id: &params.client_id,
@@ -119,11 +119,8 @@ impl GrantAgentService {
             jti: result.jti,
             expires_at: result.expires_at,
             outcome,
-            code: format!("{:?}", result.status.map_or(tonic::Code::Ok, Status::code)),
-            reason: result
-                .status
-                .map(|s| s.message().to_owned())
-                .unwrap_or_default(),
+            code: code_name(result.status.map_or(tonic::Code::Ok, Status::code)),
+            reason: result.status.map_or("", Status::message),
         });
     }
 
@@ -405,12 +402,11 @@ fn peer<T>(request: &Request<T>) -> Peer {
     if let Some(reached) = request.extensions().get::<super::Reached>() {
         reached.mark();
     }
-    request.extensions().get::<Peer>().cloned().unwrap_or(Peer {
-        caller: Caller {
-            identities: Vec::new(),
-        },
-        address: String::new(),
-    })
+    request
+        .extensions()
+        .get::<Peer>()
+        .cloned()
+        .unwrap_or_else(|| Peer::new(Caller::plain(false), ""))
 }
 
 /// The caller's deadline from the `grpc-timeout` header ("100m" = 100 ms), if it sent one.
@@ -437,7 +433,7 @@ impl GrantAgent for GrantAgentService {
         request: Request<SignGrantRequest>,
     ) -> Result<Response<SignGrantResponse>, Status> {
         use tracing::Instrument;
-        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let request_id = crate::grant::random_uuid().simple().to_string();
         let span = tracing::info_span!("sign_grant", request_id = %request_id);
         self.sign(request, request_id).instrument(span).await
     }
@@ -447,7 +443,7 @@ impl GrantAgent for GrantAgentService {
         request: Request<GetAccessTokenRequest>,
     ) -> Result<Response<GetAccessTokenResponse>, Status> {
         use tracing::Instrument;
-        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let request_id = crate::grant::random_uuid().simple().to_string();
         let span = tracing::info_span!("get_access_token", request_id = %request_id);
         self.token(request, request_id).instrument(span).await
     }
