@@ -3,7 +3,10 @@
 //! grants/s and p50/p99 latency through gRPC at concurrency 1, 4, 16 and 64, the ratio
 //! (b)/(a) at saturation, (c) cached GetAccessToken requests/s (against
 //! `grant-agent mock-maskinporten`), the agent's peak RSS, and its RSS across a soak.
-//! Beside (b), the transport alone: a health check over the same connections.
+//! Beside (b), the transport alone: a health check over the same connections. On
+//! `fault-pkcs11` (build it first: `cargo build --release -p fault-pkcs11`), (d) a
+//! network HSM (2 ms a sign, 32 sessions) against usable sessions / latency, and (e) the
+//! agent's own ceiling (a sign that costs nothing) against a bare health check.
 //!
 //! `cargo bench --bench throughput`. Environment: `BENCH_SECONDS` per step (default 5),
 //! `BENCH_ROUNDS` of raw and agent steps taken in turn for the targets (default 5),
@@ -12,6 +15,8 @@
 //! `BENCH_AGENT_CPUS` and `BENCH_CLIENT_CPUS` (CPU lists as taskset takes them, such as
 //! `0` and `1`, or `0-1` and `2-3`) run the agent and the raw baseline on the first CPUs
 //! and the load generator on the second, so the client no longer takes the agent's time.
+//!
+//! `BENCH_ONLY=network` runs (d) and (e) alone (see `throughput/network.rs`).
 //!
 //! The machine is noisy, so the figures that matter are ratios to the baseline measured in
 //! the same run, not absolute numbers.
@@ -35,7 +40,13 @@ use grant_agent::proto::{
 };
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
+#[path = "throughput/network.rs"]
+mod network;
+
 const RAW_MODE: &str = "GRANT_AGENT_BENCH_RAW";
+/// The raw baseline's module and thread count, when not SoftHSM with the agent's default.
+const RAW_MODULE: &str = "GRANT_AGENT_BENCH_RAW_MODULE";
+const RAW_SESSIONS: &str = "GRANT_AGENT_BENCH_RAW_SESSIONS";
 
 /// Failed requests over the whole run: figures from a run with failures are not valid, so
 /// the bench then exits non-zero (CI runs it briefly to keep it working).
@@ -74,6 +85,28 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut agent, addr) = start_agent(dir.path());
     let pid = agent.id();
+    if std::env::var("BENCH_ONLY").is_ok_and(|only| only == "network") {
+        // (d) and (e) alone, for work on the agent's hot path.
+        let setting = format!(
+            "{}; {}",
+            placement
+                .as_deref()
+                .unwrap_or("agent and load generator share the cores"),
+            idle_driver()
+        );
+        println!("grant-agent on fault-pkcs11 only, {seconds} s per step; {setting}");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut verdict = Verdict::default();
+        let rounds = env_number("BENCH_ROUNDS", 5).max(1);
+        network::run(&runtime, dir.path(), seconds, rounds, &mut verdict);
+        verdict.print(&setting);
+        let _ = agent.kill();
+        let _ = agent.wait();
+        return;
+    }
 
     // (a) The baseline: the token's own signing rate, without the agent, in a child
     // process that stays up for the whole run so that it can be asked again between steps.
@@ -237,6 +270,13 @@ fn main() {
         format!("peak RSS {hwm:.1} MiB so far (< {RSS_TARGET_MIB:.0} MiB)"),
     );
     cached_tokens(&runtime, dir.path(), &addr, seconds, raw_rate);
+    network::run(
+        &runtime,
+        dir.path(),
+        seconds.div_ceil(2),
+        rounds,
+        &mut verdict,
+    );
 
     if soak > 0 {
         // In tenths, so that growth and a plateau can be told apart.
@@ -479,9 +519,33 @@ struct RawSigner {
 
 impl RawSigner {
     fn start(dir: &Path) -> Self {
-        let mut child = command(std::env::current_exe().expect("bench binary"))
+        Self::spawn(
+            command(std::env::current_exe().expect("bench binary"))
+                .env(RAW_MODE, dir)
+                .env("SOFTHSM2_CONF", dir.join("softhsm2.conf")),
+        )
+    }
+
+    /// The baseline on another `module` (with the environment it needs), signing on
+    /// `sessions` threads.
+    fn start_on(
+        dir: &Path,
+        module: &Path,
+        env: &[(&str, &std::ffi::OsStr)],
+        sessions: usize,
+    ) -> Self {
+        let mut command = command(std::env::current_exe().expect("bench binary"));
+        let _ = command
             .env(RAW_MODE, dir)
             .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"))
+            .env(RAW_MODULE, module)
+            .env(RAW_SESSIONS, sessions.to_string())
+            .envs(env.iter().copied());
+        Self::spawn(&mut command)
+    }
+
+    fn spawn(command: &mut Command) -> Self {
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -852,10 +916,17 @@ fn raw(dir: &Path) {
         session::UserType,
         types::AuthPin,
     };
-    let sessions = grant_agent::config::default_sessions();
+    let sessions = std::env::var(RAW_SESSIONS)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(grant_agent::config::default_sessions);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("{sessions} {cores}");
-    let pkcs11 = Pkcs11::new(grant_agent::dev::softhsm_module().expect("softhsm")).expect("load");
+    let module = std::env::var_os(RAW_MODULE).map_or_else(
+        || grant_agent::dev::softhsm_module().expect("softhsm"),
+        std::path::PathBuf::from,
+    );
+    let pkcs11 = Pkcs11::new(module).expect("load");
     pkcs11
         .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         .expect("initialize");

@@ -15,6 +15,7 @@
 use base64::{
     Engine,
     engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+    write::EncoderStringWriter,
 };
 use serde::Serialize;
 
@@ -135,6 +136,17 @@ impl std::fmt::Debug for Claims {
 }
 
 impl Claims {
+    /// About how long the claims' JSON is (the names, quotes and numbers at most 160
+    /// bytes, plus the values), to size the signing input once.
+    fn json_len_estimate(&self) -> usize {
+        160 + self.aud.len()
+            + self.iss.len()
+            + self.scope.len()
+            + self.jti.len()
+            + self.resource.iter().map(|r| r.len() + 3).sum::<usize>()
+            + self.consumer_org.as_ref().map_or(0, |o| o.len() + 20)
+    }
+
     /// Validates `params` and builds the claims for a grant issued at `now` (Unix seconds)
     /// to `aud`, with a fresh random `jti`. A service validates once, with
     /// [`ValidGrant::new`], and builds claims from that.
@@ -200,7 +212,7 @@ impl ValidGrant {
             scope: params.scopes.join(" "),
             iat: now,
             exp: now + i64::from(self.lifetime),
-            jti: uuid::Uuid::new_v4().to_string(),
+            jti: random_uuid().to_string(),
             resource: params.resources.clone(),
             consumer_org: Some(params.consumer_org.clone()).filter(|org| !org.is_empty()),
             authorization_details: self.authorization_details.clone(),
@@ -208,6 +220,13 @@ impl ValidGrant {
             iss_onbehalfof: Some(params.iss_onbehalfof.clone()).filter(|v| !v.is_empty()),
         }
     }
+}
+
+/// A random (version 4) UUID from the thread's CSPRNG (rand's ChaCha12, seeded and
+/// reseeded from the OS): as unpredictable as `Uuid::new_v4`, which asks the kernel
+/// (`getrandom`) on every call, a system call per `jti` and per request id.
+pub(crate) fn random_uuid() -> uuid::Uuid {
+    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
 }
 
 /// Every field check; the lifetime (0 resolved) and the parsed authorization_details.
@@ -388,12 +407,16 @@ fn check_scopes(scopes: &[String]) -> Result<(), InvalidGrant> {
         ));
     }
     for (i, scope) in scopes.iter().enumerate() {
-        let field = format!("grant.scopes[{i}]");
+        // Named only when refused: a valid request allocates nothing here.
+        let field = || format!("grant.scopes[{i}]");
         if scope.is_empty() {
-            return Err(invalid(field, "must not be empty"));
+            return Err(invalid(field(), "must not be empty"));
         }
         if scope.len() > MAX_SCOPE {
-            return Err(invalid(field, format!("is longer than {MAX_SCOPE} bytes")));
+            return Err(invalid(
+                field(),
+                format!("is longer than {MAX_SCOPE} bytes"),
+            ));
         }
         if let Some(c) = scope
             .chars()
@@ -407,7 +430,7 @@ fn check_scopes(scopes: &[String]) -> Result<(), InvalidGrant> {
                 format!("U+{:04X}", u32::from(c))
             };
             return Err(invalid(
-                field,
+                field(),
                 format!("contains {shown}; scopes use A-Z a-z 0-9 and : / . - _ only"),
             ));
         }
@@ -415,17 +438,17 @@ fn check_scopes(scopes: &[String]) -> Result<(), InvalidGrant> {
             Some((prefix, name)) if !prefix.is_empty() && !name.is_empty() => {}
             Some((prefix, "")) if !prefix.is_empty() => {
                 return Err(invalid(
-                    field,
+                    field(),
                     format!(
                         "has no name after {:?}; it must have the form prefix:name",
                         format!("{prefix}:")
                     ),
                 ));
             }
-            _ => return Err(invalid(field, "must have the form prefix:name")),
+            _ => return Err(invalid(field(), "must have the form prefix:name")),
         }
         if scopes[..i].contains(scope) {
-            return Err(invalid(field, format!("repeats scope {scope:?}")));
+            return Err(invalid(field(), format!("repeats scope {scope:?}")));
         }
     }
     Ok(())
@@ -439,16 +462,19 @@ fn check_resources(resources: &[String]) -> Result<(), InvalidGrant> {
         ));
     }
     for (i, resource) in resources.iter().enumerate() {
-        let field = format!("grant.resources[{i}]");
+        let field = || format!("grant.resources[{i}]");
         if resource.is_empty() || resource.len() > MAX_RESOURCE {
-            return Err(invalid(field, format!("must be 1 to {MAX_RESOURCE} bytes")));
+            return Err(invalid(
+                field(),
+                format!("must be 1 to {MAX_RESOURCE} bytes"),
+            ));
         }
         let scheme_ok = resource
             .split_once(':')
             .is_some_and(|(scheme, rest)| !scheme.is_empty() && !rest.is_empty());
         if !scheme_ok || !resource.chars().all(|c| c.is_ascii_graphic()) {
             return Err(invalid(
-                field,
+                field(),
                 "must be an absolute URI without spaces, e.g. \"https://api.example.no/\"",
             ));
         }
@@ -527,14 +553,22 @@ impl Header {
     }
 }
 
-/// `header.claims`, the bytes the token signs.
+/// Room for `.signature` after the signing input: the base64url of an RSA-4096
+/// signature (512 bytes), so [`compact`] never grows the string for keys up to that size.
+const SIGNATURE_ROOM: usize = 1 + 683;
+
+/// `header.claims`, the bytes the token signs, in a string with room for the signature.
+/// The claims' JSON is encoded as it is written, with no copy of it in between.
 pub fn signing_input(header: &Header, claims: &Claims) -> String {
-    // Serialising a struct of strings, integers and string vectors cannot fail.
-    let claims = serde_json::to_vec(claims).unwrap_or_default();
-    let mut input = String::with_capacity(header.encoded.len() + 1 + claims.len() * 4 / 3 + 4);
+    let json = claims.json_len_estimate();
+    let mut input =
+        String::with_capacity(header.encoded.len() + 1 + json.div_ceil(3) * 4 + SIGNATURE_ROOM);
     input.push_str(&header.encoded);
     input.push('.');
-    URL_SAFE_NO_PAD.encode_string(claims, &mut input);
+    let mut encoder = EncoderStringWriter::from_consumer(&mut input, &URL_SAFE_NO_PAD);
+    // Serialising a struct of strings, integers and string vectors cannot fail.
+    let _ = serde_json::to_writer(&mut encoder, claims);
+    let _ = encoder.into_inner();
     input
 }
 

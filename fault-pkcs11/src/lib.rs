@@ -7,13 +7,13 @@
 //!
 //! | key | effect | models |
 //! |---|---|---|
-//! | `sign_latency_ms = 2` | every `C_Sign` takes this long first | a network HSM's round trip (Luna, CloudHSM) |
+//! | `sign_latency_ms = 2` | every `C_Sign` that signs (not the length query before it) takes this long first, waited with 1 ns of timer slack as a socket read would wait | a network HSM's round trip (Luna, CloudHSM) |
 //! | `sign_errors = DEVICE_ERROR 3` | the next 3 `C_Sign` calls after the file changed fail with that return value (`DEVICE_ERROR`, `GENERAL_ERROR`, `SESSION_HANDLE_INVALID`, `DEVICE_REMOVED`, `USER_NOT_LOGGED_IN`); `sign_errors = SESSION_HANDLE_INVALID every 50` fails every 50th instead. After GENERAL_ERROR or SESSION_HANDLE_INVALID that session is dead: every later call on it answers SESSION_HANDLE_INVALID until it is closed. USER_NOT_LOGGED_IN logs the application out for real (C_Logout), so every session stays logged out until someone logs in again | CloudHSM throttling (DEVICE_ERROR), Luna's GENERAL_ERROR after which only a new context helps, a session the HSM dropped, a network HSM that reconnected without the login |
 //! | `per_session_handles = true` | object handles are valid only in the session that found them: `C_FindObjects` answers handles of its own session, and any other session gets KEY_HANDLE_INVALID (`C_SignInit`) or OBJECT_HANDLE_INVALID (`C_GetAttributeValue`) for them | AWS CloudHSM Client SDK 5 |
 //! | `max_sessions = 8` | `C_OpenSession` fails with SESSION_COUNT past 8 open sessions, and `C_GetTokenInfo` says so | YubiHSM 2 (16 sessions), appliance session caps |
 //! | `token = absent` | the token is gone: `C_GetSlotList` lists no token, and calls on its sessions and objects fail with DEVICE_REMOVED | an HSM restart, a re-provisioned or removed token |
 //! | `pin_flags = final_try` (or `locked`) | `C_GetTokenInfo` reports CKF_USER_PIN_FINAL_TRY (or CKF_USER_PIN_LOCKED) | a token after wrong PINs: one more locks it (or it is locked) |
-//! | `instant_sign = true` | `C_SignInit`/`C_Sign` answer at once with a fixed 256-byte signature (not valid) | a fast HSM, to measure the agent's own ceiling |
+//! | `instant_sign = true` | `C_SignInit`/`C_Sign` answer at once with a fixed 256-byte signature (not valid), with no call to the real module; with `sign_latency_ms`, after that wait | a fast HSM, to measure the agent's own ceiling; with a latency, a network HSM whose signing costs the agent no CPU |
 //!
 //! The module never unloads (it is linked with `-z nodelete`), like many vendor modules:
 //! an agent that drops it and loads it again after a token loss meets the same instance,
@@ -51,7 +51,7 @@ struct Real {
 }
 
 /// The faults in force, as the control file last said.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 struct Faults {
     sign_latency: Duration,
     sign_errors: Option<(CK_RV, Schedule)>,
@@ -86,6 +86,15 @@ static ERRORS_LEFT: AtomicU64 = AtomicU64::new(0);
 /// `C_Sign` calls since the control file last changed, for `sign_errors = RV every N`.
 static SIGNS: AtomicU64 = AtomicU64::new(0);
 static OPEN_SESSIONS: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The faults this thread's last `C_SignInit` read, and its session. The `C_Sign` calls
+    /// of that operation (cryptoki makes two: the length, then the signature) use them
+    /// instead of reading the control file again: faults change between operations, and
+    /// with `instant_sign` the file's `stat` would be most of what a sign costs.
+    static OPERATION: std::cell::Cell<Option<(CK_SESSION_HANDLE, Faults)>> =
+        const { std::cell::Cell::new(None) };
+}
 /// Sessions a failure killed: the real module's session is still open (so closing it
 /// frees it), but every other call on it fails.
 static DEAD_SESSIONS: Mutex<Vec<CK_SESSION_HANDLE>> = Mutex::new(Vec::new());
@@ -167,7 +176,7 @@ fn faults() -> Faults {
             SIGNS.store(0, Ordering::SeqCst);
         }
     }
-    control.faults.clone()
+    control.faults
 }
 
 fn parse(text: &str) -> Faults {
@@ -348,6 +357,7 @@ unsafe extern "C" fn sign_init(
     let Some(key) = own_handle(&faults, session, key) else {
         return CKR_KEY_HANDLE_INVALID;
     };
+    OPERATION.set(Some((session, faults)));
     if faults.instant_sign {
         return CKR_OK;
     }
@@ -361,8 +371,16 @@ unsafe extern "C" fn sign(
     signature: CK_BYTE_PTR,
     signature_len: CK_ULONG_PTR,
 ) -> CK_RV {
-    let faults = faults();
+    let faults = match OPERATION.get() {
+        Some((started, faults)) if started == session => faults,
+        _ => faults(),
+    };
+    if !signature.is_null() {
+        // The call that signs ends the operation (as does any failure, below).
+        OPERATION.set(None);
+    }
     if let Some(rv) = refusal(&faults, session) {
+        OPERATION.set(None);
         return rv;
     }
     if let Some((rv, schedule)) = faults.sign_errors
@@ -387,10 +405,14 @@ unsafe extern "C" fn sign(
         if rv == CKR_USER_NOT_LOGGED_IN {
             let _ = forward!(C_Logout(session));
         }
+        OPERATION.set(None);
         return rv;
     }
-    if !faults.sign_latency.is_zero() {
-        std::thread::sleep(faults.sign_latency);
+    // The round trip is the signing call's: a length query (no buffer) answers at once,
+    // as a client library answers it from the key size it knows, so one sign costs one
+    // round trip, not two (cryptoki asks for the length first).
+    if !faults.sign_latency.is_zero() && !signature.is_null() {
+        round_trip(faults.sign_latency);
     }
     if faults.instant_sign {
         if signature_len.is_null() {
@@ -412,6 +434,28 @@ unsafe extern "C" fn sign(
         return CKR_OK;
     }
     forward!(C_Sign(session, data, data_len, signature, signature_len))
+}
+
+/// Waits `latency` as a network HSM's client library waits for the appliance's reply.
+///
+/// That library blocks on its socket and wakes when the reply arrives. A timer sleep also
+/// waits out the thread's timer slack (50 µs by default), which no reply would, and which
+/// would be charged to the agent in the bench's network-HSM figure. So the sleep runs with
+/// a slack of 1 ns, and the calling thread's own slack is put back after it. What is left
+/// over the configured latency is the kernel's wake-up, as for a reply.
+fn round_trip(latency: Duration) {
+    // SAFETY: PR_GET_TIMERSLACK takes no argument and only reads the calling thread's
+    // slack (in ns, as the return value).
+    let previous = unsafe { libc::prctl(libc::PR_GET_TIMERSLACK) };
+    // SAFETY: PR_SET_TIMERSLACK takes an unsigned long; it changes only this thread's slack.
+    let _ = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+    std::thread::sleep(latency);
+    if let Ok(previous) = libc::c_ulong::try_from(previous)
+        && previous > 0
+    {
+        // SAFETY: as above; `previous` is the slack the thread had.
+        let _ = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, previous) };
+    }
 }
 
 unsafe extern "C" fn get_attribute_value(

@@ -34,7 +34,7 @@ pub(crate) struct Decision<'a> {
     pub(crate) request_id: &'a str,
     pub(crate) time: String,
     pub(crate) caller: &'a str,
-    pub(crate) peer: String,
+    pub(crate) peer: &'a str,
     pub(crate) key: &'a str,
     pub(crate) certificate_sha256: &'a str,
     pub(crate) client_id: &'a str,
@@ -61,9 +61,9 @@ pub(crate) struct Decision<'a> {
     /// or the deadline could not be met with the queue ahead) or "failed" (the token or
     /// Maskinporten failed).
     pub(crate) outcome: &'static str,
-    /// The gRPC code sent to the caller.
-    pub(crate) code: String,
-    pub(crate) reason: String,
+    /// The gRPC code sent to the caller ([`code_name`]).
+    pub(crate) code: &'static str,
+    pub(crate) reason: &'a str,
 }
 
 /// A refusal before any request message was read.
@@ -77,8 +77,8 @@ pub(crate) struct Refused<'a> {
     pub(crate) peer: &'a str,
     /// "denied" (no rule names the caller), "refused" (malformed input) or "busy".
     pub(crate) outcome: &'static str,
-    /// The gRPC code sent, empty for a connection.
-    pub(crate) code: String,
+    /// The gRPC code sent ([`code_name`]), empty for a connection.
+    pub(crate) code: &'static str,
     pub(crate) reason: String,
     /// Refusals left out of the trail since the previous refusal line.
     #[serde(skip_serializing_if = "is_zero")]
@@ -266,21 +266,71 @@ impl AuditLog {
         self.write(&refused);
     }
 
-    /// Writes one line. A failing sink is reported in the log, never to the caller.
+    /// Writes one line, in one `write` to the sink before the call returns, so a line is
+    /// never held back (nothing to lose on any shutdown). A failing sink is reported in
+    /// the log, never to the caller.
     fn write(&self, line: &impl Serialize) {
-        let Ok(mut line) = serde_json::to_vec(line) else {
-            return;
-        };
-        line.push(b'\n');
-        let written = match self.sink.lock() {
-            Ok(mut sink) => sink.write_all(&line).and_then(|()| sink.flush()),
-            Err(poisoned) => {
-                let mut sink = poisoned.into_inner();
-                sink.write_all(&line).and_then(|()| sink.flush())
-            }
-        };
+        thread_local! {
+            /// The line being written, kept between calls so that a line costs no
+            /// allocation once the thread has written one as long.
+            static LINE: std::cell::RefCell<Vec<u8>> =
+                std::cell::RefCell::new(Vec::with_capacity(1024));
+        }
+        let written = LINE.with_borrow_mut(|buffer| {
+            buffer.clear();
+            serde_json::to_writer(&mut *buffer, line).map_err(std::io::Error::from)?;
+            buffer.push(b'\n');
+            let written = match self.sink.lock() {
+                Ok(mut sink) => sink.write_all(buffer).and_then(|()| sink.flush()),
+                Err(poisoned) => {
+                    let mut sink = poisoned.into_inner();
+                    sink.write_all(buffer).and_then(|()| sink.flush())
+                }
+            };
+            // A rare long line (many scopes, say) does not keep its buffer forever.
+            buffer.shrink_to(4096);
+            written
+        });
         if let Err(error) = written {
             tracing::error!(%error, "cannot write the audit log");
+        }
+    }
+}
+
+/// The name of a gRPC code as audit lines spell it (`Ok`, `InvalidArgument`, ...: its
+/// `Debug` form), without formatting it anew for every line.
+pub(crate) fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "Ok",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_names_are_the_codes_debug_form() {
+        for number in 0..=16 {
+            let code = tonic::Code::from_i32(number);
+            assert_eq!(code_name(code), format!("{code:?}"));
         }
     }
 }

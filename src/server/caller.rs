@@ -9,6 +9,8 @@
 //! A `gid:` rule matches the peer's primary group only: SO_PEERCRED reports no
 //! supplementary groups, and reading them from `/proc` would race with the peer's exit.
 
+use std::sync::Arc;
+
 use crate::{cert::ClientCertificate, config::IdentityField};
 
 /// A caller's identities, strongest first. Empty when the transport proved nothing.
@@ -58,12 +60,21 @@ impl Caller {
 }
 
 /// The connection a request came on: who, and from where. Inserted into every request's
-/// extensions by `conn`.
+/// extensions by `conn`; shared, so that passing it on costs no allocation per request.
 #[derive(Debug, Clone)]
 pub(crate) struct Peer {
-    pub(crate) caller: Caller,
+    pub(crate) caller: Arc<Caller>,
     /// `ip:port` on TCP, `unix` on the socket.
-    pub(crate) address: String,
+    pub(crate) address: Arc<str>,
+}
+
+impl Peer {
+    pub(crate) fn new(caller: Caller, address: &str) -> Self {
+        Peer {
+            caller: Arc::new(caller),
+            address: Arc::from(address),
+        }
+    }
 }
 
 fn prefixed(kind: &str, values: Vec<String>) -> Vec<String> {

@@ -429,7 +429,7 @@ fn refuse_connection(
         caller,
         peer,
         outcome,
-        code: String::new(),
+        code: "",
         reason,
         suppressed: 0,
     });
@@ -461,13 +461,16 @@ impl Connections {
             Err(_elapsed) => self.metrics.connection_refused("handshake_timeout"),
             Ok(None) => {}
             Ok(Some(Admitted::Tls(io, caller))) => {
-                self.run(io, Peer { caller, address }, routes, stop).await;
+                self.run(io, Peer::new(caller, &address), routes, stop)
+                    .await;
             }
             Ok(Some(Admitted::Tcp(io, caller))) => {
-                self.run(io, Peer { caller, address }, routes, stop).await;
+                self.run(io, Peer::new(caller, &address), routes, stop)
+                    .await;
             }
             Ok(Some(Admitted::Unix(io, caller))) => {
-                self.run(io, Peer { caller, address }, routes, stop).await;
+                self.run(io, Peer::new(caller, &address), routes, stop)
+                    .await;
             }
         }
     }

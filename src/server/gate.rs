@@ -143,10 +143,11 @@ where
 {
     async fn pass(self, request: http::Request<Body>) -> http::Response<Body> {
         let call = call_name(request.uri().path());
-        let peer = request.extensions().get::<Peer>().cloned().unwrap_or(Peer {
-            caller: Caller::plain(false),
-            address: String::new(),
-        });
+        let peer = request
+            .extensions()
+            .get::<Peer>()
+            .cloned()
+            .unwrap_or_else(|| Peer::new(Caller::plain(false), ""));
         let (mut parts, body) = request.into_parts();
         let message = match self.admit(&parts, &peer, body).await {
             Ok(message) => message,
@@ -311,7 +312,7 @@ where
             caller: peer.caller.name(),
             peer: &peer.address,
             outcome: stop.outcome,
-            code: format!("{:?}", stop.status.code()),
+            code: super::audit::code_name(stop.status.code()),
             reason: stop.status.message().to_owned(),
             suppressed: 0,
         });

@@ -25,7 +25,7 @@ use crate::{
 };
 
 use super::{
-    audit::{AuditLog, CachedAnswer, Decision},
+    audit::{AuditLog, CachedAnswer, Decision, code_name},
     caller::{Caller, Peer},
     policy::{Ask, Policy},
     status,
@@ -63,8 +63,8 @@ impl GrantAgentService {
 /// Who asked for what (defaults resolved), as every audit line of a request says it.
 struct Head {
     request_id: String,
-    caller: Caller,
-    peer: String,
+    caller: Arc<Caller>,
+    peer: Arc<str>,
     key: String,
     environment: String,
     /// The `type` of each authorization_details entry (empty when there are none, or the
@@ -107,7 +107,7 @@ impl GrantAgentService {
             request_id: &at.request_id,
             time: crate::agent::rfc3339(unix_now()),
             caller: at.caller.name(),
-            peer: at.peer.clone(),
+            peer: &at.peer,
             key: &at.key,
             certificate_sha256: result.certificate_sha256,
             client_id: &params.client_id,
@@ -122,11 +122,8 @@ impl GrantAgentService {
             expires_at: result.expires_at,
             attempt: None,
             outcome,
-            code: format!("{:?}", result.status.map_or(tonic::Code::Ok, Status::code)),
-            reason: result
-                .status
-                .map(|s| s.message().to_owned())
-                .unwrap_or_default(),
+            code: code_name(result.status.map_or(tonic::Code::Ok, Status::code)),
+            reason: result.status.map_or("", Status::message),
         });
     }
 
@@ -296,7 +293,7 @@ impl GrantAgentService {
                 Origin {
                     request_id: at.head.request_id.clone(),
                     caller: at.head.caller.name().to_owned(),
-                    peer: at.head.peer.clone(),
+                    peer: at.head.peer.to_string(),
                     key: at.head.key.clone(),
                     environment: at.head.environment.clone(),
                     authorization_types: at.head.authorization_types.clone(),
@@ -373,7 +370,7 @@ pub(super) fn grant_audit(audit: Arc<AuditLog>) -> GrantAudit {
             request_id: &origin.request_id,
             time: crate::agent::rfc3339(unix_now()),
             caller: &origin.caller,
-            peer: origin.peer.clone(),
+            peer: &origin.peer,
             key: &origin.key,
             certificate_sha256: &spent.grant.certificate_sha256,
             client_id: &params.client_id,
@@ -388,8 +385,8 @@ pub(super) fn grant_audit(audit: Arc<AuditLog>) -> GrantAudit {
             expires_at: Some(spent.grant.expires_at),
             attempt: Some(spent.attempt),
             outcome: spent.outcome,
-            code: String::new(),
-            reason: spent.reason.clone(),
+            code: "",
+            reason: &spent.reason,
         });
     })
 }
@@ -465,12 +462,11 @@ fn peer<T>(request: &Request<T>) -> Peer {
     if let Some(reached) = request.extensions().get::<super::Reached>() {
         reached.mark();
     }
-    request.extensions().get::<Peer>().cloned().unwrap_or(Peer {
-        caller: Caller {
-            identities: Vec::new(),
-        },
-        address: String::new(),
-    })
+    request
+        .extensions()
+        .get::<Peer>()
+        .cloned()
+        .unwrap_or_else(|| Peer::new(Caller::plain(false), ""))
 }
 
 /// The caller's deadline from the `grpc-timeout` header ("100m" = 100 ms), if it sent one.
@@ -497,7 +493,7 @@ impl GrantAgent for GrantAgentService {
         request: Request<SignGrantRequest>,
     ) -> Result<Response<SignGrantResponse>, Status> {
         use tracing::Instrument;
-        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let request_id = crate::grant::random_uuid().simple().to_string();
         let span = tracing::info_span!("sign_grant", request_id = %request_id);
         self.sign(request, request_id).instrument(span).await
     }
@@ -507,7 +503,7 @@ impl GrantAgent for GrantAgentService {
         request: Request<GetAccessTokenRequest>,
     ) -> Result<Response<GetAccessTokenResponse>, Status> {
         use tracing::Instrument;
-        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let request_id = crate::grant::random_uuid().simple().to_string();
         let span = tracing::info_span!("get_access_token", request_id = %request_id);
         self.token(request, request_id).instrument(span).await
     }
