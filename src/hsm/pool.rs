@@ -486,14 +486,39 @@ mod tests {
             })
             .await
         });
-        on_start.recv().expect("the session took the request");
+        on_start
+            .recv_timeout(STUCK)
+            .expect("the session took the request");
         Holder { release, answer }
+    }
+
+    /// How long a test waits for what a working pool does at once, so that a broken one
+    /// fails the test instead of hanging it. Never waited out when the pool works.
+    const STUCK: Duration = Duration::from_secs(30);
+
+    /// `work`'s output, unless the pool is stuck.
+    async fn bounded<T>(work: impl Future<Output = T>) -> T {
+        tokio::time::timeout(STUCK, work)
+            .await
+            .expect("the pool is stuck")
     }
 
     /// Yields until `waiting` requests are queued.
     async fn until_waiting(pool: &SessionPool, waiting: usize) {
+        bounded(async {
+            while pool.load().waiting != waiting {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+    }
+
+    /// [`until_waiting`] for a thread.
+    fn spin_until_waiting(pool: &SessionPool, waiting: usize) {
+        let stuck = Instant::now() + STUCK;
         while pool.load().waiting != waiting {
-            tokio::task::yield_now().await;
+            assert!(Instant::now() < stuck, "the pool is stuck");
+            std::thread::yield_now();
         }
     }
 
@@ -523,16 +548,16 @@ mod tests {
         };
         until_waiting(&pool, 1).await;
         let refused = Arc::new(AtomicBool::new(false));
-        let busy = pool.sign(key, None, signs(&refused)).await;
+        let busy = bounded(pool.sign(key, None, signs(&refused))).await;
         assert!(
             matches!(busy, Err(HsmError::Busy { queued: 1 })),
             "{busy:?}"
         );
 
         holder.release.send(()).expect("release");
-        let held = holder.answer.await.expect("task").expect("signed");
+        let held = bounded(holder.answer).await.expect("task").expect("signed");
         assert_eq!(held.0, b"held");
-        let (signature, _) = waiting
+        let (signature, _) = bounded(waiting)
             .await
             .expect("task")
             .expect("the queued one is served");
@@ -555,17 +580,14 @@ mod tests {
             Arc::new(SessionPool::new(pkcs11, slot, 1, 4, ErrorCounts::default()).expect("pool"));
         // One sign, so the pool knows how long a sign takes.
         let first = Arc::new(AtomicBool::new(false));
-        let _ = pool
-            .sign(key.clone(), None, signs(&first))
+        let _ = bounded(pool.sign(key.clone(), None, signs(&first)))
             .await
             .expect("signed");
         assert!(pool.shared.average_nanos.load(Ordering::Relaxed) > 0);
 
         let holder = hold(&pool, &key);
         let refused = Arc::new(AtomicBool::new(false));
-        let late = pool
-            .sign(key.clone(), Some(Instant::now()), signs(&refused))
-            .await;
+        let late = bounded(pool.sign(key.clone(), Some(Instant::now()), signs(&refused))).await;
         assert!(matches!(late, Err(HsmError::Deadline)), "{late:?}");
         assert_eq!(pool.load().waiting, 0, "refused, not queued");
 
@@ -578,8 +600,11 @@ mod tests {
         };
         until_waiting(&pool, 1).await;
         holder.release.send(()).expect("release");
-        let _ = holder.answer.await.expect("task").expect("signed");
-        let _ = waiting.await.expect("task").expect("signed in time");
+        let _ = bounded(holder.answer).await.expect("task").expect("signed");
+        let _ = bounded(waiting)
+            .await
+            .expect("task")
+            .expect("signed in time");
         assert!(admitted.load(Ordering::SeqCst));
         assert!(!refused.load(Ordering::SeqCst));
     }
@@ -605,10 +630,12 @@ mod tests {
             assert_eq!(pool.load().waiting, 1);
         }
         holder.release.send(()).expect("release");
-        let _ = holder.answer.await.expect("task").expect("signed");
+        let _ = bounded(holder.answer).await.expect("task").expect("signed");
         // One session, first in first out: the abandoned request was taken before this one.
         let next = Arc::new(AtomicBool::new(false));
-        let _ = pool.sign(key, None, signs(&next)).await.expect("signed");
+        let _ = bounded(pool.sign(key, None, signs(&next)))
+            .await
+            .expect("signed");
         assert!(next.load(Ordering::SeqCst));
         assert!(!abandoned.load(Ordering::SeqCst), "nobody would read it");
     }
@@ -648,17 +675,15 @@ mod tests {
                     first_run(session)
                 })
             });
-            on_start.recv().expect("the session took the first");
+            on_start
+                .recv_timeout(STUCK)
+                .expect("the session took the first");
             let second_run = run("second");
             let second = scope.spawn(move || pool.run_blocking(second_run));
-            while pool.load().waiting != 1 {
-                std::thread::yield_now();
-            }
+            spin_until_waiting(pool, 1);
             let third_run = run("third");
             let third = scope.spawn(move || pool.run_blocking(third_run));
-            while pool.load().waiting != 2 {
-                std::thread::yield_now();
-            }
+            spin_until_waiting(pool, 2);
             // The queue is over its length: a sign is refused, the runs wait.
             let busy = runtime.block_on(pool.sign(key, None, |_, _| Ok(Vec::new())));
             assert!(
@@ -693,7 +718,9 @@ mod tests {
                 None,
             )
             .expect("queued");
-        on_start.recv().expect("the session took the first");
+        on_start
+            .recv_timeout(STUCK)
+            .expect("the session took the first");
         let ran = Arc::new(AtomicBool::new(false));
         let (reply, answer) = mpsc::sync_channel::<()>(1);
         let queued = Arc::clone(&ran);
@@ -709,8 +736,9 @@ mod tests {
         let shared = Arc::clone(&pool.shared);
         let dropping = std::thread::spawn(move || drop(pool));
         // The pool is still waiting for the first job, so only the drop can end this.
-        assert!(
-            answer.recv().is_err(),
+        assert_eq!(
+            answer.recv_timeout(STUCK),
+            Err(mpsc::RecvTimeoutError::Disconnected),
             "the queued job's reply channel is dropped"
         );
         assert!(matches!(
