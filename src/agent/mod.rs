@@ -21,6 +21,7 @@ use std::{
 };
 
 pub use keys::{KeySet, SigningKey, rfc3339};
+use recovery::DeviceErrorRun;
 
 use cryptoki::types::AuthPin;
 
@@ -183,9 +184,8 @@ pub struct Agent {
     losses: std::sync::Mutex<Losses>,
     /// Every PKCS#11 error met while signing or checking, by class and return value.
     errors: ErrorCounts,
-    /// Since when the token has answered DEVICE_ERROR without a sign succeeding in
-    /// between, as nanoseconds since `started` (0: it has not).
-    device_errors_since: std::sync::atomic::AtomicU64,
+    /// The token's DEVICE_ERROR answers since a sign last succeeded.
+    device_errors: DeviceErrorRun,
     started: Instant,
 }
 
@@ -249,7 +249,7 @@ impl Agent {
             recoveries: std::sync::atomic::AtomicU64::new(0),
             losses: std::sync::Mutex::new(Losses::default()),
             errors,
-            device_errors_since: std::sync::atomic::AtomicU64::new(0),
+            device_errors: DeviceErrorRun::default(),
             started: Instant::now(),
         };
         agent.warn_about_expiry();
@@ -341,37 +341,15 @@ impl Agent {
     /// dead session or an unknown handle coming back here means the token changed; so does
     /// a DEVICE_ERROR that has gone on for [`DEVICE_ERROR_PERSISTS`].
     fn next_step(&self, error: &HsmError) -> Recovery {
-        use std::sync::atomic::Ordering;
         match error.recovery() {
-            Recovery::BackOff => {
-                let now = u64::try_from(self.started.elapsed().as_nanos())
-                    .unwrap_or(u64::MAX)
-                    .max(1);
-                let since = match self.device_errors_since.compare_exchange(
-                    0,
-                    now,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => now,
-                    Err(since) => since,
-                };
-                if Duration::from_nanos(now.saturating_sub(since)) >= DEVICE_ERROR_PERSISTS {
-                    Recovery::Reinitialize
-                } else {
-                    Recovery::BackOff
-                }
-            }
+            Recovery::BackOff => self.device_errors.next_step(self.started.elapsed()),
             other => other,
         }
     }
 
     /// A sign succeeded: a run of DEVICE_ERROR, if any, is over.
     fn device_ok(&self) {
-        use std::sync::atomic::Ordering;
-        if self.device_errors_since.load(Ordering::Relaxed) != 0 {
-            self.device_errors_since.store(0, Ordering::Relaxed);
-        }
+        self.device_errors.end();
     }
 
     /// Logs in again after USER_NOT_LOGGED_IN. A refused PIN takes the token out of

@@ -10,12 +10,15 @@
 //! after a few wrong attempts, and a loop would do exactly that.
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use super::{Agent, KeySet, StartError, unix_now};
-use crate::hsm::Token;
+use super::{Agent, DEVICE_ERROR_PERSISTS, KeySet, StartError, unix_now};
+use crate::hsm::{Recovery, Token};
 
 /// Longest a request that found the token gone waits for it to come back before retrying.
 const RETRY_WAIT: Duration = Duration::from_secs(5);
@@ -24,6 +27,46 @@ const DRAIN_WAIT: Duration = Duration::from_secs(10);
 /// Backoff between attempts while the token stays away.
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A run of DEVICE_ERROR answers with no sign succeeding in between. A short run is an
+/// HSM throttling (AWS CloudHSM), which a re-initialisation would make worse, so requests
+/// back off; a run that has lasted [`DEVICE_ERROR_PERSISTS`] is a token fault.
+///
+/// Times are durations since the agent started, from the caller, so that the decision
+/// is a function of its arguments.
+#[derive(Debug, Default)]
+pub(super) struct DeviceErrorRun {
+    /// When the run started, in nanoseconds since the agent started, at least 1; 0 when
+    /// there is no run.
+    since: AtomicU64,
+}
+
+impl DeviceErrorRun {
+    /// What to do about a DEVICE_ERROR at `now`: back off, or re-initialise the token
+    /// once the run has lasted [`DEVICE_ERROR_PERSISTS`].
+    pub(super) fn next_step(&self, now: Duration) -> Recovery {
+        let now = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let since = match self
+            .since
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => now,
+            Err(since) => since,
+        };
+        if Duration::from_nanos(now.saturating_sub(since)) >= DEVICE_ERROR_PERSISTS {
+            Recovery::Reinitialize
+        } else {
+            Recovery::BackOff
+        }
+    }
+
+    /// A sign succeeded, or the token was re-initialised: the run, if any, is over.
+    pub(super) fn end(&self) {
+        if self.since.load(Ordering::Relaxed) != 0 {
+            self.since.store(0, Ordering::Relaxed);
+        }
+    }
+}
 
 impl Agent {
     /// Takes the token out of service and asks the watcher to recover it; then waits (up
@@ -67,8 +110,7 @@ impl Agent {
                         "the token is back; serving again"
                     );
                     // A new period: DEVICE_ERROR must persist again before the next one.
-                    self.device_errors_since
-                        .store(0, std::sync::atomic::Ordering::Relaxed);
+                    self.device_errors.end();
                     let _ = self.serving.send_replace(true);
                     return;
                 }
@@ -140,5 +182,49 @@ impl Agent {
             Err(poisoned) => *poisoned.into_inner() = Some(Arc::new(token)),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(millis: u64) -> Duration {
+        Duration::from_millis(millis)
+    }
+
+    #[test]
+    fn a_device_error_backs_off_until_the_run_persists() {
+        let run = DeviceErrorRun::default();
+        // The run starts at the first DEVICE_ERROR, not when the agent started.
+        assert_eq!(run.next_step(at(60_000)), Recovery::BackOff);
+        assert_eq!(run.next_step(at(62_000)), Recovery::BackOff);
+        assert_eq!(run.next_step(at(64_999)), Recovery::BackOff);
+        assert_eq!(run.next_step(at(65_000)), Recovery::Reinitialize);
+        assert_eq!(run.next_step(at(66_000)), Recovery::Reinitialize);
+    }
+
+    #[test]
+    fn a_success_ends_the_run() {
+        let run = DeviceErrorRun::default();
+        assert_eq!(run.next_step(at(1_000)), Recovery::BackOff);
+        run.end();
+        // Without the end this would be 5 s into the run.
+        assert_eq!(run.next_step(at(6_000)), Recovery::BackOff);
+        assert_eq!(run.next_step(at(10_999)), Recovery::BackOff);
+        assert_eq!(run.next_step(at(11_000)), Recovery::Reinitialize);
+        run.end();
+        assert_eq!(run.next_step(at(11_000)), Recovery::BackOff);
+    }
+
+    #[test]
+    fn a_device_error_in_the_agents_first_instant_starts_a_run_too() {
+        // 0 means "no run"; a run starting at 0 ns is kept as 1 ns.
+        let run = DeviceErrorRun::default();
+        assert_eq!(run.next_step(Duration::ZERO), Recovery::BackOff);
+        assert_eq!(
+            run.next_step(DEVICE_ERROR_PERSISTS + Duration::from_nanos(1)),
+            Recovery::Reinitialize
+        );
     }
 }

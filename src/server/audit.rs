@@ -12,15 +12,13 @@
 //! the first line after a cut says how many were left out (`suppressed`).
 
 use std::{
-    fs::OpenOptions,
-    io::Write,
-    os::unix::fs::OpenOptionsExt,
-    path::Path,
-    sync::Mutex,
-    time::{Duration, Instant},
+    fs::OpenOptions, io::Write, os::unix::fs::OpenOptionsExt, path::Path, sync::Mutex,
+    time::Duration,
 };
 
 use serde::Serialize;
+// The monotonic clock of the refusal window; tests with paused time move it.
+use tokio::time::Instant;
 
 use crate::config::CachedAudit;
 
@@ -155,7 +153,12 @@ impl AuditLog {
             ),
             None => Box::new(std::io::stderr()),
         };
-        Ok(AuditLog {
+        Ok(Self::with_sink(sink, cached))
+    }
+
+    /// Writes to `sink`.
+    fn with_sink(sink: Box<dyn Write + Send>, cached: CachedAudit) -> Self {
+        AuditLog {
             sink: Mutex::new(sink),
             refusals: Mutex::new(Window {
                 start: Instant::now(),
@@ -167,7 +170,7 @@ impl AuditLog {
                 since: crate::agent::rfc3339(crate::agent::unix_now()),
                 callers: std::collections::HashMap::new(),
             }),
-        })
+        }
     }
 
     /// How often cached answers are summarised; `None` when each is written.
@@ -324,6 +327,10 @@ pub(crate) fn code_name(code: tonic::Code) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use serde_json::Value;
+
     use super::*;
 
     #[test]
@@ -332,5 +339,200 @@ mod tests {
             let code = tonic::Code::from_i32(number);
             assert_eq!(code_name(code), format!("{code:?}"));
         }
+    }
+
+    /// A sink the test reads back.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("sink").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Lines {
+        /// The lines written since the last call, each parsed.
+        fn take(&self) -> Vec<Value> {
+            let bytes = std::mem::take(&mut *self.0.lock().expect("sink"));
+            let text = String::from_utf8(bytes).expect("UTF-8");
+            assert!(
+                text.is_empty() || text.ends_with('\n'),
+                "whole lines: {text}"
+            );
+            text.lines()
+                .map(|line| serde_json::from_str(line).expect("a JSON line"))
+                .collect()
+        }
+    }
+
+    fn audit(cached: CachedAudit) -> (AuditLog, Lines) {
+        let lines = Lines::default();
+        (AuditLog::with_sink(Box::new(lines.clone()), cached), lines)
+    }
+
+    fn refused(n: usize) -> Refused<'static> {
+        Refused {
+            audit: "connection",
+            time: format!("refusal {n}"),
+            caller: "",
+            peer: "127.0.0.1:40000",
+            outcome: "refused",
+            code: "",
+            reason: "TLS handshake failed".into(),
+            suppressed: 0,
+        }
+    }
+
+    #[test]
+    fn a_decision_is_one_json_line_with_only_whether_there_was_a_pid() {
+        let (log, lines) = audit(CachedAudit::Each);
+        let scopes = ["nav:a".to_owned(), "nav:b".to_owned()];
+        let decision = Decision {
+            audit: "token",
+            request_id: "r-1",
+            time: "2026-12-02T10:00:00Z".into(),
+            caller: "uid:1000",
+            peer: "unix".into(),
+            key: "default",
+            certificate_sha256: "ab12",
+            client_id: "c",
+            scopes: &scopes,
+            environment: "test",
+            resources: &[],
+            consumer_org: "",
+            authorization_types: &[],
+            pid: true,
+            iss_onbehalfof: "",
+            jti: "j-1",
+            expires_at: Some(1_800_000_000),
+            attempt: None,
+            outcome: "issued",
+            code: "OK".into(),
+            reason: "",
+        };
+        log.record(&decision);
+        let written = lines.take();
+        assert_eq!(written.len(), 1);
+        let line = &written[0];
+        assert_eq!(line["audit"], "token");
+        assert_eq!(line["caller"], "uid:1000");
+        assert_eq!(line["scopes"], serde_json::json!(["nav:a", "nav:b"]));
+        assert_eq!(line["outcome"], "issued");
+        assert_eq!(line["expires_at"], 1_800_000_000);
+        assert_eq!(
+            line["pid"],
+            Value::Bool(true),
+            "whether, never which person"
+        );
+        // Empty optional fields are left out.
+        for absent in ["iss_onbehalfof", "attempt"] {
+            assert!(line.get(absent).is_none(), "{absent}: {line}");
+        }
+        log.record(&Decision {
+            pid: false,
+            attempt: Some(2),
+            iss_onbehalfof: "kunde-1",
+            ..decision
+        });
+        let line = &lines.take()[0];
+        assert!(line.get("pid").is_none(), "{line}");
+        assert_eq!(line["attempt"], 2);
+        assert_eq!(line["iss_onbehalfof"], "kunde-1");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_cut_at_the_rate_and_the_next_line_says_how_many_were_left_out() {
+        let (log, lines) = audit(CachedAudit::Each);
+        let per_second = usize::try_from(REFUSALS_PER_SECOND).expect("small");
+        for n in 0..per_second + 5 {
+            log.refused(refused(n));
+        }
+        let written = lines.take();
+        assert_eq!(written.len(), per_second);
+        assert!(written.iter().all(|line| line.get("suppressed").is_none()));
+        assert_eq!(
+            written[per_second - 1]["time"],
+            format!("refusal {}", per_second - 1)
+        );
+
+        // The window is one second from its start: just before, still cut.
+        tokio::time::advance(Duration::from_millis(999)).await;
+        log.refused(refused(100));
+        assert!(lines.take().is_empty());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        log.refused(refused(101));
+        log.refused(refused(102));
+        let written = lines.take();
+        assert_eq!(written.len(), 2);
+        assert_eq!(written[0]["time"], "refusal 101");
+        assert_eq!(written[0]["suppressed"], 6);
+        assert!(written[1].get("suppressed").is_none(), "counted once");
+    }
+
+    fn answer<'a>(caller: &'a str, scopes: &'a [String], jti: &'a str) -> CachedAnswer<'a> {
+        CachedAnswer {
+            caller,
+            key: "default",
+            client_id: "c",
+            scopes,
+            environment: "test",
+            jti,
+        }
+    }
+
+    #[test]
+    fn cached_answers_are_summed_per_caller_and_shape_then_counted_afresh() {
+        let (log, lines) = audit(CachedAudit::Summary(Duration::from_secs(60)));
+        assert_eq!(log.summary_interval(), Some(Duration::from_secs(60)));
+        assert_eq!(audit(CachedAudit::Each).0.summary_interval(), None);
+        let (one, two) = (["a:b".to_owned()], ["a:b".to_owned(), "c:d".to_owned()]);
+        for jti in ["j1", "j1", "j2"] {
+            log.count_cached(&answer("uid:1000", &one, jti));
+        }
+        log.count_cached(&answer("uid:1000", &two, "j3"));
+        log.count_cached(&answer("uid:1001", &one, "j1"));
+        log.count_cached(&answer("uid:1001", &one, "j1"));
+        assert!(lines.take().is_empty(), "counted, not written");
+
+        log.write_cached_summaries();
+        let mut written = lines.take();
+        written.sort_by_key(|line| (line["caller"].to_string(), line["count"].to_string()));
+        let summary = |line: &Value| {
+            (
+                line["caller"].as_str().map(str::to_owned),
+                line["scopes"].clone(),
+                line["count"].as_u64(),
+                line["jti"].as_str().map(str::to_owned),
+            )
+        };
+        let expected = [
+            ("uid:1000", serde_json::json!(["a:b", "c:d"]), 1, "j3"),
+            ("uid:1000", serde_json::json!(["a:b"]), 3, "j2"),
+            ("uid:1001", serde_json::json!(["a:b"]), 2, "j1"),
+        ];
+        assert_eq!(written.len(), expected.len(), "{written:?}");
+        for (line, (caller, scopes, count, jti)) in written.iter().zip(expected) {
+            assert_eq!(
+                summary(line),
+                (Some(caller.into()), scopes, Some(count), Some(jti.into()))
+            );
+            assert_eq!(line["audit"], "token_cached");
+            assert!(line["since"].is_string() && line["time"].is_string());
+        }
+
+        // Counting starts afresh, from when the last summary was written.
+        log.write_cached_summaries();
+        assert!(lines.take().is_empty());
+        log.count_cached(&answer("uid:1000", &one, "j4"));
+        log.write_cached_summaries();
+        let written = lines.take();
+        assert_eq!(written.len(), 1);
+        assert_eq!(written[0]["count"], 1);
     }
 }

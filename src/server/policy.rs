@@ -178,8 +178,13 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    /// The policy of a config whose only rule is `rule`.
+    /// The policy of a config whose only rule is `rule` (or whose rules are, with
+    /// `[[policy]]` between them).
     fn policy(rule: &str) -> Policy {
+        Policy::new(&rules(rule))
+    }
+
+    fn rules(rule: &str) -> Vec<PolicyRule> {
         let text = format!(
             "unix_socket = \"/run/agent.sock\"\n\
              [pkcs11]\nmodule = \"/m.so\"\ntoken_label = \"t\"\npin_file = \"/pin\"\n\
@@ -187,7 +192,7 @@ mod tests {
              [[policy]]\n{rule}"
         );
         let config = Config::from_toml_str(&text, "agent.toml").expect("valid config");
-        Policy::new(&config.access.policy)
+        config.access.policy
     }
 
     fn caller(identities: &[&str]) -> Caller {
@@ -304,5 +309,181 @@ mod tests {
         ));
         assert_eq!(open.authorize(&me, &with(true, "kunde-1")), Ok(()));
         assert!(open.authorize(&me, &with(false, "other")).is_err());
+    }
+
+    fn scopes(values: &[&str]) -> Vec<String> {
+        values.iter().map(|&v| v.to_owned()).collect()
+    }
+
+    #[test]
+    fn a_caller_no_rule_names_is_refused() {
+        let empty = Policy::new(&[]);
+        let me = caller(&["uid:1000", "gid:100"]);
+        let wanted = scopes(&["a:b"]);
+        assert_eq!(
+            empty.authorize(&me, &ask(&wanted, &[])),
+            Err(Refusal::UnknownCaller("uid:1000".into()))
+        );
+        assert_eq!(
+            empty.knows(&me),
+            Err(Refusal::UnknownCaller("uid:1000".into()))
+        );
+
+        let policy = policy(&format!("caller = \"uid:1000\"\n{ANYTHING}"));
+        let stranger = caller(&["uid:2000", "gid:200"]);
+        assert_eq!(
+            policy
+                .authorize(&stranger, &ask(&wanted, &[]))
+                .map_err(|r| r.to_string()),
+            Err("caller uid:2000 is not in the policy".into())
+        );
+        assert!(policy.knows(&stranger).is_err());
+        assert_eq!(policy.knows(&me), Ok(()));
+        assert_eq!(
+            policy.authorize(&caller(&[]), &ask(&wanted, &[])),
+            Err(Refusal::UnknownCaller("unidentified".into()))
+        );
+    }
+
+    #[test]
+    fn a_rule_for_another_caller_does_not_apply() {
+        let policy = policy(&format!(
+            "caller = \"uid:1001\"\n{ANYTHING}\n\
+             [[policy]]\ncaller = \"gid:200\"\n{ANYTHING}\n\
+             [[policy]]\ncaller = \"uid:1000\"\nkeys = [\"*\"]\nclient_ids = [\"*\"]\n\
+             scopes = [\"a:*\"]\nenvironments = [\"*\"]\n"
+        ));
+        let me = caller(&["uid:1000", "gid:100"]);
+        assert_eq!(policy.authorize(&me, &ask(&scopes(&["a:b"]), &[])), Ok(()));
+        assert_eq!(
+            policy.authorize(&me, &ask(&scopes(&["x:y"]), &[])),
+            Err(Refusal::NotAllowed {
+                caller: "uid:1000".into(),
+                what: "scope \"x:y\"".into()
+            }),
+            "uid:1001's and gid:200's rules would allow it"
+        );
+        // A caller named only by identities other rules list.
+        let other = caller(&["uid:1002", "gid:100"]);
+        assert_eq!(
+            policy.authorize(&other, &ask(&scopes(&["x:y"]), &[])),
+            Err(Refusal::UnknownCaller("uid:1002".into()))
+        );
+    }
+
+    #[test]
+    fn any_rule_naming_the_caller_may_allow_and_a_refusal_names_the_first() {
+        // A request is allowed when one rule allows all of it, by the caller's uid or gid;
+        // the rules are not combined part by part.
+        let policy = policy(
+            "caller = \"uid:1000\"\nkeys = [\"default\"]\nclient_ids = [\"c\"]\n\
+             scopes = [\"a:*\"]\nenvironments = [\"test\"]\n\
+             [[policy]]\ncaller = \"gid:100\"\nkeys = [\"default\"]\nclient_ids = [\"c\"]\n\
+             scopes = [\"b:*\"]\nenvironments = [\"test\"]\n",
+        );
+        let me = caller(&["uid:1000", "gid:100"]);
+        assert_eq!(policy.authorize(&me, &ask(&scopes(&["a:1"]), &[])), Ok(()));
+        assert_eq!(policy.authorize(&me, &ask(&scopes(&["b:1"]), &[])), Ok(()));
+        assert_eq!(
+            policy.authorize(&me, &ask(&scopes(&["a:1", "b:1"]), &[])),
+            Err(Refusal::NotAllowed {
+                caller: "uid:1000".into(),
+                what: "scope \"b:1\"".into()
+            }),
+            "no one rule allows both scopes"
+        );
+        // Only the gid rule names this caller: its refusal names the rule's caller.
+        let colleague = caller(&["uid:1001", "gid:100"]);
+        assert_eq!(
+            policy
+                .authorize(&colleague, &ask(&scopes(&["a:1"]), &[]))
+                .map_err(|r| r.to_string()),
+            Err("caller gid:100 may not use scope \"a:1\"".into())
+        );
+        assert_eq!(
+            policy.authorize(&colleague, &ask(&scopes(&["b:1"]), &[])),
+            Ok(())
+        );
+        // The first refusal is of the first part a rule does not allow, in request order.
+        let wanted = scopes(&["a:1"]);
+        assert_eq!(
+            policy.authorize(
+                &me,
+                &Ask {
+                    key: "other",
+                    environment: "prod",
+                    ..ask(&wanted, &[])
+                }
+            ),
+            Err(Refusal::NotAllowed {
+                caller: "uid:1000".into(),
+                what: "key \"other\"".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_pattern_ending_in_a_star_is_a_prefix_and_any_other_is_exact() {
+        let policy = policy(
+            "caller = \"uid:1000\"\nkeys = [\"default\"]\nclient_ids = [\"client-*\"]\n\
+             scopes = [\"nav:*\", \"skatt:read\"]\nenvironments = [\"test\"]\n",
+        );
+        let me = caller(&["uid:1000"]);
+        let allowed = |client_id: &str, scope: &str, key: &str| {
+            let wanted = scopes(&[scope]);
+            policy
+                .authorize(
+                    &me,
+                    &Ask {
+                        key,
+                        client_id,
+                        ..ask(&wanted, &[])
+                    },
+                )
+                .is_ok()
+        };
+        for scope in ["nav:", "nav:a", "nav:a/b.c", "skatt:read"] {
+            assert!(allowed("client-1", scope, "default"), "{scope}");
+        }
+        for scope in [
+            "nav",
+            "navx:a",
+            "Nav:a",
+            "skatt:",
+            "skatt:readwrite",
+            "skatt:rea",
+        ] {
+            assert!(!allowed("client-1", scope, "default"), "{scope}");
+        }
+        assert!(allowed("client-", "nav:a", "default"));
+        assert!(!allowed("client", "nav:a", "default"));
+        assert!(!allowed("my-client-1", "nav:a", "default"));
+        assert!(!allowed("client-1", "nav:a", "default-2"), "keys are exact");
+    }
+
+    #[test]
+    fn the_rate_is_counted_in_the_rule_that_allowed_and_starts_afresh_on_reload() {
+        let rules = "caller = \"uid:1000\"\nkeys = [\"*\"]\nclient_ids = [\"*\"]\n\
+             scopes = [\"a:*\"]\nenvironments = [\"*\"]\nrequests_per_second = 1\n\
+             [[policy]]\ncaller = \"uid:1000\"\nkeys = [\"*\"]\nclient_ids = [\"*\"]\n\
+             scopes = [\"b:*\"]\nenvironments = [\"*\"]\nrequests_per_second = 2\n";
+        let policy = policy(rules);
+        let me = caller(&["uid:1000"]);
+        let (a, b) = (scopes(&["a:1"]), scopes(&["b:1"]));
+        assert_eq!(policy.authorize(&me, &ask(&a, &[])), Ok(()));
+        let over = |rate| {
+            Err(Refusal::RateLimited {
+                caller: "uid:1000".into(),
+                rate,
+            })
+        };
+        assert_eq!(policy.authorize(&me, &ask(&a, &[])), over(1));
+        // The b: rule's bucket is its own: two (its burst is its rate), then no more.
+        assert_eq!(policy.authorize(&me, &ask(&b, &[])), Ok(()));
+        assert_eq!(policy.authorize(&me, &ask(&b, &[])), Ok(()));
+        assert_eq!(policy.authorize(&me, &ask(&b, &[])), over(2));
+        policy.replace(&self::rules(rules));
+        assert_eq!(policy.authorize(&me, &ask(&a, &[])), Ok(()), "reloaded");
+        assert_eq!(policy.authorize(&me, &ask(&a, &[])), over(1));
     }
 }

@@ -7,15 +7,17 @@
 //! flight runs in its own task: a caller that gives up does not cancel it for the others.
 //!
 //! Freshness uses the monotonic clock from when the answer arrived, so a wall-clock jump
-//! neither keeps a dead token nor throws away a good one.
+//! neither keeps a dead token nor throws away a good one. That clock is tokio's
+//! [`Instant`]: the monotonic clock itself, except in tests with paused time, which move
+//! it with `tokio::time::advance` instead of sleeping.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 
 use super::{AccessToken, TokenError, lock};
 
@@ -182,7 +184,7 @@ fn evict(entries: &mut HashMap<CacheKey, Entry>, now: Instant, cache: &TokenCach
 /// Waits for a flight's outcome until `deadline`; `None` when the deadline came first.
 pub(super) async fn wait(
     mut rx: watch::Receiver<Option<Outcome>>,
-    deadline: Instant,
+    deadline: impl Into<Instant>,
 ) -> Option<Outcome> {
     let waited = tokio::time::timeout_at(deadline.into(), rx.wait_for(Option::is_some)).await;
     match waited {
@@ -308,5 +310,199 @@ mod tests {
         let _ = cache.lookup(&key("e"), false);
         assert_eq!(cache.len(), 4, "the least recently used entry made room");
         assert!(matches!(cache.lookup(&key("a"), false), Lookup::Fetch(..)));
+    }
+
+    /// Runs `key`'s first flight and lands `token` from it.
+    fn cached(cache: &TokenCache, client: &str, token: Arc<AccessToken>) {
+        let Lookup::Fetch(flight, _) = cache.lookup(&key(client), false) else {
+            panic!("{client}: the first lookup fetches");
+        };
+        cache.land(flight, Ok(token));
+    }
+
+    fn holds(cache: &TokenCache, client: &str) -> bool {
+        lock(&cache.entries).contains_key(&key(client))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_is_fresh_until_its_lifetime_less_the_margin() {
+        let cache = TokenCache::new(10, Duration::from_secs(30), Duration::ZERO);
+        cached(&cache, "a", token(3600));
+        tokio::time::advance(Duration::from_millis(3_569_999)).await;
+        assert!(matches!(
+            cache.lookup(&key("a"), false),
+            Lookup::Fresh(_, None)
+        ));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(
+            matches!(cache.lookup(&key("a"), false), Lookup::Fetch(..)),
+            "stale 30 s before the token expires"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_margin_is_at_most_a_quarter_of_a_short_lifetime() {
+        // An 8 s token with a 30 s margin would never be served; its margin is 2 s.
+        let cache = TokenCache::new(10, Duration::from_secs(30), Duration::ZERO);
+        cached(&cache, "a", token(8));
+        tokio::time::advance(Duration::from_millis(5_999)).await;
+        assert!(matches!(
+            cache.lookup(&key("a"), false),
+            Lookup::Fresh(_, None)
+        ));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(matches!(cache.lookup(&key("a"), false), Lookup::Fetch(..)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresh_ahead_starts_exactly_one_flight_when_due() {
+        // Stale at 3570 s; due a refresh 60 s before that.
+        let cache = TokenCache::new(10, Duration::from_secs(30), Duration::from_secs(60));
+        let old = token(3600);
+        cached(&cache, "a", Arc::clone(&old));
+        tokio::time::advance(Duration::from_millis(3_509_999)).await;
+        assert!(matches!(
+            cache.lookup(&key("a"), false),
+            Lookup::Fresh(_, None)
+        ));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let Lookup::Fresh(served, Some(refresh)) = cache.lookup(&key("a"), false) else {
+            panic!("due: the old token is served and a refresh starts");
+        };
+        assert!(Arc::ptr_eq(&served, &old));
+        for _ in 0..3 {
+            assert!(
+                matches!(cache.lookup(&key("a"), false), Lookup::Fresh(_, None)),
+                "one refresh at a time"
+            );
+        }
+        assert!(
+            matches!(cache.lookup(&key("a"), true), Lookup::Wait(_)),
+            "a forced refresh joins the flight under way"
+        );
+        let new = token(3600);
+        cache.land(refresh, Ok(Arc::clone(&new)));
+        // Past the old token's staleness, the new one is served and not due.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let Lookup::Fresh(served, None) = cache.lookup(&key("a"), false) else {
+            panic!("the refreshed token is fresh");
+        };
+        assert!(Arc::ptr_eq(&served, &new));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_entry_is_fetched_again_and_its_token_not_served() {
+        let cache = TokenCache::new(10, Duration::ZERO, Duration::ZERO);
+        cached(&cache, "a", token(60));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let Lookup::Fetch(flight, _) = cache.lookup(&key("a"), false) else {
+            panic!("a stale token is fetched again");
+        };
+        assert!(
+            matches!(cache.lookup(&key("a"), false), Lookup::Wait(_)),
+            "others wait for the new token rather than get the stale one"
+        );
+        let new = token(60);
+        cache.land(flight, Ok(Arc::clone(&new)));
+        let Lookup::Fresh(served, None) = cache.lookup(&key("a"), false) else {
+            panic!("fresh again");
+        };
+        assert!(Arc::ptr_eq(&served, &new));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn eviction_takes_stale_and_empty_entries_before_fresh_ones() {
+        let cache = TokenCache::new(4, Duration::ZERO, Duration::ZERO);
+        cached(&cache, "old", token(3600));
+        cached(&cache, "short", token(10));
+        cached(&cache, "fresh", token(3600));
+        let Lookup::Fetch(failed, _) = cache.lookup(&key("failed"), false) else {
+            panic!("fetch");
+        };
+        cache.land(failed, Err(Arc::new(TokenError::Deadline { attempts: 1 })));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // Full: "short" is stale and "failed" has nothing; both go, though "old" was
+        // used least recently.
+        let Lookup::Fetch(_new, _) = cache.lookup(&key("new"), false) else {
+            panic!("fetch");
+        };
+        assert!(!holds(&cache, "short"));
+        assert!(!holds(&cache, "failed"));
+        assert!(holds(&cache, "old"));
+        assert!(holds(&cache, "fresh"));
+        assert_eq!(cache.len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn among_fresh_idle_entries_the_least_recently_used_goes() {
+        let cache = TokenCache::new(3, Duration::ZERO, Duration::ZERO);
+        // "flying" is the oldest entry, but a flight is never dropped.
+        let Lookup::Fetch(_flying, _) = cache.lookup(&key("flying"), false) else {
+            panic!("fetch");
+        };
+        tokio::time::advance(Duration::from_secs(1)).await;
+        cached(&cache, "a", token(3600));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        cached(&cache, "b", token(3600));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // "a" was stored before "b" but used since.
+        assert!(matches!(cache.lookup(&key("a"), false), Lookup::Fresh(..)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let _ = cache.lookup(&key("c"), false);
+        assert!(!holds(&cache, "b"), "the least recently used idle entry");
+        assert!(holds(&cache, "a"));
+        assert!(holds(&cache, "flying"));
+        assert_eq!(cache.len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flight_whose_task_died_is_reported_failed_to_its_waiters() {
+        let cache = TokenCache::new(10, Duration::ZERO, Duration::ZERO);
+        let Lookup::Fetch(flight, rx) = cache.lookup(&key("a"), false) else {
+            panic!("fetch");
+        };
+        let Lookup::Wait(rx2) = cache.lookup(&key("a"), false) else {
+            panic!("wait");
+        };
+        let start = Instant::now();
+        // The flight's task ends without landing (it panicked): its report sender goes.
+        drop(flight);
+        for rx in [rx, rx2] {
+            let outcome = wait(rx, start + Duration::from_secs(5)).await;
+            let Some(Err(error)) = outcome else {
+                panic!("a failed flight, not a deadline: {outcome:?}");
+            };
+            assert!(matches!(&*error, TokenError::BadAnswer(m)
+                if m == "the token request ended without an answer"));
+        }
+        assert_eq!(Instant::now(), start, "at once, not at the deadline");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_gives_none_at_its_deadline_and_the_outcome_before_it() {
+        let cache = TokenCache::new(10, Duration::ZERO, Duration::ZERO);
+        let Lookup::Fetch(flight, rx) = cache.lookup(&key("a"), false) else {
+            panic!("fetch");
+        };
+        let start = Instant::now();
+        assert!(
+            wait(rx.clone(), start + Duration::from_secs(5))
+                .await
+                .is_none()
+        );
+        assert_eq!(Instant::now(), start + Duration::from_secs(5));
+
+        // A flight that lands 4 s into a 5 s wait is what the wait returns.
+        let cache = Arc::new(cache);
+        let landing = Arc::clone(&cache);
+        let lands = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            landing.land(flight, Ok(token(60)));
+        });
+        let start = Instant::now();
+        let outcome = wait(rx, start + Duration::from_secs(5)).await;
+        assert!(matches!(outcome, Some(Ok(_))), "{outcome:?}");
+        assert_eq!(Instant::now(), start + Duration::from_secs(4));
+        lands.await.expect("the landing task");
     }
 }

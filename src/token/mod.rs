@@ -47,7 +47,8 @@ pub struct AccessToken {
     /// SHA-256 of the certificate that signed that grant (empty for a `kid` key).
     pub certificate_sha256: String,
     lifetime: Duration,
-    received: Instant,
+    /// On tokio's clock, the monotonic clock that paused-time tests control.
+    received: tokio::time::Instant,
 }
 
 impl fmt::Debug for AccessToken {
@@ -75,7 +76,7 @@ impl AccessToken {
             grant_jti: String::new(),
             certificate_sha256: String::new(),
             lifetime,
-            received: Instant::now(),
+            received: tokio::time::Instant::now(),
         }
     }
 
@@ -91,7 +92,7 @@ impl AccessToken {
     }
 
     /// When the token stops being handed out.
-    fn stale_at(&self, margin: Duration) -> Instant {
+    fn stale_at(&self, margin: Duration) -> tokio::time::Instant {
         self.received + self.lifetime - self.capped(margin)
     }
 }
