@@ -398,7 +398,7 @@ mod tests {
             request_id: "r-1",
             time: "2026-12-02T10:00:00Z".into(),
             caller: "uid:1000",
-            peer: "unix".into(),
+            peer: "unix",
             key: "default",
             certificate_sha256: "ab12",
             client_id: "c",
@@ -413,7 +413,7 @@ mod tests {
             expires_at: Some(1_800_000_000),
             attempt: None,
             outcome: "issued",
-            code: "OK".into(),
+            code: "OK",
             reason: "",
         };
         log.record(&decision);
