@@ -1,8 +1,9 @@
 //! Signing throughput and latency, measured in one run on one fresh SoftHSM token:
 //! (a) raw PKCS#11 C_Sign/s with the agent's key and session count, (b) SignGrant
 //! grants/s and p50/p99 latency through gRPC at concurrency 1, 4, 16 and 64, the ratio
-//! (b)/(a) at saturation, (c) cached GetAccessToken requests/s (against
-//! `grant-agent mock-maskinporten`), the agent's peak RSS, and its RSS across a soak.
+//! (b)/(a) at saturation, (c) cached GetAccessToken requests/s (against the local
+//! Maskinporten; build it first: `cargo build --release -p mock-maskinporten`), the
+//! agent's peak RSS, and its RSS across a soak.
 //! Beside (b), the transport alone: a health check over the same connections. On
 //! `fault-pkcs11` (build it first: `cargo build --release -p fault-pkcs11`), (d) a
 //! network HSM (2 ms a sign, 32 sessions) against usable sessions / latency, and (e) the
@@ -30,7 +31,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -400,8 +401,8 @@ fn cached_tokens(
     )
     .expect("mock config");
     let (mut mock, mock_url) = start(
-        command(env!("CARGO_BIN_EXE_grant-agent"))
-            .args(["mock-maskinporten", "--listen", "127.0.0.1:0", "--config"])
+        command(mock_bin())
+            .args(["--listen", "127.0.0.1:0", "--config"])
             .arg(dir.join("mock.toml")),
     );
     let config = std::fs::read_to_string(dir.join("config.toml")).expect("dev config")
@@ -482,6 +483,27 @@ fn cached_tokens(
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// Where `cargo build [--release] -p mock-maskinporten` put the local Maskinporten: next
+/// to the agent's binary first (the bench's own profile), then the other profile's folder.
+fn mock_bin() -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_grant-agent"));
+    let here = bin.parent().expect("target folder");
+    let target = here.parent().expect("target folder");
+    [
+        here.join("mock-maskinporten"),
+        target.join("release/mock-maskinporten"),
+        target.join("debug/mock-maskinporten"),
+    ]
+    .into_iter()
+    .find(|path| path.exists())
+    .unwrap_or_else(|| {
+        panic!(
+            "no mock-maskinporten next to {}: run `cargo build --release -p mock-maskinporten`",
+            bin.display()
+        )
+    })
 }
 
 const CLIENT_ID: &str = "0a3b5c7d-1111-2222-3333-444455556666";
@@ -994,7 +1016,7 @@ fn raw(dir: &Path) {
     println!("{sessions} {cores}");
     let module = std::env::var_os(RAW_MODULE).map_or_else(
         || grant_agent::dev::softhsm_module().expect("softhsm"),
-        std::path::PathBuf::from,
+        PathBuf::from,
     );
     let pkcs11 = Pkcs11::new(module).expect("load");
     pkcs11

@@ -8,4 +8,7 @@ bash softhsm/setup.sh
 bash softhsm/opencryptoki.sh
 # The fault-injecting PKCS#11 module (fault-pkcs11/) that tests/fault.rs loads by path.
 cargo build --locked -p fault-pkcs11
+# The local Maskinporten (mock-maskinporten/), which tests/common starts from beside the
+# agent's binary: a test cannot name another package's binary with CARGO_BIN_EXE_*.
+cargo build --locked -p mock-maskinporten
 cargo test --locked --workspace "$@"

@@ -18,7 +18,6 @@
 //! - [`token`]: access tokens: grant exchange at Maskinporten, cache, retries, error hints.
 //! - [`server`]: the gRPC services (GrantAgent, health, reflection) and status mapping.
 //! - [`dev`]: the development SoftHSM token behind `grant-agent dev`.
-//! - [`mock`]: a local Maskinporten (token endpoint, JWKS, fault injection) for tests and CI.
 //! - [`p12`]: reading a PKCS#12 (.p12/.pfx) file into its RSA key parts and certificate chain.
 //! - [`process`]: hardening the agent's own process: not dumpable, no core files, the
 //!   open files limit.
@@ -38,7 +37,6 @@ pub mod grant;
 mod hex;
 pub mod hsm;
 pub mod metrics;
-pub mod mock;
 pub mod p12;
 pub mod process;
 pub mod server;

@@ -85,22 +85,6 @@ enum Command {
         #[command(subcommand)]
         command: cli::CertCommand,
     },
-    /// A local Maskinporten for tests and CI: checks grants as Maskinporten does and issues
-    /// access tokens signed with its own key (JWKS at /jwks). Not for production.
-    MockMaskinporten {
-        /// Address to serve on; port 0 picks a free port.
-        #[arg(long, default_value = "127.0.0.1:9000")]
-        listen: SocketAddr,
-        /// The mock's TOML config: clients, scopes, trusted CA (docs/tokens.md).
-        #[arg(long)]
-        config: PathBuf,
-        /// Serve HTTPS with this certificate chain (PEM).
-        #[arg(long, requires = "tls_key")]
-        tls_cert: Option<PathBuf>,
-        /// The private key for --tls-cert (PEM).
-        #[arg(long, requires = "tls_cert")]
-        tls_key: Option<PathBuf>,
-    },
 }
 
 /// What goes into a grant.
@@ -293,28 +277,6 @@ fn run(command: Command) -> Result<(), Failure> {
             })
         }
         Command::Client { command } => runtime()?.block_on(cli::client(command)),
-        Command::MockMaskinporten {
-            listen,
-            config,
-            tls_cert,
-            tls_key,
-        } => {
-            let config = grant_agent::mock::MockConfig::from_file(&config)?;
-            let tls = tls_cert.is_some();
-            runtime()?.block_on(async {
-                let server =
-                    grant_agent::mock::MockServer::bind(config, listen, tls_cert.zip(tls_key))
-                        .await?;
-                let scheme = if tls { "https" } else { "http" };
-                let url = format!("{scheme}://{}/", server.local_addr());
-                println!("mock-maskinporten: listening on {url}");
-                if server.issuer() != url {
-                    println!("mock-maskinporten: issuer {}", server.issuer());
-                }
-                server.serve(server::shutdown_signal()).await?;
-                Ok(())
-            })
-        }
     }
 }
 

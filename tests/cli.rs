@@ -500,6 +500,36 @@ fn a_pin_file_others_may_read_is_refused_with_the_fix() {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
+/// The agent's binary carries no test server: the local Maskinporten is a binary of its
+/// own (`mock-maskinporten`), so neither `--help` nor the subcommand exists here.
+#[test]
+fn help_lists_the_commands_and_no_mock() {
+    let out = std::process::Command::new(BIN)
+        .arg("--help")
+        .output()
+        .expect("help");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for command in ["serve", "check", "sign", "dev", "client", "key", "cert"] {
+        assert!(
+            text.contains(&format!("\n  {command} ")),
+            "{command}: {text}"
+        );
+    }
+    assert!(!text.to_lowercase().contains("mock"), "{text}");
+
+    let out = std::process::Command::new(BIN)
+        .args(["mock-maskinporten", "--help"])
+        .output()
+        .expect("mock-maskinporten");
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("unrecognized subcommand 'mock-maskinporten'"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn version_names_the_build_and_check_validates_without_a_token() {
     let out = std::process::Command::new(BIN)

@@ -77,34 +77,29 @@ fn start(mut command: Command, log: &Path) -> Running {
     child
 }
 
-/// `grant-agent mock-maskinporten`, which stays up without a token, in a folder any user
-/// may read; `wrapper` (e.g. `setpriv ...`, `prlimit ...`) runs it.
-fn mock(dir: &Path, wrapper: &[&str]) -> Running {
+/// `grant-agent dev` on its own SoftHSM token in `dir/state`, owned by `owner` (uid and
+/// gid), in a folder any user may read; `wrapper` (e.g. `setpriv ...`, `prlimit ...`)
+/// runs it.
+fn dev_agent(dir: &Path, owner: u32, wrapper: &[&str]) -> Running {
+    require_softhsm();
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let config = dir.join("mock.toml");
-    std::fs::write(
-        &config,
-        "[[clients]]\nclient_id = \"c\"\nscopes = [\"s\"]\n",
-    )
-    .expect("config");
+    let state = dir.join("state");
+    std::fs::create_dir(&state).expect("state dir");
+    std::os::unix::fs::chown(&state, Some(owner), Some(owner)).expect("chown state dir");
     let mut command = Command::new(wrapper[0]);
     let _ = command
         .args(&wrapper[1..])
-        .args([
-            BIN,
-            "mock-maskinporten",
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&config);
-    start(command, &dir.join("mock.log"))
+        .args([BIN, "dev", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&state)
+        .env_remove("SOFTHSM2_CONF");
+    start(command, &dir.join("agent.log"))
 }
 
 #[test]
 fn no_core_files_even_when_started_with_an_unlimited_core_limit() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let agent = mock(dir.path(), &["prlimit", "--core=unlimited:unlimited"]);
+    let uid = rustix::process::geteuid().as_raw();
+    let agent = dev_agent(dir.path(), uid, &["prlimit", "--core=unlimited:unlimited"]);
     assert_eq!(agent.limit("Max core file size"), ("0".into(), "0".into()));
 }
 
@@ -117,7 +112,7 @@ fn processes_of_the_same_user_cannot_look_inside_the_agent() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut setpriv = vec!["setpriv"];
     setpriv.extend(NOBODY);
-    let agent = mock(dir.path(), &setpriv);
+    let agent = dev_agent(dir.path(), 65534, &setpriv);
     // A control: another process of that user, dumpable, owns its /proc files.
     let neighbour = Running(
         Command::new("setpriv")

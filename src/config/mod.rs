@@ -243,8 +243,10 @@ fn cert_environment(name: &str) -> Option<CertEnvironment> {
     }
 }
 
-/// A TOML offset date-time as Unix seconds; a bare date means midnight UTC.
-pub(crate) fn unix_seconds(
+/// A TOML offset date-time as Unix seconds; a bare date means midnight UTC. Public, as
+/// are [`from_toml`] and [`invalid_in`], for the local Maskinporten's config reader (the
+/// `mock-maskinporten` crate), whose errors have the same shape.
+pub fn unix_seconds(
     value: &toml::value::Datetime,
     key: &str,
     invalid: &dyn Fn(&str, String, &str) -> ConfigError,
@@ -286,10 +288,7 @@ pub(crate) fn unix_seconds(
 }
 
 /// Parses TOML text, naming `file` in a syntax error.
-pub(crate) fn from_toml<T: serde::de::DeserializeOwned>(
-    text: &str,
-    file: &str,
-) -> Result<T, ConfigError> {
+pub fn from_toml<T: serde::de::DeserializeOwned>(text: &str, file: &str) -> Result<T, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError::Syntax {
         file: file.to_owned(),
         message: e.to_string().trim_end().to_owned(),
@@ -297,7 +296,7 @@ pub(crate) fn from_toml<T: serde::de::DeserializeOwned>(
 }
 
 /// Makes [`ConfigError::Invalid`] for `file`: the key, the problem, the fix.
-pub(crate) fn invalid_in(file: &str) -> impl Fn(&str, String, &str) -> ConfigError + '_ {
+pub fn invalid_in(file: &str) -> impl Fn(&str, String, &str) -> ConfigError + '_ {
     move |key, problem, fix| ConfigError::Invalid {
         file: file.to_owned(),
         key: key.to_owned(),

@@ -28,6 +28,22 @@ pub(crate) mod secured;
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_grant-agent");
 pub(crate) const TEST_AUD: &str = "https://test.maskinporten.no/";
 
+/// The local Maskinporten's binary, built next to the agent's by `cargo build -p
+/// mock-maskinporten` (softhsm/test.sh does it): a test of this package cannot name
+/// another package's binary with `CARGO_BIN_EXE_*`.
+pub(crate) fn mock_bin() -> PathBuf {
+    let bin = Path::new(BIN)
+        .parent()
+        .expect("target folder")
+        .join("mock-maskinporten");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p mock-maskinporten` (softhsm/test.sh does it)",
+        bin.display()
+    );
+    bin
+}
+
 /// Fails (never skips) when SoftHSM is missing, saying how to install it.
 pub(crate) fn require_softhsm() {
     if grant_agent::dev::softhsm_module().is_err() {
@@ -237,12 +253,15 @@ impl Drop for DevAgent {
 /// the first printed.
 fn start_listening(mut command: Command, log: &Path) -> (Child, Vec<String>) {
     let file = std::fs::File::create(log).expect("log file");
+    let name = Path::new(command.get_program())
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
     let mut child = command
         .env("RUST_LOG", "debug")
         .stdout(Stdio::piped())
         .stderr(Stdio::from(file))
         .spawn()
-        .expect("start grant-agent");
+        .unwrap_or_else(|e| panic!("start {name}: {e}"));
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     let _reader = std::thread::spawn(move || {
@@ -255,7 +274,7 @@ fn start_listening(mut command: Command, log: &Path) -> (Child, Vec<String>) {
     let Ok(first) = rx.recv_timeout(Duration::from_secs(60)) else {
         let _ = child.kill();
         let log = std::fs::read_to_string(log).unwrap_or_default();
-        panic!("grant-agent did not start within 60 s; its log:\n{log}");
+        panic!("{name} did not start within 60 s; its log:\n{log}");
     };
     let mut addrs = vec![first];
     // The others are printed right after the first.
@@ -540,7 +559,7 @@ pub(crate) fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// `grant-agent mock-maskinporten` as a child process, killed on drop.
+/// The local Maskinporten ([`mock_bin`]) as a child process, killed on drop.
 pub(crate) struct Mock {
     child: Child,
     /// Its issuer URL, ending in `/`: the `aud` it expects and the base of its endpoints.
@@ -556,9 +575,9 @@ impl Mock {
         let config_path = dir.join("mock.toml");
         std::fs::write(&config_path, config).expect("mock config");
         let log = dir.join("mock.log");
-        let mut command = Command::new(BIN);
+        let mut command = Command::new(mock_bin());
         let _ = command
-            .args(["mock-maskinporten", "--listen", "127.0.0.1:0", "--config"])
+            .args(["--listen", "127.0.0.1:0", "--config"])
             .arg(&config_path);
         if let Some((cert, key)) = tls {
             let _ = command

@@ -2,16 +2,15 @@
 
 use serde_json::{Value, json};
 
+use grant_agent::{agent::unix_now, grant::Algorithm};
+
+use crate::{
+    refusal::{MpCode, OAuthError, Refusal},
+    verify::{Granted, Proof, Verifier},
+};
+
 use super::{
     DELEGATING_ORG, Grant, ISSUER, KID_CLIENT, ORG, TestKey, config, files, form, test_chain,
-};
-use crate::{
-    agent::unix_now,
-    grant::Algorithm,
-    mock::{
-        refusal::{MpCode, OAuthError, Refusal},
-        verify::{Granted, Proof, Verifier},
-    },
 };
 
 /// A verifier for [`ISSUER`] over the test clients, with `top` added to the config.

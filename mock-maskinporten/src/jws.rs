@@ -6,8 +6,9 @@ use rsa::{Pkcs1v15Sign, PublicKey};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
-use super::refusal::{Refusal, invalid_grant, invalid_request};
-use crate::grant::Algorithm;
+use grant_agent::grant::Algorithm;
+
+use crate::refusal::{Refusal, invalid_grant, invalid_request};
 
 /// A decoded compact JWS; nothing in it is trusted until the signature is checked.
 pub(super) struct Jws<'a> {
@@ -144,4 +145,14 @@ pub(super) fn rsa_signature_verifies(
         ),
     };
     result.is_ok()
+}
+
+/// The RFC 7638 thumbprint of an RSA key (base64url SHA-256 of its canonical JWK), the
+/// kid that stays the same for the same key wherever it is computed.
+pub(super) fn thumbprint(n: &[u8], e: &[u8]) -> String {
+    let n = URL_SAFE_NO_PAD.encode(n);
+    let e = URL_SAFE_NO_PAD.encode(e);
+    URL_SAFE_NO_PAD.encode(Sha256::digest(
+        format!(r#"{{"e":"{e}","kty":"RSA","n":"{n}"}}"#).as_bytes(),
+    ))
 }

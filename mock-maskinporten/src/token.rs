@@ -7,21 +7,14 @@ use rsa::{Pkcs1v15Sign, PrivateKey, traits::PublicKeyParts};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::verify::{Granted, Proof};
+use crate::{
+    jws::thumbprint,
+    verify::{Granted, Proof},
+};
 
 /// Modulus size of a generated signing key: the smallest Maskinporten-grade size, and the
 /// fastest to generate at start.
 pub(super) const GENERATED_KEY_BITS: usize = 2048;
-
-/// The RFC 7638 thumbprint of an RSA key (base64url SHA-256 of its canonical JWK), the
-/// kid that stays the same for the same key wherever it is computed.
-pub(super) fn thumbprint(n: &[u8], e: &[u8]) -> String {
-    let n = URL_SAFE_NO_PAD.encode(n);
-    let e = URL_SAFE_NO_PAD.encode(e);
-    URL_SAFE_NO_PAD.encode(Sha256::digest(
-        format!(r#"{{"e":"{e}","kty":"RSA","n":"{n}"}}"#).as_bytes(),
-    ))
-}
 
 /// The key that signs access tokens, with its kid and published JWK set.
 pub(super) struct TokenSigner {

@@ -75,9 +75,28 @@
 //!
 //! A `jti` is spent once the grant's signature and times have passed, even if a later
 //! check refuses the grant.
+//!
+//! # Modules
+//! Each imports only those listed before it (and the agent's library), so none is part
+//! of a circle:
+//! - `refusal`: the OAuth2 errors and MP codes a refused request answers with.
+//! - `jws`: the assertion's form parameters, compact JWS and RSA signature; the RFC 7638
+//!   thumbprint.
+//! - `x5c`: the certificate path of an x5c grant.
+//! - `error`: [`MockError`], why the mock cannot start.
+//! - `config`: [`MockConfig`], read and checked before any port is bound.
+//! - `verify`: the checks, in Maskinporten's order.
+//! - `token`: the access tokens the mock issues, and its signing key.
+//! - `accept`: accepting HTTP(S) connections and shutting down.
+//! - `server`: the routes, counters and fault injection.
+//!
+//! The `mock-maskinporten` binary is a thin `main` over [`MockServer`]. The agent itself
+//! carries none of this: it is a crate of its own so the agent's release binary has no
+//! test server in it.
 
 mod accept;
 mod config;
+mod error;
 mod jws;
 mod refusal;
 mod server;
@@ -88,88 +107,15 @@ mod x5c;
 #[cfg(test)]
 mod tests;
 
-use std::{
-    future::Future,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::Arc,
-};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::ConfigError;
-use config::{CertificatePolicy, Client, WellKnown};
+pub use config::MockConfig;
+pub use error::MockError;
 use token::TokenSigner;
 use verify::Verifier;
-
-/// A validated mock configuration: clients, their scopes, keys and delegations, trust
-/// anchors and the token signing key, with every file it names already read.
-///
-/// Built only by [`MockConfig::from_file`] or [`MockConfig::from_toml_str`], so a value
-/// of this type has passed every check; [`MockServer::bind`] can then only fail on what
-/// the config does not hold (the address, the TLS files, generating a key).
-#[derive(Debug)]
-pub struct MockConfig {
-    issuer: Option<String>,
-    token_lifetime_seconds: u32,
-    well_known: WellKnown,
-    certificates: CertificatePolicy,
-    trust_anchors: Vec<x509_cert::Certificate>,
-    signing_key: Option<rsa::PrivateKey>,
-    clients: Vec<Client>,
-}
-
-impl MockConfig {
-    /// Reads and checks a config file; relative paths in it resolve against its folder.
-    pub fn from_file(path: &Path) -> Result<MockConfig, MockError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: file.clone(),
-            source,
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Ok(config::parse(&text, &file, base)?)
-    }
-
-    /// Parses and checks config text. `file` names it in errors, and relative paths
-    /// resolve against `file`'s folder (the current directory for a bare name such as
-    /// `"mock.toml"`), so tests can point it into a temporary directory without writing
-    /// the config itself.
-    pub fn from_toml_str(text: &str, file: &str) -> Result<MockConfig, MockError> {
-        let base = Path::new(file).parent().unwrap_or(Path::new("."));
-        Ok(config::parse(text, file, base)?)
-    }
-}
-
-/// Why the mock cannot start.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum MockError {
-    /// The config file is unreadable or invalid; the message names the file, key and fix.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The TLS certificate or key cannot be used.
-    #[error("{file}: {problem}")]
-    Tls {
-        /// The PEM file.
-        file: String,
-        /// What is wrong with it.
-        problem: String,
-    },
-    /// The listen address cannot be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address asked for.
-        addr: SocketAddr,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// No signing key is configured and generating one failed.
-    #[error("cannot generate the access-token signing key: {0}")]
-    KeyGeneration(String),
-}
 
 /// A bound mock, ready to [`serve`](MockServer::serve).
 ///

@@ -1,7 +1,7 @@
 //! Checking a token request the way Maskinporten does, in its order, so a client under
 //! test sees the error (and MP code) it would see from the real service.
 //!
-//! The checks, their order, errors and MP codes are tabled in the [`mock`](super) module's
+//! The checks, their order, errors and MP codes are tabled in the [crate]'s
 //! documentation.
 //!
 //! A `jti` is spent once the grant's signature and times have passed, even if a later
@@ -16,16 +16,17 @@ use rsa::{PublicKey, pkcs1::DecodeRsaPublicKey};
 use serde_json::{Map, Value};
 use x509_cert::Certificate;
 
-use super::{
+use grant_agent::{
+    cert::{CertEnvironment, CertificateChain},
+    grant::MAX_LIFETIME_SECONDS,
+};
+
+use crate::{
     MockConfig,
     config::{CertificatePolicy, Client},
     jws::{Jws, KeyReference, form_parameters},
     refusal::{MpCode, OAuthError, Refusal, invalid_grant, invalid_request, refuse},
     x5c,
-};
-use crate::{
-    cert::{CertEnvironment, CertificateChain},
-    grant::MAX_LIFETIME_SECONDS,
 };
 
 /// The only grant type Maskinporten accepts (RFC 7523).
@@ -210,7 +211,7 @@ impl Verifier {
         }
         let pid = match jws.claims.get("pid") {
             None => None,
-            Some(Value::String(pid)) if crate::grant::is_national_identity_number(pid) => {
+            Some(Value::String(pid)) if grant_agent::grant::is_national_identity_number(pid) => {
                 Some(pid.clone())
             }
             Some(_) => {

@@ -25,7 +25,7 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
-use super::MockError;
+use crate::MockError;
 
 /// Longest a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

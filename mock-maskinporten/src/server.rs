@@ -26,14 +26,15 @@ use axum::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{
-    WellKnown,
+use grant_agent::agent::unix_now;
+
+use crate::{
     accept::ConnectionAbort,
+    config::WellKnown,
     refusal::{MpCode, Refusal, invalid_request},
     token::TokenSigner,
     verify::{JWT_BEARER, Verifier},
 };
-use crate::agent::unix_now;
 
 /// Where Maskinporten documents its error codes; `error_uri` is this plus the code.
 const ERROR_URI_BASE: &str = "https://docs.digdir.no/maskinporten/errors/";

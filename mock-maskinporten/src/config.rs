@@ -14,17 +14,58 @@ use serde::Deserialize;
 use x509_cert::Certificate;
 use zeroize::Zeroizing;
 
-use super::MockConfig;
-use crate::{
+use grant_agent::{
     config::{ConfigError, unix_seconds},
     grant::is_organization_number,
 };
+
+use crate::{MockError, jws::thumbprint};
 
 /// `expires_in` of issued access tokens when the config sets none (Maskinporten's own
 /// default token lifetime is also two minutes in test).
 const DEFAULT_TOKEN_LIFETIME_SECONDS: u32 = 120;
 /// The longest access token lifetime the config may ask for: one day.
 const MAX_TOKEN_LIFETIME_SECONDS: u32 = 86_400;
+
+/// A validated mock configuration: clients, their scopes, keys and delegations, trust
+/// anchors and the token signing key, with every file it names already read.
+///
+/// Built only by [`MockConfig::from_file`] or [`MockConfig::from_toml_str`], so a value
+/// of this type has passed every check; [`MockServer::bind`](crate::MockServer::bind) can
+/// then only fail on what the config does not hold (the address, the TLS files,
+/// generating a key).
+#[derive(Debug)]
+pub struct MockConfig {
+    pub(crate) issuer: Option<String>,
+    pub(crate) token_lifetime_seconds: u32,
+    pub(crate) well_known: WellKnown,
+    pub(crate) certificates: CertificatePolicy,
+    pub(crate) trust_anchors: Vec<x509_cert::Certificate>,
+    pub(crate) signing_key: Option<rsa::PrivateKey>,
+    pub(crate) clients: Vec<Client>,
+}
+
+impl MockConfig {
+    /// Reads and checks a config file; relative paths in it resolve against its folder.
+    pub fn from_file(path: &Path) -> Result<MockConfig, MockError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Ok(parse(&text, &file, base)?)
+    }
+
+    /// Parses and checks config text. `file` names it in errors, and relative paths
+    /// resolve against `file`'s folder (the current directory for a bare name such as
+    /// `"mock.toml"`), so tests can point it into a temporary directory without writing
+    /// the config itself.
+    pub fn from_toml_str(text: &str, file: &str) -> Result<MockConfig, MockError> {
+        let base = Path::new(file).parent().unwrap_or(Path::new("."));
+        Ok(parse(text, file, base)?)
+    }
+}
 
 /// Which virksomhetssertifikat environments the mock accepts. Maskinporten's test
 /// environment refuses production certificates and production refuses test ones.
@@ -156,8 +197,8 @@ type Invalid<'a> = dyn Fn(&str, String, &str) -> ConfigError + 'a;
 /// Parses and checks config text; `file` names it in errors and relative paths resolve
 /// against `base`.
 pub(super) fn parse(text: &str, file: &str, base: &Path) -> Result<MockConfig, ConfigError> {
-    let raw: RawConfig = crate::config::from_toml(text, file)?;
-    let invalid = crate::config::invalid_in(file);
+    let raw: RawConfig = grant_agent::config::from_toml(text, file)?;
+    let invalid = grant_agent::config::invalid_in(file);
 
     if let Some(issuer) = &raw.issuer {
         let scheme_ok = issuer.starts_with("http://") || issuer.starts_with("https://");
@@ -336,10 +377,7 @@ fn registered_key(
         BoxedUint::from_be_slice_vartime(&e),
     )
     .map_err(|e| bad(format!("{}: not a usable RSA key ({e})", path.display())))?;
-    let kid = raw
-        .kid
-        .or(jwk.kid)
-        .unwrap_or_else(|| super::token::thumbprint(&n, &e));
+    let kid = raw.kid.or(jwk.kid).unwrap_or_else(|| thumbprint(&n, &e));
     if kid.is_empty() {
         return Err(invalid(
             &format!("{at}.kid"),

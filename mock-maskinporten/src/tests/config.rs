@@ -1,10 +1,10 @@
 //! Config parsing: every mistake is reported with the file, the key and a fix.
 
+use grant_agent::config::ConfigError;
+
 use super::{KID, KID_CLIENT, config, config_text, files};
-use crate::{
-    config::ConfigError,
-    mock::{MockConfig, MockError},
-};
+
+use crate::{MockConfig, MockError};
 
 /// The dotted key of an invalid-value error, and its full message.
 fn invalid_key(dir: &std::path::Path, text: &str) -> (String, String) {

@@ -9,8 +9,9 @@ use der::{Encode, asn1::ObjectIdentifier};
 use rsa::{PublicKey, pkcs1::DecodeRsaPublicKey};
 use x509_cert::Certificate;
 
-use super::jws::rsa_signature_verifies;
-use crate::grant::Algorithm;
+use grant_agent::grant::Algorithm;
+
+use crate::jws::rsa_signature_verifies;
 
 /// rsaEncryption, the only issuer key type the mock verifies.
 const RSA_ENCRYPTION: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");

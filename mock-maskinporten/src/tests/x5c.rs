@@ -7,7 +7,7 @@ use super::{
     CERT_CLIENT, Grant, ISSUER, ORG, TEST_CA, TestKey, certificate, config, files, key, test_chain,
     verify::{accepted, assert_refused, verifier},
 };
-use crate::mock::{
+use crate::{
     refusal::{MpCode, OAuthError},
     verify::{Proof, Verifier},
 };
@@ -84,7 +84,7 @@ fn an_x5c_chain_must_lead_to_the_ca_mp120() {
     let text = super::config_text("").replace("ca = \"ca.pem\"", "");
     let file = dir.path().join("mock.toml").display().to_string();
     let no_ca = Verifier::new(
-        crate::mock::MockConfig::from_toml_str(&text, &file).expect("config"),
+        crate::MockConfig::from_toml_str(&text, &file).expect("config"),
         ISSUER.into(),
     );
     let _ = assert_refused(

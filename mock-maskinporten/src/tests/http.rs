@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::{sync::oneshot, task::JoinHandle};
 
 use super::{DELEGATING_ORG, Grant, KID_CLIENT, ORG, config, files};
-use crate::mock::{MockConfig, MockError, MockServer};
+use crate::{MockConfig, MockError, MockServer};
 
 /// A mock serving in the background until dropped or stopped.
 struct Running {
@@ -295,9 +295,8 @@ async fn faults_answer_with_a_status_delay_or_drop_the_connection() {
 
 /// A self-signed end-entity certificate for 127.0.0.1 made by openssl: (cert, key) paths.
 fn localhost_certificate(dir: &Path) -> (PathBuf, PathBuf) {
-    let _ = crate::testing::openssl(
-        dir,
-        &[
+    let output = std::process::Command::new("openssl")
+        .args([
             "req",
             "-x509",
             "-newkey",
@@ -315,7 +314,19 @@ fn localhost_certificate(dir: &Path) -> (PathBuf, PathBuf) {
             "subjectAltName=IP:127.0.0.1",
             "-addext",
             "basicConstraints=critical,CA:FALSE",
-        ],
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `openssl` ({e}); this test makes its certificate with it. \
+                 Install it with `sudo apt-get install -y openssl`"
+            )
+        });
+    assert!(
+        output.status.success(),
+        "openssl req failed: {}",
+        String::from_utf8_lossy(&output.stderr)
     );
     (dir.join("tls-cert.pem"), dir.join("tls-key.pem"))
 }
