@@ -25,7 +25,7 @@ use crate::{
 };
 
 use super::{
-    audit::{AuditLog, CachedAnswer, Decision, code_name},
+    audit::{AuditLog, CachedAnswer, Decision, Receipt, code_name},
     caller::{Caller, Peer},
     policy::{Ask, Policy},
     status,
@@ -96,7 +96,7 @@ impl GrantAgentService {
         params: &GrantParameters,
         outcome: &'static str,
         result: &Detail<'_>,
-    ) {
+    ) -> Receipt {
         if audit == "token" {
             self.metrics.token(&at.key, outcome);
         } else {
@@ -124,7 +124,7 @@ impl GrantAgentService {
             outcome,
             code: code_name(result.status.map_or(tonic::Code::Ok, Status::code)),
             reason: result.status.map_or("", Status::message),
-        });
+        })
     }
 
     /// Audits a request that ends without a result, and gives back the status to send.
@@ -136,7 +136,8 @@ impl GrantAgentService {
         outcome: &'static str,
         status: Status,
     ) -> Status {
-        self.record(
+        // Refused either way: the receipt is only worth waiting for before an answer.
+        let _ = self.record(
             audit,
             at,
             params,
@@ -230,7 +231,7 @@ impl GrantAgentService {
             Ok(grant) => {
                 self.metrics
                     .signed(grant.queued, started.elapsed().saturating_sub(grant.queued));
-                self.record(
+                let receipt = self.record(
                     "grant",
                     &at.head,
                     at.grant.params(),
@@ -242,6 +243,11 @@ impl GrantAgentService {
                         status: None,
                     },
                 );
+                // With fail_closed, a grant the trail does not hold is not answered.
+                receipt
+                    .written()
+                    .await
+                    .map_err(|error| status::from_audit(&error))?;
                 Ok(Response::new(SignGrantResponse {
                     assertion: grant.assertion,
                     jti: grant.jti,
@@ -319,7 +325,7 @@ impl GrantAgentService {
                         jti: &token.grant_jti,
                     });
                 } else {
-                    self.record(
+                    let receipt = self.record(
                         "token",
                         &at.head,
                         at.grant.params(),
@@ -331,6 +337,11 @@ impl GrantAgentService {
                             ..Detail::default()
                         },
                     );
+                    // With fail_closed, a token the trail does not hold is not answered.
+                    receipt
+                        .written()
+                        .await
+                        .map_err(|error| status::from_audit(&error))?;
                 }
                 Ok(Response::new(GetAccessTokenResponse {
                     access_token: token.access_token.to_string(),
@@ -365,7 +376,8 @@ pub(super) fn grant_audit(audit: Arc<AuditLog>) -> GrantAudit {
     Arc::new(move |spent: &GrantSpent<'_>| {
         let params = spent.request.params();
         let origin = spent.origin;
-        audit.record(&Decision {
+        // Spent already: Maskinporten has the grant, so there is no answer to withhold.
+        let _ = audit.record(&Decision {
             audit: "token_grant",
             request_id: &origin.request_id,
             time: crate::agent::rfc3339(unix_now()),

@@ -17,6 +17,7 @@
 //! | Maskinporten: any other 4xx (invalid_grant, invalid_client, ...) | `FAILED_PRECONDITION` |
 //! | Maskinporten: 5xx or unreachable after retries, discovery failed, unusable answer | `UNAVAILABLE` |
 //! | no token before the deadline       | `DEADLINE_EXCEEDED`   |
+//! | the audit line not written (`fail_closed`) | `UNAVAILABLE`  |
 //!
 //! A Maskinporten refusal also carries a `google.rpc.ErrorInfo` detail (reason = the
 //! OAuth2 `error`, domain `maskinporten`) whose metadata holds `error_description` (with
@@ -34,7 +35,13 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{agent::SignError, hsm::HsmError, token::TokenError};
 
-use super::policy::Refusal;
+use super::{audit::AuditUnavailable, policy::Refusal};
+
+/// A grant or token that was ready but whose audit line could not be written, with
+/// `[audit] fail_closed = true`: the answer is withheld.
+pub(super) fn from_audit(error: &AuditUnavailable) -> Status {
+    Status::new(Code::Unavailable, error.to_string())
+}
 
 pub(super) fn from_refusal(refusal: &Refusal) -> Status {
     let code = match refusal {
