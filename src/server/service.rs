@@ -15,7 +15,6 @@ use crate::{
     agent::{Agent, SignError, unix_now},
     cert::{CertEnvironment, CertificateChain},
     grant::{AuthorizationDetails, GrantParameters, ValidGrant},
-    hsm::HsmError,
     metrics::Metrics,
     proto::{
         GetAccessTokenRequest, GetAccessTokenResponse, KeyInfo, ListKeysRequest, ListKeysResponse,
@@ -28,7 +27,7 @@ use super::{
     audit::{AuditLog, CachedAnswer, Decision, Receipt, code_name},
     caller::{Caller, Peer},
     policy::{Ask, Policy},
-    status,
+    status::{self, Failure, Outcome},
 };
 
 #[derive(Clone)]
@@ -127,21 +126,22 @@ impl GrantAgentService {
         })
     }
 
-    /// Audits a request that ends without a result, and gives back the status to send.
+    /// Audits and counts a request that ends without a result, and gives back the status
+    /// to send.
     fn refuse(
         &self,
         audit: &'static str,
         at: &Head,
         params: &GrantParameters,
-        outcome: &'static str,
-        status: Status,
+        failure: Failure,
     ) -> Status {
+        let Failure { status, outcome } = failure;
         // Refused either way: the receipt is only worth waiting for before an answer.
         let _ = self.record(
             audit,
             at,
             params,
-            outcome,
+            outcome.label(),
             &Detail {
                 status: Some(&status),
                 ..Detail::default()
@@ -182,14 +182,14 @@ impl GrantAgentService {
         };
         if let Err(refusal) = self.policy.knows(&head.caller) {
             head.authorization_types = authorization_types(&params);
-            let status = status::from_refusal(&refusal);
-            return Err(self.refuse(audit, &head, &params, "denied", status));
+            let failure = status::refusal(&refusal);
+            return Err(self.refuse(audit, &head, &params, failure));
         }
         let grant = match ValidGrant::new(params) {
             Ok(grant) => grant,
             Err(rejected) => {
-                let status = status::from_sign_error(&SignError::Invalid(rejected.invalid));
-                return Err(self.refuse(audit, &head, &rejected.params, "refused", status));
+                let failure = status::sign_failure(&SignError::Invalid(rejected.invalid));
+                return Err(self.refuse(audit, &head, &rejected.params, failure));
             }
         };
         head.authorization_types = grant
@@ -197,8 +197,8 @@ impl GrantAgentService {
             .map(|d| d.types().into_iter().map(str::to_owned).collect())
             .unwrap_or_default();
         if let Err(error) = keys.check_names(&grant) {
-            let status = status::from_sign_error(&error);
-            return Err(self.refuse(audit, &head, grant.params(), "refused", status));
+            let failure = status::sign_failure(&error);
+            return Err(self.refuse(audit, &head, grant.params(), failure));
         }
         let params = grant.params();
         let ask = Ask {
@@ -213,8 +213,8 @@ impl GrantAgentService {
             iss_onbehalfof: &params.iss_onbehalfof,
         };
         if let Err(refusal) = self.policy.authorize(&head.caller, &ask) {
-            let status = status::from_refusal(&refusal);
-            return Err(self.refuse(audit, &head, params, "denied", status));
+            let failure = status::refusal(&refusal);
+            return Err(self.refuse(audit, &head, params, failure));
         }
         Ok((Admitted { head, grant }, message))
     }
@@ -259,30 +259,22 @@ impl GrantAgentService {
                 }))
             }
             Err(error) => {
-                let status = status::from_sign_error(&error);
-                let outcome = self.sign_failure(&error);
-                Err(self.refuse("grant", &at.head, at.grant.params(), outcome, status))
+                let failure = status::sign_failure(&error);
+                self.note_sign_failure(&error, failure.outcome);
+                Err(self.refuse("grant", &at.head, at.grant.params(), failure))
             }
         }
     }
 
-    /// The outcome of a signing error: "busy" for overload (the session queue is full, or
-    /// the deadline cannot be met with the queue ahead): no PKCS#11 error, and logged only
-    /// in [`OverloadLog`]'s summary; "failed" for the token's fault (logged, PKCS#11 return
-    /// values counted); else "refused".
-    fn sign_failure(&self, error: &SignError) -> &'static str {
-        match error {
-            SignError::Hsm(HsmError::Busy { .. } | HsmError::Deadline) => {
-                self.overload.refused();
-                "busy"
-            }
-            SignError::Hsm(_) => {
-                // Its PKCS#11 return value, if any, is counted where it happened (the
-                // agent's ErrorCounts), with the errors the agent mended.
-                tracing::error!(error = %error, "signing failed");
-                "failed"
-            }
-            _ => "refused",
+    /// Logs a signing error as its [`Outcome`] asks: overload (`busy`) only in
+    /// [`OverloadLog`]'s summary; the token's fault (`failed`) at once. Its PKCS#11 return
+    /// value, if any, is counted where it happened (the agent's ErrorCounts), with the
+    /// errors the agent mended.
+    fn note_sign_failure(&self, error: &SignError, outcome: Outcome) {
+        match outcome {
+            Outcome::Busy => self.overload.refused(),
+            Outcome::Failed => tracing::error!(error = %error, "signing failed"),
+            Outcome::Denied | Outcome::Refused => {}
         }
     }
 
@@ -352,18 +344,14 @@ impl GrantAgentService {
                 }))
             }
             Err(error) => {
-                let status = status::from_token_error(&error);
-                // The token path's own deadline (TokenError::Deadline) stays "failed": it
-                // means Maskinporten did not answer in time, not that the agent is full.
-                let outcome = match &*error {
-                    TokenError::Sign(sign) => self.sign_failure(sign),
-                    TokenError::Refused { .. } => "refused",
-                    _ => "failed",
-                };
-                if outcome == "failed" {
+                let failure = status::token_failure(&error);
+                if let TokenError::Sign(sign) = &*error {
+                    self.note_sign_failure(sign, failure.outcome);
+                }
+                if failure.outcome == Outcome::Failed {
                     tracing::error!(error = %error, "no access token");
                 }
-                Err(self.refuse("token", &at.head, at.grant.params(), outcome, status))
+                Err(self.refuse("token", &at.head, at.grant.params(), failure))
             }
         }
     }
@@ -527,7 +515,7 @@ impl GrantAgent for GrantAgentService {
         let Peer { caller, .. } = peer(&request);
         self.policy
             .knows(&caller)
-            .map_err(|refusal| status::from_refusal(&refusal))?;
+            .map_err(|refusal| status::refusal(&refusal).status)?;
         let keys = self.agent.keys();
         let now = unix_now();
         let window = i64::from(keys.expiry_warning_days) * 86_400;
