@@ -23,6 +23,7 @@
 //! | `grant_agent_connections` | gauge | gRPC connections past their handshake, open now |
 //! | `grant_agent_connections_refused_total` | counter | `reason`: unknown_caller, tls, handshake_timeout, evicted, per_peer, idle (closed for idling) |
 //! | `grant_agent_requests_refused_total` | counter | `reason`: refused before the message was read (unknown_caller, content_type, too_large, busy, request_timeout, malformed) |
+//! | `grant_agent_audit_dropped_total` | counter | `reason`: audit lines lost (queue_full: the writer's queue was full or closed; write_failed: the write or flush failed) |
 //!
 //! Values that describe the present (queue, sessions, expiry) are read when scraped.
 
@@ -91,6 +92,7 @@ pub struct Metrics {
     connections: Gauge,
     connections_refused: Family<ReasonLabels, Counter>,
     requests_refused: Family<ReasonLabels, Counter>,
+    audit_dropped: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -127,6 +129,7 @@ impl Metrics {
             connections: Gauge::default(),
             connections_refused: Family::default(),
             requests_refused: Family::default(),
+            audit_dropped: Family::default(),
         };
         let mut registry = metrics.registry;
         registry.register(
@@ -214,6 +217,11 @@ impl Metrics {
             "GrantAgent requests refused before their message was read, by reason",
             metrics.requests_refused.clone(),
         );
+        registry.register(
+            "audit_dropped",
+            "Audit lines lost: not queued (queue_full) or not written (write_failed)",
+            metrics.audit_dropped.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -288,6 +296,14 @@ impl Metrics {
             .requests_refused
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+
+    /// The counter of audit lines lost for `reason` (`queue_full`, `write_failed`), for
+    /// the audit writer to keep.
+    pub fn audit_dropped(&self, reason: &'static str) -> Counter {
+        self.audit_dropped
+            .get_or_create(&ReasonLabels { reason })
+            .clone()
     }
 
     /// The text exposition, with the present-tense values read from `agent` now.

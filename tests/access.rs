@@ -12,7 +12,7 @@ mod common;
 use std::{os::unix::fs::PermissionsExt, path::Path};
 
 use common::{
-    BIN, DevAgent, TEST_AUD, params, read,
+    BIN, DevAgent, TEST_AUD, http_get, metric_sum, params, read,
     secured::{PAYMENTS, payments_request, prepared, tls, uid, write_config},
     verify,
 };
@@ -415,6 +415,10 @@ async fn every_decision_is_one_audit_line_without_secrets() {
     refused.grant.as_mut().expect("grant").scopes = vec!["nav:bad scope".into()];
     let _ = payments.sign_grant(refused).await.expect_err("refused");
 
+    // The writer thread writes the lines after the answers: the last is there when all are.
+    let _ = agent
+        .wait_for_audit(|line| line["outcome"] == "refused")
+        .expect("the refusal's line");
     let audit = read(&dir.join("audit.jsonl"));
     let lines: Vec<serde_json::Value> = audit
         .lines()
@@ -529,4 +533,68 @@ async fn a_pin_from_the_environment_is_removed_from_it() {
         })
         .await
         .expect("logged in with it");
+}
+
+/// An agent on a Unix socket, with metrics, whose audit file is `/dev/full`: every write
+/// fails (ENOSPC), as on a full disk.
+fn agent_on_a_full_disk(fail_closed: bool) -> DevAgent {
+    let dir = DevAgent::start().stop();
+    write_config(
+        dir.path(),
+        "unix_socket = \"agent.sock\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        &policies(uid()),
+    );
+    let config = read(&dir.path().join("agent.toml")).replace(
+        "file = \"audit.jsonl\"",
+        &format!("file = \"/dev/full\"\nfail_closed = {fail_closed}"),
+    );
+    std::fs::write(dir.path().join("agent.toml"), config).expect("config");
+    DevAgent::serve(dir, "agent.toml")
+}
+
+const WRITE_FAILED: &str = "grant_agent_audit_dropped_total{reason=\"write_failed\"}";
+
+#[tokio::test]
+async fn with_fail_closed_no_grant_leaves_the_agent_when_its_audit_line_cannot_be_written() {
+    let agent = agent_on_a_full_disk(true);
+    let mut local = connect(&agent.addr, None).await.expect("connect");
+    let status = local
+        .sign_grant(SignGrantRequest {
+            grant: Some(params()),
+        })
+        .await
+        .expect_err("withheld");
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    assert_eq!(status.message(), "the audit trail cannot be written");
+    let metrics = http_get(agent.metrics_url()).await;
+    assert_eq!(metric_sum(&metrics, WRITE_FAILED), 1.0, "{metrics}");
+    let log = agent.log();
+    assert!(log.contains("cannot write the audit log"), "{log}");
+    assert!(!log.contains("eyJ"), "an assertion was logged");
+}
+
+#[tokio::test]
+async fn without_fail_closed_grants_are_signed_and_their_lost_lines_counted() {
+    let agent = agent_on_a_full_disk(false);
+    let mut local = connect(&agent.addr, None).await.expect("connect");
+    let grant = local
+        .sign_grant(SignGrantRequest {
+            grant: Some(params()),
+        })
+        .await
+        .expect("signed")
+        .into_inner();
+    let _ = verify(&grant.assertion, TEST_AUD);
+    // The writer fails after the answer: wait for it to count.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let metrics = http_get(agent.metrics_url()).await;
+        let failed = metric_sum(&metrics, WRITE_FAILED);
+        if failed >= 1.0 {
+            assert_eq!(failed, 1.0, "{metrics}");
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "not counted: {metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

@@ -31,6 +31,9 @@ pub struct Access {
     pub audit_file: Option<PathBuf>,
     /// How tokens served from the cache are audited.
     pub audit_cached: CachedAudit,
+    /// `[audit] fail_closed`: a grant or token whose audit line cannot be written is
+    /// refused (`UNAVAILABLE`) instead of answered; off, such lines are counted as lost.
+    pub audit_fail_closed: bool,
 }
 
 /// How GetAccessToken answers served from the cache are audited. They are the agent's
@@ -169,6 +172,8 @@ pub(super) struct RawAudit {
     file: Option<PathBuf>,
     cached: Option<String>,
     summary_seconds: Option<u64>,
+    #[serde(default)]
+    fail_closed: bool,
 }
 
 /// The raw access settings, as they appear at the top level of the file.
@@ -219,6 +224,7 @@ pub(super) fn access(
         tls,
         policy,
         audit_cached: cached_audit(raw.audit.as_ref(), invalid)?,
+        audit_fail_closed: raw.audit.as_ref().is_some_and(|a| a.fail_closed),
         audit_file: raw.audit.and_then(|a| a.file).map(|f| base.join(f)),
     })
 }

@@ -263,6 +263,11 @@ fn errors_name_the_file_the_key_and_the_fix() {
         default.access.audit_cached,
         CachedAudit::Summary(std::time::Duration::from_secs(60))
     );
+    assert!(!default.access.audit_fail_closed, "fail open unless asked");
+    let closed = Config::from_toml_str(&(GOOD.to_owned() + "[audit]\nfail_closed = true\n"), "a")
+        .expect("valid");
+    assert!(closed.access.audit_fail_closed);
+    assert!(err(&(GOOD.to_owned() + "[audit]\nfail_closed = \"yes\"\n")).contains("fail_closed"));
     assert!(
         err(&format!("default_environment = \"nope\"\n{GOOD}")).contains("`default_environment`")
     );

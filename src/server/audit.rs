@@ -10,9 +10,30 @@
 //! oversized message, a connection refused at its TLS handshake) cost a peer nothing to
 //! send, so their lines are rate-limited: at most [`REFUSALS_PER_SECOND`] a second, and
 //! the first line after a cut says how many were left out (`suppressed`).
+//!
+//! # The writer
+//!
+//! A line is serialised on the caller's thread and queued, without waiting, on a bounded
+//! channel ([`QUEUE_LINES`]) to one writer thread, which writes what is queued in one
+//! `write` and one flush per batch; a slow disk never blocks an async worker. A line is
+//! lost, and counted in `grant_agent_audit_dropped_total` (with an error log at most every
+//! [`LOST_LOG_EVERY`]), when the queue is full (`queue_full`) or its write fails
+//! (`write_failed`). With `[audit] fail_closed = true`, a decision line also carries a
+//! [`Receipt`] that the writer answers once the line is written (or not), and the service
+//! answers a grant only when it was: an answer the trail does not hold never leaves the
+//! agent. [`AuditLog::close`] (and dropping the log) writes what is queued and stops the
+//! thread.
 
 use std::{
-    fs::OpenOptions, io::Write, os::unix::fs::OpenOptionsExt, path::Path, sync::Mutex,
+    fs::OpenOptions,
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        mpsc::{Receiver, SyncSender, TrySendError},
+    },
+    thread::JoinHandle,
     time::Duration,
 };
 
@@ -20,7 +41,19 @@ use serde::Serialize;
 // The monotonic clock of the refusal window; tests with paused time move it.
 use tokio::time::Instant;
 
-use crate::config::CachedAudit;
+use prometheus_client::metrics::counter::Counter;
+
+use crate::{config::CachedAudit, metrics::Metrics};
+
+/// Lines queued for the writer at most; one more is lost (or, with `fail_closed`, its
+/// request refused). About a second of the agent's peak rate.
+pub(crate) const QUEUE_LINES: usize = 4096;
+
+/// Lines written in one `write` and flush at most.
+const BATCH_LINES: u64 = 256;
+
+/// Least time between two error logs about lost lines.
+pub(crate) const LOST_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// One decision.
 #[derive(Debug, Serialize)]
@@ -132,17 +165,132 @@ struct CachedCounts {
     callers: std::collections::HashMap<String, Vec<CachedSummary>>,
 }
 
-/// Where audit lines are written.
+/// What the writer thread is sent.
+enum Queued {
+    /// One serialised line, ending in a newline; with `fail_closed`, where to say whether
+    /// it was written.
+    Line(Vec<u8>, Option<tokio::sync::oneshot::Sender<bool>>),
+    /// Answer once everything queued before is written (tests wait on it).
+    #[cfg(test)]
+    Flush(std::sync::mpsc::SyncSender<()>),
+    /// Write what is queued before, then stop.
+    Stop,
+}
+
+/// Whether a decision line reached the sink: with `fail_closed`, the request waits for it
+/// before answering; without, it is lost at worst (and counted).
+#[derive(Debug)]
+pub(crate) enum Receipt {
+    /// Not waited for (`fail_closed` is off).
+    Unconfirmed,
+    /// Queued; the writer answers once it tried to write it.
+    Queued(tokio::sync::oneshot::Receiver<bool>),
+    /// It could not be queued (the queue was full or closed).
+    Lost,
+}
+
+/// The audit line of an answer could not be written, and `fail_closed` is on.
+#[derive(Debug, thiserror::Error)]
+#[error("the audit trail cannot be written")]
+pub(crate) struct AuditUnavailable;
+
+impl Receipt {
+    /// Waits until the line is written: `Err` if it was not (and `fail_closed` is on).
+    pub(crate) async fn written(self) -> Result<(), AuditUnavailable> {
+        match self {
+            Receipt::Unconfirmed => Ok(()),
+            Receipt::Queued(written) => match written.await {
+                Ok(true) => Ok(()),
+                Ok(false) | Err(_) => Err(AuditUnavailable),
+            },
+            Receipt::Lost => Err(AuditUnavailable),
+        }
+    }
+}
+
+/// Audit lines lost: counted by reason, and logged at most every [`LOST_LOG_EVERY`].
+struct Losses {
+    queue_full: Counter,
+    write_failed: Counter,
+    /// When the last error line was logged.
+    logged: Mutex<Option<std::time::Instant>>,
+}
+
+impl Losses {
+    fn new(metrics: &Metrics) -> Self {
+        Losses {
+            queue_full: metrics.audit_dropped("queue_full"),
+            write_failed: metrics.audit_dropped("write_failed"),
+            logged: Mutex::new(None),
+        }
+    }
+
+    /// Counts `lines` lost to a full (or closed) queue.
+    fn queue_full(&self, lines: u64) {
+        let _ = self.queue_full.inc_by(lines);
+        self.log(|| {
+            tracing::error!(
+                total = self.queue_full.get(),
+                "audit lines lost: the audit writer's queue is full (a slow or stuck disk?)"
+            )
+        });
+    }
+
+    /// Counts `lines` whose write failed.
+    fn write_failed(&self, lines: u64, error: &std::io::Error) {
+        let _ = self.write_failed.inc_by(lines);
+        self.log(|| {
+            tracing::error!(
+                %error,
+                total = self.write_failed.get(),
+                "audit lines lost: cannot write the audit log"
+            )
+        });
+    }
+
+    /// Runs `log` unless it ran less than [`LOST_LOG_EVERY`] ago; counting goes on meanwhile.
+    fn log(&self, log: impl FnOnce()) {
+        let mut logged = match self.logged.lock() {
+            Ok(logged) => logged,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let now = std::time::Instant::now();
+        if logged.is_some_and(|at| now.duration_since(at) < LOST_LOG_EVERY) {
+            return;
+        }
+        *logged = Some(now);
+        drop(logged);
+        log();
+    }
+}
+
+/// Where audit lines are written: a queue to the writer thread. Dropping it writes what is
+/// queued and stops the thread, as [`close`](Self::close) does.
 pub(crate) struct AuditLog {
-    sink: Mutex<Box<dyn Write + Send>>,
+    queue: SyncSender<Queued>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    losses: Arc<Losses>,
+    fail_closed: bool,
     refusals: Mutex<Window>,
     cached: CachedAudit,
     counts: Mutex<CachedCounts>,
 }
 
+/// How the audit log behaves, from `[audit]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AuditSettings {
+    pub(crate) cached: CachedAudit,
+    pub(crate) fail_closed: bool,
+}
+
 impl AuditLog {
-    /// Appends to `file` (created with mode 0600), or writes to stderr.
-    pub(crate) fn open(file: Option<&Path>, cached: CachedAudit) -> std::io::Result<Self> {
+    /// Appends to `file` (created with mode 0600), or writes to stderr, from a writer
+    /// thread; lost lines are counted in `metrics`.
+    pub(crate) fn open(
+        file: Option<&Path>,
+        settings: AuditSettings,
+        metrics: &Metrics,
+    ) -> std::io::Result<Self> {
         let sink: Box<dyn Write + Send> = match file {
             Some(path) => Box::new(
                 OpenOptions::new()
@@ -153,23 +301,62 @@ impl AuditLog {
             ),
             None => Box::new(std::io::stderr()),
         };
-        Ok(Self::with_sink(sink, cached))
+        Self::with_sink(sink, settings, QUEUE_LINES, metrics)
     }
 
-    /// Writes to `sink`.
-    fn with_sink(sink: Box<dyn Write + Send>, cached: CachedAudit) -> Self {
-        AuditLog {
-            sink: Mutex::new(sink),
+    /// Writes to `sink` from a new writer thread, with room for `queue` lines.
+    fn with_sink(
+        sink: Box<dyn Write + Send>,
+        settings: AuditSettings,
+        queue: usize,
+        metrics: &Metrics,
+    ) -> std::io::Result<Self> {
+        let losses = Arc::new(Losses::new(metrics));
+        let (sender, receiver) = std::sync::mpsc::sync_channel(queue);
+        let writer = {
+            let losses = Arc::clone(&losses);
+            std::thread::Builder::new()
+                .name("audit-writer".into())
+                .spawn(move || write_lines(&receiver, sink, &losses))?
+        };
+        Ok(AuditLog {
+            queue: sender,
+            writer: Mutex::new(Some(writer)),
+            losses,
+            fail_closed: settings.fail_closed,
             refusals: Mutex::new(Window {
                 start: Instant::now(),
                 written: 0,
                 suppressed: 0,
             }),
-            cached,
+            cached: settings.cached,
             counts: Mutex::new(CachedCounts {
                 since: crate::agent::rfc3339(crate::agent::unix_now()),
                 callers: std::collections::HashMap::new(),
             }),
+        })
+    }
+
+    /// Writes what is queued, then stops the writer thread; lines queued later are lost
+    /// (and counted). Blocks until the writer is done: call it once serving has stopped.
+    pub(crate) fn close(&self) {
+        let writer = match self.writer.lock() {
+            Ok(mut writer) => writer.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        let Some(writer) = writer else { return };
+        // A blocking send: the writer drains the queue, so there will be room.
+        if self.queue.send(Queued::Stop).is_ok() && writer.join().is_err() {
+            tracing::error!("the audit writer thread panicked");
+        }
+    }
+
+    /// Waits until everything queued so far is written.
+    #[cfg(test)]
+    fn flush(&self) {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        if self.queue.send(Queued::Flush(done)).is_ok() {
+            let _ = wait.recv();
         }
     }
 
@@ -237,13 +424,23 @@ impl AuditLog {
         for mut summary in callers.into_values().flatten() {
             summary.time.clone_from(&now);
             summary.since.clone_from(&since);
-            self.write(&summary);
+            let _ = self.write(&summary, None);
         }
     }
 
-    /// Writes one decision line.
-    pub(crate) fn record(&self, decision: &Decision<'_>) {
-        self.write(decision);
+    /// Queues one decision line. With `fail_closed`, the receipt says when it is written
+    /// and the answer must wait for it; else it is [`Receipt::Unconfirmed`].
+    pub(crate) fn record(&self, decision: &Decision<'_>) -> Receipt {
+        if !self.fail_closed {
+            let _ = self.write(decision, None);
+            return Receipt::Unconfirmed;
+        }
+        let (written, receipt) = tokio::sync::oneshot::channel();
+        if self.write(decision, Some(written)) {
+            Receipt::Queued(receipt)
+        } else {
+            Receipt::Lost
+        }
     }
 
     /// Writes a refusal line, unless [`REFUSALS_PER_SECOND`] were written this second;
@@ -266,36 +463,105 @@ impl AuditLog {
             window.written += 1;
             refused.suppressed = std::mem::take(&mut window.suppressed);
         }
-        self.write(&refused);
+        let _ = self.write(&refused, None);
     }
 
-    /// Writes one line, in one `write` to the sink before the call returns, so a line is
-    /// never held back (nothing to lose on any shutdown). A failing sink is reported in
-    /// the log, never to the caller.
-    fn write(&self, line: &impl Serialize) {
+    /// Serialises one line and queues it for the writer, without waiting: false (and
+    /// counted) when the queue is full or closed.
+    fn write(
+        &self,
+        line: &impl Serialize,
+        written: Option<tokio::sync::oneshot::Sender<bool>>,
+    ) -> bool {
         thread_local! {
-            /// The line being written, kept between calls so that a line costs no
-            /// allocation once the thread has written one as long.
+            /// The line being serialised, kept between calls so that serialising costs
+            /// no allocation beyond the queued copy once the thread has written one as long.
             static LINE: std::cell::RefCell<Vec<u8>> =
                 std::cell::RefCell::new(Vec::with_capacity(1024));
         }
-        let written = LINE.with_borrow_mut(|buffer| {
+        let bytes = LINE.with_borrow_mut(|buffer| {
             buffer.clear();
-            serde_json::to_writer(&mut *buffer, line).map_err(std::io::Error::from)?;
+            let serialised = serde_json::to_writer(&mut *buffer, line);
             buffer.push(b'\n');
-            let written = match self.sink.lock() {
-                Ok(mut sink) => sink.write_all(buffer).and_then(|()| sink.flush()),
-                Err(poisoned) => {
-                    let mut sink = poisoned.into_inner();
-                    sink.write_all(buffer).and_then(|()| sink.flush())
-                }
-            };
+            let bytes = serialised.map(|()| buffer.clone());
             // A rare long line (many scopes, say) does not keep its buffer forever.
             buffer.shrink_to(4096);
-            written
+            bytes
         });
-        if let Err(error) = written {
-            tracing::error!(%error, "cannot write the audit log");
+        let bytes = match bytes {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                self.losses.write_failed(1, &std::io::Error::from(error));
+                return false;
+            }
+        };
+        match self.queue.try_send(Queued::Line(bytes, written)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.losses.queue_full(1);
+                false
+            }
+        }
+    }
+}
+
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The writer thread: takes what is queued, up to [`BATCH_LINES`] lines, writes it in one
+/// `write` and flush, then tells each waiting request whether its line was written. Ends
+/// at [`Queued::Stop`] (after writing everything queued before it) or when every sender
+/// is gone.
+fn write_lines(queue: &Receiver<Queued>, mut sink: Box<dyn Write + Send>, losses: &Losses) {
+    let mut batch: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut waiting = Vec::new();
+    #[cfg(test)]
+    let mut flushed = Vec::new();
+    while let Ok(first) = queue.recv() {
+        let mut next = Some(first);
+        let mut lines = 0_u64;
+        let mut stop = false;
+        while let Some(queued) = next.take() {
+            match queued {
+                Queued::Line(bytes, written) => {
+                    batch.extend_from_slice(&bytes);
+                    lines += 1;
+                    waiting.extend(written);
+                }
+                #[cfg(test)]
+                Queued::Flush(done) => flushed.push(done),
+                Queued::Stop => {
+                    stop = true;
+                    break;
+                }
+            }
+            if lines < BATCH_LINES {
+                next = queue.try_recv().ok();
+            }
+        }
+        let ok = lines == 0
+            || match sink.write_all(&batch).and_then(|()| sink.flush()) {
+                Ok(()) => true,
+                Err(error) => {
+                    losses.write_failed(lines, &error);
+                    false
+                }
+            };
+        for written in waiting.drain(..) {
+            // The request may have gone (its caller cancelled): nothing to tell.
+            let _ = written.send(ok);
+        }
+        #[cfg(test)]
+        for done in flushed.drain(..) {
+            let _ = done.send(());
+        }
+        batch.clear();
+        batch.shrink_to(1 << 20);
+        if stop {
+            return;
         }
     }
 }
@@ -357,8 +623,9 @@ mod tests {
     }
 
     impl Lines {
-        /// The lines written since the last call, each parsed.
-        fn take(&self) -> Vec<Value> {
+        /// The lines `log` wrote since the last call, each parsed.
+        fn take(&self, log: &AuditLog) -> Vec<Value> {
+            log.flush();
             let bytes = std::mem::take(&mut *self.0.lock().expect("sink"));
             let text = String::from_utf8(bytes).expect("UTF-8");
             assert!(
@@ -371,9 +638,23 @@ mod tests {
         }
     }
 
+    fn settings(cached: CachedAudit, fail_closed: bool) -> AuditSettings {
+        AuditSettings {
+            cached,
+            fail_closed,
+        }
+    }
+
     fn audit(cached: CachedAudit) -> (AuditLog, Lines) {
         let lines = Lines::default();
-        (AuditLog::with_sink(Box::new(lines.clone()), cached), lines)
+        let log = AuditLog::with_sink(
+            Box::new(lines.clone()),
+            settings(cached, false),
+            QUEUE_LINES,
+            &Metrics::new(),
+        )
+        .expect("a writer thread");
+        (log, lines)
     }
 
     fn refused(n: usize) -> Refused<'static> {
@@ -416,8 +697,8 @@ mod tests {
             code: "OK",
             reason: "",
         };
-        log.record(&decision);
-        let written = lines.take();
+        let _ = log.record(&decision);
+        let written = lines.take(&log);
         assert_eq!(written.len(), 1);
         let line = &written[0];
         assert_eq!(line["audit"], "token");
@@ -434,13 +715,13 @@ mod tests {
         for absent in ["iss_onbehalfof", "attempt"] {
             assert!(line.get(absent).is_none(), "{absent}: {line}");
         }
-        log.record(&Decision {
+        let _ = log.record(&Decision {
             pid: false,
             attempt: Some(2),
             iss_onbehalfof: "kunde-1",
             ..decision
         });
-        let line = &lines.take()[0];
+        let line = &lines.take(&log)[0];
         assert!(line.get("pid").is_none(), "{line}");
         assert_eq!(line["attempt"], 2);
         assert_eq!(line["iss_onbehalfof"], "kunde-1");
@@ -453,7 +734,7 @@ mod tests {
         for n in 0..per_second + 5 {
             log.refused(refused(n));
         }
-        let written = lines.take();
+        let written = lines.take(&log);
         assert_eq!(written.len(), per_second);
         assert!(written.iter().all(|line| line.get("suppressed").is_none()));
         assert_eq!(
@@ -464,11 +745,11 @@ mod tests {
         // The window is one second from its start: just before, still cut.
         tokio::time::advance(Duration::from_millis(999)).await;
         log.refused(refused(100));
-        assert!(lines.take().is_empty());
+        assert!(lines.take(&log).is_empty());
         tokio::time::advance(Duration::from_millis(1)).await;
         log.refused(refused(101));
         log.refused(refused(102));
-        let written = lines.take();
+        let written = lines.take(&log);
         assert_eq!(written.len(), 2);
         assert_eq!(written[0]["time"], "refusal 101");
         assert_eq!(written[0]["suppressed"], 6);
@@ -498,10 +779,10 @@ mod tests {
         log.count_cached(&answer("uid:1000", &two, "j3"));
         log.count_cached(&answer("uid:1001", &one, "j1"));
         log.count_cached(&answer("uid:1001", &one, "j1"));
-        assert!(lines.take().is_empty(), "counted, not written");
+        assert!(lines.take(&log).is_empty(), "counted, not written");
 
         log.write_cached_summaries();
-        let mut written = lines.take();
+        let mut written = lines.take(&log);
         written.sort_by_key(|line| (line["caller"].to_string(), line["count"].to_string()));
         let summary = |line: &Value| {
             (
@@ -528,11 +809,249 @@ mod tests {
 
         // Counting starts afresh, from when the last summary was written.
         log.write_cached_summaries();
-        assert!(lines.take().is_empty());
+        assert!(lines.take(&log).is_empty());
         log.count_cached(&answer("uid:1000", &one, "j4"));
         log.write_cached_summaries();
-        let written = lines.take();
+        let written = lines.take(&log);
         assert_eq!(written.len(), 1);
         assert_eq!(written[0]["count"], 1);
+    }
+
+    /// A grant decision whose `request_id` is `id`.
+    fn decision(id: &str) -> Decision<'_> {
+        Decision {
+            audit: "grant",
+            request_id: id,
+            time: "2026-12-02T10:00:00Z".into(),
+            caller: "uid:1000",
+            peer: "unix",
+            key: "default",
+            certificate_sha256: "ab12",
+            client_id: "c",
+            scopes: &[],
+            environment: "test",
+            resources: &[],
+            consumer_org: "",
+            authorization_types: &[],
+            pid: false,
+            iss_onbehalfof: "",
+            jti: "j",
+            expires_at: Some(1_800_000_000),
+            attempt: None,
+            outcome: "signed",
+            code: "Ok",
+            reason: "",
+        }
+    }
+
+    fn request_ids(lines: &[Value]) -> Vec<String> {
+        lines
+            .iter()
+            .map(|line| line["request_id"].as_str().expect("an id").to_owned())
+            .collect()
+    }
+
+    /// A sink whose every write fails, as on a full disk.
+    struct Failing;
+
+    impl Write for Failing {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::from(std::io::ErrorKind::StorageFull))
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A sink that says when a write starts and then waits for a permit, so a test can
+    /// hold the writer thread inside a write; it counts the writes.
+    struct Gated {
+        lines: Lines,
+        entered: std::sync::mpsc::Sender<()>,
+        permits: Receiver<()>,
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.entered.send(());
+            self.permits
+                .recv()
+                .map_err(|_| std::io::Error::other("the test is gone"))?;
+            let _ = self
+                .writes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.lines.write(buf)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The parts of a gated log: the log, its lines, the writer's "write started"
+    /// signals, the permits to send and the count of writes.
+    struct GatedLog {
+        log: AuditLog,
+        lines: Lines,
+        entered: Receiver<()>,
+        permits: std::sync::mpsc::Sender<()>,
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    fn gated(fail_closed: bool, queue: usize) -> GatedLog {
+        let lines = Lines::default();
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (permits, permits_rx) = std::sync::mpsc::channel();
+        let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sink = Gated {
+            lines: lines.clone(),
+            entered: entered_tx,
+            permits: permits_rx,
+            writes: Arc::clone(&writes),
+        };
+        let log = AuditLog::with_sink(
+            Box::new(sink),
+            settings(CachedAudit::Each, fail_closed),
+            queue,
+            &Metrics::new(),
+        )
+        .expect("a writer thread");
+        GatedLog {
+            log,
+            lines,
+            entered,
+            permits,
+            writes,
+        }
+    }
+
+    #[test]
+    fn lines_keep_their_order_and_what_waits_is_written_in_one_batch() {
+        let GatedLog {
+            log,
+            lines,
+            entered,
+            permits,
+            writes,
+        } = gated(false, QUEUE_LINES);
+        let ids: Vec<String> = (0..300).map(|n| n.to_string()).collect();
+        let _ = log.record(&decision(&ids[0]));
+        entered.recv().expect("the writer is in its first write");
+        for id in &ids[1..] {
+            let _ = log.record(&decision(id));
+        }
+        // One write for the first line, then the 299 that waited: a batch of
+        // BATCH_LINES, and the rest.
+        for _ in 0..3 {
+            permits.send(()).expect("the writer waits");
+        }
+        let written = lines.take(&log);
+        assert_eq!(request_ids(&written), ids, "in the order recorded");
+        assert_eq!(writes.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(log.losses.queue_full.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_loses_the_line_at_once_and_counts_it_or_with_fail_closed_refuses() {
+        for fail_closed in [false, true] {
+            let GatedLog {
+                log,
+                lines,
+                entered,
+                permits,
+                ..
+            } = gated(fail_closed, 2);
+            let first = log.record(&decision("0"));
+            entered.recv().expect("the writer is in its first write");
+            let queued = [log.record(&decision("1")), log.record(&decision("2"))];
+            // The queue holds two: the next line is lost without waiting for the disk.
+            let lost = log.record(&decision("3"));
+            assert_eq!(log.losses.queue_full.get(), 1, "fail_closed {fail_closed}");
+            if fail_closed {
+                assert!(matches!(lost, Receipt::Lost), "{lost:?}");
+                assert!(lost.written().await.is_err());
+            } else {
+                assert!(matches!(lost, Receipt::Unconfirmed), "{lost:?}");
+            }
+            for _ in 0..2 {
+                permits.send(()).expect("the writer waits");
+            }
+            for receipt in [first].into_iter().chain(queued) {
+                receipt.written().await.expect("written");
+            }
+            assert_eq!(request_ids(&lines.take(&log)), ["0", "1", "2"]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_refuses_the_answer_with_fail_closed_and_is_counted_without() {
+        let failing = |fail_closed| {
+            AuditLog::with_sink(
+                Box::new(Failing),
+                settings(CachedAudit::Each, fail_closed),
+                QUEUE_LINES,
+                &Metrics::new(),
+            )
+            .expect("a writer thread")
+        };
+        let closed = failing(true);
+        let receipt = closed.record(&decision("1"));
+        assert!(matches!(receipt, Receipt::Queued(_)), "{receipt:?}");
+        let error = receipt.written().await.expect_err("not written");
+        assert_eq!(error.to_string(), "the audit trail cannot be written");
+        assert_eq!(closed.losses.write_failed.get(), 1);
+
+        let open = failing(false);
+        let receipt = open.record(&decision("1"));
+        assert!(matches!(receipt, Receipt::Unconfirmed), "{receipt:?}");
+        receipt.written().await.expect("nothing to wait for");
+        open.flush();
+        assert_eq!(open.losses.write_failed.get(), 1);
+        assert_eq!(open.losses.queue_full.get(), 0);
+
+        // A sink that works confirms the line once it is written.
+        let lines = Lines::default();
+        let log = AuditLog::with_sink(
+            Box::new(lines.clone()),
+            settings(CachedAudit::Each, true),
+            QUEUE_LINES,
+            &Metrics::new(),
+        )
+        .expect("a writer thread");
+        log.record(&decision("7")).written().await.expect("written");
+        assert_eq!(request_ids(&lines.take(&log)), ["7"]);
+    }
+
+    #[test]
+    fn closing_writes_what_is_queued_and_later_lines_are_counted_lost() {
+        let GatedLog {
+            log,
+            lines,
+            entered,
+            permits,
+            ..
+        } = gated(false, QUEUE_LINES);
+        let ids: Vec<String> = (0..20).map(|n| n.to_string()).collect();
+        let _ = log.record(&decision(&ids[0]));
+        entered.recv().expect("the writer is in its first write");
+        for id in &ids[1..] {
+            let _ = log.record(&decision(id));
+        }
+        for _ in 0..2 {
+            permits.send(()).expect("the writer waits");
+        }
+        log.close();
+        let text =
+            String::from_utf8(std::mem::take(&mut *lines.0.lock().expect("sink"))).expect("UTF-8");
+        let written: Vec<Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a JSON line"))
+            .collect();
+        assert_eq!(request_ids(&written), ids, "all of the queue, in order");
+        let _ = log.record(&decision("late"));
+        assert_eq!(log.losses.queue_full.get(), 1, "the writer is gone");
+        log.close();
     }
 }

@@ -112,8 +112,13 @@ pub async fn run(
     if access.policy.is_empty() {
         tracing::warn!("the policy has no rules: every grant request will be refused");
     }
+    let metrics = Arc::new(Metrics::new());
+    let settings = audit::AuditSettings {
+        cached: access.audit_cached,
+        fail_closed: access.audit_fail_closed,
+    };
     let audit = Arc::new(
-        AuditLog::open(access.audit_file.as_deref(), access.audit_cached).map_err(|source| {
+        AuditLog::open(access.audit_file.as_deref(), settings, &metrics).map_err(|source| {
             ServeError::Audit {
                 path: access
                     .audit_file
@@ -125,7 +130,6 @@ pub async fn run(
         })?,
     );
     let policy = Arc::new(Policy::new(&access.policy));
-    let metrics = Arc::new(Metrics::new());
     let tokens = Arc::new(crate::token::TokenService::new(
         Arc::clone(&agent),
         &config.token,
@@ -279,6 +283,8 @@ pub async fn run(
     }
     // The cached answers counted since the last summary are audited too.
     audit.write_cached_summaries();
+    // Everything queued is written before the process ends.
+    audit.close();
     tracing::info!("stopped serving");
     Ok(())
 }
@@ -433,7 +439,8 @@ async fn reload_on_hangup(
                     || config.access.unix_socket != running.unix_socket
                     || config.access.tls != running.tls
                     || config.access.insecure != running.insecure
-                    || config.access.audit_file != running.audit_file;
+                    || config.access.audit_file != running.audit_file
+                    || config.access.audit_fail_closed != running.audit_fail_closed;
                 if listeners_changed {
                     tracing::warn!(
                         "listeners, [tls], insecure or [audit] changed; restart the agent to apply them"

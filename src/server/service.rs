@@ -15,7 +15,6 @@ use crate::{
     agent::{Agent, SignError, unix_now},
     cert::{CertEnvironment, CertificateChain},
     grant::{AuthorizationDetails, GrantParameters, ValidGrant},
-    hsm::HsmError,
     metrics::Metrics,
     proto::{
         GetAccessTokenRequest, GetAccessTokenResponse, KeyInfo, ListKeysRequest, ListKeysResponse,
@@ -25,10 +24,10 @@ use crate::{
 };
 
 use super::{
-    audit::{AuditLog, CachedAnswer, Decision, code_name},
+    audit::{AuditLog, CachedAnswer, Decision, Receipt, code_name},
     caller::{Caller, Peer},
     policy::{Ask, Policy},
-    status,
+    status::{self, Failure, Outcome},
 };
 
 #[derive(Clone)]
@@ -96,7 +95,7 @@ impl GrantAgentService {
         params: &GrantParameters,
         outcome: &'static str,
         result: &Detail<'_>,
-    ) {
+    ) -> Receipt {
         if audit == "token" {
             self.metrics.token(&at.key, outcome);
         } else {
@@ -124,23 +123,25 @@ impl GrantAgentService {
             outcome,
             code: code_name(result.status.map_or(tonic::Code::Ok, Status::code)),
             reason: result.status.map_or("", Status::message),
-        });
+        })
     }
 
-    /// Audits a request that ends without a result, and gives back the status to send.
+    /// Audits and counts a request that ends without a result, and gives back the status
+    /// to send.
     fn refuse(
         &self,
         audit: &'static str,
         at: &Head,
         params: &GrantParameters,
-        outcome: &'static str,
-        status: Status,
+        failure: Failure,
     ) -> Status {
-        self.record(
+        let Failure { status, outcome } = failure;
+        // Refused either way: the receipt is only worth waiting for before an answer.
+        let _ = self.record(
             audit,
             at,
             params,
-            outcome,
+            outcome.label(),
             &Detail {
                 status: Some(&status),
                 ..Detail::default()
@@ -181,14 +182,14 @@ impl GrantAgentService {
         };
         if let Err(refusal) = self.policy.knows(&head.caller) {
             head.authorization_types = authorization_types(&params);
-            let status = status::from_refusal(&refusal);
-            return Err(self.refuse(audit, &head, &params, "denied", status));
+            let failure = status::refusal(&refusal);
+            return Err(self.refuse(audit, &head, &params, failure));
         }
         let grant = match ValidGrant::new(params) {
             Ok(grant) => grant,
             Err(rejected) => {
-                let status = status::from_sign_error(&SignError::Invalid(rejected.invalid));
-                return Err(self.refuse(audit, &head, &rejected.params, "refused", status));
+                let failure = status::sign_failure(&SignError::Invalid(rejected.invalid));
+                return Err(self.refuse(audit, &head, &rejected.params, failure));
             }
         };
         head.authorization_types = grant
@@ -196,8 +197,8 @@ impl GrantAgentService {
             .map(|d| d.types().into_iter().map(str::to_owned).collect())
             .unwrap_or_default();
         if let Err(error) = keys.check_names(&grant) {
-            let status = status::from_sign_error(&error);
-            return Err(self.refuse(audit, &head, grant.params(), "refused", status));
+            let failure = status::sign_failure(&error);
+            return Err(self.refuse(audit, &head, grant.params(), failure));
         }
         let params = grant.params();
         let ask = Ask {
@@ -212,8 +213,8 @@ impl GrantAgentService {
             iss_onbehalfof: &params.iss_onbehalfof,
         };
         if let Err(refusal) = self.policy.authorize(&head.caller, &ask) {
-            let status = status::from_refusal(&refusal);
-            return Err(self.refuse(audit, &head, params, "denied", status));
+            let failure = status::refusal(&refusal);
+            return Err(self.refuse(audit, &head, params, failure));
         }
         Ok((Admitted { head, grant }, message))
     }
@@ -230,7 +231,7 @@ impl GrantAgentService {
             Ok(grant) => {
                 self.metrics
                     .signed(grant.queued, started.elapsed().saturating_sub(grant.queued));
-                self.record(
+                let receipt = self.record(
                     "grant",
                     &at.head,
                     at.grant.params(),
@@ -242,6 +243,11 @@ impl GrantAgentService {
                         status: None,
                     },
                 );
+                // With fail_closed, a grant the trail does not hold is not answered.
+                receipt
+                    .written()
+                    .await
+                    .map_err(|error| status::from_audit(&error))?;
                 Ok(Response::new(SignGrantResponse {
                     assertion: grant.assertion,
                     jti: grant.jti,
@@ -253,30 +259,22 @@ impl GrantAgentService {
                 }))
             }
             Err(error) => {
-                let status = status::from_sign_error(&error);
-                let outcome = self.sign_failure(&error);
-                Err(self.refuse("grant", &at.head, at.grant.params(), outcome, status))
+                let failure = status::sign_failure(&error);
+                self.note_sign_failure(&error, failure.outcome);
+                Err(self.refuse("grant", &at.head, at.grant.params(), failure))
             }
         }
     }
 
-    /// The outcome of a signing error: "busy" for overload (the session queue is full, or
-    /// the deadline cannot be met with the queue ahead): no PKCS#11 error, and logged only
-    /// in [`OverloadLog`]'s summary; "failed" for the token's fault (logged, PKCS#11 return
-    /// values counted); else "refused".
-    fn sign_failure(&self, error: &SignError) -> &'static str {
-        match error {
-            SignError::Hsm(HsmError::Busy { .. } | HsmError::Deadline) => {
-                self.overload.refused();
-                "busy"
-            }
-            SignError::Hsm(_) => {
-                // Its PKCS#11 return value, if any, is counted where it happened (the
-                // agent's ErrorCounts), with the errors the agent mended.
-                tracing::error!(error = %error, "signing failed");
-                "failed"
-            }
-            _ => "refused",
+    /// Logs a signing error as its [`Outcome`] asks: overload (`busy`) only in
+    /// [`OverloadLog`]'s summary; the token's fault (`failed`) at once. Its PKCS#11 return
+    /// value, if any, is counted where it happened (the agent's ErrorCounts), with the
+    /// errors the agent mended.
+    fn note_sign_failure(&self, error: &SignError, outcome: Outcome) {
+        match outcome {
+            Outcome::Busy => self.overload.refused(),
+            Outcome::Failed => tracing::error!(error = %error, "signing failed"),
+            Outcome::Denied | Outcome::Refused => {}
         }
     }
 
@@ -319,7 +317,7 @@ impl GrantAgentService {
                         jti: &token.grant_jti,
                     });
                 } else {
-                    self.record(
+                    let receipt = self.record(
                         "token",
                         &at.head,
                         at.grant.params(),
@@ -331,6 +329,11 @@ impl GrantAgentService {
                             ..Detail::default()
                         },
                     );
+                    // With fail_closed, a token the trail does not hold is not answered.
+                    receipt
+                        .written()
+                        .await
+                        .map_err(|error| status::from_audit(&error))?;
                 }
                 Ok(Response::new(GetAccessTokenResponse {
                     access_token: token.access_token.to_string(),
@@ -341,18 +344,14 @@ impl GrantAgentService {
                 }))
             }
             Err(error) => {
-                let status = status::from_token_error(&error);
-                // The token path's own deadline (TokenError::Deadline) stays "failed": it
-                // means Maskinporten did not answer in time, not that the agent is full.
-                let outcome = match &*error {
-                    TokenError::Sign(sign) => self.sign_failure(sign),
-                    TokenError::Refused { .. } => "refused",
-                    _ => "failed",
-                };
-                if outcome == "failed" {
+                let failure = status::token_failure(&error);
+                if let TokenError::Sign(sign) = &*error {
+                    self.note_sign_failure(sign, failure.outcome);
+                }
+                if failure.outcome == Outcome::Failed {
                     tracing::error!(error = %error, "no access token");
                 }
-                Err(self.refuse("token", &at.head, at.grant.params(), outcome, status))
+                Err(self.refuse("token", &at.head, at.grant.params(), failure))
             }
         }
     }
@@ -365,7 +364,8 @@ pub(super) fn grant_audit(audit: Arc<AuditLog>) -> GrantAudit {
     Arc::new(move |spent: &GrantSpent<'_>| {
         let params = spent.request.params();
         let origin = spent.origin;
-        audit.record(&Decision {
+        // Spent already: Maskinporten has the grant, so there is no answer to withhold.
+        let _ = audit.record(&Decision {
             audit: "token_grant",
             request_id: &origin.request_id,
             time: crate::agent::rfc3339(unix_now()),
@@ -515,7 +515,7 @@ impl GrantAgent for GrantAgentService {
         let Peer { caller, .. } = peer(&request);
         self.policy
             .knows(&caller)
-            .map_err(|refusal| status::from_refusal(&refusal))?;
+            .map_err(|refusal| status::refusal(&refusal).status)?;
         let keys = self.agent.keys();
         let now = unix_now();
         let window = i64::from(keys.expiry_warning_days) * 86_400;

@@ -1,22 +1,25 @@
-//! The one place where errors become gRPC statuses.
+//! The one place where failures are classified: each becomes a gRPC status for the caller
+//! and an [`Outcome`], which is both the audit line's `outcome` and the `outcome` label of
+//! `grant_agent_grants_total` / `grant_agent_tokens_total`.
 //!
-//! | error                              | code                  |
-//! |------------------------------------|-----------------------|
-//! | invalid field in the request       | `INVALID_ARGUMENT`    |
-//! | unknown key name                   | `NOT_FOUND`           |
-//! | certificate expired / not yet valid| `FAILED_PRECONDITION` |
-//! | certificate for the other environment | `FAILED_PRECONDITION` |
-//! | PKCS#11 call failed                | `UNAVAILABLE`         |
-//! | session queue full                 | `RESOURCE_EXHAUSTED`  |
-//! | deadline cannot be met             | `DEADLINE_EXCEEDED`   |
-//! | signing thread lost                | `INTERNAL`            |
-//! | caller not in the policy / not allowed | `PERMISSION_DENIED` |
-//! | caller over its rate               | `RESOURCE_EXHAUSTED`  |
-//! | Maskinporten: invalid_scope, unauthorized_client, access_denied | `PERMISSION_DENIED` |
-//! | Maskinporten: HTTP 429             | `RESOURCE_EXHAUSTED`  |
-//! | Maskinporten: any other 4xx (invalid_grant, invalid_client, ...) | `FAILED_PRECONDITION` |
-//! | Maskinporten: 5xx or unreachable after retries, discovery failed, unusable answer | `UNAVAILABLE` |
-//! | no token before the deadline       | `DEADLINE_EXCEEDED`   |
+//! | error                              | code                  | outcome |
+//! |------------------------------------|-----------------------|---------|
+//! | invalid field in the request       | `INVALID_ARGUMENT`    | refused |
+//! | unknown key name                   | `NOT_FOUND`           | refused |
+//! | certificate expired / not yet valid| `FAILED_PRECONDITION` | refused |
+//! | certificate for the other environment | `FAILED_PRECONDITION` | refused |
+//! | PKCS#11 call failed                | `UNAVAILABLE`         | failed  |
+//! | session queue full                 | `RESOURCE_EXHAUSTED`  | busy    |
+//! | deadline cannot be met             | `DEADLINE_EXCEEDED`   | busy    |
+//! | signing thread lost                | `INTERNAL`            | failed  |
+//! | caller not in the policy / not allowed | `PERMISSION_DENIED` | denied |
+//! | caller over its rate               | `RESOURCE_EXHAUSTED`  | denied  |
+//! | Maskinporten: invalid_scope, unauthorized_client, access_denied | `PERMISSION_DENIED` | refused |
+//! | Maskinporten: HTTP 429             | `RESOURCE_EXHAUSTED`  | refused |
+//! | Maskinporten: any other 4xx (invalid_grant, invalid_client, ...) | `FAILED_PRECONDITION` | refused |
+//! | Maskinporten: 5xx or unreachable after retries, discovery failed, unusable answer | `UNAVAILABLE` | failed |
+//! | no token before the deadline       | `DEADLINE_EXCEEDED`   | failed  |
+//! | the audit line not written (`fail_closed`) | `UNAVAILABLE`  | (the line is lost) |
 //!
 //! A Maskinporten refusal also carries a `google.rpc.ErrorInfo` detail (reason = the
 //! OAuth2 `error`, domain `maskinporten`) whose metadata holds `error_description` (with
@@ -34,39 +37,90 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{agent::SignError, hsm::HsmError, token::TokenError};
 
-use super::policy::Refusal;
+use super::{audit::AuditUnavailable, policy::Refusal};
 
-pub(super) fn from_refusal(refusal: &Refusal) -> Status {
+/// A grant or token that was ready but whose audit line could not be written, with
+/// `[audit] fail_closed = true`: the answer is withheld.
+pub(super) fn from_audit(error: &AuditUnavailable) -> Status {
+    Status::new(Code::Unavailable, error.to_string())
+}
+
+/// What a failed request's audit line and metrics say happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// The policy said no: the caller is unknown, not allowed, or over its rate.
+    Denied,
+    /// The request, or Maskinporten's answer to it, was refused: bad input, a key or
+    /// certificate that cannot serve it, or an OAuth2 error.
+    Refused,
+    /// Overload: the session queue was full, or the deadline could not be met with the
+    /// queue ahead. Not a failure: no PKCS#11 error, and logged only in a summary.
+    Busy,
+    /// The token or Maskinporten failed: logged.
+    Failed,
+}
+
+impl Outcome {
+    /// The audit line's `outcome`, and the metrics' `outcome` label.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Outcome::Denied => "denied",
+            Outcome::Refused => "refused",
+            Outcome::Busy => "busy",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// A classified failure: what the caller is sent, and what is audited and counted.
+#[derive(Debug)]
+pub(super) struct Failure {
+    pub(super) status: Status,
+    pub(super) outcome: Outcome,
+}
+
+/// A policy refusal.
+pub(super) fn refusal(refusal: &Refusal) -> Failure {
     let code = match refusal {
         Refusal::UnknownCaller(_) | Refusal::NotAllowed { .. } => Code::PermissionDenied,
         Refusal::RateLimited { .. } => Code::ResourceExhausted,
     };
-    Status::new(code, refusal.to_string())
+    Failure {
+        status: Status::new(code, refusal.to_string()),
+        outcome: Outcome::Denied,
+    }
 }
 
-pub(super) fn from_sign_error(error: &SignError) -> Status {
-    let code = match error {
-        SignError::Invalid(_) => Code::InvalidArgument,
-        SignError::UnknownKey(_) => Code::NotFound,
+/// A grant that could not be signed.
+pub(super) fn sign_failure(error: &SignError) -> Failure {
+    let (code, outcome) = match error {
+        SignError::Invalid(_) => (Code::InvalidArgument, Outcome::Refused),
+        SignError::UnknownKey(_) => (Code::NotFound, Outcome::Refused),
         SignError::CertificateNotValid { .. } | SignError::WrongEnvironment { .. } => {
-            Code::FailedPrecondition
+            (Code::FailedPrecondition, Outcome::Refused)
         }
-        SignError::Hsm(HsmError::Thread(_)) => Code::Internal,
-        SignError::Hsm(HsmError::Unavailable) => Code::Unavailable,
-        SignError::Hsm(HsmError::Busy { .. }) => Code::ResourceExhausted,
-        SignError::Hsm(HsmError::Deadline) => Code::DeadlineExceeded,
-        SignError::Hsm(_) => Code::Unavailable,
+        SignError::Hsm(HsmError::Thread(_)) => (Code::Internal, Outcome::Failed),
+        SignError::Hsm(HsmError::Unavailable) => (Code::Unavailable, Outcome::Failed),
+        SignError::Hsm(HsmError::Busy { .. }) => (Code::ResourceExhausted, Outcome::Busy),
+        SignError::Hsm(HsmError::Deadline) => (Code::DeadlineExceeded, Outcome::Busy),
+        SignError::Hsm(_) => (Code::Unavailable, Outcome::Failed),
     };
     let message = match error {
         SignError::Hsm(e) => format!("signing in the token failed: {e}"),
         other => other.to_string(),
     };
-    Status::new(code, message)
+    Failure {
+        status: Status::new(code, message),
+        outcome,
+    }
 }
 
-pub(super) fn from_token_error(error: &TokenError) -> Status {
+/// An access token that could not be had. The token path's own deadline
+/// ([`TokenError::Deadline`]) is `failed`, not `busy`: Maskinporten did not answer in time,
+/// the agent is not full.
+pub(super) fn token_failure(error: &TokenError) -> Failure {
     let (code, oauth, status) = match error {
-        TokenError::Sign(sign) => return from_sign_error(sign),
+        TokenError::Sign(sign) => return sign_failure(sign),
         TokenError::Refused { status, oauth, .. } => {
             let code = match (oauth.error.as_str(), status) {
                 ("invalid_scope" | "unauthorized_client" | "access_denied", _) => {
@@ -78,10 +132,16 @@ pub(super) fn from_token_error(error: &TokenError) -> Status {
             (code, oauth, *status)
         }
         TokenError::Deadline { .. } => {
-            return Status::new(Code::DeadlineExceeded, error.to_string());
+            return Failure {
+                status: Status::new(Code::DeadlineExceeded, error.to_string()),
+                outcome: Outcome::Failed,
+            };
         }
         TokenError::Upstream { .. } | TokenError::Discovery { .. } | TokenError::BadAnswer(_) => {
-            return Status::new(Code::Unavailable, error.to_string());
+            return Failure {
+                status: Status::new(Code::Unavailable, error.to_string()),
+                outcome: Outcome::Failed,
+            };
         }
     };
     let hint = oauth.hint();
@@ -100,11 +160,14 @@ pub(super) fn from_token_error(error: &TokenError) -> Status {
     if let Some(hint) = hint {
         let _ = metadata.insert("hint".to_owned(), hint.to_owned());
     }
-    Status::with_error_details(
-        code,
-        message,
-        ErrorDetails::with_error_info(oauth.error.clone(), "maskinporten", metadata),
-    )
+    Failure {
+        status: Status::with_error_details(
+            code,
+            message,
+            ErrorDetails::with_error_info(oauth.error.clone(), "maskinporten", metadata),
+        ),
+        outcome: Outcome::Refused,
+    }
 }
 
 #[cfg(test)]
@@ -150,9 +213,10 @@ mod tests {
                 "caller uid:1000 is over its limit of 5 requests per second",
             ),
         ];
-        for (refusal, code, message) in table {
-            let status = from_refusal(&refusal);
+        for (refused, code, message) in table {
+            let Failure { status, outcome } = refusal(&refused);
             assert_eq!((status.code(), status.message()), (code, message));
+            assert_eq!(outcome, Outcome::Denied, "{refused:?}");
         }
     }
 
@@ -165,11 +229,13 @@ mod tests {
                     reason: "is empty".into(),
                 }),
                 Code::InvalidArgument,
+                Outcome::Refused,
                 "grant.scopes[1]: is empty".to_owned(),
             ),
             (
                 SignError::UnknownKey("other".into()),
                 Code::NotFound,
+                Outcome::Refused,
                 "grant.key: no key is named \"other\"".to_owned(),
             ),
             (
@@ -178,6 +244,7 @@ mod tests {
                     state: "expired (on 2026-01-01)".into(),
                 },
                 Code::FailedPrecondition,
+                Outcome::Refused,
                 "key \"default\" has no certificate valid now: expired (on 2026-01-01); renew it or configure another key".to_owned(),
             ),
             (
@@ -188,44 +255,52 @@ mod tests {
                     issuer: "CN=Buypass Class 3 Test4 CA G2".into(),
                 },
                 Code::FailedPrecondition,
+                Outcome::Refused,
                 "key \"default\" has a test certificate (issuer CN=Buypass Class 3 Test4 CA G2), which Maskinporten refuses in environment \"prod\"; use a key with a certificate for that environment (or set keys[].allow_environment_mismatch = true)".to_owned(),
             ),
             (
                 SignError::Hsm(HsmError::Thread("panicked".into())),
                 Code::Internal,
+                Outcome::Failed,
                 "signing in the token failed: the signing thread failed: panicked".to_owned(),
             ),
             (
                 SignError::Hsm(HsmError::Unavailable),
                 Code::Unavailable,
+                Outcome::Failed,
                 "signing in the token failed: the token is unavailable (being recovered, or waiting for an operator: see the agent log)".to_owned(),
             ),
             (
                 SignError::Hsm(HsmError::Busy { queued: 64 }),
                 Code::ResourceExhausted,
+                Outcome::Busy,
                 "signing in the token failed: the token is busy: 64 requests are already waiting for a session; retry with backoff".to_owned(),
             ),
             (
                 SignError::Hsm(HsmError::Deadline),
                 Code::DeadlineExceeded,
+                Outcome::Busy,
                 "signing in the token failed: the caller's deadline cannot be met with the queue ahead of it".to_owned(),
             ),
             (
                 SignError::Hsm(device_error()),
                 Code::Unavailable,
+                Outcome::Failed,
                 "signing in the token failed: PKCS#11 C_Sign failed: DeviceError".to_owned(),
             ),
             (
                 SignError::Hsm(HsmError::PinRefused(RvError::PinIncorrect)),
                 Code::Unavailable,
+                Outcome::Failed,
                 "signing in the token failed: the token refused the user PIN (PinIncorrect); check the PIN source, and do not retry blindly: tokens lock after a few wrong PINs".to_owned(),
             ),
         ];
-        for (error, code, message) in table {
-            let status = from_sign_error(&error);
+        for (error, code, outcome, message) in table {
+            let failure = sign_failure(&error);
+            let status = &failure.status;
             assert_eq!(
-                (status.code(), status.message()),
-                (code, message.as_str()),
+                (status.code(), status.message(), failure.outcome),
+                (code, message.as_str(), outcome),
                 "{error:?}"
             );
             assert!(status.details().is_empty(), "{error:?}: no details");
@@ -247,21 +322,43 @@ mod tests {
     #[test]
     fn each_token_error_has_its_code() {
         let table = [
-            (refused(400, "invalid_scope", ""), Code::PermissionDenied),
+            (
+                refused(400, "invalid_scope", ""),
+                Code::PermissionDenied,
+                Outcome::Refused,
+            ),
             (
                 refused(401, "unauthorized_client", ""),
                 Code::PermissionDenied,
+                Outcome::Refused,
             ),
-            (refused(403, "access_denied", ""), Code::PermissionDenied),
-            (refused(429, "", ""), Code::ResourceExhausted),
-            (refused(400, "invalid_grant", ""), Code::FailedPrecondition),
-            (refused(401, "invalid_client", ""), Code::FailedPrecondition),
+            (
+                refused(403, "access_denied", ""),
+                Code::PermissionDenied,
+                Outcome::Refused,
+            ),
+            (
+                refused(429, "", ""),
+                Code::ResourceExhausted,
+                Outcome::Refused,
+            ),
+            (
+                refused(400, "invalid_grant", ""),
+                Code::FailedPrecondition,
+                Outcome::Refused,
+            ),
+            (
+                refused(401, "invalid_client", ""),
+                Code::FailedPrecondition,
+                Outcome::Refused,
+            ),
             (
                 TokenError::Upstream {
                     detail: "HTTP 503".into(),
                     attempts: 3,
                 },
                 Code::Unavailable,
+                Outcome::Failed,
             ),
             (
                 TokenError::Discovery {
@@ -269,26 +366,37 @@ mod tests {
                     detail: "timed out".into(),
                 },
                 Code::Unavailable,
+                Outcome::Failed,
             ),
             (
                 TokenError::BadAnswer("no access_token".into()),
                 Code::Unavailable,
+                Outcome::Failed,
             ),
-            (TokenError::Deadline { attempts: 2 }, Code::DeadlineExceeded),
+            (
+                TokenError::Deadline { attempts: 2 },
+                Code::DeadlineExceeded,
+                Outcome::Failed,
+            ),
             (
                 TokenError::Sign(SignError::UnknownKey("other".into())),
                 Code::NotFound,
+                Outcome::Refused,
             ),
             (
                 TokenError::Sign(SignError::Hsm(HsmError::Busy { queued: 3 })),
                 Code::ResourceExhausted,
+                Outcome::Busy,
             ),
         ];
-        for (error, code) in table {
-            let status = from_token_error(&error);
-            assert_eq!(status.code(), code, "{error:?}");
+        for (error, code, outcome) in table {
+            let Failure {
+                status,
+                outcome: got,
+            } = token_failure(&error);
+            assert_eq!((status.code(), got), (code, outcome), "{error:?}");
             let expected = match &error {
-                TokenError::Sign(sign) => from_sign_error(sign).message().to_owned(),
+                TokenError::Sign(sign) => sign_failure(sign).status.message().to_owned(),
                 other => other.to_string(),
             };
             assert_eq!(status.message(), expected, "{error:?}");
@@ -302,7 +410,7 @@ mod tests {
             "invalid_grant",
             "https://docs.digdir.no/maskinporten/errors/MP-130",
         );
-        let status = from_token_error(&error);
+        let status = token_failure(&error).status;
         assert_eq!(status.code(), Code::FailedPrecondition);
         let TokenError::Refused { oauth, .. } = &error else {
             unreachable!("built as a refusal");
@@ -329,7 +437,7 @@ mod tests {
         assert_eq!(info.metadata, expected);
 
         // Without an MP code: no hint, and no empty mp_code or hint entries.
-        let status = from_token_error(&refused(429, "", ""));
+        let status = token_failure(&refused(429, "", "")).status;
         assert_eq!(status.message(), refused(429, "", "").to_string());
         let info = status.get_details_error_info().expect("ErrorInfo");
         assert!(!info.metadata.contains_key("mp_code"));
