@@ -437,7 +437,8 @@ async fn the_log_holds_neither_the_pin_nor_an_assertion() {
         .sign_grant(grant_agent::proto::SignGrantRequest { grant: Some(bad) })
         .await
         .expect_err("refused");
-    let log = agent.log();
+    let log = agent
+        .log_when(|l| l.contains(r#""outcome":"signed""#) && l.contains(r#""outcome":"refused""#));
     assert!(log.contains(r#""outcome":"signed""#), "{log}");
     assert!(log.contains(r#""outcome":"refused""#), "{log}");
     let pin = read(&agent.path("pin"));

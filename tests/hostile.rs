@@ -508,7 +508,14 @@ async fn callers_no_rule_names_are_refused_before_their_requests_are_read() {
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 
     // Both are audited, without flooding the audit: at most REFUSALS_PER_SECOND lines
-    // a second, and later lines count what was left out.
+    // a second, and later lines count what was left out. The writer thread writes them a
+    // moment after the refusals.
+    for audited in [
+        |l: &serde_json::Value| l["audit"] == "connection",
+        |l: &serde_json::Value| l["audit"] == "grant" && l["peer"] == "unix",
+    ] {
+        let _ = agent.wait_for_audit(audited);
+    }
     let lines = agent.audit_lines();
     let tls_refusals: Vec<_> = lines
         .iter()

@@ -57,11 +57,13 @@ async fn busy_is_overload_not_failure(agent: &DevAgent, busy: usize) {
         !text.contains("grant_agent_pkcs11_errors_total{"),
         "overload is not a PKCS#11 error:\n{text}"
     );
-    let log = agent.log();
-    let audited = log
-        .lines()
-        .filter(|l| l.starts_with("{\"audit\"") && l.contains("\"outcome\":\"busy\""))
-        .count();
+    let busy_lines = |log: &str| {
+        log.lines()
+            .filter(|l| l.starts_with("{\"audit\"") && l.contains("\"outcome\":\"busy\""))
+            .count()
+    };
+    let log = agent.log_when(|log| busy_lines(log) >= busy);
+    let audited = busy_lines(&log);
     assert_eq!(audited, busy, "{log}");
     assert!(!log.contains("signing failed"), "{log}");
     let summaries: Vec<u64> = log
@@ -297,7 +299,8 @@ async fn metrics_count_what_happened_and_logs_carry_request_ids() {
     assert!((700 * 86_400..=731 * 86_400).contains(&seconds), "{expiry}");
 
     // Each audit line (on stderr here) has a request id.
-    let log = agent.log();
+    let log =
+        agent.log_when(|log| log.lines().filter(|l| l.starts_with("{\"audit\"")).count() >= 4);
     let ids: Vec<String> = log
         .lines()
         .filter(|l| l.starts_with("{\"audit\""))

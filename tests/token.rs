@@ -234,14 +234,22 @@ async fn tokens_verify_are_cached_and_never_logged() {
         }
         assert!(!log.contains("eyJ"), "something JWT-shaped reached a log");
     }
-    let audit = agent.log();
+    let audit =
+        agent.log_when(|l| l.contains(r#""audit":"token""#) && l.contains(r#""outcome":"issued""#));
     assert!(audit.contains(r#""audit":"token""#) && audit.contains(r#""outcome":"issued""#));
 }
 
-/// The agent's audit lines of one kind (`"audit":"<kind>"`), parsed.
-fn audit_lines(agent: &DevAgent, kind: &str) -> Vec<serde_json::Value> {
+/// The agent's audit lines of one kind (`"audit":"<kind>"`), parsed, once there are at
+/// least `at_least` (the writer thread writes them a moment after the answers).
+fn audit_lines(agent: &DevAgent, kind: &str, at_least: usize) -> Vec<serde_json::Value> {
+    let tag = format!(r#""audit":"{kind}""#);
+    let count = |log: &str| {
+        log.lines()
+            .filter(|l| l.starts_with('{') && l.contains(&tag))
+            .count()
+    };
     agent
-        .log()
+        .log_when(|log| count(log) >= at_least)
         .lines()
         .filter(|l| l.starts_with('{') && l.contains(&format!(r#""audit":"{kind}""#)))
         .map(|l| serde_json::from_str(l).expect("an audit line is JSON"))
@@ -264,7 +272,7 @@ async fn every_grant_behind_a_token_is_audited_and_cached_answers_are_counted() 
     for _ in 0..10 {
         assert!(token(&mut client, mock_params(), false).await.from_cache);
     }
-    let spent = audit_lines(&agent, "token_grant");
+    let spent = audit_lines(&agent, "token_grant", 2);
     assert_eq!(spent.len(), 2, "{spent:?}");
     assert_eq!(spent[0]["attempt"], 1);
     assert_eq!(spent[0]["outcome"], "failed");
@@ -280,7 +288,7 @@ async fn every_grant_behind_a_token_is_audited_and_cached_answers_are_counted() 
         assert_eq!(line["certificate_sha256"].as_str().map(str::len), Some(64));
         assert_eq!(line["caller"], "anonymous");
     }
-    let answers = audit_lines(&agent, "token");
+    let answers = audit_lines(&agent, "token", 1);
     assert_eq!(
         answers.len(),
         1,
@@ -295,7 +303,7 @@ async fn every_grant_behind_a_token_is_audited_and_cached_answers_are_counted() 
     // Within a summary interval or two, the ten cached answers are one count.
     let until = std::time::Instant::now() + Duration::from_secs(10);
     let counted = loop {
-        let summaries = audit_lines(&agent, "token_cached");
+        let summaries = audit_lines(&agent, "token_cached", 0);
         let counted: u64 = summaries.iter().filter_map(|l| l["count"].as_u64()).sum();
         if counted >= 10 || std::time::Instant::now() > until {
             assert!(summaries.iter().all(|l| l["jti"] == spent[1]["jti"]));
@@ -316,7 +324,7 @@ async fn every_grant_behind_a_token_is_audited_and_cached_answers_are_counted() 
     for _ in 0..4 {
         let _ = token(&mut client, mock_params(), false).await;
     }
-    let answers = audit_lines(&agent, "token");
+    let answers = audit_lines(&agent, "token", 4);
     assert_eq!(answers.len(), 4);
     assert_eq!(
         answers.iter().filter(|l| l["outcome"] == "cached").count(),
@@ -389,7 +397,8 @@ async fn pid_and_iss_onbehalfof_reach_the_token_and_never_a_log() {
             assert!(!log.contains(number), "a pid reached a log:\n{log}");
         }
     }
-    let log = agent.log();
+    let log = agent
+        .log_when(|l| l.contains(r#""pid":true"#) && l.contains(r#""iss_onbehalfof":"kunde-42""#));
     assert!(log.contains(r#""pid":true"#), "{log}");
     assert!(log.contains(r#""iss_onbehalfof":"kunde-42""#), "{log}");
     let metrics = common::http_get(agent.metrics_url()).await;

@@ -142,6 +142,20 @@ impl DevAgent {
         std::fs::read_to_string(self.path("agent.log")).expect("agent log")
     }
 
+    /// The agent's log once `done` holds for it, or after 10 s (the caller's assertion
+    /// then shows it): audit lines are written by the agent's writer thread, a moment
+    /// after the answer they describe.
+    pub(crate) fn log_when(&self, done: impl Fn(&str) -> bool) -> String {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if done(&log) || std::time::Instant::now() > until {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The health service's status for `grantagent.v1.GrantAgent`: 1 SERVING,
     /// 2 NOT_SERVING (readiness).
     pub(crate) async fn health(&self) -> i32 {
