@@ -455,27 +455,7 @@ fn decrypt_unchecked(
         )));
     };
     if oid == pbes2::PBES2_OID {
-        let params = params
-            .decode_as::<pbes2::Parameters>()
-            .map_err(|e| der_error("PBES2 parameters", e))?;
-        match &params.kdf {
-            pbes2::Kdf::Pbkdf2(pbkdf2) => budget.spend(pbkdf2.iteration_count.into(), 1)?,
-            // scrypt's memory cost is as much a risk as its time; no PKCS#12 exporter
-            // in use for these certificates writes it.
-            other => {
-                return Err(P12Error::UnsupportedAlgorithm(format!(
-                    "key derivation {} (in PBES2)",
-                    other.oid()
-                )));
-            }
-        }
-        let mut buffer = Zeroizing::new(ciphertext.to_vec());
-        let len = params
-            .decrypt_in_place(secret.utf8, &mut buffer)
-            .map_err(pkcs5_error)?
-            .len();
-        buffer.truncate(len);
-        return Ok(buffer);
+        return pbes2_decrypt(params, ciphertext, secret, budget);
     }
 
     // The PKCS#12 PBE schemes (RFC 7292 appendix C): key and IV from the PKCS#12 KDF.
@@ -524,6 +504,36 @@ fn decrypt_unchecked(
             ciphertext,
         ),
     }
+}
+
+/// PBES2 (RFC 8018) with PBKDF2, as current exporters write it.
+fn pbes2_decrypt(
+    params: &der::Any,
+    ciphertext: &[u8],
+    secret: &Password<'_>,
+    budget: &mut Budget,
+) -> Result<Zeroizing<Vec<u8>>, P12Error> {
+    let params = params
+        .decode_as::<pbes2::Parameters>()
+        .map_err(|e| der_error("PBES2 parameters", e))?;
+    match &params.kdf {
+        pbes2::Kdf::Pbkdf2(pbkdf2) => budget.spend(pbkdf2.iteration_count.into(), 1)?,
+        // scrypt's memory cost is as much a risk as its time; no PKCS#12 exporter
+        // in use for these certificates writes it.
+        other => {
+            return Err(P12Error::UnsupportedAlgorithm(format!(
+                "key derivation {} (in PBES2)",
+                other.oid()
+            )));
+        }
+    }
+    let mut buffer = Zeroizing::new(ciphertext.to_vec());
+    let len = params
+        .decrypt_in_place(secret.utf8, &mut buffer)
+        .map_err(pkcs5_error)?
+        .len();
+    buffer.truncate(len);
+    Ok(buffer)
 }
 
 fn cbc_decrypt<C: BlockCipherDecrypt>(
