@@ -197,6 +197,71 @@ fn exit_code(error: &(dyn std::error::Error + 'static)) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// `check`: loads and validates the config, then prints what it found.
+fn check_command(config: &Path) -> Result<(), Failure> {
+    let c = Config::load(config)?;
+    grant_agent::token::check_settings(&c.token)?;
+    let names: std::collections::BTreeSet<&str> = c.keys.iter().map(|k| k.name.as_str()).collect();
+    println!(
+        "{}: valid: {} key name(s) ({} version(s)), {} policy rule(s), listeners: {}{}",
+        config.display(),
+        names.len(),
+        c.keys.len(),
+        c.access.policy.len(),
+        [
+            c.access.listen.map(|a| {
+                let mode = if c.access.tls.is_some() {
+                    "mutual TLS"
+                } else {
+                    "insecure loopback"
+                };
+                format!("{a} ({mode})")
+            }),
+            c.access
+                .unix_socket
+                .as_ref()
+                .map(|u| format!("unix:{}", u.path.display())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", "),
+        if c.access.policy.is_empty() {
+            "; WARNING: no policy rules, every grant request will be refused"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// `dev`: a SoftHSM token, key and config in `state_dir`, then serve on `listen`.
+fn dev_command(listen: SocketAddr, state_dir: Option<PathBuf>) -> Result<(), Failure> {
+    let state_dir =
+        absolute(&state_dir.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".dev")))?;
+    dev::ensure_environment(&state_dir)?;
+    let config_path = dev::provision(&state_dir, listen)?;
+    let conf = state_dir.join("softhsm2.conf");
+    let exe = std::env::current_exe()
+        .map_or_else(|_| "grant-agent".to_owned(), |p| p.display().to_string());
+    serve(&config_path, |endpoints| {
+        let addr = endpoints.first().map_or("", String::as_str);
+        println!("grant-agent dev: listening on {addr}");
+        println!("  token, PINs and config in {}", state_dir.display());
+        println!(
+            "  sign a grant:  {exe} client grant --addr {addr} --client-id my-client --scope test:scope"
+        );
+        println!(
+            "  with grpcurl:  grpcurl -plaintext -d '{{\"grant\":{{\"client_id\":\"my-client\",\"scopes\":[\"test:scope\"]}}}}' {addr} grantagent.v1.GrantAgent/SignGrant"
+        );
+        println!(
+            "  run it again:  SOFTHSM2_CONF={} {exe} serve --config {}",
+            conf.display(),
+            config_path.display()
+        );
+    })
+}
+
 fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Serve { config } => serve(&config, |endpoints| {
@@ -205,43 +270,7 @@ fn run(command: Command) -> Result<(), Failure> {
             }
         }),
         Command::Key { command } => cli::key_command(command),
-        Command::Check { config } => {
-            let c = Config::load(&config)?;
-            grant_agent::token::check_settings(&c.token)?;
-            let names: std::collections::BTreeSet<&str> =
-                c.keys.iter().map(|k| k.name.as_str()).collect();
-            println!(
-                "{}: valid: {} key name(s) ({} version(s)), {} policy rule(s), listeners: {}{}",
-                config.display(),
-                names.len(),
-                c.keys.len(),
-                c.access.policy.len(),
-                [
-                    c.access.listen.map(|a| {
-                        let mode = if c.access.tls.is_some() {
-                            "mutual TLS"
-                        } else {
-                            "insecure loopback"
-                        };
-                        format!("{a} ({mode})")
-                    }),
-                    c.access
-                        .unix_socket
-                        .as_ref()
-                        .map(|u| format!("unix:{}", u.path.display())),
-                ]
-                .into_iter()
-                .flatten()
-                .collect::<Vec<_>>()
-                .join(", "),
-                if c.access.policy.is_empty() {
-                    "; WARNING: no policy rules, every grant request will be refused"
-                } else {
-                    ""
-                }
-            );
-            Ok(())
-        }
+        Command::Check { config } => check_command(&config),
         Command::Cert { command } => cli::cert_command(command),
         Command::Sign { config, grant } => {
             let agent = Agent::start(&Config::load(&config)?)?;
@@ -250,32 +279,7 @@ fn run(command: Command) -> Result<(), Failure> {
             println!("{}", signed.map_err(name_the_flag)?.assertion);
             Ok(closed?)
         }
-        Command::Dev { listen, state_dir } => {
-            let state_dir = absolute(
-                &state_dir.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".dev")),
-            )?;
-            dev::ensure_environment(&state_dir)?;
-            let config_path = dev::provision(&state_dir, listen)?;
-            let conf = state_dir.join("softhsm2.conf");
-            let exe = std::env::current_exe()
-                .map_or_else(|_| "grant-agent".to_owned(), |p| p.display().to_string());
-            serve(&config_path, |endpoints| {
-                let addr = endpoints.first().map_or("", String::as_str);
-                println!("grant-agent dev: listening on {addr}");
-                println!("  token, PINs and config in {}", state_dir.display());
-                println!(
-                    "  sign a grant:  {exe} client grant --addr {addr} --client-id my-client --scope test:scope"
-                );
-                println!(
-                    "  with grpcurl:  grpcurl -plaintext -d '{{\"grant\":{{\"client_id\":\"my-client\",\"scopes\":[\"test:scope\"]}}}}' {addr} grantagent.v1.GrantAgent/SignGrant"
-                );
-                println!(
-                    "  run it again:  SOFTHSM2_CONF={} {exe} serve --config {}",
-                    conf.display(),
-                    config_path.display()
-                );
-            })
-        }
+        Command::Dev { listen, state_dir } => dev_command(listen, state_dir),
         Command::Client { command } => runtime()?.block_on(cli::client(command)),
     }
 }

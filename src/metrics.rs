@@ -107,7 +107,7 @@ impl Metrics {
         let buckets = [
             0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
         ];
-        let metrics = Metrics {
+        let mut metrics = Metrics {
             registry: Registry::with_prefix("grant_agent"),
             grants: Family::default(),
             sign_seconds: Histogram::new(buckets),
@@ -131,101 +131,109 @@ impl Metrics {
             requests_refused: Family::default(),
             audit_dropped: Family::default(),
         };
-        let mut registry = metrics.registry;
+        let mut registry = std::mem::take(&mut metrics.registry);
+        metrics.register_signing(&mut registry);
+        metrics.register_tokens_and_connections(&mut registry);
+        metrics.registry = registry;
+        metrics
+    }
+
+    /// Registers the metrics of grants, the session pool and the token's health.
+    fn register_signing(&self, registry: &mut Registry) {
         registry.register(
             "grants",
             "Grant decisions by key and outcome",
-            metrics.grants.clone(),
+            self.grants.clone(),
         );
         registry.register(
             "sign_seconds",
             "Time from a free session to a signed grant",
-            metrics.sign_seconds.clone(),
+            self.sign_seconds.clone(),
         );
         registry.register(
             "queue_wait_seconds",
             "Time waiting for a PKCS#11 session",
-            metrics.queue_wait_seconds.clone(),
+            self.queue_wait_seconds.clone(),
         );
         registry.register(
             "queue_depth",
             "Requests waiting for a PKCS#11 session",
-            metrics.queue_depth.clone(),
+            self.queue_depth.clone(),
         );
         registry.register(
             "sessions_busy",
             "PKCS#11 sessions signing now",
-            metrics.sessions_busy.clone(),
+            self.sessions_busy.clone(),
         );
         registry.register(
             "sessions",
             "PKCS#11 sessions in the pool",
-            metrics.sessions.clone(),
+            self.sessions.clone(),
         );
         registry.register(
             "pkcs11_errors",
             "Failed PKCS#11 calls by return value",
-            metrics.pkcs11_errors.clone(),
+            self.pkcs11_errors.clone(),
         );
         registry.register(
             "certificate_expiry_seconds",
             "Seconds until the certificate's notAfter",
-            metrics.certificate_expiry.clone(),
+            self.certificate_expiry.clone(),
         );
         registry.register(
             "serving",
             "1 when the token is usable, 0 while it is being recovered",
-            metrics.serving.clone(),
+            self.serving.clone(),
         );
         registry.register(
             "recoveries",
             "Times the token was found gone",
-            metrics.recoveries.clone(),
+            self.recoveries.clone(),
         );
         registry.register(
             "last_recovery_seconds",
             "How long the last recovery took, from the token found gone to serving again",
-            metrics.last_recovery_seconds.clone(),
+            self.last_recovery_seconds.clone(),
         );
+    }
+
+    /// Registers the metrics of access tokens and of the gRPC connections and requests.
+    fn register_tokens_and_connections(&self, registry: &mut Registry) {
         registry.register(
             "tokens",
             "Access token decisions by key and outcome",
-            metrics.tokens.clone(),
+            self.tokens.clone(),
         );
         registry.register(
             "token_cache",
             "Access token cache lookups by result",
-            metrics.token_cache.clone(),
+            self.token_cache.clone(),
         );
         registry.register(
             "token_upstream_seconds",
             "Time of one token endpoint request, by HTTP status or failure",
-            metrics.token_upstream.clone(),
+            self.token_upstream.clone(),
         );
         registry.register(
             "connections",
             "gRPC connections past their handshake, open now",
-            metrics.connections.clone(),
+            self.connections.clone(),
         );
         registry.register(
             "connections_refused",
             "Connections refused or closed by the agent's limits, by reason",
-            metrics.connections_refused.clone(),
+            self.connections_refused.clone(),
         );
         registry.register(
             "requests_refused",
             "GrantAgent requests refused before their message was read, by reason",
-            metrics.requests_refused.clone(),
+            self.requests_refused.clone(),
         );
         registry.register(
             "audit_dropped",
             "Audit lines lost: not queued (queue_full) or not written (write_failed)",
-            metrics.audit_dropped.clone(),
+            self.audit_dropped.clone(),
         );
-        Metrics {
-            registry,
-            ..metrics
-        }
     }
 
     /// Counts a decision.

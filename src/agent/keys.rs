@@ -7,7 +7,7 @@ use crate::{
     cert::{CertEnvironment, CertificateChain},
     config::{CertificateSource, Config, EnvironmentConfig, KeyBinding, KeyConfig},
     grant::{Algorithm, Claims, Header, InvalidGrant, ValidGrant},
-    hsm::{Hash, KeyRef, Token},
+    hsm::{Hash, HsmError, KeyRef, Token, TokenKey},
 };
 
 use super::{SignError, StartError};
@@ -266,14 +266,7 @@ impl KeySet {
 
 fn load_key(token: &Token, config: &KeyConfig) -> Result<SigningKey, StartError> {
     let name = &config.name;
-    let hsm = |source| StartError::Hsm {
-        context: format!("key {name:?} ({})", config.locator),
-        source,
-    };
-    let cert = |source| StartError::Certificate {
-        key: name.clone(),
-        source,
-    };
+    let hsm = hsm_error(config);
     let token_key = token.find_key(&config.locator).map_err(hsm)?;
     let path = token.sign_path(hash(config.algorithm)).map_err(hsm)?;
     let (identity, header, not_before, not_after) = match &config.binding {
@@ -291,26 +284,7 @@ fn load_key(token: &Token, config: &KeyConfig) -> Result<SigningKey, StartError>
             source,
             environment,
         } => {
-            let chain = match source {
-                CertificateSource::Token => CertificateChain::for_key(
-                    token.certificates_der(&token_key).map_err(hsm)?,
-                    &token_key.public_key_der,
-                ),
-                CertificateSource::PemFile(path) => {
-                    let pem =
-                        std::fs::read(path).map_err(|source| StartError::CertificateFile {
-                            key: name.clone(),
-                            path: path.display().to_string(),
-                            source,
-                        })?;
-                    CertificateChain::from_pem(&pem)
-                }
-            }
-            .map_err(cert)?;
-            if chain.rsa_public_key_der().map_err(cert)? != token_key.public_key_der {
-                return Err(StartError::KeyMismatch { key: name.clone() });
-            }
-            chain.allows_signing().map_err(cert)?;
+            let chain = checked_chain(token, &token_key, config, source)?;
             let (not_before, not_after) = chain.validity();
             let header = Header::with_x5c(config.algorithm, chain.der());
             (
@@ -348,6 +322,51 @@ fn load_key(token: &Token, config: &KeyConfig) -> Result<SigningKey, StartError>
         "key ready"
     );
     Ok(key)
+}
+
+/// The certificate chain `source` gives for the key found in the token, checked to hold
+/// that key's public key and to allow signing.
+fn checked_chain(
+    token: &Token,
+    token_key: &TokenKey,
+    config: &KeyConfig,
+    source: &CertificateSource,
+) -> Result<CertificateChain, StartError> {
+    let name = &config.name;
+    let cert = |source| StartError::Certificate {
+        key: name.clone(),
+        source,
+    };
+    let chain = match source {
+        CertificateSource::Token => CertificateChain::for_key(
+            token
+                .certificates_der(token_key)
+                .map_err(hsm_error(config))?,
+            &token_key.public_key_der,
+        ),
+        CertificateSource::PemFile(path) => {
+            let pem = std::fs::read(path).map_err(|source| StartError::CertificateFile {
+                key: name.clone(),
+                path: path.display().to_string(),
+                source,
+            })?;
+            CertificateChain::from_pem(&pem)
+        }
+    }
+    .map_err(cert)?;
+    if chain.rsa_public_key_der().map_err(cert)? != token_key.public_key_der {
+        return Err(StartError::KeyMismatch { key: name.clone() });
+    }
+    chain.allows_signing().map_err(cert)?;
+    Ok(chain)
+}
+
+/// A token error while loading the key `config` describes, naming the key and its locator.
+fn hsm_error(config: &KeyConfig) -> impl Fn(HsmError) -> StartError + Copy + '_ {
+    move |source| StartError::Hsm {
+        context: format!("key {:?} ({})", config.name, config.locator),
+        source,
+    }
 }
 
 /// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`, for messages people read.

@@ -129,21 +129,7 @@ pub(crate) async fn client(command: ClientCommand) -> Result<(), Failure> {
         ClientCommand::Health {
             connection,
             liveness,
-        } => {
-            let service = if liveness {
-                grant_agent::server::LIVENESS_SERVICE
-            } else {
-                "grantagent.v1.GrantAgent"
-            };
-            if client::serving(&connection.addr, connection.tls()?.as_ref(), service).await? {
-                println!("SERVING");
-                Ok(())
-            } else if liveness {
-                Err("the agent's process does not answer as SERVING".into())
-            } else {
-                Err("the agent is NOT_SERVING (its token is unavailable)".into())
-            }
-        }
+        } => health(&connection, liveness).await,
         ClientCommand::Grant { connection, grant } => {
             let response = connection
                 .connect()
@@ -165,27 +151,11 @@ pub(crate) async fn client(command: ClientCommand) -> Result<(), Failure> {
             format,
             ..
         } => {
-            let format = match format {
-                None | Some(OutFormat::Text) => token_file::FileFormat::Text,
-                Some(OutFormat::Json) => token_file::FileFormat::Json,
+            let request = proto::GetAccessTokenRequest {
+                grant: Some(GrantParameters::from(grant)),
+                force_refresh,
             };
-            let source = token_file::Source {
-                tls: connection.tls()?,
-                addr: connection.addr,
-                request: proto::GetAccessTokenRequest {
-                    grant: Some(GrantParameters::from(grant)),
-                    force_refresh,
-                },
-            };
-            let file = token_file::TokenFile::new(out, format);
-            if !watch {
-                // One try; an interrupt ends it as it ends any command.
-                let once = std::future::pending();
-                return Ok(token_file::keep_fresh(source, &file, false, once).await?);
-            }
-            token_file::keep_fresh(source, &file, true, grant_agent::server::shutdown_signal())
-                .await
-                .map_err(|e| format!("--watch stopped: {e}").into())
+            token_to_file(connection, request, out, watch, format).await
         }
         ClientCommand::Token {
             connection,
@@ -195,31 +165,87 @@ pub(crate) async fn client(command: ClientCommand) -> Result<(), Failure> {
             out: None,
             ..
         } => {
-            let token = connection
-                .connect()
-                .await?
-                .get_access_token(proto::GetAccessTokenRequest {
-                    grant: Some(GrantParameters::from(grant)),
-                    force_refresh,
-                })
-                .await
-                .map_err(|s| refused(&s))?
-                .into_inner();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "access_token": token.access_token,
-                        "token_type": token.token_type,
-                        "expires_at": token.expires_at,
-                        "scope": token.scope,
-                        "from_cache": token.from_cache,
-                    })
-                );
-            } else {
-                println!("{}", token.access_token);
-            }
-            Ok(())
+            let request = proto::GetAccessTokenRequest {
+                grant: Some(GrantParameters::from(grant)),
+                force_refresh,
+            };
+            print_token(&connection, request, json).await
         }
     }
+}
+
+/// `client health`: Ok when the agent (or with `liveness`, its process) is SERVING.
+async fn health(connection: &Connection, liveness: bool) -> Result<(), Failure> {
+    let service = if liveness {
+        grant_agent::server::LIVENESS_SERVICE
+    } else {
+        "grantagent.v1.GrantAgent"
+    };
+    if client::serving(&connection.addr, connection.tls()?.as_ref(), service).await? {
+        println!("SERVING");
+        Ok(())
+    } else if liveness {
+        Err("the agent's process does not answer as SERVING".into())
+    } else {
+        Err("the agent is NOT_SERVING (its token is unavailable)".into())
+    }
+}
+
+/// `client token --out`: writes the token to `out` once, or with `watch` keeps it fresh
+/// until interrupted.
+async fn token_to_file(
+    connection: Connection,
+    request: proto::GetAccessTokenRequest,
+    out: PathBuf,
+    watch: bool,
+    format: Option<OutFormat>,
+) -> Result<(), Failure> {
+    let format = match format {
+        None | Some(OutFormat::Text) => token_file::FileFormat::Text,
+        Some(OutFormat::Json) => token_file::FileFormat::Json,
+    };
+    let source = token_file::Source {
+        tls: connection.tls()?,
+        addr: connection.addr,
+        request,
+    };
+    let file = token_file::TokenFile::new(out, format);
+    if !watch {
+        // One try; an interrupt ends it as it ends any command.
+        let once = std::future::pending();
+        return Ok(token_file::keep_fresh(source, &file, false, once).await?);
+    }
+    token_file::keep_fresh(source, &file, true, grant_agent::server::shutdown_signal())
+        .await
+        .map_err(|e| format!("--watch stopped: {e}").into())
+}
+
+/// `client token`: prints the token, or with `json` the whole answer.
+async fn print_token(
+    connection: &Connection,
+    request: proto::GetAccessTokenRequest,
+    json: bool,
+) -> Result<(), Failure> {
+    let token = connection
+        .connect()
+        .await?
+        .get_access_token(request)
+        .await
+        .map_err(|s| refused(&s))?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "access_token": token.access_token,
+                "token_type": token.token_type,
+                "expires_at": token.expires_at,
+                "scope": token.scope,
+                "from_cache": token.from_cache,
+            })
+        );
+    } else {
+        println!("{}", token.access_token);
+    }
+    Ok(())
 }

@@ -127,7 +127,20 @@ pub(crate) fn key_command(command: KeyCommand) -> Result<(), Failure> {
         _ => None,
     };
     let token = admin::open_token(&token.config)?;
-    let result: Result<String, admin::AdminError> = match command {
+    let result = key_result(&token, command, p12);
+    let closed = token.close();
+    println!("{}", result?);
+    Ok(closed?)
+}
+
+/// What a key command did, in the words the operator sees; `p12` is the file and password
+/// `import-p12` read before the token was opened.
+fn key_result(
+    token: &grant_agent::hsm::Token,
+    command: KeyCommand,
+    p12: Option<(zeroize::Zeroizing<Vec<u8>>, zeroize::Zeroizing<String>)>,
+) -> Result<String, admin::AdminError> {
+    match command {
         KeyCommand::Generate {
             label, key_type, ..
         } => {
@@ -136,7 +149,7 @@ pub(crate) fn key_command(command: KeyCommand) -> Result<(), Failure> {
                 KeyType::Rsa3072 => 3072,
                 KeyType::Rsa4096 => 4096,
             };
-            admin::generate(&token, &label, bits).map(|key| {
+            admin::generate(token, &label, bits).map(|key| {
                 format!(
                     "generated RSA-{} key {label:?} (id {}) in the token: sensitive, never extractable\n\
                      next: grant-agent key csr --label {label:?} --org-number N --org-name NAME",
@@ -151,7 +164,7 @@ pub(crate) fn key_command(command: KeyCommand) -> Result<(), Failure> {
             org_name,
             out,
             ..
-        } => admin::csr(&token, &label, &org_number, &org_name).and_then(|pem| match out {
+        } => admin::csr(token, &label, &org_number, &org_name).and_then(|pem| match out {
             None => Ok(pem.trim_end().to_owned()),
             Some(path) => std::fs::write(&path, pem)
                 .map(|()| format!("wrote the certificate request to {}", path.display()))
@@ -175,7 +188,7 @@ pub(crate) fn key_command(command: KeyCommand) -> Result<(), Failure> {
             .map(|jwk| jwk.to_string()),
         KeyCommand::ImportP12 { label, .. } => {
             let (data, password) = p12.unwrap_or_default();
-            admin::import_p12(&token, &label, &data, &password).map(|(key, chain)| {
+            admin::import_p12(token, &label, &data, &password).map(|(key, chain)| {
                 format!(
                     "imported RSA-{} key {label:?} with {} certificate(s) into the token: sensitive, never extractable\n\
                      certificate: {} (sha256 {}, environment {})\n\
@@ -189,12 +202,9 @@ pub(crate) fn key_command(command: KeyCommand) -> Result<(), Failure> {
             })
         }
         KeyCommand::List { .. } => {
-            admin::list(&token, grant_agent::agent::unix_now()).map(|s| s.trim_end().to_owned())
+            admin::list(token, grant_agent::agent::unix_now()).map(|s| s.trim_end().to_owned())
         }
-    };
-    let closed = token.close();
-    println!("{}", result?);
-    Ok(closed?)
+    }
 }
 
 /// The PKCS#12 password, from `--password-file` or asked for on the terminal.

@@ -18,6 +18,7 @@ mod tls;
 
 use std::{
     future::Future,
+    net::SocketAddr,
     os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
@@ -25,7 +26,7 @@ use std::{
 
 use tokio::{
     net::{TcpListener, UnixListener},
-    sync::watch,
+    sync::{mpsc, watch},
 };
 use tonic::service::Routes;
 
@@ -103,22 +104,170 @@ pub async fn run(
     on_ready: impl FnOnce(&[String]),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let access = &config.access;
-    if access.insecure {
-        tracing::warn!(
-            "insecure = true: plain TCP on loopback, every local process may call as `anonymous`"
-        );
+    let server = Server::bind(agent, config, config_path).await?;
+    server.serve(on_ready, shutdown).await;
+    Ok(())
+}
+
+/// The agent with its listeners bound and its services built, nothing accepted yet: what
+/// `run` has between binding and serving, as mini-redis's `Listener` is.
+struct Server {
+    agent: Arc<Agent>,
+    policy: Arc<Policy>,
+    audit: Arc<AuditLog>,
+    metrics: Arc<Metrics>,
+    connections: Arc<Connections>,
+    /// Completes once every connection has closed.
+    all_closed: mpsc::Receiver<()>,
+    routes: Routes,
+    listeners: Vec<Listener>,
+    metrics_listener: Option<TcpListener>,
+    /// In the form `on_ready` reports them.
+    endpoints: Vec<String>,
+    /// Removed when serving stops.
+    socket_path: Option<PathBuf>,
+    reload: Option<Reload>,
+}
+
+/// What a SIGHUP reload reads again and compares the new config with.
+struct Reload {
+    path: PathBuf,
+    access: crate::config::Access,
+    token: crate::config::TokenSettings,
+    limits: crate::config::Limits,
+}
+
+impl Server {
+    /// Opens the audit log, builds the services and binds the GrantAgent listeners and
+    /// the metrics listener of `config`, in that order; the first failure is returned.
+    async fn bind(
+        agent: Arc<Agent>,
+        config: &Config,
+        config_path: Option<PathBuf>,
+    ) -> Result<Self, ServeError> {
+        let access = &config.access;
+        if access.insecure {
+            tracing::warn!(
+                "insecure = true: plain TCP on loopback, every local process may call as `anonymous`"
+            );
+        }
+        if access.policy.is_empty() {
+            tracing::warn!("the policy has no rules: every grant request will be refused");
+        }
+        let metrics = Arc::new(Metrics::new());
+        let audit = open_audit(access, &metrics)?;
+        let policy = Arc::new(Policy::new(&access.policy));
+        let (connections, all_closed, routes) =
+            services(&agent, config, &policy, &audit, &metrics).await?;
+        let (listeners, mut endpoints) = bind_listeners(access, &policy).await?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => {
+                let (listener, local) = bind_metrics(addr).await?;
+                endpoints.push(crate::metrics::describe(local));
+                Some(listener)
+            }
+            None => None,
+        };
+        Ok(Server {
+            agent,
+            policy,
+            audit,
+            metrics,
+            connections,
+            all_closed,
+            routes,
+            listeners,
+            metrics_listener,
+            endpoints,
+            socket_path: access.unix_socket.as_ref().map(|s| s.path.clone()),
+            reload: config_path.map(|path| Reload {
+                path,
+                access: config.access.clone(),
+                token: config.token.clone(),
+                limits: config.limits,
+            }),
+        })
     }
-    if access.policy.is_empty() {
-        tracing::warn!("the policy has no rules: every grant request will be refused");
+
+    /// Accepts on every listener, reports the endpoints to `on_ready` and serves until
+    /// `shutdown` completes; then stops accepting and gives in-flight requests
+    /// `SHUTDOWN_GRACE` to finish.
+    async fn serve(self, on_ready: impl FnOnce(&[String]), shutdown: impl Future<Output = ()>) {
+        let (stop, stopped) = watch::channel(false);
+        let servers: Vec<_> = self
+            .listeners
+            .into_iter()
+            .map(|listener| {
+                tokio::spawn(conn::serve(
+                    listener,
+                    Arc::clone(&self.connections),
+                    self.routes.clone(),
+                    stopped.clone(),
+                ))
+            })
+            .collect();
+        drop(self.connections);
+        if let Some(listener) = self.metrics_listener {
+            let done = wait(stopped.clone());
+            let (metrics, agent) = (self.metrics, Arc::clone(&self.agent));
+            let _metrics = tokio::spawn(async move {
+                if let Err(error) = crate::metrics::serve(listener, metrics, agent, done).await {
+                    tracing::error!(%error, "the metrics listener failed");
+                }
+            });
+        }
+        if let Some(reload) = self.reload {
+            let _reload = tokio::spawn(reload_on_hangup(
+                Arc::clone(&self.agent),
+                Arc::clone(&self.policy),
+                reload,
+            ));
+        }
+        spawn_summaries(&self.audit, &stopped);
+        tracing::info!(endpoints = %self.endpoints.join(", "), "listening");
+        on_ready(&self.endpoints);
+
+        shutdown.await;
+        let _ = stop.send(true);
+        for server in servers {
+            if let Err(error) = server.await {
+                tracing::error!(%error, "a listener task failed");
+            }
+        }
+        // In-flight requests get a bounded time to finish; an HSM that hangs must not keep
+        // the process from stopping.
+        let mut all_closed = self.all_closed;
+        if tokio::time::timeout(SHUTDOWN_GRACE, all_closed.recv())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                seconds = SHUTDOWN_GRACE.as_secs(),
+                "requests still in flight after the shutdown grace period; stopping anyway"
+            );
+        }
+        if let Some(path) = self.socket_path {
+            let _ = std::fs::remove_file(path);
+        }
+        // The cached answers counted since the last summary are audited too.
+        self.audit.write_cached_summaries();
+        // Everything queued is written before the process ends.
+        self.audit.close();
+        tracing::info!("stopped serving");
     }
-    let metrics = Arc::new(Metrics::new());
+}
+
+/// Opens the audit log `access` names (none: stderr), with its writer thread.
+fn open_audit(
+    access: &crate::config::Access,
+    metrics: &Metrics,
+) -> Result<Arc<AuditLog>, ServeError> {
     let settings = audit::AuditSettings {
         cached: access.audit_cached,
         fail_closed: access.audit_fail_closed,
     };
-    let audit = Arc::new(
-        AuditLog::open(access.audit_file.as_deref(), settings, &metrics).map_err(|source| {
+    let audit =
+        AuditLog::open(access.audit_file.as_deref(), settings, metrics).map_err(|source| {
             ServeError::Audit {
                 path: access
                     .audit_file
@@ -127,27 +276,38 @@ pub async fn run(
                     .unwrap_or_default(),
                 source,
             }
-        })?,
-    );
-    let policy = Arc::new(Policy::new(&access.policy));
+        })?;
+    Ok(Arc::new(audit))
+}
+
+/// The token exchange, the GrantAgent service behind its gate, health and reflection,
+/// and the connection table with its limits; the receiver completes once every
+/// connection has closed.
+async fn services(
+    agent: &Arc<Agent>,
+    config: &Config,
+    policy: &Arc<Policy>,
+    audit: &Arc<AuditLog>,
+    metrics: &Arc<Metrics>,
+) -> Result<(Arc<Connections>, mpsc::Receiver<()>, Routes), ServeError> {
     let tokens = Arc::new(crate::token::TokenService::new(
-        Arc::clone(&agent),
+        Arc::clone(agent),
         &config.token,
-        Arc::clone(&metrics),
-        service::grant_audit(Arc::clone(&audit)),
+        Arc::clone(metrics),
+        service::grant_audit(Arc::clone(audit)),
     )?);
     let service = GrantAgentService::new(
-        Arc::clone(&agent),
+        Arc::clone(agent),
         tokens,
-        Arc::clone(&policy),
-        Arc::clone(&audit),
-        Arc::clone(&metrics),
+        Arc::clone(policy),
+        Arc::clone(audit),
+        Arc::clone(metrics),
     );
     let (connections, all_closed) = Connections::new(
         config.limits,
         crate::process::open_files_limit(),
-        Arc::clone(&audit),
-        Arc::clone(&metrics),
+        Arc::clone(audit),
+        Arc::clone(metrics),
     );
     let limits = *connections.limits();
     tracing::info!(
@@ -159,15 +319,22 @@ pub async fn run(
     let gate = Gate::new(
         proto::grant_agent_server::GrantAgentServer::new(service)
             .max_decoding_message_size(crate::config::MAX_REQUEST_BYTES),
-        Arc::clone(&policy),
-        Arc::clone(&audit),
-        Arc::clone(&metrics),
+        Arc::clone(policy),
+        Arc::clone(audit),
+        Arc::clone(metrics),
         limits.max_buffered_request_bytes,
         limits.request_timeout,
     );
     let routes = routes(gate, agent.serving()).await?;
+    Ok((connections, all_closed, routes))
+}
 
-    let (stop, stopped) = watch::channel(false);
+/// Binds the TCP listener (with its TLS acceptor, or plain when `insecure`) and the Unix
+/// socket that `access` names, with their endpoints in the form `on_ready` reports.
+async fn bind_listeners(
+    access: &crate::config::Access,
+    policy: &Arc<Policy>,
+) -> Result<(Vec<Listener>, Vec<String>), ServeError> {
     let mut endpoints = Vec::new();
     let mut listeners = Vec::new();
     if let Some(addr) = access.listen {
@@ -180,7 +347,7 @@ pub async fn run(
         let listener = match &access.tls {
             Some(tls) => Listener::Tls(
                 tcp,
-                tls::acceptor(tls, Arc::clone(&policy))?,
+                tls::acceptor(tls, Arc::clone(policy))?,
                 tls.caller_identity,
             ),
             None => Listener::Plain(tcp, access.insecure),
@@ -188,7 +355,6 @@ pub async fn run(
         listeners.push(listener);
         endpoints.push(local.to_string());
     }
-    let socket_path = access.unix_socket.as_ref().map(|s| s.path.clone());
     if let Some(socket) = &access.unix_socket {
         let unix = bind_socket(&socket.path, socket.mode).map_err(|source| ServeError::Listen {
             what: format!(
@@ -200,50 +366,29 @@ pub async fn run(
         listeners.push(Listener::Unix(unix));
         endpoints.push(format!("unix:{}", socket.path.display()));
     }
-    let servers: Vec<_> = listeners
-        .into_iter()
-        .map(|listener| {
-            tokio::spawn(conn::serve(
-                listener,
-                Arc::clone(&connections),
-                routes.clone(),
-                stopped.clone(),
-            ))
-        })
-        .collect();
-    drop(connections);
-    if let Some(addr) = config.metrics_listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServeError::Listen {
-                what: format!("{addr} (set [metrics] listen in the config)"),
-                source,
-            })?;
-        let local = listener.local_addr().map_err(|source| ServeError::Listen {
-            what: addr.to_string(),
+    Ok((listeners, endpoints))
+}
+
+/// Binds the Prometheus listener at `addr`, with the address it got.
+async fn bind_metrics(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Listen {
+            what: format!("{addr} (set [metrics] listen in the config)"),
             source,
         })?;
-        let done = wait(stopped.clone());
-        let agent = Arc::clone(&agent);
-        let _metrics = tokio::spawn(async move {
-            if let Err(error) = crate::metrics::serve(listener, metrics, agent, done).await {
-                tracing::error!(%error, "the metrics listener failed");
-            }
-        });
-        endpoints.push(crate::metrics::describe(local));
-    }
-    if let Some(path) = config_path {
-        let _reload = tokio::spawn(reload_on_hangup(
-            Arc::clone(&agent),
-            Arc::clone(&policy),
-            path,
-            config.access.clone(),
-            config.token.clone(),
-            config.limits,
-        ));
-    }
+    let local = listener.local_addr().map_err(|source| ServeError::Listen {
+        what: addr.to_string(),
+        source,
+    })?;
+    Ok((listener, local))
+}
+
+/// Writes the audit's summaries of cached answers at its interval, if it has one, until
+/// `stopped` changes.
+fn spawn_summaries(audit: &Arc<AuditLog>, stopped: &watch::Receiver<bool>) {
     if let Some(every) = audit.summary_interval() {
-        let audit = Arc::clone(&audit);
+        let audit = Arc::clone(audit);
         let mut done = stopped.clone();
         let _summaries = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -256,37 +401,6 @@ pub async fn run(
             }
         });
     }
-    tracing::info!(endpoints = %endpoints.join(", "), "listening");
-    on_ready(&endpoints);
-
-    shutdown.await;
-    let _ = stop.send(true);
-    for server in servers {
-        if let Err(error) = server.await {
-            tracing::error!(%error, "a listener task failed");
-        }
-    }
-    // In-flight requests get a bounded time to finish; an HSM that hangs must not keep
-    // the process from stopping.
-    let mut all_closed = all_closed;
-    if tokio::time::timeout(SHUTDOWN_GRACE, all_closed.recv())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            seconds = SHUTDOWN_GRACE.as_secs(),
-            "requests still in flight after the shutdown grace period; stopping anyway"
-        );
-    }
-    if let Some(path) = socket_path {
-        let _ = std::fs::remove_file(path);
-    }
-    // The cached answers counted since the last summary are audited too.
-    audit.write_cached_summaries();
-    // Everything queued is written before the process ends.
-    audit.close();
-    tracing::info!("stopped serving");
-    Ok(())
 }
 
 /// Binds the Unix socket with its final mode before anyone can reach it: bound inside a
@@ -402,14 +516,13 @@ pub async fn shutdown_signal() {
 /// Reloads the config on SIGHUP: keys, certificates, environments, the default key and
 /// the policy take effect for the next request; in-flight requests finish with the old
 /// ones. A config that fails to load or validate is logged and nothing changes.
-async fn reload_on_hangup(
-    agent: Arc<Agent>,
-    policy: Arc<Policy>,
-    path: PathBuf,
-    running: crate::config::Access,
-    running_token: crate::config::TokenSettings,
-    running_limits: crate::config::Limits,
-) {
+async fn reload_on_hangup(agent: Arc<Agent>, policy: Arc<Policy>, reload: Reload) {
+    let Reload {
+        path,
+        access: running,
+        token: running_token,
+        limits: running_limits,
+    } = reload;
     let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     else {
         tracing::warn!("cannot listen for SIGHUP; reload by restarting");
