@@ -11,10 +11,10 @@
 //!
 //! **Recovery in the session.** A failed session never serves again: its thread closes it
 //! and opens a new one for the next request. A sign that meets a dead session
-//! (SESSION_HANDLE_INVALID) is tried once more on a new session; one that meets a handle
-//! this session does not know (KEY_HANDLE_INVALID: handles are per session on AWS CloudHSM
-//! SDK 5) finds the key again in this session, remembers the handle for it, and is tried
-//! once more. Everything else goes back to the agent, which knows what the other classes
+//! (SESSION_HANDLE_INVALID) is tried again on a new session, up to `NEW_SESSIONS` times;
+//! one that meets a handle this session does not know (KEY_HANDLE_INVALID: handles are per
+//! session on AWS CloudHSM SDK 5) finds the key again in this session, remembers the
+//! handle for it, and is tried once more. Everything else goes back to the agent, which knows what the other classes
 //! need (see [`Recovery`]).
 //!
 //! **Bounded waiting.** An HSM is slow and shared: at most `queue` requests wait (more get
