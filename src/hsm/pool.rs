@@ -14,8 +14,8 @@
 //! (SESSION_HANDLE_INVALID) is tried again on a new session, up to `NEW_SESSIONS` times;
 //! one that meets a handle this session does not know (KEY_HANDLE_INVALID: handles are per
 //! session on AWS CloudHSM SDK 5) finds the key again in this session, remembers the
-//! handle for it, and is tried once more. Everything else goes back to the agent, which knows what the other classes
-//! need (see [`Recovery`]).
+//! handle for it, and is tried once more. Everything else goes back to the agent, which
+//! knows what the other classes need (see [`Recovery`]).
 //!
 //! **Bounded waiting.** An HSM is slow and shared: at most `queue` requests wait (more get
 //! [`HsmError::Busy`] at once), and a request whose deadline cannot be met given the queue
