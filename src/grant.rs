@@ -67,23 +67,8 @@ impl Algorithm {
 /// its fields and a field added to the contract reaches the signer with no copy to update.
 pub use crate::proto::GrantParameters;
 
-/// A request that cannot be signed. `field` is the gRPC field path, so a caller can
-/// find the mistake without reading our code.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct InvalidGrant {
-    /// e.g. `grant.scopes[2]`.
-    pub field: String,
-    /// What is wrong, without echoing secrets (the request holds none).
-    pub reason: String,
-}
-
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> InvalidGrant {
-    InvalidGrant {
-        field: field.into(),
-        reason: reason.into(),
-    }
-}
+mod invalid;
+pub use invalid::{GrantField, InvalidGrant};
 
 /// The claims of one grant, in the order they are serialised. Its Debug leaves the pid out.
 #[derive(Clone, Serialize)]
@@ -235,8 +220,8 @@ fn check(params: &GrantParameters) -> Result<(u32, Option<AuthorizationDetails>)
     check_scopes(&params.scopes)?;
     check_resources(&params.resources)?;
     if !params.consumer_org.is_empty() && !is_organization_number(&params.consumer_org) {
-        return Err(invalid(
-            "grant.consumer_org",
+        return Err(InvalidGrant::new(
+            GrantField::ConsumerOrg,
             "must be a nine-digit Norwegian organisation number with a valid check digit",
         ));
     }
@@ -244,8 +229,8 @@ fn check(params: &GrantParameters) -> Result<(u32, Option<AuthorizationDetails>)
         0 => MAX_LIFETIME_SECONDS,
         n if n <= MAX_LIFETIME_SECONDS => n,
         n => {
-            return Err(invalid(
-                "grant.lifetime_seconds",
+            return Err(InvalidGrant::new(
+                GrantField::LifetimeSeconds,
                 format!(
                     "{n} is over the maximum of {MAX_LIFETIME_SECONDS} (0 means {MAX_LIFETIME_SECONDS})"
                 ),
@@ -254,8 +239,8 @@ fn check(params: &GrantParameters) -> Result<(u32, Option<AuthorizationDetails>)
     };
     if !params.pid.is_empty() && !is_national_identity_number(&params.pid) {
         // The value stays out of the message: it may be a person's number with a typo.
-        return Err(invalid(
-            "grant.pid",
+        return Err(InvalidGrant::new(
+            GrantField::Pid,
             "must be an 11-digit national identity number or D-number with valid check digits",
         ));
     }
@@ -263,8 +248,8 @@ fn check(params: &GrantParameters) -> Result<(u32, Option<AuthorizationDetails>)
         && (params.iss_onbehalfof.len() > MAX_ISS_ONBEHALFOF
             || !params.iss_onbehalfof.bytes().all(|b| b.is_ascii_graphic()))
     {
-        return Err(invalid(
-            "grant.iss_onbehalfof",
+        return Err(InvalidGrant::new(
+            GrantField::IssOnBehalfOf,
             format!("must be 1..={MAX_ISS_ONBEHALFOF} bytes of printable ASCII without spaces"),
         ));
     }
@@ -305,35 +290,35 @@ pub struct AuthorizationDetails(serde_json::Value);
 impl AuthorizationDetails {
     /// Parses `json`; `None` when it is empty (no claim).
     pub fn parse(json: &str) -> Result<Option<Self>, InvalidGrant> {
-        const FIELD: &str = "grant.authorization_details_json";
+        const FIELD: GrantField = GrantField::AuthorizationDetails;
         if json.trim().is_empty() {
             return Ok(None);
         }
         if json.len() > MAX_AUTHORIZATION_DETAILS {
-            return Err(invalid(
+            return Err(InvalidGrant::new(
                 FIELD,
                 format!("is longer than {MAX_AUTHORIZATION_DETAILS} bytes"),
             ));
         }
         let value: serde_json::Value = serde_json::from_str(json).map_err(|e| {
-            invalid(
+            InvalidGrant::new(
                 FIELD,
                 format!("is not JSON ({e}); send an array such as [{{\"type\":\"urn:altinn:systemuser\", ...}}]"),
             )
         })?;
         let Some(entries) = value.as_array() else {
-            return Err(invalid(FIELD, "must be a JSON array of objects"));
+            return Err(InvalidGrant::new(FIELD, "must be a JSON array of objects"));
         };
         if entries.is_empty() || entries.len() > MAX_AUTHORIZATION_ENTRIES {
-            return Err(invalid(
+            return Err(InvalidGrant::new(
                 FIELD,
                 format!("must hold 1 to {MAX_AUTHORIZATION_ENTRIES} entries"),
             ));
         }
         for (i, entry) in entries.iter().enumerate() {
-            let field = format!("{FIELD}[{i}]");
+            let at = format!("[{i}]");
             let Some(object) = entry.as_object() else {
-                return Err(invalid(field, "must be a JSON object"));
+                return Err(InvalidGrant::at(FIELD, at, "must be a JSON object"));
             };
             match object.get("type").and_then(serde_json::Value::as_str) {
                 Some(t)
@@ -341,14 +326,16 @@ impl AuthorizationDetails {
                         && t.len() <= MAX_AUTHORIZATION_TYPE
                         && t.chars().all(|c| c.is_ascii_graphic()) => {}
                 Some(_) => {
-                    return Err(invalid(
-                        format!("{field}.type"),
+                    return Err(InvalidGrant::at(
+                        FIELD,
+                        format!("{at}.type"),
                         format!("must be 1 to {MAX_AUTHORIZATION_TYPE} printable ASCII characters"),
                     ));
                 }
                 None => {
-                    return Err(invalid(
-                        format!("{field}.type"),
+                    return Err(InvalidGrant::at(
+                        FIELD,
+                        format!("{at}.type"),
                         "is required, e.g. \"urn:altinn:systemuser\"",
                     ));
                 }
@@ -374,18 +361,18 @@ impl AuthorizationDetails {
 }
 
 fn check_client_id(client_id: &str) -> Result<(), InvalidGrant> {
-    let field = "grant.client_id";
+    let field = GrantField::ClientId;
     if client_id.is_empty() {
-        return Err(invalid(field, "must not be empty"));
+        return Err(InvalidGrant::new(field, "must not be empty"));
     }
     if client_id.len() > MAX_CLIENT_ID {
-        return Err(invalid(
+        return Err(InvalidGrant::new(
             field,
             format!("is longer than {MAX_CLIENT_ID} bytes"),
         ));
     }
     if !client_id.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(invalid(
+        return Err(InvalidGrant::new(
             field,
             "must be printable ASCII without spaces (a Maskinporten client_id is usually a UUID)",
         ));
@@ -398,23 +385,31 @@ fn check_client_id(client_id: &str) -> Result<(), InvalidGrant> {
 /// inside the `scope` claim) is refused.
 fn check_scopes(scopes: &[String]) -> Result<(), InvalidGrant> {
     if scopes.is_empty() {
-        return Err(invalid("grant.scopes", "at least one scope is required"));
+        return Err(InvalidGrant::new(
+            GrantField::Scopes,
+            "at least one scope is required",
+        ));
     }
     if scopes.len() > MAX_SCOPES {
-        return Err(invalid(
-            "grant.scopes",
+        return Err(InvalidGrant::new(
+            GrantField::Scopes,
             format!("more than {MAX_SCOPES} scopes"),
         ));
     }
     for (i, scope) in scopes.iter().enumerate() {
         // Named only when refused: a valid request allocates nothing here.
-        let field = || format!("grant.scopes[{i}]");
+        let at = || format!("[{i}]");
         if scope.is_empty() {
-            return Err(invalid(field(), "must not be empty"));
+            return Err(InvalidGrant::at(
+                GrantField::Scopes,
+                at(),
+                "must not be empty",
+            ));
         }
         if scope.len() > MAX_SCOPE {
-            return Err(invalid(
-                field(),
+            return Err(InvalidGrant::at(
+                GrantField::Scopes,
+                at(),
                 format!("is longer than {MAX_SCOPE} bytes"),
             ));
         }
@@ -429,26 +424,38 @@ fn check_scopes(scopes: &[String]) -> Result<(), InvalidGrant> {
             } else {
                 format!("U+{:04X}", u32::from(c))
             };
-            return Err(invalid(
-                field(),
+            return Err(InvalidGrant::at(
+                GrantField::Scopes,
+                at(),
                 format!("contains {shown}; scopes use A-Z a-z 0-9 and : / . - _ only"),
             ));
         }
         match scope.split_once(':') {
             Some((prefix, name)) if !prefix.is_empty() && !name.is_empty() => {}
             Some((prefix, "")) if !prefix.is_empty() => {
-                return Err(invalid(
-                    field(),
+                return Err(InvalidGrant::at(
+                    GrantField::Scopes,
+                    at(),
                     format!(
                         "has no name after {:?}; it must have the form prefix:name",
                         format!("{prefix}:")
                     ),
                 ));
             }
-            _ => return Err(invalid(field(), "must have the form prefix:name")),
+            _ => {
+                return Err(InvalidGrant::at(
+                    GrantField::Scopes,
+                    at(),
+                    "must have the form prefix:name",
+                ));
+            }
         }
         if scopes[..i].contains(scope) {
-            return Err(invalid(field(), format!("repeats scope {scope:?}")));
+            return Err(InvalidGrant::at(
+                GrantField::Scopes,
+                at(),
+                format!("repeats scope {scope:?}"),
+            ));
         }
     }
     Ok(())
@@ -456,16 +463,17 @@ fn check_scopes(scopes: &[String]) -> Result<(), InvalidGrant> {
 
 fn check_resources(resources: &[String]) -> Result<(), InvalidGrant> {
     if resources.len() > MAX_RESOURCES {
-        return Err(invalid(
-            "grant.resources",
+        return Err(InvalidGrant::new(
+            GrantField::Resources,
             format!("more than {MAX_RESOURCES} resources"),
         ));
     }
     for (i, resource) in resources.iter().enumerate() {
-        let field = || format!("grant.resources[{i}]");
+        let at = || format!("[{i}]");
         if resource.is_empty() || resource.len() > MAX_RESOURCE {
-            return Err(invalid(
-                field(),
+            return Err(InvalidGrant::at(
+                GrantField::Resources,
+                at(),
                 format!("must be 1 to {MAX_RESOURCE} bytes"),
             ));
         }
@@ -473,8 +481,9 @@ fn check_resources(resources: &[String]) -> Result<(), InvalidGrant> {
             .split_once(':')
             .is_some_and(|(scheme, rest)| !scheme.is_empty() && !rest.is_empty());
         if !scheme_ok || !resource.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(invalid(
-                field(),
+            return Err(InvalidGrant::at(
+                GrantField::Resources,
+                at(),
                 "must be an absolute URI without spaces, e.g. \"https://api.example.no/\"",
             ));
         }

@@ -15,7 +15,7 @@ use grant_agent::{
     agent::{Agent, SignError},
     config::{Config, PinSource},
     dev,
-    grant::GrantParameters,
+    grant::{GrantField, GrantParameters},
     hsm::read_pin,
     server,
     telemetry::{self, LogFormat},
@@ -370,16 +370,16 @@ fn absolute(path: &Path) -> Result<PathBuf, Failure> {
 pub(crate) fn name_the_flag(error: SignError) -> Failure {
     match error {
         SignError::Invalid(invalid) => {
-            let field = invalid.field.split('[').next().unwrap_or_default();
-            let flag = match field {
-                "grant.client_id" => "--client-id",
-                "grant.scopes" => "--scope",
-                "grant.environment" => "--env",
-                "grant.resources" => "--resource",
-                "grant.consumer_org" => "--consumer-org",
-                "grant.lifetime_seconds" => "--lifetime",
-                "grant.authorization_details_json" => "--authorization-details",
-                _ => "--key",
+            let flag = match invalid.field {
+                GrantField::ClientId => "--client-id",
+                GrantField::Scopes => "--scope",
+                GrantField::Environment => "--env",
+                GrantField::Resources => "--resource",
+                GrantField::ConsumerOrg => "--consumer-org",
+                GrantField::LifetimeSeconds => "--lifetime",
+                GrantField::AuthorizationDetails => "--authorization-details",
+                GrantField::Pid => "--pid",
+                GrantField::IssOnBehalfOf => "--iss-onbehalfof",
             };
             format!("{flag}: {}", invalid.reason).into()
         }

@@ -65,7 +65,7 @@ fn cli_errors_name_the_flag() {
     let agent = DevAgent::start();
     let config = agent.path("config.toml");
     let config = config.to_str().expect("utf-8 path");
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--scope", "test:a b"], "--scope: contains a space"),
         (
             &["--env", "staging"],
@@ -79,6 +79,11 @@ fn cli_errors_name_the_flag() {
         (
             &["--consumer-org", "12345678"],
             "--consumer-org: must be a nine-digit",
+        ),
+        (&["--pid", "12345678901"], "--pid: must be an 11-digit"),
+        (
+            &["--iss-onbehalfof", "a b"],
+            "--iss-onbehalfof: must be 1..=",
         ),
     ];
     for (extra, expected) in cases {

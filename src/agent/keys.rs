@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use crate::{
     cert::{CertEnvironment, CertificateChain},
     config::{CertificateSource, Config, EnvironmentConfig, KeyBinding, KeyConfig},
-    grant::{Algorithm, Claims, Header, InvalidGrant, ValidGrant},
-    hsm::{Hash, HsmError, KeyRef, Token, TokenKey},
+    grant::{Algorithm, Claims, GrantField, Header, InvalidGrant, ValidGrant},
+    hsm::{Hash, HsmError, KeyRef, SignPath, Token, TokenKey},
 };
 
 use super::{SignError, StartError};
@@ -17,6 +17,8 @@ use super::{SignError, StartError};
 pub struct SigningKey {
     name: String,
     pub(super) key: KeyRef,
+    /// How the token signs with this key's algorithm, found when the key was loaded.
+    pub(super) path: SignPath,
     pub(super) header: Header,
     identity: Identity,
     not_before: Option<i64>,
@@ -234,21 +236,23 @@ impl KeySet {
         requested: &'a str,
     ) -> Result<(&'a str, &'a EnvironmentConfig), InvalidGrant> {
         let name = self.environment_name(requested);
-        let environment = self.environments.get(name).ok_or_else(|| InvalidGrant {
-            field: "grant.environment".into(),
-            reason: format!(
-                "{} is not a known environment; use one of: {}",
-                if name.is_empty() {
-                    "empty".to_owned()
-                } else {
-                    format!("{name:?}")
-                },
-                self.environments
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+        let environment = self.environments.get(name).ok_or_else(|| {
+            InvalidGrant::new(
+                GrantField::Environment,
+                format!(
+                    "{} is not a known environment; use one of: {}",
+                    if name.is_empty() {
+                        "empty".to_owned()
+                    } else {
+                        format!("{name:?}")
+                    },
+                    self.environments
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
         })?;
         Ok((name, environment))
     }
@@ -302,6 +306,7 @@ fn load_key(token: &Token, config: &KeyConfig) -> Result<SigningKey, StartError>
     let key = SigningKey {
         name: name.clone(),
         key: token_key.key_ref(),
+        path,
         header,
         identity,
         not_before,

@@ -11,6 +11,7 @@
 //! restart and no cut-over at midnight. [`Agent::reload`] swaps in a new key set built
 //! from a new config; requests in flight finish with the set they started with.
 
+mod error;
 mod keys;
 mod recovery;
 
@@ -20,16 +21,16 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+pub use error::{SignError, StartError};
 pub use keys::{KeySet, SigningKey, rfc3339};
 use recovery::DeviceErrorRun;
 
 use cryptoki::types::AuthPin;
 
 use crate::{
-    cert::{CertEnvironment, CertError},
     config::{Config, Pkcs11Config},
-    grant::{self, Algorithm, GrantParameters, InvalidGrant, ValidGrant},
-    hsm::{ErrorCounts, HsmError, Recovery, Token, read_pin},
+    grant::{self, Algorithm, GrantParameters, ValidGrant},
+    hsm::{ErrorCounts, HsmError, Recovery, RequestError, Token, read_pin},
 };
 
 /// A signed grant and the facts a caller may want without decoding it.
@@ -51,116 +52,6 @@ pub struct SignedGrant {
     pub certificate_sha256: String,
     /// How long the request waited for a token session.
     pub queued: Duration,
-}
-
-/// Why a grant was not signed.
-#[derive(Debug, thiserror::Error)]
-pub enum SignError {
-    /// The request is malformed; the message names the field.
-    #[error(transparent)]
-    Invalid(#[from] InvalidGrant),
-    /// The request names a key the agent does not have.
-    #[error("grant.key: no key is named {0:?}")]
-    UnknownKey(String),
-    /// No version of the key is valid now.
-    #[error("key {key:?} has no certificate valid now: {state}; renew it or configure another key")]
-    CertificateNotValid {
-        /// The key name.
-        key: String,
-        /// "expired (on ...)" or "not valid yet (from ...)".
-        state: String,
-    },
-    /// The certificate is for the other Maskinporten environment, which would refuse it.
-    #[error("key {key:?} has a {} certificate (issuer {issuer}), which Maskinporten refuses in environment {environment:?}; {}", describe(*certificate), fix(*certificate))]
-    WrongEnvironment {
-        /// The key name.
-        key: String,
-        /// What the certificate is.
-        certificate: CertEnvironment,
-        /// The environment asked for.
-        environment: String,
-        /// The certificate's issuer.
-        issuer: String,
-    },
-    /// The token failed.
-    #[error(transparent)]
-    Hsm(#[from] HsmError),
-}
-
-fn describe(certificate: CertEnvironment) -> &'static str {
-    match certificate {
-        CertEnvironment::Test => "test",
-        CertEnvironment::Production => "production",
-        CertEnvironment::Unknown => "unrecognised",
-    }
-}
-
-fn fix(certificate: CertEnvironment) -> &'static str {
-    match certificate {
-        CertEnvironment::Unknown => {
-            "set keys[].certificate_environment to \"test\" or \"prod\" for this issuer"
-        }
-        _ => {
-            "use a key with a certificate for that environment (or set keys[].allow_environment_mismatch = true)"
-        }
-    }
-}
-
-/// Why the agent could not start (or a reload was refused). Each variant names the key.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The token could not be opened or a key not found.
-    #[error("{context}: {source}")]
-    Hsm {
-        /// What was being done, e.g. `key "default"`.
-        context: String,
-        /// The cause.
-        #[source]
-        source: HsmError,
-    },
-    /// The certificate file could not be read.
-    #[error("key {key:?}: cannot read certificate file {path}: {source}")]
-    CertificateFile {
-        /// The key name.
-        key: String,
-        /// The file.
-        path: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The certificate is malformed or unusable.
-    #[error("key {key:?}: {source}")]
-    Certificate {
-        /// The key name.
-        key: String,
-        /// The cause.
-        #[source]
-        source: CertError,
-    },
-    /// The certificate does not belong to the key.
-    #[error(
-        "key {key:?}: the certificate's public key is not the token key's public key; configure the certificate issued for this key"
-    )]
-    KeyMismatch {
-        /// The key name.
-        key: String,
-    },
-    /// No version of a key is valid now.
-    #[error(
-        "key {key:?} has no certificate valid now: {state}; renew it (docs/operations.md) or remove the key"
-    )]
-    NotValid {
-        /// The key name.
-        key: String,
-        /// Why.
-        state: String,
-    },
-    /// A reload would need settings that only a restart can apply.
-    #[error(
-        "the [pkcs11] section changed; restart the agent to apply it (the running keys are kept)"
-    )]
-    TokenChanged,
 }
 
 /// The running agent. Share it behind an `Arc`; all methods take `&self`.
@@ -300,19 +191,19 @@ impl Agent {
         let (mut retries, mut logged_in, mut recovered) = (0, false, false);
         loop {
             let error = match self.try_sign(grant, deadline).await {
-                Err(SignError::Hsm(error)) => error,
-                other => {
-                    if other.is_ok() {
+                Err(error) => error,
+                Ok(signed) => {
+                    if signed.is_ok() {
                         self.device_ok();
                     }
-                    return other;
+                    return signed;
                 }
             };
             match self.next_step(&error) {
                 Recovery::LogInAgain if !logged_in => {
                     logged_in = true;
                     if !self.log_in_again().await {
-                        return Err(SignError::Hsm(HsmError::Unavailable));
+                        return Err(SignError::Unavailable);
                     }
                 }
                 Recovery::BackOff
@@ -329,10 +220,10 @@ impl Agent {
                     recovered = true;
                     tracing::warn!(%error, "the token is gone; recovering");
                     if !self.await_recovery(deadline).await {
-                        return Err(SignError::Hsm(HsmError::Unavailable));
+                        return Err(SignError::Unavailable);
                     }
                 }
-                _ => return Err(SignError::Hsm(error)),
+                _ => return Err(error.into()),
             }
         }
     }
@@ -340,7 +231,7 @@ impl Agent {
     /// What to do about a failed sign. What a session can mend it has mended already, so a
     /// dead session or an unknown handle coming back here means the token changed; so does
     /// a DEVICE_ERROR that has gone on for [`DEVICE_ERROR_PERSISTS`].
-    fn next_step(&self, error: &HsmError) -> Recovery {
+    fn next_step(&self, error: &RequestError) -> Recovery {
         match error.recovery() {
             Recovery::BackOff => self.device_errors.next_step(self.started.elapsed()),
             other => other,
@@ -381,38 +272,45 @@ impl Agent {
         }
     }
 
+    /// One attempt. The outer error is the token's, which [`Agent::sign_grant`] may mend
+    /// and try again; the inner one is the request's own, which stands.
     async fn try_sign(
         &self,
         grant: &ValidGrant,
         deadline: Option<std::time::Instant>,
-    ) -> Result<SignedGrant, SignError> {
-        let token = self.current_token().ok_or(HsmError::Unavailable)?;
+    ) -> Result<Result<SignedGrant, SignError>, RequestError> {
+        let token = self.current_token().ok_or(RequestError::Unavailable)?;
         let keys = self.keys();
-        let (key, claims) = keys.prepare(grant, unix_now())?;
+        let (key, claims) = match keys.prepare(grant, unix_now()) {
+            Ok(prepared) => prepared,
+            Err(refused) => return Ok(Err(refused)),
+        };
         let input = grant::signing_input(&key.header, &claims);
         let (signature, queued) = token
             .sign(
                 key.key.clone(),
                 keys::hash(key.algorithm()),
+                key.path,
                 input.as_bytes().to_vec(),
                 deadline,
             )
             .await?;
         let mut grant = finish(key, claims, input, &signature);
         grant.queued = queued;
-        Ok(grant)
+        Ok(Ok(grant))
     }
 
     /// [`Agent::sign_grant`] on the calling thread, for the command line.
     pub fn sign_grant_blocking(&self, params: &GrantParameters) -> Result<SignedGrant, SignError> {
         let grant = ValidGrant::new(params.clone()).map_err(|rejected| rejected.invalid)?;
-        let token = self.current_token().ok_or(HsmError::Unavailable)?;
+        let token = self.current_token().ok_or(SignError::Unavailable)?;
         let keys = self.keys();
         let (key, claims) = keys.prepare(&grant, unix_now())?;
         let input = grant::signing_input(&key.header, &claims);
         let signature = token.sign_blocking(
             key.key.clone(),
             keys::hash(key.algorithm()),
+            key.path,
             input.as_bytes().to_vec(),
         )?;
         Ok(finish(key, claims, input, &signature))

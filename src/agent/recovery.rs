@@ -158,7 +158,11 @@ impl Agent {
             source,
         };
         let token = Token::open(&self.pkcs11, &self.pin, self.errors.clone())
-            .inspect_err(|error| self.errors.count(error))
+            .inspect_err(|error| {
+                if let Some(call) = error.call() {
+                    self.errors.count(call);
+                }
+            })
             .map_err(hsm)?;
         let config = match self.config.lock() {
             Ok(config) => config.clone(),

@@ -182,7 +182,7 @@ proptest::proptest! {
                 proptest::prop_assert_eq!(claims.scope.split(' ').count(), p.scopes.len());
                 proptest::prop_assert!(json.as_object().is_some_and(|o| o.len() <= 9));
             }
-            Err(e) => proptest::prop_assert!(e.field.starts_with("grant."), "{}", e),
+            Err(e) => proptest::prop_assert!(e.to_string().starts_with("grant."), "{}", e),
         }
     }
 }

@@ -7,7 +7,7 @@ use cryptoki::{
 use der::{Encode, asn1::UintRef};
 
 use super::KeyLocator;
-use super::{HsmError, Token};
+use super::{FailedCall, HsmError, Token};
 use crate::hex;
 
 /// Smallest RSA modulus Maskinporten (and we) accept.
@@ -78,7 +78,7 @@ pub(super) fn find_key(session: &Session, locator: &KeyLocator) -> Result<TokenK
     });
     let handles = session
         .find_objects(&template)
-        .map_err(HsmError::call("C_FindObjects"))?;
+        .map_err(FailedCall::of("C_FindObjects"))?;
     let handle = match handles.as_slice() {
         [] => return Err(HsmError::KeyNotFound(what)),
         [one] => *one,
@@ -99,7 +99,7 @@ pub(super) fn find_key(session: &Session, locator: &KeyLocator) -> Result<TokenK
                 AttributeType::PublicExponent,
             ],
         )
-        .map_err(HsmError::call("C_GetAttributeValue"))?;
+        .map_err(FailedCall::of("C_GetAttributeValue"))?;
     let (mut key_type, mut id, mut modulus, mut exponent) = (None, Vec::new(), None, None);
     for attribute in attributes {
         match attribute {
@@ -152,12 +152,12 @@ fn certificates_der(session: &Session, id: &[u8]) -> Result<Vec<Vec<u8>>, HsmErr
             Attribute::Class(ObjectClass::CERTIFICATE),
             Attribute::Id(id.to_vec()),
         ])
-        .map_err(HsmError::call("C_FindObjects"))?;
+        .map_err(FailedCall::of("C_FindObjects"))?;
     let mut ders = Vec::with_capacity(handles.len());
     for handle in handles {
         let values = session
             .get_attributes(handle, &[AttributeType::Value])
-            .map_err(HsmError::call("C_GetAttributeValue"))?;
+            .map_err(FailedCall::of("C_GetAttributeValue"))?;
         ders.extend(values.into_iter().filter_map(|v| match v {
             Attribute::Value(der) => Some(der),
             _ => None,
@@ -193,7 +193,7 @@ impl Token {
         self.pool.run_blocking(move |session| {
             let handles = session
                 .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
-                .map_err(HsmError::call("C_FindObjects"))?;
+                .map_err(FailedCall::of("C_FindObjects"))?;
             let mut keys = Vec::with_capacity(handles.len());
             for handle in handles {
                 let attributes = session
@@ -207,7 +207,7 @@ impl Token {
                             AttributeType::NeverExtractable,
                         ],
                     )
-                    .map_err(HsmError::call("C_GetAttributeValue"))?;
+                    .map_err(FailedCall::of("C_GetAttributeValue"))?;
                 let mut key = KeyObject {
                     label: String::new(),
                     id: Vec::new(),

@@ -17,7 +17,7 @@ use rsa::{
     sha2::{Digest, Sha256, Sha384, Sha512},
 };
 
-use super::HsmError;
+use super::{FailedCall, HsmError};
 
 /// The hash of an RSASSA-PKCS1-v1_5 signature: RS256, RS384 and RS512 in JWS terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +61,7 @@ impl Mechanisms {
     pub(super) fn detect(pkcs11: &Pkcs11, slot: Slot) -> Result<Self, HsmError> {
         let list = pkcs11
             .get_mechanism_list(slot)
-            .map_err(HsmError::call("C_GetMechanismList"))?;
+            .map_err(FailedCall::of("C_GetMechanismList"))?;
         let raw = list.contains(&MechanismType::RSA_PKCS);
         let path = |combined: MechanismType| {
             if list.contains(&combined) {
@@ -106,7 +106,7 @@ pub(super) fn sign(
     hash: Hash,
     path: SignPath,
     data: &[u8],
-) -> Result<Vec<u8>, HsmError> {
+) -> Result<Vec<u8>, FailedCall> {
     let result = match path {
         SignPath::InToken => {
             let mechanism = match hash {
@@ -118,7 +118,7 @@ pub(super) fn sign(
         }
         SignPath::DigestInfo => session.sign(&Mechanism::RsaPkcs, key, &digest_info(hash, data)),
     };
-    result.map_err(HsmError::call("C_Sign"))
+    result.map_err(FailedCall::of("C_Sign"))
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //!   tokio's blocking threads and never holds a session across an `.await`.
 //! - A wrong PIN is never retried: tokens lock the user PIN after a few attempts.
 
+mod error;
 mod key;
 mod mechanism;
 mod pin;
@@ -36,6 +37,7 @@ use cryptoki::{
 };
 
 pub use cryptoki::object::ObjectHandle;
+pub use error::{ErrorCounts, FailedCall, HsmError, Recovery, RequestError};
 pub use key::{KeyObject, KeyRef, MIN_RSA_BITS, TokenKey, rsa_bits};
 pub use mechanism::{Hash, SignPath};
 pub(crate) use pin::exposed_pin_file;
@@ -45,240 +47,6 @@ pub use settings::{KeyLocator, Pkcs11Config, TokenSelector};
 
 pub use pool::PoolLoad;
 use pool::SessionPool;
-
-/// A failure talking to the token. The variants say what the operator should look at;
-/// the cryptoki error, with the PKCS#11 function that failed, stays as the source.
-#[derive(Debug, thiserror::Error)]
-pub enum HsmError {
-    /// The module could not be loaded or initialised.
-    #[error("cannot load PKCS#11 module {module}: {source}")]
-    Module {
-        /// Path of the module.
-        module: String,
-        /// The loader's or C_Initialize's error.
-        #[source]
-        source: Pkcs11Error,
-    },
-    /// No token with the configured label is present.
-    #[error(
-        "no token {label} (tokens present: {present}); check pkcs11.token_label (or token_serial, slot_id) and that the token is initialised"
-    )]
-    TokenNotFound {
-        /// The label looked for.
-        label: String,
-        /// Labels of the tokens that are present.
-        present: String,
-    },
-    /// The user PIN was refused. Not retried, so the token is not locked by us.
-    #[error(
-        "the token refused the user PIN ({0:?}); check the PIN source, and do not retry blindly: tokens lock after a few wrong PINs"
-    )]
-    PinRefused(RvError),
-    /// The token reports that one more wrong PIN would lock it, or that it is locked, so
-    /// the agent does not try the PIN at all: if it is wrong, trying locks the token.
-    #[error(
-        "the token reports {flag}: not trying the PIN ({why}); check the PIN source, then have the HSM's security officer reset the counter or unlock the PIN with the vendor's tool"
-    )]
-    PinNotTried {
-        /// The token flag.
-        flag: &'static str,
-        /// What it means.
-        why: &'static str,
-    },
-    /// The PIN could not be read from its source.
-    #[error("cannot read the user PIN: {0}")]
-    PinSource(String),
-    /// No private key matches.
-    #[error("no private key with {0} in the token")]
-    KeyNotFound(String),
-    /// More than one private key matches; signing with an arbitrary one would be wrong.
-    #[error("{count} private keys match {what}; give each key a unique label or id")]
-    KeyAmbiguous {
-        /// The locator.
-        what: String,
-        /// How many matched.
-        count: usize,
-    },
-    /// The key is not an RSA key of a size Maskinporten accepts.
-    #[error("the key with {what} is {problem}; Maskinporten needs RSA keys of 2048 bits or more")]
-    UnusableKey {
-        /// The locator.
-        what: String,
-        /// What is wrong with it.
-        problem: String,
-    },
-    /// No certificate object has the key's CKA_ID.
-    #[error(
-        "no certificate in the token has the CKA_ID {0} of the key; import it, or set certificate to a PEM file"
-    )]
-    CertificateNotFound(String),
-    /// A PKCS#11 call failed.
-    #[error("PKCS#11 {function} failed: {rv}")]
-    Call {
-        /// What was being done.
-        function: &'static str,
-        /// The return value.
-        rv: String,
-        /// The cryptoki error with the failing function.
-        #[source]
-        source: Pkcs11Error,
-    },
-    /// The token is out of service while the agent recovers it.
-    #[error(
-        "the token is unavailable (being recovered, or waiting for an operator: see the agent log)"
-    )]
-    Unavailable,
-    /// The token can sign with this hash neither directly nor over a DigestInfo.
-    #[error("the token has neither the combined mechanism nor CKM_RSA_PKCS for RSA with {0:?}")]
-    NoMechanism(Hash),
-    /// Too many requests are waiting for a session.
-    #[error(
-        "the token is busy: {queued} requests are already waiting for a session; retry with backoff"
-    )]
-    Busy {
-        /// Requests ahead.
-        queued: usize,
-    },
-    /// The caller's deadline would pass before a session is free.
-    #[error("the caller's deadline cannot be met with the queue ahead of it")]
-    Deadline,
-    /// The blocking task running a PKCS#11 call did not finish.
-    #[error("the signing thread failed: {0}")]
-    Thread(String),
-}
-
-impl HsmError {
-    /// Whether the PIN was refused, or not tried for fear of locking the token: never to
-    /// be retried with the same PIN, by the agent or by a supervisor restarting it.
-    pub fn pin_refused(&self) -> bool {
-        matches!(self, HsmError::PinRefused(_) | HsmError::PinNotTried { .. })
-    }
-
-    /// What brings the token back after this error, and the class it is counted under.
-    /// The one place a PKCS#11 return value is mapped to a way back: the pool, the agent
-    /// and the metrics all ask here.
-    pub fn recovery(&self) -> Recovery {
-        match self {
-            HsmError::Call {
-                source: Pkcs11Error::Pkcs11(rv, _),
-                ..
-            } => Recovery::of(*rv),
-            _ => Recovery::None,
-        }
-    }
-
-    /// The PKCS#11 return value, for a failed call.
-    pub fn rv(&self) -> Option<&str> {
-        match self {
-            HsmError::Call { rv, .. } => Some(rv),
-            _ => None,
-        }
-    }
-
-    fn call(function: &'static str) -> impl FnOnce(Pkcs11Error) -> HsmError {
-        move |source| HsmError::Call {
-            function,
-            rv: match &source {
-                Pkcs11Error::Pkcs11(rv, _) => format!("{rv:?}"),
-                other => other.to_string(),
-            },
-            source,
-        }
-    }
-}
-
-/// The way back from a failed PKCS#11 call, by the class of its return value. Vendors
-/// fail differently (see docs/hsm-compatibility.md), and the cheapest remedy that works is
-/// the right one: a full re-initialisation drops every session, and on a throttled HSM
-/// (CloudHSM's CKR_DEVICE_ERROR) makes things worse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recovery {
-    /// The session is gone (SESSION_HANDLE_INVALID, SESSION_CLOSED): close it, open another.
-    NewSession,
-    /// The object handle is not valid in this session (OBJECT_HANDLE_INVALID,
-    /// KEY_HANDLE_INVALID; handles are per session on AWS CloudHSM SDK 5): find the key
-    /// again in the session.
-    FindKeyAgain,
-    /// The login is gone (USER_NOT_LOGGED_IN): log in again.
-    LogInAgain,
-    /// The HSM is overloaded or briefly unwell (DEVICE_ERROR, DEVICE_MEMORY): wait and
-    /// retry; re-initialise only if it persists.
-    BackOff,
-    /// The token or the module is gone (TOKEN_NOT_PRESENT, DEVICE_REMOVED, GENERAL_ERROR,
-    /// CRYPTOKI_NOT_INITIALIZED, ...): finalize, initialise, log in, find the keys again.
-    Reinitialize,
-    /// Not a fault of the token's state: the error stands.
-    None,
-}
-
-impl Recovery {
-    fn of(rv: RvError) -> Recovery {
-        match rv {
-            RvError::SessionHandleInvalid | RvError::SessionClosed => Recovery::NewSession,
-            RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid => Recovery::FindKeyAgain,
-            RvError::UserNotLoggedIn => Recovery::LogInAgain,
-            RvError::DeviceError | RvError::DeviceMemory => Recovery::BackOff,
-            RvError::TokenNotPresent
-            | RvError::TokenNotRecognized
-            | RvError::DeviceRemoved
-            | RvError::GeneralError
-            | RvError::CryptokiNotInitialized
-            | RvError::SlotIdInvalid => Recovery::Reinitialize,
-            _ => Recovery::None,
-        }
-    }
-
-    /// The `class` label of `grant_agent_pkcs11_errors_total`.
-    pub fn class(self) -> &'static str {
-        match self {
-            Recovery::NewSession => "session",
-            Recovery::FindKeyAgain => "handle",
-            Recovery::LogInAgain => "login",
-            Recovery::BackOff => "device",
-            Recovery::Reinitialize => "token",
-            Recovery::None => "other",
-        }
-    }
-}
-
-/// Every failed PKCS#11 call the agent met while signing or checking the token, by class
-/// and return value, including those it recovered from without the caller noticing. Shared
-/// by the pool's threads and the agent; it outlives a re-initialised token.
-#[derive(Debug, Clone, Default)]
-pub struct ErrorCounts(
-    std::sync::Arc<Mutex<std::collections::BTreeMap<(&'static str, String), u64>>>,
-);
-
-impl ErrorCounts {
-    /// Counts `error` if it is a failed PKCS#11 call.
-    pub fn count(&self, error: &HsmError) {
-        if let Some(rv) = error.rv() {
-            let class = error.recovery().class();
-            let mut counts = match self.0.lock() {
-                Ok(counts) => counts,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            match counts.get_mut(&(class, rv.to_owned())) {
-                Some(n) => *n += 1,
-                None => {
-                    let _ = counts.insert((class, rv.to_owned()), 1);
-                }
-            }
-        }
-    }
-
-    /// The counts so far: `(class, rv, count)`.
-    pub fn snapshot(&self) -> Vec<(&'static str, String, u64)> {
-        let counts = match self.0.lock() {
-            Ok(counts) => counts,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        counts
-            .iter()
-            .map(|((class, rv), n)| (*class, rv.clone(), *n))
-            .collect()
-    }
-}
 
 /// An open, logged-in token with a pool of sessions.
 pub struct Token {
@@ -368,7 +136,7 @@ impl Token {
         };
         let anchor = pkcs11
             .open_ro_session(slot)
-            .map_err(HsmError::call("C_OpenSession"))?;
+            .map_err(FailedCall::of("C_OpenSession"))?;
         log_in(&anchor, pin)?;
         Ok(Token {
             pool: SessionPool::new(pkcs11.clone(), slot, sessions, config.queue, errors.clone())?,
@@ -386,16 +154,17 @@ impl Token {
     }
 
     /// Signs `data` with `key` on a pooled session, on a blocking thread, if a session
-    /// frees up before `deadline`, by the token's [`SignPath`] for `hash`. Returns the
-    /// signature and the time spent queued.
+    /// frees up before `deadline`, by `path` (from [`Token::sign_path`] when the key was
+    /// found, so a request cannot fail on a missing mechanism). Returns the signature and
+    /// the time spent queued.
     pub async fn sign(
         &self,
         key: KeyRef,
         hash: Hash,
+        path: SignPath,
         data: Vec<u8>,
         deadline: Option<std::time::Instant>,
-    ) -> Result<(Vec<u8>, std::time::Duration), HsmError> {
-        let path = self.sign_path(hash)?;
+    ) -> Result<(Vec<u8>, std::time::Duration), RequestError> {
         self.pool
             .sign(key, deadline, move |session, handle| {
                 mechanism::sign(session, handle, hash, path, &data)
@@ -420,9 +189,9 @@ impl Token {
         &self,
         key: KeyRef,
         hash: Hash,
+        path: SignPath,
         data: Vec<u8>,
-    ) -> Result<Vec<u8>, HsmError> {
-        let path = self.sign_path(hash)?;
+    ) -> Result<Vec<u8>, RequestError> {
         self.pool.sign_blocking(key, move |session, handle| {
             mechanism::sign(session, handle, hash, path, &data)
         })
@@ -432,21 +201,21 @@ impl Token {
     /// fails when the token was removed, re-provisioned or lost its login. A handle the
     /// anchor session does not know is looked up again there first. Blocking; uses no
     /// pooled session.
-    pub fn check(&self, key: &KeyRef) -> Result<(), HsmError> {
+    pub fn check(&self, key: &KeyRef) -> Result<(), RequestError> {
         let mut anchor = self.lock_anchor();
         let anchor = &mut *anchor;
         let Some(session) = anchor.session.as_ref() else {
-            return Err(HsmError::Unavailable);
+            return Err(RequestError::Unavailable);
         };
         let handle = own_handle(&anchor.handles, key.handle);
         let error = match session.get_attributes(handle, &[cryptoki::object::AttributeType::Class])
         {
             Ok(_) => return Ok(()),
-            Err(e) => HsmError::call("C_GetAttributeValue")(e),
+            Err(e) => FailedCall::of("C_GetAttributeValue")(e),
         };
         self.errors.count(&error);
         if error.recovery() != Recovery::FindKeyAgain {
-            return Err(error);
+            return Err(error.into());
         }
         let found = key::find_key(session, &key.locator).map_err(|_| error)?;
         remember(&mut anchor.handles, key.handle, found.handle);
@@ -466,8 +235,8 @@ impl Token {
         let result = log_in(session, pin);
         match &result {
             Err(HsmError::PinRefused(rv)) => anchor.refused = Some(*rv),
-            Err(error) => self.errors.count(error),
-            Ok(()) => {}
+            Err(HsmError::Call(call)) => self.errors.count(call),
+            Err(_) | Ok(()) => {}
         }
         result
     }
@@ -490,7 +259,7 @@ impl Token {
         } = self;
         drop(pool);
         drop(anchor);
-        pkcs11.finalize().map_err(HsmError::call("C_Finalize"))
+        Ok(pkcs11.finalize().map_err(FailedCall::of("C_Finalize"))?)
     }
 }
 
@@ -546,7 +315,7 @@ fn log_in(session: &Session, pin: &AuthPin) -> Result<(), HsmError> {
             | RvError::PinLenRange),
             _,
         )) => Err(HsmError::PinRefused(rv)),
-        Err(e) => Err(HsmError::call("C_Login")(e)),
+        Err(e) => Err(FailedCall::of("C_Login")(e).into()),
     }
 }
 

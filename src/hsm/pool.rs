@@ -18,8 +18,8 @@
 //! knows what the other classes need (see [`Recovery`]).
 //!
 //! **Bounded waiting.** An HSM is slow and shared: at most `queue` requests wait (more get
-//! [`HsmError::Busy`] at once), and a request whose deadline cannot be met given the queue
-//! ahead of it and the recent signing time gets [`HsmError::Deadline`] at once instead of
+//! [`RequestError::Busy`] at once), and a request whose deadline cannot be met given the
+//! queue ahead of it and the recent signing time gets [`RequestError::Deadline`] at once instead of
 //! occupying the token for an answer nobody will read. A request whose caller went away
 //! or whose deadline passed while it waited is dropped unsigned.
 
@@ -34,11 +34,13 @@ use std::{
 
 use cryptoki::{context::Pkcs11, object::ObjectHandle, session::Session, slot::Slot};
 
-use super::{ErrorCounts, HsmError, KeyRef, Recovery, own_handle, remember};
+use super::{
+    ErrorCounts, FailedCall, HsmError, KeyRef, Recovery, RequestError, own_handle, remember,
+};
 
 /// The pool: the queue and the threads that serve it. Dropping it stops the threads
 /// after the request each is on, closes their sessions, and fails the requests still
-/// queued with [`HsmError::Unavailable`].
+/// queued with [`RequestError::Unavailable`].
 pub(super) struct SessionPool {
     shared: Arc<Shared>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -104,7 +106,7 @@ impl SessionPool {
             let thread = std::thread::Builder::new()
                 .name(format!("pkcs11-session-{n}"))
                 .spawn(move || serve(&shared))
-                .map_err(|e| HsmError::Thread(format!("cannot start a session thread: {e}")))?;
+                .map_err(HsmError::SessionThread)?;
             pool.threads.push(thread);
         }
         Ok(pool)
@@ -124,8 +126,8 @@ impl SessionPool {
         &self,
         key: KeyRef,
         deadline: Option<Instant>,
-        sign: impl Fn(&Session, ObjectHandle) -> Result<Vec<u8>, HsmError> + Send + 'static,
-    ) -> Result<(Vec<u8>, Duration), HsmError> {
+        sign: impl Fn(&Session, ObjectHandle) -> Result<Vec<u8>, FailedCall> + Send + 'static,
+    ) -> Result<(Vec<u8>, Duration), RequestError> {
         let arrived = Instant::now();
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |worker: &mut Worker| {
@@ -133,7 +135,7 @@ impl SessionPool {
                 return;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                let _ = reply.send(Err(HsmError::Deadline));
+                let _ = reply.send(Err(RequestError::Deadline));
                 return;
             }
             let waited = arrived.elapsed();
@@ -143,10 +145,10 @@ impl SessionPool {
         let answer = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), answer)
                 .await
-                .map_err(|_| HsmError::Deadline)?,
+                .map_err(|_| RequestError::Deadline)?,
             None => answer.await,
         };
-        answer.map_err(|_| HsmError::Unavailable)?
+        answer.map_err(|_| RequestError::Unavailable)?
     }
 
     /// [`SessionPool::sign`] for callers that are not async: waits here, in the queue
@@ -154,14 +156,14 @@ impl SessionPool {
     pub(super) fn sign_blocking(
         &self,
         key: KeyRef,
-        sign: impl Fn(&Session, ObjectHandle) -> Result<Vec<u8>, HsmError> + Send + 'static,
-    ) -> Result<Vec<u8>, HsmError> {
+        sign: impl Fn(&Session, ObjectHandle) -> Result<Vec<u8>, FailedCall> + Send + 'static,
+    ) -> Result<Vec<u8>, RequestError> {
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
         let job: Job = Box::new(move |worker: &mut Worker| {
             let _ = reply.send(worker.sign(&key, sign));
         });
         self.shared.submit(job, None)?;
-        answer.recv().map_err(|_| HsmError::Unavailable)?
+        answer.recv().map_err(|_| RequestError::Unavailable)?
     }
 
     /// Runs `work` with a session, on that session's thread, and waits for it here. In
@@ -175,7 +177,10 @@ impl SessionPool {
         let job: Job = Box::new(move |worker: &mut Worker| {
             let _ = reply.send(worker.with_session(work));
         });
-        self.shared.submit(job, None)?;
+        // Without admission the only refusal is a closed pool.
+        self.shared
+            .submit(job, None)
+            .map_err(|_| HsmError::Unavailable)?;
         answer.recv().map_err(|_| HsmError::Unavailable)?
     }
 }
@@ -208,24 +213,24 @@ impl Shared {
 
     /// Queues `job`. `admission` is `Some(deadline)` for a request that may be refused
     /// (queue full, or its deadline out of reach), `None` for one that waits its turn.
-    fn submit(&self, job: Job, admission: Option<Option<Instant>>) -> Result<(), HsmError> {
+    fn submit(&self, job: Job, admission: Option<Option<Instant>>) -> Result<(), RequestError> {
         let mut jobs = self.lock();
         if jobs.closed {
-            return Err(HsmError::Unavailable);
+            return Err(RequestError::Unavailable);
         }
         if let Some(deadline) = admission {
             let ahead = jobs.waiting.len();
             let idle = self.size.saturating_sub(self.busy.load(Ordering::Relaxed));
             if ahead >= idle {
                 if ahead >= self.queue {
-                    return Err(HsmError::Busy { queued: ahead });
+                    return Err(RequestError::Busy { queued: ahead });
                 }
                 let average = Duration::from_nanos(self.average_nanos.load(Ordering::Relaxed));
                 // Our turn comes after the queue ahead drains through `size` sessions.
                 let expected = average * u32::try_from(ahead / self.size + 2).unwrap_or(u32::MAX);
                 if deadline.is_some_and(|d| d.saturating_duration_since(Instant::now()) < expected)
                 {
-                    return Err(HsmError::Deadline);
+                    return Err(RequestError::Deadline);
                 }
             }
         }
@@ -292,17 +297,17 @@ struct Worker {
 
 impl Worker {
     /// The thread's session, opened if it has none.
-    fn session(&mut self) -> Result<&Session, HsmError> {
-        if self.session.is_none() {
-            let session = self
+    fn session(&mut self) -> Result<&Session, FailedCall> {
+        let session = match self.session.take() {
+            Some(session) => session,
+            None => self
                 .shared
                 .pkcs11
                 .open_ro_session(self.shared.slot)
-                .map_err(HsmError::call("C_OpenSession"))
-                .inspect_err(|e| self.shared.errors.count(e))?;
-            self.session = Some(session);
-        }
-        self.session.as_ref().ok_or(HsmError::Unavailable)
+                .map_err(FailedCall::of("C_OpenSession"))
+                .inspect_err(|e| self.shared.errors.count(e))?,
+        };
+        Ok(self.session.insert(session))
     }
 
     /// Closes the session after a failure: one that failed may be closed, in an operation
@@ -317,11 +322,9 @@ impl Worker {
         work: impl FnOnce(&Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
         let result = work(self.session()?);
-        if let Err(error) = &result {
-            self.shared.errors.count(error);
-            if error.rv().is_some() {
-                self.discard();
-            }
+        if let Err(HsmError::Call(call)) = &result {
+            self.shared.errors.count(call);
+            self.discard();
         }
         result
     }
@@ -333,8 +336,8 @@ impl Worker {
     fn sign(
         &mut self,
         key: &KeyRef,
-        sign: impl Fn(&Session, ObjectHandle) -> Result<Vec<u8>, HsmError>,
-    ) -> Result<Vec<u8>, HsmError> {
+        sign: impl Fn(&Session, ObjectHandle) -> Result<Vec<u8>, FailedCall>,
+    ) -> Result<Vec<u8>, RequestError> {
         let (mut new_sessions, mut find_again) = (0, true);
         loop {
             let handle = own_handle(&self.handles, key.handle);
@@ -358,13 +361,13 @@ impl Worker {
                         Err(not_found) => {
                             tracing::debug!(error = %not_found, "the key is not in a new session either");
                             self.discard();
-                            return Err(error);
+                            return Err(error.into());
                         }
                     }
                 }
                 _ => {
                     self.discard();
-                    return Err(error);
+                    return Err(error.into());
                 }
             }
         }

@@ -16,7 +16,10 @@ use der::{Any, asn1::ObjectIdentifier};
 use rsa::{pkcs1::DecodeRsaPublicKey, pkcs1v15, sha2::Sha256};
 use spki::{AlgorithmIdentifierOwned, DynSignatureAlgorithmIdentifier};
 
-use super::{Hash, HsmError, KeyLocator, KeyRef, Token, TokenKey, key::find_key, load, slots};
+use super::{
+    FailedCall, Hash, HsmError, KeyLocator, KeyRef, SignPath, Token, TokenKey, key::find_key, load,
+    slots,
+};
 
 /// sha256WithRSAEncryption, what the token's CKM_SHA256_RSA_PKCS produces.
 const SHA256_WITH_RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.11");
@@ -33,7 +36,7 @@ pub fn init_token(
     let result = (|| {
         let slots = pkcs11
             .get_slots_with_token()
-            .map_err(HsmError::call("C_GetSlotList"))?;
+            .map_err(FailedCall::of("C_GetSlotList"))?;
         let mut free = None;
         for slot in slots {
             if !slots::token_info(module, slot)?.token_initialized() {
@@ -47,19 +50,21 @@ pub fn init_token(
         })?;
         pkcs11
             .init_token(slot, so_pin, label)
-            .map_err(HsmError::call("C_InitToken"))?;
+            .map_err(FailedCall::of("C_InitToken"))?;
         let session = pkcs11
             .open_rw_session(slot)
-            .map_err(HsmError::call("C_OpenSession"))?;
+            .map_err(FailedCall::of("C_OpenSession"))?;
         session
             .login(UserType::So, Some(so_pin))
-            .map_err(HsmError::call("C_Login"))?;
+            .map_err(FailedCall::of("C_Login"))?;
         session
             .init_pin(user_pin)
-            .map_err(HsmError::call("C_InitPIN"))?;
-        session.logout().map_err(HsmError::call("C_Logout"))
+            .map_err(FailedCall::of("C_InitPIN"))?;
+        Ok(session.logout().map_err(FailedCall::of("C_Logout"))?)
     })();
-    let finalized = pkcs11.finalize().map_err(HsmError::call("C_Finalize"));
+    let finalized = pkcs11
+        .finalize()
+        .map_err(|e| FailedCall::of("C_Finalize")(e).into());
     result.and(finalized)
 }
 
@@ -75,7 +80,7 @@ impl Token {
         let session = self
             .pkcs11
             .open_rw_session(self.slot)
-            .map_err(HsmError::call("C_OpenSession"))?;
+            .map_err(FailedCall::of("C_OpenSession"))?;
         let common = [
             Attribute::Token(true),
             Attribute::Label(label.as_bytes().to_vec()),
@@ -92,7 +97,7 @@ impl Token {
         private.extend_from_slice(&common);
         let _ = session
             .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)
-            .map_err(HsmError::call("C_GenerateKeyPair"))?;
+            .map_err(FailedCall::of("C_GenerateKeyPair"))?;
         find_key(&session, &KeyLocator::Id(id.to_vec()))
     }
 
@@ -108,7 +113,7 @@ impl Token {
         let session = self
             .pkcs11
             .open_rw_session(self.slot)
-            .map_err(HsmError::call("C_OpenSession"))?;
+            .map_err(FailedCall::of("C_OpenSession"))?;
         let common = [
             Attribute::Token(true),
             Attribute::KeyType(KeyType::RSA),
@@ -141,7 +146,7 @@ impl Token {
                 zeroize::Zeroize::zeroize(v);
             }
         }
-        let private = created.map_err(HsmError::call("C_CreateObject"))?;
+        let private = created.map_err(FailedCall::of("C_CreateObject"))?;
         let mut public = vec![
             Attribute::Class(ObjectClass::PUBLIC_KEY),
             Attribute::Private(false),
@@ -152,7 +157,7 @@ impl Token {
             Ok(public) => Ok((private, public)),
             Err(e) => {
                 let _ = session.destroy_object(private);
-                Err(HsmError::call("C_CreateObject")(e))
+                Err(FailedCall::of("C_CreateObject")(e).into())
             }
         }
     }
@@ -169,7 +174,7 @@ impl Token {
         let session = self
             .pkcs11
             .open_rw_session(self.slot)
-            .map_err(HsmError::call("C_OpenSession"))?;
+            .map_err(FailedCall::of("C_OpenSession"))?;
         session
             .create_object(&[
                 Attribute::Class(ObjectClass::CERTIFICATE),
@@ -181,7 +186,7 @@ impl Token {
                 Attribute::Subject(subject_der.to_vec()),
                 Attribute::Value(der.to_vec()),
             ])
-            .map_err(HsmError::call("C_CreateObject"))
+            .map_err(|e| FailedCall::of("C_CreateObject")(e).into())
     }
 }
 
@@ -191,10 +196,10 @@ impl Token {
         let session = self
             .pkcs11
             .open_rw_session(self.slot)
-            .map_err(HsmError::call("C_OpenSession"))?;
+            .map_err(FailedCall::of("C_OpenSession"))?;
         session
             .destroy_object(object)
-            .map_err(HsmError::call("C_DestroyObject"))
+            .map_err(|e| FailedCall::of("C_DestroyObject")(e).into())
     }
 }
 
@@ -246,6 +251,7 @@ impl std::fmt::Debug for RsaKeyParts<'_> {
 pub struct TokenSigner<'a> {
     token: &'a Token,
     key: KeyRef,
+    path: SignPath,
     verifying_key: pkcs1v15::VerifyingKey<Sha256>,
 }
 
@@ -261,6 +267,7 @@ impl<'a> TokenSigner<'a> {
         Ok(TokenSigner {
             token,
             key: key.key_ref(),
+            path: token.sign_path(Hash::Sha256)?,
             verifying_key: pkcs1v15::VerifyingKey::new(public),
         })
     }
@@ -287,7 +294,7 @@ impl signature::Signer<pkcs1v15::Signature> for TokenSigner<'_> {
     fn try_sign(&self, msg: &[u8]) -> Result<pkcs1v15::Signature, signature::Error> {
         let signature = self
             .token
-            .sign_blocking(self.key.clone(), Hash::Sha256, msg.to_vec())
+            .sign_blocking(self.key.clone(), Hash::Sha256, self.path, msg.to_vec())
             .map_err(signature::Error::from_source)?;
         pkcs1v15::Signature::try_from(signature.as_slice())
     }

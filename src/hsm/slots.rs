@@ -16,7 +16,7 @@ use cryptoki::{
 pub(super) use pkcs11_token_info::Limit;
 use pkcs11_token_info::{Error as ReadError, TokenInfo};
 
-use super::{HsmError, TokenSelector};
+use super::{FailedCall, HsmError, TokenSelector};
 
 /// The information of the token in `slot` of `module`, which must be loaded and
 /// initialised in this process (it is the same library, found again by its path).
@@ -25,8 +25,8 @@ pub(super) fn token_info(module: &Path, slot: Slot) -> Result<TokenInfo, HsmErro
 }
 
 /// The reader's error as the agent's: the module's own failures as [`HsmError::Module`],
-/// C_GetTokenInfo's return value as a failed call, so that [`HsmError::token_is_gone`]
-/// sees a token that went away.
+/// C_GetTokenInfo's return value as a failed call, so that its [`Recovery`](super::Recovery) sees a token
+/// that went away.
 fn read_error(module: &Path, error: ReadError) -> HsmError {
     let module_error = |source| HsmError::Module {
         module: module.display().to_string(),
@@ -38,10 +38,11 @@ fn read_error(module: &Path, error: ReadError) -> HsmError {
             module_error(Pkcs11Error::Pkcs11(rv_error(rv), Function::GetFunctionList))
         }
         ReadError::Missing(_) => module_error(Pkcs11Error::NullFunctionPointer),
-        ReadError::TokenInfo(rv) => HsmError::call("C_GetTokenInfo")(Pkcs11Error::Pkcs11(
+        ReadError::TokenInfo(rv) => FailedCall::of("C_GetTokenInfo")(Pkcs11Error::Pkcs11(
             rv_error(rv),
             Function::GetTokenInfo,
-        )),
+        ))
+        .into(),
     }
 }
 
@@ -65,7 +66,7 @@ pub(super) fn find_token(
     // read does not hide the others.
     let slots = pkcs11
         .get_slots_with_token()
-        .map_err(HsmError::call("C_GetSlotList"))?;
+        .map_err(FailedCall::of("C_GetSlotList"))?;
     let mut present = Vec::new();
     for slot in slots {
         if let TokenSelector::Slot(id) = selector {
@@ -117,6 +118,7 @@ pub(super) fn find_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hsm::Recovery;
 
     /// CKR_TOKEN_NOT_PRESENT, CKR_CRYPTOKI_NOT_INITIALIZED and CKR_SLOT_ID_INVALID.
     const TOKEN_NOT_PRESENT: u64 = 0xE0;
@@ -130,16 +132,26 @@ mod tests {
             e.to_string(),
             "PKCS#11 C_GetTokenInfo failed: TokenNotPresent"
         );
-        assert_eq!(e.recovery(), crate::hsm::Recovery::Reinitialize);
+        assert_eq!(
+            e.call().map(FailedCall::recovery),
+            Some(Recovery::Reinitialize)
+        );
         let e = read_error(Path::new("/m.so"), ReadError::TokenInfo(NOT_INITIALIZED));
-        assert_eq!(e.recovery(), crate::hsm::Recovery::Reinitialize, "{e}");
+        assert_eq!(
+            e.call().map(FailedCall::recovery),
+            Some(Recovery::Reinitialize),
+            "{e}"
+        );
         let e = read_error(Path::new("/m.so"), ReadError::TokenInfo(SLOT_ID_INVALID));
         assert_eq!(
             e.to_string(),
             "PKCS#11 C_GetTokenInfo failed: SlotIdInvalid"
         );
         // SoftHSM numbers slots anew when a token is initialised: the slot is gone.
-        assert_eq!(e.recovery(), crate::hsm::Recovery::Reinitialize);
+        assert_eq!(
+            e.call().map(FailedCall::recovery),
+            Some(Recovery::Reinitialize)
+        );
     }
 
     #[test]

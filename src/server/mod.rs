@@ -513,6 +513,20 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown requested");
 }
 
+/// Why a SIGHUP reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    /// The file does not load or validate.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The agent refused the new keys (or a changed `[pkcs11]`).
+    #[error(transparent)]
+    Start(#[from] crate::agent::StartError),
+    /// The blocking task that reads the file and the token did not finish.
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Reloads the config on SIGHUP: keys, certificates, environments, the default key and
 /// the policy take effect for the next request; in-flight requests finish with the old
 /// ones. A config that fails to load or validate is logged and nothing changes.
@@ -532,12 +546,12 @@ async fn reload_on_hangup(agent: Arc<Agent>, policy: Arc<Policy>, reload: Reload
         let agent = Arc::clone(&agent);
         let file = path.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let config = Config::load(&file).map_err(|e| e.to_string())?;
-            agent.reload(&config).map_err(|e| e.to_string())?;
-            Ok::<_, String>(config)
+            let config = Config::load(&file)?;
+            agent.reload(&config)?;
+            Ok::<_, ReloadError>(config)
         })
         .await
-        .map_err(|e| e.to_string())
+        .map_err(ReloadError::from)
         .and_then(|r| r);
         match result {
             Ok(config) => {

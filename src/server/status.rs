@@ -8,10 +8,9 @@
 //! | unknown key name                   | `NOT_FOUND`           | refused |
 //! | certificate expired / not yet valid| `FAILED_PRECONDITION` | refused |
 //! | certificate for the other environment | `FAILED_PRECONDITION` | refused |
-//! | PKCS#11 call failed                | `UNAVAILABLE`         | failed  |
+//! | PKCS#11 call failed, token unavailable | `UNAVAILABLE`     | failed  |
 //! | session queue full                 | `RESOURCE_EXHAUSTED`  | busy    |
 //! | deadline cannot be met             | `DEADLINE_EXCEEDED`   | busy    |
-//! | signing thread lost                | `INTERNAL`            | failed  |
 //! | caller not in the policy / not allowed | `PERMISSION_DENIED` | denied |
 //! | caller over its rate               | `RESOURCE_EXHAUSTED`  | denied  |
 //! | Maskinporten: invalid_scope, unauthorized_client, access_denied | `PERMISSION_DENIED` | refused |
@@ -35,7 +34,7 @@ use std::collections::HashMap;
 
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{agent::SignError, hsm::HsmError, token::TokenError};
+use crate::{agent::SignError, token::TokenError};
 
 use super::{audit::AuditUnavailable, policy::Refusal};
 
@@ -91,23 +90,23 @@ pub(super) fn refusal(refusal: &Refusal) -> Failure {
     }
 }
 
-/// A grant that could not be signed.
+/// A grant that could not be signed. The token's failures are sent as such, so the
+/// caller can tell them from its own request's.
 pub(super) fn sign_failure(error: &SignError) -> Failure {
-    let (code, outcome) = match error {
-        SignError::Invalid(_) => (Code::InvalidArgument, Outcome::Refused),
-        SignError::UnknownKey(_) => (Code::NotFound, Outcome::Refused),
+    let (code, outcome, in_token) = match error {
+        SignError::Invalid(_) => (Code::InvalidArgument, Outcome::Refused, false),
+        SignError::UnknownKey(_) => (Code::NotFound, Outcome::Refused, false),
         SignError::CertificateNotValid { .. } | SignError::WrongEnvironment { .. } => {
-            (Code::FailedPrecondition, Outcome::Refused)
+            (Code::FailedPrecondition, Outcome::Refused, false)
         }
-        SignError::Hsm(HsmError::Thread(_)) => (Code::Internal, Outcome::Failed),
-        SignError::Hsm(HsmError::Unavailable) => (Code::Unavailable, Outcome::Failed),
-        SignError::Hsm(HsmError::Busy { .. }) => (Code::ResourceExhausted, Outcome::Busy),
-        SignError::Hsm(HsmError::Deadline) => (Code::DeadlineExceeded, Outcome::Busy),
-        SignError::Hsm(_) => (Code::Unavailable, Outcome::Failed),
+        SignError::Unavailable | SignError::Pkcs11(_) => (Code::Unavailable, Outcome::Failed, true),
+        SignError::Busy { .. } => (Code::ResourceExhausted, Outcome::Busy, true),
+        SignError::Deadline => (Code::DeadlineExceeded, Outcome::Busy, true),
     };
-    let message = match error {
-        SignError::Hsm(e) => format!("signing in the token failed: {e}"),
-        other => other.to_string(),
+    let message = if in_token {
+        format!("signing in the token failed: {error}")
+    } else {
+        error.to_string()
     };
     Failure {
         status: Status::new(code, message),
@@ -178,12 +177,16 @@ mod tests {
     };
 
     use super::*;
-    use crate::{cert::CertEnvironment, grant::InvalidGrant, token::OAuthError};
+    use crate::{
+        cert::CertEnvironment,
+        grant::{GrantField, InvalidGrant},
+        hsm::FailedCall,
+        token::OAuthError,
+    };
 
-    fn device_error() -> HsmError {
-        HsmError::Call {
+    fn device_error() -> FailedCall {
+        FailedCall {
             function: "C_Sign",
-            rv: "DeviceError".into(),
             source: Pkcs11Error::Pkcs11(RvError::DeviceError, Function::Sign),
         }
     }
@@ -224,10 +227,11 @@ mod tests {
     fn each_signing_error_has_its_code_and_a_message_naming_the_cause() {
         let table = [
             (
-                SignError::Invalid(InvalidGrant {
-                    field: "grant.scopes[1]".into(),
-                    reason: "is empty".into(),
-                }),
+                SignError::Invalid(InvalidGrant::at(
+                    GrantField::Scopes,
+                    "[1]".into(),
+                    "is empty",
+                )),
                 Code::InvalidArgument,
                 Outcome::Refused,
                 "grant.scopes[1]: is empty".to_owned(),
@@ -259,40 +263,28 @@ mod tests {
                 "key \"default\" has a test certificate (issuer CN=Buypass Class 3 Test4 CA G2), which Maskinporten refuses in environment \"prod\"; use a key with a certificate for that environment (or set keys[].allow_environment_mismatch = true)".to_owned(),
             ),
             (
-                SignError::Hsm(HsmError::Thread("panicked".into())),
-                Code::Internal,
-                Outcome::Failed,
-                "signing in the token failed: the signing thread failed: panicked".to_owned(),
-            ),
-            (
-                SignError::Hsm(HsmError::Unavailable),
+                SignError::Unavailable,
                 Code::Unavailable,
                 Outcome::Failed,
                 "signing in the token failed: the token is unavailable (being recovered, or waiting for an operator: see the agent log)".to_owned(),
             ),
             (
-                SignError::Hsm(HsmError::Busy { queued: 64 }),
+                SignError::Busy { queued: 64 },
                 Code::ResourceExhausted,
                 Outcome::Busy,
                 "signing in the token failed: the token is busy: 64 requests are already waiting for a session; retry with backoff".to_owned(),
             ),
             (
-                SignError::Hsm(HsmError::Deadline),
+                SignError::Deadline,
                 Code::DeadlineExceeded,
                 Outcome::Busy,
                 "signing in the token failed: the caller's deadline cannot be met with the queue ahead of it".to_owned(),
             ),
             (
-                SignError::Hsm(device_error()),
+                SignError::Pkcs11(device_error()),
                 Code::Unavailable,
                 Outcome::Failed,
                 "signing in the token failed: PKCS#11 C_Sign failed: DeviceError".to_owned(),
-            ),
-            (
-                SignError::Hsm(HsmError::PinRefused(RvError::PinIncorrect)),
-                Code::Unavailable,
-                Outcome::Failed,
-                "signing in the token failed: the token refused the user PIN (PinIncorrect); check the PIN source, and do not retry blindly: tokens lock after a few wrong PINs".to_owned(),
             ),
         ];
         for (error, code, outcome, message) in table {
@@ -384,7 +376,7 @@ mod tests {
                 Outcome::Refused,
             ),
             (
-                TokenError::Sign(SignError::Hsm(HsmError::Busy { queued: 3 })),
+                TokenError::Sign(SignError::Busy { queued: 3 }),
                 Code::ResourceExhausted,
                 Outcome::Busy,
             ),

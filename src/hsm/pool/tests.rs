@@ -95,7 +95,7 @@ fn open_token(module: &std::path::Path) -> (Pkcs11, Slot, KeyRef) {
 /// A request that holds the pool's one session until `release` is sent.
 struct Holder {
     release: mpsc::Sender<()>,
-    answer: tokio::task::JoinHandle<Result<(Vec<u8>, Duration), HsmError>>,
+    answer: tokio::task::JoinHandle<Result<(Vec<u8>, Duration), RequestError>>,
 }
 
 /// Starts a [`Holder`] and returns once its sign runs on the session's thread.
@@ -150,7 +150,7 @@ fn spin_until_waiting(pool: &SessionPool, waiting: usize) {
 /// A sign that records whether it ran.
 fn signs(
     ran: &Arc<AtomicBool>,
-) -> impl Fn(&Session, ObjectHandle) -> Result<Vec<u8>, HsmError> + Send + use<> {
+) -> impl Fn(&Session, ObjectHandle) -> Result<Vec<u8>, FailedCall> + Send + use<> {
     let ran = Arc::clone(ran);
     move |_, _| {
         ran.store(true, Ordering::SeqCst);
@@ -175,7 +175,7 @@ async fn a_full_queue_refuses_at_once_with_busy() {
     let refused = Arc::new(AtomicBool::new(false));
     let busy = bounded(pool.sign(key, None, signs(&refused))).await;
     assert!(
-        matches!(busy, Err(HsmError::Busy { queued: 1 })),
+        matches!(busy, Err(RequestError::Busy { queued: 1 })),
         "{busy:?}"
     );
 
@@ -219,7 +219,7 @@ async fn a_deadline_the_queue_cannot_meet_is_refused_at_once() {
     let holder = hold(&pool, &key);
     let refused = Arc::new(AtomicBool::new(false));
     let late = bounded(pool.sign(key.clone(), Some(Instant::now()), signs(&refused))).await;
-    assert!(matches!(late, Err(HsmError::Deadline)), "{late:?}");
+    assert!(matches!(late, Err(RequestError::Deadline)), "{late:?}");
     assert_eq!(pool.load().waiting, 0, "refused, not queued");
 
     // A deadline the queue can meet waits its turn.
@@ -293,7 +293,7 @@ fn run_blocking_waits_its_turn_even_when_the_queue_is_full() {
                 session
                     .get_session_info()
                     .map(|info| info.slot_id())
-                    .map_err(HsmError::call("C_GetSessionInfo"))
+                    .map_err(|e| HsmError::from(FailedCall::of("C_GetSessionInfo")(e)))
             }
         };
         let pool = &pool;
@@ -317,7 +317,7 @@ fn run_blocking_waits_its_turn_even_when_the_queue_is_full() {
         // The queue is over its length: a sign is refused, the runs wait.
         let busy = runtime.block_on(pool.sign(key, None, |_, _| Ok(Vec::new())));
         assert!(
-            matches!(busy, Err(HsmError::Busy { queued: 2 })),
+            matches!(busy, Err(RequestError::Busy { queued: 2 })),
             "{busy:?}"
         );
         release.send(()).expect("release");
@@ -372,7 +372,7 @@ fn dropping_the_pool_fails_the_queued_requests() {
     );
     assert!(matches!(
         shared.submit(Box::new(|_| {}), None),
-        Err(HsmError::Unavailable)
+        Err(RequestError::Unavailable)
     ));
     release.send(()).expect("release");
     dropping.join().expect("dropped");
