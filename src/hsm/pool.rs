@@ -19,9 +19,9 @@
 //!
 //! **Bounded waiting.** An HSM is slow and shared: at most `queue` requests wait (more get
 //! [`RequestError::Busy`] at once), and a request whose deadline cannot be met given the
-//! queue ahead of it and the recent signing time gets [`RequestError::Deadline`] at once instead of
-//! occupying the token for an answer nobody will read. A request whose caller went away
-//! or whose deadline passed while it waited is dropped unsigned.
+//! queue ahead of it and the recent signing time gets [`RequestError::Deadline`] at once
+//! instead of occupying the token for an answer nobody will read. A request whose caller
+//! went away or whose deadline passed while it waited is dropped unsigned.
 
 use std::{
     collections::VecDeque,

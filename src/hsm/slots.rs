@@ -25,8 +25,8 @@ pub(super) fn token_info(module: &Path, slot: Slot) -> Result<TokenInfo, HsmErro
 }
 
 /// The reader's error as the agent's: the module's own failures as [`HsmError::Module`],
-/// C_GetTokenInfo's return value as a failed call, so that its [`Recovery`](super::Recovery) sees a token
-/// that went away.
+/// C_GetTokenInfo's return value as a failed call, so that its
+/// [`Recovery`](super::Recovery) sees a token that went away.
 fn read_error(module: &Path, error: ReadError) -> HsmError {
     let module_error = |source| HsmError::Module {
         module: module.display().to_string(),
