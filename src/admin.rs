@@ -9,7 +9,7 @@
 use std::str::FromStr;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use der::{Decode, Encode, EncodePem, pem::LineEnding};
+use der::{Decode, EncodePem, pem::LineEnding};
 use sha2::{Digest, Sha256};
 use x509_cert::{builder::Builder, name::Name, request::RequestBuilder};
 
@@ -20,7 +20,7 @@ use crate::{
     hex,
     hsm::{
         HsmError, MIN_RSA_BITS, ObjectHandle, RsaKeyParts, Token, TokenKey, TokenSigner, read_pin,
-        rsa_bits,
+        rsa_public_key,
     },
 };
 
@@ -208,8 +208,8 @@ pub fn import_p12(
     ensure_new_label(token, label)?;
     let contents = crate::p12::read_pkcs12(data, password)?;
     let key = &contents.key;
-    let modulus = der::asn1::UintRef::new(&key.modulus).map_err(|e| build("public key", &e))?;
-    let bits = rsa_bits(modulus.as_bytes());
+    let (bits, public_key_der) =
+        rsa_public_key(&key.modulus, &key.public_exponent).map_err(|e| build("public key", &e))?;
     if bits < MIN_RSA_BITS {
         return Err(AdminError::Invalid {
             flag: "FILE",
@@ -218,13 +218,6 @@ pub fn import_p12(
             ),
         });
     }
-    let public_key_der = rsa::pkcs1::RsaPublicKey {
-        modulus,
-        public_exponent: der::asn1::UintRef::new(&key.public_exponent)
-            .map_err(|e| build("public key", &e))?,
-    }
-    .to_der()
-    .map_err(|e| build("public key", &e))?;
     let chain = CertificateChain::for_key(contents.chain.clone(), &public_key_der)?;
     chain.allows_signing()?;
 
@@ -270,19 +263,27 @@ pub fn jwk(
 ) -> Result<serde_json::Value, AdminError> {
     let public = rsa::pkcs1::RsaPublicKey::<der::asn1::UintRef<'_>>::from_der(&key.public_key_der)
         .map_err(|e| build("JWK", &e))?;
-    let n = URL_SAFE_NO_PAD.encode(public.modulus.as_bytes());
-    let e = URL_SAFE_NO_PAD.encode(public.public_exponent.as_bytes());
-    let thumbprint = URL_SAFE_NO_PAD.encode(Sha256::digest(
-        format!(r#"{{"e":"{e}","kty":"RSA","n":"{n}"}}"#).as_bytes(),
-    ));
+    let (modulus, exponent) = (public.modulus.as_bytes(), public.public_exponent.as_bytes());
+    let thumbprint = thumbprint(modulus, exponent);
     Ok(serde_json::json!({
         "kty": "RSA",
         "use": "sig",
         "alg": algorithm.jws_name(),
         "kid": kid.unwrap_or(&thumbprint),
-        "n": n,
-        "e": e,
+        "n": URL_SAFE_NO_PAD.encode(modulus),
+        "e": URL_SAFE_NO_PAD.encode(exponent),
     }))
+}
+
+/// The RFC 7638 thumbprint of an RSA key (base64url SHA-256 of its canonical JWK), the
+/// kid that stays the same for the same key wherever it is computed: here for
+/// `key jwk`, and in the local Maskinporten for a registered key without a kid.
+pub fn thumbprint(modulus: &[u8], exponent: &[u8]) -> String {
+    let n = URL_SAFE_NO_PAD.encode(modulus);
+    let e = URL_SAFE_NO_PAD.encode(exponent);
+    URL_SAFE_NO_PAD.encode(Sha256::digest(
+        format!(r#"{{"e":"{e}","kty":"RSA","n":"{n}"}}"#).as_bytes(),
+    ))
 }
 
 /// What `key list` prints: every private key, its protection and its certificate.

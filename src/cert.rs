@@ -126,6 +126,26 @@ pub enum CertError {
     NotRsa(String),
 }
 
+/// Indices of `certificates` in chain order from `leaf`: each next one the issuer of the
+/// one before, until no issuer is there or a self-signed certificate ends the chain. The
+/// token and PKCS#12 files both hold a key's certificates unordered; this recovers the
+/// chain.
+pub(crate) fn chain_order(certificates: &[Certificate], leaf: usize) -> Vec<usize> {
+    let mut order = vec![leaf];
+    loop {
+        let last = certificates[order[order.len() - 1]].tbs_certificate();
+        if last.issuer() == last.subject() {
+            return order;
+        }
+        match (0..certificates.len()).find(|i| {
+            !order.contains(i) && certificates[*i].tbs_certificate().subject() == last.issuer()
+        }) {
+            Some(next) => order.push(next),
+            None => return order,
+        }
+    }
+}
+
 /// A certificate chain, leaf first, kept both parsed and as the DER that goes into `x5c`.
 #[derive(Debug, Clone)]
 pub struct CertificateChain {
@@ -162,15 +182,7 @@ impl CertificateChain {
                     == public_key_der
             })
             .ok_or(CertError::NoLeaf)?;
-        let mut order = vec![leaf];
-        while let Some(next) = (0..pool.certificates.len()).find(|i| {
-            let last = &pool.certificates[order[order.len() - 1]];
-            !order.contains(i)
-                && pool.certificates[*i].tbs_certificate().subject()
-                    == last.tbs_certificate().issuer()
-        }) {
-            order.push(next);
-        }
+        let order = chain_order(&pool.certificates, leaf);
         // Certificates that are not part of the chain are left out of x5c.
         let certificates = order
             .iter()

@@ -19,8 +19,8 @@ use base64::{
 };
 use serde::Serialize;
 
-/// Longest grant Maskinporten accepts: `exp - iat <= 120`.
-pub const MAX_LIFETIME_SECONDS: u32 = 120;
+use crate::maskinporten::MAX_LIFETIME_SECONDS;
+
 const MAX_CLIENT_ID: usize = 256;
 const MAX_SCOPES: usize = 100;
 const MAX_SCOPE: usize = 256;
@@ -70,7 +70,8 @@ pub use crate::proto::GrantParameters;
 mod invalid;
 pub use invalid::{GrantField, InvalidGrant};
 
-/// The claims of one grant, in the order they are serialised. Its Debug leaves the pid out.
+/// The claims of one grant, in the order they are serialised: those of
+/// [`maskinporten::CLAIMS`](crate::maskinporten::CLAIMS). Its Debug leaves the pid out.
 #[derive(Clone, Serialize)]
 pub struct Claims {
     /// Maskinporten's issuer URL for the environment.

@@ -11,6 +11,8 @@
 //! - [`client`]: connecting to a running agent (Unix socket, TCP, mutual TLS), and a file
 //!   kept holding a fresh access token.
 //! - `hex`: lowercase hex of ids and fingerprints; imports nothing, so any layer may use it.
+//! - [`maskinporten`]: Maskinporten's protocol facts: environments, grant type, claims,
+//!   time limits, MP error codes; imports nothing, so any layer may use it.
 //! - [`hsm`]: the PKCS#11 token: login, session pool, key lookup, signing, provisioning.
 //! - [`admin`]: key management commands: generate, CSR, certificate import, JWK, list.
 //! - [`agent`]: keys bound to certificates, and `sign_grant`, which ties the above together.
@@ -36,6 +38,7 @@ pub mod dev;
 pub mod grant;
 mod hex;
 pub mod hsm;
+pub mod maskinporten;
 pub mod metrics;
 pub mod p12;
 pub mod process;

@@ -15,11 +15,12 @@ use x509_cert::Certificate;
 use zeroize::Zeroizing;
 
 use grant_agent::{
+    admin::thumbprint,
     config::{ConfigError, unix_seconds},
     grant::is_organization_number,
 };
 
-use crate::{MockError, jws::thumbprint};
+use crate::MockError;
 
 /// `expires_in` of issued access tokens when the config sets none (Maskinporten's own
 /// default token lifetime is also two minutes in test).

@@ -146,13 +146,3 @@ pub(super) fn rsa_signature_verifies(
     };
     result.is_ok()
 }
-
-/// The RFC 7638 thumbprint of an RSA key (base64url SHA-256 of its canonical JWK), the
-/// kid that stays the same for the same key wherever it is computed.
-pub(super) fn thumbprint(n: &[u8], e: &[u8]) -> String {
-    let n = URL_SAFE_NO_PAD.encode(n);
-    let e = URL_SAFE_NO_PAD.encode(e);
-    URL_SAFE_NO_PAD.encode(Sha256::digest(
-        format!(r#"{{"e":"{e}","kty":"RSA","n":"{n}"}}"#).as_bytes(),
-    ))
-}

@@ -26,18 +26,19 @@ use axum::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use grant_agent::agent::unix_now;
+use grant_agent::{
+    agent::unix_now,
+    maskinporten::{ERROR_URI_BASE, JWT_BEARER},
+};
 
 use crate::{
     accept::ConnectionAbort,
     config::WellKnown,
     refusal::{MpCode, Refusal, invalid_request},
     token::TokenSigner,
-    verify::{JWT_BEARER, Verifier},
+    verify::Verifier,
 };
 
-/// Where Maskinporten documents its error codes; `error_uri` is this plus the code.
-const ERROR_URI_BASE: &str = "https://docs.digdir.no/maskinporten/errors/";
 /// The longest delay fault, so a typo cannot hang a CI job for hours.
 const MAX_FAULT_DELAY_MS: u64 = 600_000;
 

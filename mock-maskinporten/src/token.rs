@@ -7,10 +7,9 @@ use rsa::{Pkcs1v15Sign, PrivateKey, traits::PublicKeyParts};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::{
-    jws::thumbprint,
-    verify::{Granted, Proof},
-};
+use grant_agent::admin::thumbprint;
+
+use crate::verify::{Granted, Proof};
 
 /// Modulus size of a generated signing key: the smallest Maskinporten-grade size, and the
 /// fastest to generate at start.

@@ -18,7 +18,7 @@ use x509_cert::Certificate;
 
 use grant_agent::{
     cert::{CertEnvironment, CertificateChain},
-    grant::MAX_LIFETIME_SECONDS,
+    maskinporten::{CLAIMS, CLOCK_SKEW_SECONDS, JWT_BEARER, MAX_LIFETIME_SECONDS},
 };
 
 use crate::{
@@ -29,24 +29,6 @@ use crate::{
     x5c,
 };
 
-/// The only grant type Maskinporten accepts (RFC 7523).
-pub(super) const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
-/// The claims Digdir's JWT-grant page lists; since 2025 any other is refused.
-const ALLOWED_CLAIMS: [&str; 11] = [
-    "aud",
-    "iss",
-    "scope",
-    "iat",
-    "exp",
-    "jti",
-    "resource",
-    "consumer_org",
-    "authorization_details",
-    "pid",
-    "iss_onbehalfof",
-];
-/// How far `iat` may be from the mock's clock, either way.
-const CLOCK_SKEW_SECONDS: u64 = 10;
 /// How long after `exp` a `jti` is remembered.
 const JTI_MEMORY_AFTER_EXP: i64 = 10;
 /// Longest client_id a refusal log line carries, since an unknown one comes from outside.
@@ -164,16 +146,12 @@ impl Verifier {
         };
         let jws = Jws::parse(&assertion)?;
 
-        if let Some(name) = jws
-            .claims
-            .keys()
-            .find(|k| !ALLOWED_CLAIMS.contains(&k.as_str()))
-        {
+        if let Some(name) = jws.claims.keys().find(|k| !CLAIMS.contains(&k.as_str())) {
             return Err(invalid_grant(
                 None,
                 format!(
                     "unknown claim {name}: Maskinporten refuses claims other than {}",
-                    ALLOWED_CLAIMS.join(", ")
+                    CLAIMS.join(", ")
                 ),
             ));
         }

@@ -1,7 +1,7 @@
 //! Keys as the agent sees them: each configured entry bound to its token key and
 //! certificate (or registered `kid`), grouped by name into versions for rollover.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use crate::{
     cert::{CertEnvironment, CertificateChain},
@@ -374,26 +374,13 @@ fn hsm_error(config: &KeyConfig) -> impl Fn(HsmError) -> StartError + Copy + '_ 
     }
 }
 
-/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`, for messages people read.
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`, for messages people read. Certificate times and
+/// the clock are always within `der`'s 1970 to 9999; anything else is shown as a number.
 pub fn rfc3339(t: i64) -> String {
-    let days = t.div_euclid(86_400);
-    let secs = t.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    u64::try_from(t)
+        .ok()
+        .and_then(|secs| der::DateTime::from_unix_duration(Duration::from_secs(secs)).ok())
+        .map_or_else(|| format!("{t} (Unix seconds)"), |time| time.to_string())
 }
 
 /// The hash a JWS algorithm signs with: the token knows hashes, not JWS names.
@@ -414,6 +401,6 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_543_043), "2026-11-24T17:57:23Z");
-        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
+        assert_eq!(rfc3339(-1), "-1 (Unix seconds)");
     }
 }

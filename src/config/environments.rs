@@ -1,13 +1,13 @@
 //! `[environments]` and `default_environment`: where grants are addressed and exchanged,
 //! next to the built-in `test` and `prod` (Maskinporten) and `sky-test` and `sky`
-//! (Skyporten).
+//! (Skyporten), whose issuers and token endpoints are in [`crate::maskinporten`].
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
 use super::{Config, ConfigError, Invalid, cert_environment, endpoint_problem, is_key_name};
-use crate::cert::CertEnvironment;
+use crate::{cert::CertEnvironment, maskinporten};
 
 /// An environment: where grants are addressed and exchanged.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,51 +31,24 @@ pub enum TokenEndpoint {
     Discover,
 }
 
-impl EnvironmentConfig {
-    fn at(audience: &str, certificates: CertEnvironment) -> Self {
-        EnvironmentConfig {
-            audience: audience.to_owned(),
-            certificates,
-            token_endpoint: TokenEndpoint::Url(default_token_endpoint(audience)),
-        }
-    }
-
-    /// An issuer whose token endpoint is read from its metadata at the first request.
-    fn discovered(audience: &str, certificates: CertEnvironment) -> Self {
-        EnvironmentConfig {
-            audience: audience.to_owned(),
-            certificates,
-            token_endpoint: TokenEndpoint::Discover,
-        }
-    }
-}
-
-/// The environments every config has, unless it names its own of the same name.
-///
-/// Maskinporten's issuers end in `/`; Skyporten's do not, and a grant's `aud` must be the
-/// issuer exactly, so each string is kept as Digdir publishes it. Digdir documents
-/// Skyporten's metadata (`/.well-known/openid-configuration`) but not its token endpoint,
-/// so `sky-test` and `sky` discover it.
-const BUILT_IN: [&str; 4] = ["prod", "sky", "sky-test", "test"];
-
+/// A Digdir environment as the config describes environments: its certificates as
+/// [`CertEnvironment`], and an unlisted token endpoint as discovered.
 fn built_in(name: &str) -> Option<EnvironmentConfig> {
-    Some(match name {
-        "test" => EnvironmentConfig::at("https://test.maskinporten.no/", CertEnvironment::Test),
-        "prod" => EnvironmentConfig::at("https://maskinporten.no/", CertEnvironment::Production),
-        "sky-test" => {
-            EnvironmentConfig::discovered("https://test.sky.maskinporten.no", CertEnvironment::Test)
-        }
-        "sky" => EnvironmentConfig::discovered(
-            "https://sky.maskinporten.no",
-            CertEnvironment::Production,
-        ),
-        _ => return None,
+    let env = maskinporten::ENVIRONMENTS
+        .into_iter()
+        .find(|env| env.name == name)?;
+    Some(EnvironmentConfig {
+        audience: env.issuer.to_owned(),
+        certificates: if env.production {
+            CertEnvironment::Production
+        } else {
+            CertEnvironment::Test
+        },
+        token_endpoint: match env.token_endpoint {
+            Some(url) => TokenEndpoint::Url(url.to_owned()),
+            None => TokenEndpoint::Discover,
+        },
     })
-}
-
-/// Maskinporten's layout: the token endpoint is `token` under the issuer.
-fn default_token_endpoint(audience: &str) -> String {
-    format!("{}/token", audience.trim_end_matches('/'))
 }
 
 impl Config {
@@ -90,7 +63,10 @@ impl Config {
 
     /// All environment names a request may use, sorted.
     pub fn environment_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = BUILT_IN.map(String::from).into();
+        let mut names: Vec<String> = maskinporten::ENVIRONMENTS
+            .iter()
+            .map(|env| env.name.to_owned())
+            .collect();
         names.extend(self.environments.keys().cloned());
         names.sort();
         names.dedup();
@@ -206,6 +182,8 @@ fn token_endpoint(
             )),
             None => Ok(TokenEndpoint::Discover),
         },
-        (None, false) => Ok(TokenEndpoint::Url(default_token_endpoint(&env.audience))),
+        (None, false) => Ok(TokenEndpoint::Url(maskinporten::token_endpoint_under(
+            &env.audience,
+        ))),
     }
 }

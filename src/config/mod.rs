@@ -258,9 +258,9 @@ pub fn unix_seconds(
             "write it as 2027-01-31T00:00:00Z",
         ));
     };
-    let (h, m, sec) = value.time.map_or((0, 0, 0), |t| {
-        (i64::from(t.hour), i64::from(t.minute), i64::from(t.second))
-    });
+    let (h, m, sec) = value
+        .time
+        .map_or((0, 0, 0), |t| (t.hour, t.minute, t.second));
     let offset_minutes = match value.offset {
         None if value.time.is_some() => {
             return Err(invalid(
@@ -272,19 +272,16 @@ pub fn unix_seconds(
         None | Some(toml::value::Offset::Z) => 0,
         Some(toml::value::Offset::Custom { minutes }) => i64::from(minutes),
     };
-    // Days from 1970-01-01 to the civil date (Howard Hinnant's algorithm).
-    let (y, mo, d) = (
-        i64::from(date.year),
-        i64::from(date.month),
-        i64::from(date.day),
-    );
-    let y = if mo <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (mo + if mo > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Ok(days * 86_400 + h * 3600 + m * 60 + sec - offset_minutes * 60)
+    let local = der::DateTime::new(date.year, date.month, date.day, h, m, sec).map_err(|_| {
+        invalid(
+            key,
+            format!("{value} is not a time from 1970 to 9999"),
+            "write it as 2027-01-31T00:00:00Z",
+        )
+    })?;
+    // At most 253402300799 seconds (9999-12-31T23:59:59), which fits an i64.
+    let local = i64::try_from(local.unix_duration().as_secs()).unwrap_or(i64::MAX);
+    Ok(local - offset_minutes * 60)
 }
 
 /// Parses TOML text, naming `file` in a syntax error.

@@ -334,6 +334,14 @@ fn versions_kid_keys_and_overrides() {
         }
     );
     assert_eq!(c.keys[2].algorithm, Algorithm::Rs512);
+
+    let early = text.replace(
+        "not_before = 2026-01-01T00:00:00Z",
+        "not_before = 1969-12-31",
+    );
+    assert!(
+        err(&early).contains("`keys[2].not_before`: 1969-12-31 is not a time from 1970 to 9999")
+    );
 }
 
 #[test]

@@ -50,6 +50,12 @@ fn claims_have_exactly_the_listed_names() {
     let json = serde_json::to_value(&c).expect("json");
     assert_eq!(json["pid"], "01019012480");
     assert_eq!(json["iss_onbehalfof"], "kunde-42");
+    let listed = json.as_object().expect("object").keys();
+    assert!(
+        listed
+            .into_iter()
+            .all(|k| crate::maskinporten::CLAIMS.contains(&k.as_str()))
+    );
     let debug = format!("{c:?} {p:?}");
     assert!(!debug.contains("01019012480"), "{debug}");
     assert!(debug.contains("[redacted]"), "{debug}");

@@ -14,8 +14,23 @@ use crate::hex;
 pub const MIN_RSA_BITS: usize = 2048;
 
 /// The size in bits of a big-endian RSA modulus (leading zero bytes already stripped).
-pub fn rsa_bits(modulus: &[u8]) -> usize {
+fn rsa_bits(modulus: &[u8]) -> usize {
     modulus.len() * 8 - modulus.first().map_or(0, |b| b.leading_zeros() as usize)
+}
+
+/// An RSA public key's size in bits and its PKCS#1 `RSAPublicKey` DER, from the big-endian
+/// modulus and exponent a token or a PKCS#12 file holds (leading zero bytes allowed). The
+/// DER is canonical, so a key read from the token and one read from a file compare byte
+/// for byte.
+pub fn rsa_public_key(modulus: &[u8], exponent: &[u8]) -> der::Result<(usize, Vec<u8>)> {
+    let modulus = UintRef::new(modulus)?;
+    let bits = rsa_bits(modulus.as_bytes());
+    let der = rsa::pkcs1::RsaPublicKey {
+        modulus,
+        public_exponent: UintRef::new(exponent)?,
+    }
+    .to_der()?;
+    Ok((bits, der))
 }
 
 /// A private key in the token: a handle and public facts, never key material.
@@ -125,18 +140,11 @@ pub(super) fn find_key(session: &Session, locator: &KeyLocator) -> Result<TokenK
             "missing CKA_MODULUS or CKA_PUBLIC_EXPONENT".into(),
         ));
     };
-    let modulus = UintRef::new(&modulus).map_err(|e| unusable(format!("a bad modulus ({e})")))?;
-    let bits = rsa_bits(modulus.as_bytes());
+    let (bits, public_key_der) = rsa_public_key(&modulus, &exponent)
+        .map_err(|e| unusable(format!("a bad public key ({e})")))?;
     if bits < MIN_RSA_BITS {
         return Err(unusable(format!("RSA-{bits}")));
     }
-    let public_key_der = rsa::pkcs1::RsaPublicKey {
-        modulus,
-        public_exponent: UintRef::new(&exponent)
-            .map_err(|e| unusable(format!("a bad exponent ({e})")))?,
-    }
-    .to_der()
-    .map_err(|e| unusable(format!("not encodable ({e})")))?;
     Ok(TokenKey {
         handle,
         id,

@@ -38,7 +38,7 @@ use cryptoki::{
 
 pub use cryptoki::object::ObjectHandle;
 pub use error::{ErrorCounts, FailedCall, HsmError, Recovery, RequestError};
-pub use key::{KeyObject, KeyRef, MIN_RSA_BITS, TokenKey, rsa_bits};
+pub use key::{KeyObject, KeyRef, MIN_RSA_BITS, TokenKey, rsa_public_key};
 pub use mechanism::{Hash, SignPath};
 pub(crate) use pin::exposed_pin_file;
 pub use pin::{PinSource, read_pin};

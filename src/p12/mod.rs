@@ -47,6 +47,8 @@ use rsa::{
 use x509_cert::Certificate;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+use crate::cert::chain_order;
+
 use decrypt::{Budget, Password, bmp_password, decrypt, mac_matches};
 
 /// The most key-derivation iterations one file may ask for, MAC and all bags together.
@@ -353,40 +355,32 @@ fn rsa_parts(pkcs8: &[u8]) -> Result<RsaPrivateParts, P12Error> {
     })
 }
 
-/// Puts the certificate with the key's public key first, follows issuers from there, and
-/// appends whatever is left in file order. Exact duplicates are dropped.
+/// Puts the certificate with the key's public key first, follows issuers from there
+/// ([`chain_order`]), and appends whatever is left in file order. Exact duplicates are
+/// dropped.
 fn order_chain(key: &RsaPrivateParts, der: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, P12Error> {
-    let mut rest: Vec<(Vec<u8>, Certificate)> = Vec::with_capacity(der.len());
+    let mut unique: Vec<Vec<u8>> = Vec::with_capacity(der.len());
+    let mut certificates = Vec::with_capacity(der.len());
     for cert_der in der {
-        if rest.iter().any(|(seen, _)| *seen == cert_der) {
+        if unique.contains(&cert_der) {
             continue;
         }
-        let cert = Certificate::from_der(&cert_der).map_err(|e| {
+        certificates.push(Certificate::from_der(&cert_der).map_err(|e| {
             P12Error::Malformed(format!("a certificate in the file is not valid X.509: {e}"))
-        })?;
-        rest.push((cert_der, cert));
+        })?);
+        unique.push(cert_der);
     }
-
-    let leaf = rest
+    let leaf = certificates
         .iter()
-        .position(|(_, cert)| carries_key(cert, key))
+        .position(|cert| carries_key(cert, key))
         .ok_or(P12Error::NoCertificate)?;
-    let mut chain = vec![rest.remove(leaf)];
-    while let Some((_, last)) = chain.last() {
-        let tbs = last.tbs_certificate();
-        if tbs.issuer() == tbs.subject() {
-            break;
-        }
-        let Some(next) = rest
-            .iter()
-            .position(|(_, cert)| cert.tbs_certificate().subject() == tbs.issuer())
-        else {
-            break;
-        };
-        chain.push(rest.remove(next));
-    }
-    chain.append(&mut rest);
-    Ok(chain.into_iter().map(|(der, _)| der).collect())
+    let mut order = chain_order(&certificates, leaf);
+    let rest: Vec<usize> = (0..unique.len()).filter(|i| !order.contains(i)).collect();
+    order.extend(rest);
+    Ok(order
+        .into_iter()
+        .map(|i| std::mem::take(&mut unique[i]))
+        .collect())
 }
 
 /// Whether the certificate's public key is the public half of `key`.

@@ -11,12 +11,12 @@ use std::{
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use crate::config::{EnvironmentConfig, TokenEndpoint, TokenSettings, endpoint_problem};
+use crate::{
+    config::{EnvironmentConfig, TokenEndpoint, TokenSettings, endpoint_problem},
+    maskinporten,
+};
 
 use super::{AccessToken, OAuthError, TokenError, lock};
-
-/// The grant type of RFC 7523, the only one Maskinporten takes from a server.
-const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
 /// Larger answers are not a token endpoint's and are cut off unread.
 const MAX_ANSWER: usize = 64 * 1024;
@@ -202,7 +202,10 @@ impl Exchange {
                 .http
                 .post(endpoint)
                 .header(reqwest::header::ACCEPT, "application/json")
-                .form(&[("grant_type", JWT_BEARER), ("assertion", assertion)])
+                .form(&[
+                    ("grant_type", maskinporten::JWT_BEARER),
+                    ("assertion", assertion),
+                ])
                 .send()
                 .await
                 .map_err(|e| Failure::Network(describe(e)))?;

@@ -25,6 +25,7 @@ use crate::{
     agent::{Agent, SignError, SignedGrant, unix_now},
     config::TokenSettings,
     grant::{AuthorizationDetails, ValidGrant},
+    maskinporten,
     metrics::Metrics,
 };
 
@@ -127,69 +128,13 @@ impl OAuthError {
     pub fn mp_code(&self) -> Option<&str> {
         [self.uri.as_str(), self.description.as_str()]
             .into_iter()
-            .find_map(find_mp_code)
+            .find_map(maskinporten::find_error_code)
     }
 
     /// What to do about it, for the codes we know.
     pub fn hint(&self) -> Option<&'static str> {
-        Some(match self.mp_code()? {
-            "MP-011" => {
-                "Maskinporten could not read the grant (a claim missing or of the wrong form); error_description names it: compare the grant (grant-agent client grant) with Digdir's JWT grant page"
-            }
-            "MP-012" => {
-                "the grant's jti was used before: a grant must never be replayed (the agent signs a new one for every request and retry)"
-            }
-            "MP-100" => {
-                "the client_id is not registered in this environment: check client_id and environment (test and prod have separate clients)"
-            }
-            "MP-110" => {
-                "wrong aud: the grant's audience must be the environment's issuer; check [environments] audience in the agent config"
-            }
-            "MP-120" => {
-                "the certificate is not valid (expired, revoked or not from a trusted issuer): renew it or check the chain sent in x5c"
-            }
-            "MP-121" => {
-                "the key registered on the client has expired: register a new key (grant-agent key jwk) and configure its kid"
-            }
-            "MP-122" => {
-                "the certificate's organisation number is not the client owner's: use the owner's virksomhetssertifikat, or a client owned by the certificate's organisation"
-            }
-            "MP-123" => {
-                "the x5c header is malformed or does not match the signature: check the certificate configured for the key"
-            }
-            "MP-124" => {
-                "the grant's signature did not validate against its certificate: typically the certificate has expired (renew it), or it is from the other environment (a test certificate in test, a production certificate in prod)"
-            }
-            "MP-130" => {
-                "the grant's iat is over 10 s from Maskinporten's clock, or it expired: synchronise this host's clock (NTP)"
-            }
-            "MP-200" | "MP-201" => {
-                "invalid scope: check the scope names and that the client has them in this environment"
-            }
-            "MP-250" => "the scope is not granted to this client: ask the API owner to grant it",
-            "MP-251" => {
-                "no delegation for consumer_org: the consumer must delegate the scope to your organisation in Altinn"
-            }
-            "MP-301" | "MP-302" => {
-                "Maskinporten refused the authorization_details (RFC 9396): error_description names the entry; check its type and fields against the API's documentation, and that the client may ask for that type"
-            }
-            "MP-303" => {
-                "invalid_altinn_customer_configuration: Altinn found no usable system user for this request: the system in Altinn's system register must carry this client_id, systemuser_org must be the customer's organisation, and externalRef must match when the system user request set one"
-            }
-            _ => return None,
-        })
+        maskinporten::error_hint(self.mp_code()?)
     }
-}
-
-/// `MP-` and three or more digits, anywhere in `text`.
-fn find_mp_code(text: &str) -> Option<&str> {
-    text.match_indices("MP-").find_map(|(at, _)| {
-        let digits = text[at + 3..]
-            .bytes()
-            .take_while(u8::is_ascii_digit)
-            .count();
-        (digits >= 3).then(|| &text[at..at + 3 + digits])
-    })
 }
 
 /// Why no access token was returned.

@@ -15,7 +15,6 @@ fn mp_codes_come_from_the_uri_or_the_description() {
     assert_eq!(e.mp_code(), None);
     e.description = "MP-251: no delegation".into();
     assert_eq!(e.mp_code(), Some("MP-251"));
-    assert_eq!(find_mp_code("MP-1x MP-12"), None);
     for code in [
         "MP-011", "MP-012", "MP-100", "MP-110", "MP-120", "MP-121", "MP-122", "MP-123", "MP-124",
         "MP-130", "MP-200", "MP-201", "MP-250", "MP-251", "MP-301", "MP-302", "MP-303",

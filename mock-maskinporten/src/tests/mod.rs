@@ -36,9 +36,9 @@ use x509_cert::{
     time::{Time, Validity},
 };
 
-use grant_agent::{agent::unix_now, grant::Algorithm};
+use grant_agent::{agent::unix_now, grant::Algorithm, maskinporten::JWT_BEARER};
 
-use super::{MockConfig, verify::JWT_BEARER};
+use super::MockConfig;
 
 /// The issuer the verification tests use.
 pub(super) const ISSUER: &str = "http://mock.test/";
