@@ -206,18 +206,7 @@ fn the_private_key_is_sensitive_and_never_extractable() {
         block.contains("Usage:      sign\n"),
         "signing only: {block}"
     );
-    for flag in [
-        "sensitive",
-        "always sensitive",
-        "never extractable",
-        "local",
-    ] {
-        assert!(
-            flags.contains(&flag.to_owned()),
-            "{flag} missing: {flags:?}"
-        );
-    }
-    assert!(!flags.contains(&"extractable".to_owned()), "{flags:?}");
+    common::assert_generated_in_token(&flags);
 }
 
 /// Reads the key back through PKCS#11 itself. SoftHSM takes its token folder from the

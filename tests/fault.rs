@@ -15,8 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BIN, DevAgent, TEST_AUD, params, read, verify};
-use grant_agent::proto::SignGrantRequest;
+use common::{BIN, DevAgent, TEST_AUD, grant_request, params, read, verify};
 use tonic::Code;
 
 /// The fault module, built next to the agent's binary by `cargo build -p fault-pkcs11`.
@@ -83,9 +82,7 @@ async fn sign(agent: &DevAgent) -> Result<String, tonic::Status> {
     agent
         .client()
         .await
-        .sign_grant(SignGrantRequest {
-            grant: Some(params()),
-        })
+        .sign_grant(grant_request(params()))
         .await
         .map(|r| r.into_inner().assertion)
 }
@@ -126,9 +123,7 @@ async fn sign_all(agent: &DevAgent, tasks: usize, n: usize) {
             let mut signed = Vec::new();
             for _ in 0..n / tasks {
                 let response = client
-                    .sign_grant(SignGrantRequest {
-                        grant: Some(params()),
-                    })
+                    .sign_grant(grant_request(params()))
                     .await
                     .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
                 signed.push(response.into_inner().assertion);
@@ -361,9 +356,7 @@ async fn the_token_session_cap_holds_under_load_and_reload() {
             let mut signed = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let assertion = client
-                    .sign_grant(SignGrantRequest {
-                        grant: Some(params()),
-                    })
+                    .sign_grant(grant_request(params()))
                     .await
                     .map_err(|s| format!("{s:?}"))?
                     .into_inner()

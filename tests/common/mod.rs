@@ -20,8 +20,10 @@ use base64::{
     engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
 };
 use der::Decode;
-use grant_agent::proto::{GrantParameters, grant_agent_client::GrantAgentClient};
-use tonic::transport::Channel;
+use grant_agent::proto::{
+    GrantParameters, SignGrantRequest, SignGrantResponse, grant_agent_client::GrantAgentClient,
+};
+use tonic::{Status, transport::Channel};
 
 pub(crate) mod secured;
 
@@ -131,6 +133,15 @@ impl DevAgent {
         grant_agent::client::connect(&self.addr, None)
             .await
             .expect("connect to the agent")
+    }
+
+    /// Asks the agent, over a connection of its own, to sign a grant for `grant`.
+    pub(crate) async fn sign(&self, grant: GrantParameters) -> Result<SignGrantResponse, Status> {
+        self.client()
+            .await
+            .sign_grant(grant_request(grant))
+            .await
+            .map(tonic::Response::into_inner)
     }
 
     pub(crate) fn path(&self, name: &str) -> PathBuf {
@@ -298,6 +309,11 @@ fn start_listening(mut command: Command, log: &Path) -> (Child, Vec<String>) {
     (child, addrs)
 }
 
+/// The SignGrant request for `grant`.
+pub(crate) fn grant_request(grant: GrantParameters) -> SignGrantRequest {
+    SignGrantRequest { grant: Some(grant) }
+}
+
 /// Grant parameters with a client and one scope; tests change what they test.
 pub(crate) fn params() -> GrantParameters {
     GrantParameters {
@@ -403,6 +419,40 @@ pub(crate) fn private_key_access(dir: &Path, label: &str) -> (Vec<String>, Strin
         .map(|f| f.trim().to_owned())
         .collect();
     (flags, block)
+}
+
+/// Asserts the `Access:` flags of a key generated in the token: sensitive from the start,
+/// never extractable, made there.
+pub(crate) fn assert_generated_in_token(flags: &[String]) {
+    for flag in [
+        "sensitive",
+        "always sensitive",
+        "never extractable",
+        "local",
+    ] {
+        assert!(
+            flags.contains(&flag.to_owned()),
+            "{flag} missing: {flags:?}"
+        );
+    }
+    assert!(!flags.contains(&"extractable".to_owned()), "{flags:?}");
+}
+
+/// `grant-agent key csr` for the key labelled `label`, for the test organisation, written
+/// to `out`.
+pub(crate) fn csr_args<'a>(label: &'a str, out: &'a Path) -> [&'a str; 10] {
+    [
+        "key",
+        "csr",
+        "--label",
+        label,
+        "--org-number",
+        "974760673",
+        "--org-name",
+        "ACME AS",
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]
 }
 
 /// A DER certificate as PEM.
