@@ -79,12 +79,7 @@ fn set_faults(control: &Path, faults: &str) {
 }
 
 async fn sign(agent: &DevAgent) -> Result<String, tonic::Status> {
-    agent
-        .client()
-        .await
-        .sign_grant(grant_request(params()))
-        .await
-        .map(|r| r.into_inner().assertion)
+    agent.sign(params()).await.map(|r| r.assertion)
 }
 
 /// Waits up to `limit` for `sign` to succeed; the time it took.
@@ -112,6 +107,14 @@ async fn until_signed(agent: &DevAgent, limit: Duration) -> Duration {
 async fn metrics(agent: &DevAgent) -> impl Fn(&str) -> f64 {
     let text = common::http_get(agent.metrics_url()).await;
     move |prefix: &str| common::metric_sum(&text, prefix)
+}
+
+/// Signs, makes the token fail the next sign with `rv` once, and signs again: the agent
+/// must get past the error within that request (`after` says how).
+async fn signs_past_one(agent: &DevAgent, control: &Path, rv: &str, after: &str) {
+    let _ = verify(&sign(agent).await.expect("signed"), TEST_AUD);
+    set_faults(control, &format!("sign_errors = {rv} 1\n"));
+    let _ = verify(&sign(agent).await.expect(after), TEST_AUD);
 }
 
 /// Signs `n` grants on `tasks` concurrent clients and verifies each.
@@ -192,12 +195,13 @@ async fn a_session_the_hsm_dropped_is_replaced_alone_and_never_used_again() {
     // A network HSM dropped one session (Luna, YubiHSM 2 after 30 s idle): that session
     // is replaced, the request signs on the new one, and nothing else is touched.
     let (agent, control) = agent_behind_faults("", "");
-    let _ = verify(&sign(&agent).await.expect("signed"), TEST_AUD);
-    set_faults(&control, "sign_errors = SESSION_HANDLE_INVALID 1\n");
-    let _ = verify(
-        &sign(&agent).await.expect("signed on a new session"),
-        TEST_AUD,
-    );
+    signs_past_one(
+        &agent,
+        &control,
+        "SESSION_HANDLE_INVALID",
+        "signed on a new session",
+    )
+    .await;
     // The dead session stays dead in the module: had it gone back to the pool, each use
     // would fail again and be counted.
     sign_all(&agent, 4, 40).await;
@@ -222,12 +226,7 @@ async fn a_general_error_resets_the_context_and_the_request_still_signs() {
     // Thales Luna after some network faults: CKR_GENERAL_ERROR, and only a new context
     // helps. The request that met it waits for the re-initialisation and signs.
     let (agent, control) = agent_behind_faults("", "");
-    let _ = verify(&sign(&agent).await.expect("signed"), TEST_AUD);
-    set_faults(&control, "sign_errors = GENERAL_ERROR 1\n");
-    let _ = verify(
-        &sign(&agent).await.expect("signed after the reset"),
-        TEST_AUD,
-    );
+    signs_past_one(&agent, &control, "GENERAL_ERROR", "signed after the reset").await;
     sign_all(&agent, 4, 20).await;
     let value = metrics(&agent).await;
     assert_eq!(value("grant_agent_recoveries_total "), 1.0);
@@ -266,12 +265,13 @@ async fn a_lost_login_is_restored_without_a_restart() {
     // A network HSM that reconnected, or a logout elsewhere: USER_NOT_LOGGED_IN, and the
     // module really is logged out. The agent logs in again on its anchor session.
     let (agent, control) = agent_behind_faults("", "");
-    let _ = verify(&sign(&agent).await.expect("signed"), TEST_AUD);
-    set_faults(&control, "sign_errors = USER_NOT_LOGGED_IN 1\n");
-    let _ = verify(
-        &sign(&agent).await.expect("signed after logging in again"),
-        TEST_AUD,
-    );
+    signs_past_one(
+        &agent,
+        &control,
+        "USER_NOT_LOGGED_IN",
+        "signed after logging in again",
+    )
+    .await;
     sign_all(&agent, 4, 20).await;
     let value = metrics(&agent).await;
     assert!(value("grant_agent_pkcs11_errors_total{class=\"login\"") >= 1.0);

@@ -117,19 +117,7 @@ async fn a_full_queue_is_refused_at_once_and_the_rest_is_signed() {
                 signed += 1;
             }
             (Err(status), took) => {
-                assert_eq!(
-                    status.code(),
-                    Code::ResourceExhausted,
-                    "{}",
-                    status.message()
-                );
-                assert!(
-                    status
-                        .message()
-                        .starts_with("signing in the token failed: the token is busy:"),
-                    "{}",
-                    status.message()
-                );
+                common::assert_token_busy(&status);
                 assert!(
                     took < Duration::from_secs(1),
                     "refused at once, not after waiting ({took:?})"

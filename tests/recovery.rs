@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BIN, DevAgent, TEST_AUD, grant_request, openssl, params, read, verify};
+use common::{BIN, DevAgent, TEST_AUD, grant_request, openssl, params, read, self_signed, verify};
 use tonic::Code;
 
 /// Runs a tool with the test's SoftHSM configuration; its stderr if it fails.
@@ -134,17 +134,11 @@ fn agent_with_importable_key() -> DevAgent {
 fn agent_with_importable_key_through(module: Option<&str>) -> DevAgent {
     let dir = DevAgent::start().stop();
     let p = dir.path();
-    let _ = openssl(
+    self_signed(
+        p,
+        "vs.key",
+        "vs.pem",
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "vs.key",
-            "-out",
-            "vs.pem",
             "-days",
             "30",
             "-subj",
@@ -152,7 +146,6 @@ fn agent_with_importable_key_through(module: Option<&str>) -> DevAgent {
             "-addext",
             "keyUsage=critical,nonRepudiation",
         ],
-        p,
     );
     std::fs::write(p.join("p12-password"), "pw\n").expect("password");
     let _ = openssl(

@@ -972,13 +972,7 @@ async fn a_full_session_queue_is_busy_not_a_failed_token() {
         if let Err(status) = task.await.expect("task")
             && status.code() == Code::ResourceExhausted
         {
-            assert!(
-                status
-                    .message()
-                    .starts_with("signing in the token failed: the token is busy:"),
-                "{}",
-                status.message()
-            );
+            common::assert_token_busy(&status);
             busy += 1;
         }
     }

@@ -309,6 +309,24 @@ fn start_listening(mut command: Command, log: &Path) -> (Child, Vec<String>) {
     (child, addrs)
 }
 
+/// Asserts that `status` is the agent's answer when the token's session queue is full:
+/// overload, not a failure.
+pub(crate) fn assert_token_busy(status: &Status) {
+    assert_eq!(
+        status.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status
+            .message()
+            .starts_with("signing in the token failed: the token is busy:"),
+        "{}",
+        status.message()
+    );
+}
+
 /// The SignGrant request for `grant`.
 pub(crate) fn grant_request(grant: GrantParameters) -> SignGrantRequest {
     SignGrantRequest { grant: Some(grant) }
@@ -475,61 +493,48 @@ pub(crate) fn openssl(args: &[&str], dir: &Path) -> std::process::Output {
     out
 }
 
+/// `openssl req -x509` in `dir`: a new unencrypted RSA-2048 key in `key` and a certificate
+/// signed by it in `cert`, with `options` (subject, days, extensions).
+pub(crate) fn self_signed(dir: &Path, key: &str, cert: &str, options: &[&str]) {
+    let mut args = vec![
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+    ];
+    args.extend_from_slice(&["-out", cert]);
+    args.extend_from_slice(options);
+    let _ = openssl(&args, dir);
+}
+
 /// A CA (`ca.pem`, `ca.key`) and a server certificate for 127.0.0.1 and localhost signed
 /// by it (`server.pem`, `server.key`), made with openssl in `dir`.
 pub(crate) fn server_tls(dir: &Path) {
-    let run = |args: &[&str]| {
-        let _ = openssl(args, dir);
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
+    self_signed(
+        dir,
         "ca.key",
-        "-out",
         "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Internal CA",
-    ]);
+        &["-days", "2", "-subj", "/CN=Internal CA"],
+    );
     std::fs::write(
         dir.join("server.ext"),
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
     )
     .expect("extfile");
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-out",
-        "server.pem",
-        "-extfile",
-        "server.ext",
-    ]);
+    issue(dir, "ca", "server", "/CN=localhost", "server.ext");
+}
+
+/// A new RSA-2048 key `NAME.key` and a certificate `NAME.pem` for `subject`, issued by the
+/// CA `CA.pem`/`CA.key` with the extensions in `ext_file`, all in `dir`.
+pub(crate) fn issue(dir: &Path, ca: &str, name: &str, subject: &str, ext_file: &str) {
+    let file = |ext: &str| format!("{name}.{ext}");
+    let (key, csr, pem) = (file("key"), file("csr"), file("pem"));
+    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+    let request = [
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr,
+    ];
+    let _ = openssl(&[&request[..], &["-subj", subject]].concat(), dir);
+    let mut x509 = vec!["x509", "-req", "-in", &csr, "-out", &pem, "-days", "2"];
+    x509.extend_from_slice(&["-CA", &ca_pem, "-CAkey", &ca_key, "-CAcreateserial"]);
+    x509.extend_from_slice(&["-extfile", ext_file]);
+    let _ = openssl(&x509, dir);
 }
 
 /// A certificate authority made with openssl, standing in for Buypass or Commfides: it
@@ -553,12 +558,11 @@ impl TestCa {
              [leaf]\nkeyUsage = critical,nonRepudiation\n[encrypt]\nkeyUsage = critical,keyEncipherment\n",
         )
         .expect("ca config");
-        let _ = openssl(
-            &[
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-                "ca.pem", "-days", "3650", "-subj", subject,
-            ],
+        self_signed(
             &dir,
+            "ca.key",
+            "ca.pem",
+            &["-days", "3650", "-subj", subject],
         );
         TestCa { dir }
     }
