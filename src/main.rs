@@ -66,9 +66,11 @@ enum Command {
         /// Address to serve on; port 0 picks a free port.
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
-        /// Folder for the token, PINs and config [default: .dev in the project folder].
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
+        /// Folder for the token, PINs and config, relative to the current folder (a
+        /// released binary knows no project folder; `.dev` is what `softhsm/demo.sh` uses and
+        /// git ignores).
+        #[arg(long, default_value = ".dev")]
+        state_dir: PathBuf,
     },
     /// Ask a running agent for something.
     Client {
@@ -236,9 +238,8 @@ fn check_command(config: &Path) -> Result<(), Failure> {
 }
 
 /// `dev`: a SoftHSM token, key and config in `state_dir`, then serve on `listen`.
-fn dev_command(listen: SocketAddr, state_dir: Option<PathBuf>) -> Result<(), Failure> {
-    let state_dir =
-        absolute(&state_dir.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".dev")))?;
+fn dev_command(listen: SocketAddr, state_dir: PathBuf) -> Result<(), Failure> {
+    let state_dir = absolute(&state_dir)?;
     dev::ensure_environment(&state_dir)?;
     let config_path = dev::provision(&state_dir, listen)?;
     let conf = state_dir.join("softhsm2.conf");

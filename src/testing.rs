@@ -26,3 +26,12 @@ pub(crate) fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
     );
     output.stdout
 }
+
+/// `openssl req -x509` in `dir`: a new unencrypted RSA-2048 key in `key` and a certificate
+/// signed by it in `cert`, with `options` (subject, days, extensions).
+pub(crate) fn self_signed(dir: &Path, key: &str, cert: &str, options: &[&str]) {
+    let mut args = vec!["req", "-x509", "-newkey", "rsa:2048", "-nodes"];
+    args.extend_from_slice(&["-keyout", key, "-out", cert]);
+    args.extend_from_slice(options);
+    let _ = openssl(dir, &args);
+}

@@ -12,7 +12,7 @@ mod common;
 use std::{os::unix::fs::PermissionsExt, path::Path};
 
 use common::{
-    BIN, DevAgent, TEST_AUD, http_get, metric_sum, params, read,
+    BIN, DevAgent, TEST_AUD, grant_request, http_get, metric_sum, params, read,
     secured::{PAYMENTS, payments_request, prepared, tls, uid, write_config},
     verify,
 };
@@ -299,9 +299,7 @@ async fn unix_socket_callers_are_known_by_uid_and_rate_limited() {
     let addr = format!("unix:{}", socket.display());
     let mut local = connect(&addr, None).await.expect("unix connect");
     let grant = local
-        .sign_grant(SignGrantRequest {
-            grant: Some(params()),
-        })
+        .sign_grant(grant_request(params()))
         .await
         .expect("uid allowed");
     let _ = verify(&grant.into_inner().assertion, TEST_AUD);
@@ -323,12 +321,7 @@ async fn unix_socket_callers_are_known_by_uid_and_rate_limited() {
     let burst: Vec<_> = (0..20)
         .map(|_| {
             let mut c = local.clone();
-            tokio::spawn(async move {
-                c.sign_grant(SignGrantRequest {
-                    grant: Some(params()),
-                })
-                .await
-            })
+            tokio::spawn(async move { c.sign_grant(grant_request(params())).await })
         })
         .collect();
     let mut limited = 0;
@@ -357,11 +350,7 @@ async fn unix_socket_callers_are_known_by_uid_and_rate_limited() {
     let mut refused = None;
     for _ in 0..50 {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        if let Err(status) = local
-            .sign_grant(SignGrantRequest {
-                grant: Some(params()),
-            })
-            .await
+        if let Err(status) = local.sign_grant(grant_request(params())).await
             && status.code() == Code::PermissionDenied
         {
             refused = Some(status);
@@ -528,9 +517,7 @@ async fn a_pin_from_the_environment_is_removed_from_it() {
     assert!(!environ.contains(&pin));
     let mut local = connect(&agent.addr, None).await.expect("connect");
     let _ = local
-        .sign_grant(SignGrantRequest {
-            grant: Some(params()),
-        })
+        .sign_grant(grant_request(params()))
         .await
         .expect("logged in with it");
 }
@@ -559,9 +546,7 @@ async fn with_fail_closed_no_grant_leaves_the_agent_when_its_audit_line_cannot_b
     let agent = agent_on_a_full_disk(true);
     let mut local = connect(&agent.addr, None).await.expect("connect");
     let status = local
-        .sign_grant(SignGrantRequest {
-            grant: Some(params()),
-        })
+        .sign_grant(grant_request(params()))
         .await
         .expect_err("withheld");
     assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
@@ -578,9 +563,7 @@ async fn without_fail_closed_grants_are_signed_and_their_lost_lines_counted() {
     let agent = agent_on_a_full_disk(false);
     let mut local = connect(&agent.addr, None).await.expect("connect");
     let grant = local
-        .sign_grant(SignGrantRequest {
-            grant: Some(params()),
-        })
+        .sign_grant(grant_request(params()))
         .await
         .expect("signed")
         .into_inner();

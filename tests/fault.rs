@@ -15,8 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BIN, DevAgent, TEST_AUD, params, read, verify};
-use grant_agent::proto::SignGrantRequest;
+use common::{BIN, DevAgent, TEST_AUD, grant_request, params, read, verify};
 use tonic::Code;
 
 /// The fault module, built next to the agent's binary by `cargo build -p fault-pkcs11`.
@@ -80,14 +79,7 @@ fn set_faults(control: &Path, faults: &str) {
 }
 
 async fn sign(agent: &DevAgent) -> Result<String, tonic::Status> {
-    agent
-        .client()
-        .await
-        .sign_grant(SignGrantRequest {
-            grant: Some(params()),
-        })
-        .await
-        .map(|r| r.into_inner().assertion)
+    agent.sign(params()).await.map(|r| r.assertion)
 }
 
 /// Waits up to `limit` for `sign` to succeed; the time it took.
@@ -117,6 +109,14 @@ async fn metrics(agent: &DevAgent) -> impl Fn(&str) -> f64 {
     move |prefix: &str| common::metric_sum(&text, prefix)
 }
 
+/// Signs, makes the token fail the next sign with `rv` once, and signs again: the agent
+/// must get past the error within that request (`after` says how).
+async fn signs_past_one(agent: &DevAgent, control: &Path, rv: &str, after: &str) {
+    let _ = verify(&sign(agent).await.expect("signed"), TEST_AUD);
+    set_faults(control, &format!("sign_errors = {rv} 1\n"));
+    let _ = verify(&sign(agent).await.expect(after), TEST_AUD);
+}
+
 /// Signs `n` grants on `tasks` concurrent clients and verifies each.
 async fn sign_all(agent: &DevAgent, tasks: usize, n: usize) {
     let mut load = tokio::task::JoinSet::new();
@@ -126,9 +126,7 @@ async fn sign_all(agent: &DevAgent, tasks: usize, n: usize) {
             let mut signed = Vec::new();
             for _ in 0..n / tasks {
                 let response = client
-                    .sign_grant(SignGrantRequest {
-                        grant: Some(params()),
-                    })
+                    .sign_grant(grant_request(params()))
                     .await
                     .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
                 signed.push(response.into_inner().assertion);
@@ -197,12 +195,13 @@ async fn a_session_the_hsm_dropped_is_replaced_alone_and_never_used_again() {
     // A network HSM dropped one session (Luna, YubiHSM 2 after 30 s idle): that session
     // is replaced, the request signs on the new one, and nothing else is touched.
     let (agent, control) = agent_behind_faults("", "");
-    let _ = verify(&sign(&agent).await.expect("signed"), TEST_AUD);
-    set_faults(&control, "sign_errors = SESSION_HANDLE_INVALID 1\n");
-    let _ = verify(
-        &sign(&agent).await.expect("signed on a new session"),
-        TEST_AUD,
-    );
+    signs_past_one(
+        &agent,
+        &control,
+        "SESSION_HANDLE_INVALID",
+        "signed on a new session",
+    )
+    .await;
     // The dead session stays dead in the module: had it gone back to the pool, each use
     // would fail again and be counted.
     sign_all(&agent, 4, 40).await;
@@ -227,12 +226,7 @@ async fn a_general_error_resets_the_context_and_the_request_still_signs() {
     // Thales Luna after some network faults: CKR_GENERAL_ERROR, and only a new context
     // helps. The request that met it waits for the re-initialisation and signs.
     let (agent, control) = agent_behind_faults("", "");
-    let _ = verify(&sign(&agent).await.expect("signed"), TEST_AUD);
-    set_faults(&control, "sign_errors = GENERAL_ERROR 1\n");
-    let _ = verify(
-        &sign(&agent).await.expect("signed after the reset"),
-        TEST_AUD,
-    );
+    signs_past_one(&agent, &control, "GENERAL_ERROR", "signed after the reset").await;
     sign_all(&agent, 4, 20).await;
     let value = metrics(&agent).await;
     assert_eq!(value("grant_agent_recoveries_total "), 1.0);
@@ -271,12 +265,13 @@ async fn a_lost_login_is_restored_without_a_restart() {
     // A network HSM that reconnected, or a logout elsewhere: USER_NOT_LOGGED_IN, and the
     // module really is logged out. The agent logs in again on its anchor session.
     let (agent, control) = agent_behind_faults("", "");
-    let _ = verify(&sign(&agent).await.expect("signed"), TEST_AUD);
-    set_faults(&control, "sign_errors = USER_NOT_LOGGED_IN 1\n");
-    let _ = verify(
-        &sign(&agent).await.expect("signed after logging in again"),
-        TEST_AUD,
-    );
+    signs_past_one(
+        &agent,
+        &control,
+        "USER_NOT_LOGGED_IN",
+        "signed after logging in again",
+    )
+    .await;
     sign_all(&agent, 4, 20).await;
     let value = metrics(&agent).await;
     assert!(value("grant_agent_pkcs11_errors_total{class=\"login\"") >= 1.0);
@@ -361,9 +356,7 @@ async fn the_token_session_cap_holds_under_load_and_reload() {
             let mut signed = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let assertion = client
-                    .sign_grant(SignGrantRequest {
-                        grant: Some(params()),
-                    })
+                    .sign_grant(grant_request(params()))
                     .await
                     .map_err(|s| format!("{s:?}"))?
                     .into_inner()

@@ -11,8 +11,8 @@ mod common;
 
 use std::{path::PathBuf, process::Output, time::Duration};
 
-use common::{DevAgent, TEST_AUD, TestCa, openssl, params, read, unix_now, verify};
-use grant_agent::proto::{KeyInfo, ListKeysRequest, SignGrantRequest};
+use common::{DevAgent, TEST_AUD, TestCa, grant_request, openssl, params, read, unix_now, verify};
+use grant_agent::proto::{KeyInfo, ListKeysRequest};
 use tonic::Code;
 
 const BUYPASS_TEST: &str =
@@ -58,6 +58,23 @@ fn fails(out: Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `grant-agent sign` with `agent.toml` in `dir`, for client `c` and scope `a:b`.
+fn sign_a_b(dir: &tempfile::TempDir) -> Output {
+    let config = dir.path().join("agent.toml");
+    run(
+        dir,
+        &[
+            "sign",
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--client-id",
+            "c",
+            "--scope",
+            "a:b",
+        ],
+    )
+}
+
 /// Generates a key in the token and returns the path of its CSR.
 fn key_with_csr(dir: &tempfile::TempDir, label: &str, key_type: &str) -> PathBuf {
     let _ = ok(run(
@@ -65,21 +82,7 @@ fn key_with_csr(dir: &tempfile::TempDir, label: &str, key_type: &str) -> PathBuf
         &["key", "generate", "--label", label, "--type", key_type],
     ));
     let csr = dir.path().join(format!("{label}.csr"));
-    let _ = ok(run(
-        dir,
-        &[
-            "key",
-            "csr",
-            "--label",
-            label,
-            "--org-number",
-            "974760673",
-            "--org-name",
-            "ACME AS",
-            "--out",
-            csr.to_str().expect("utf-8"),
-        ],
-    ));
+    let _ = ok(run(dir, &common::csr_args(label, &csr)));
     csr
 }
 
@@ -129,6 +132,13 @@ fn config_with_top(dir: &tempfile::TempDir, name: &str, top: &str, rest: &str) {
     std::fs::write(dir.path().join(name), format!("{top}{head}\n{rest}")).expect("config");
 }
 
+/// Serves `keys` (each a [`key_toml`]) from the token in `dir`, with the dev config's
+/// listen and [pkcs11] section.
+fn serve_keys(dir: tempfile::TempDir, keys: &[String]) -> DevAgent {
+    config(&dir, "agent.toml", &keys.concat());
+    DevAgent::serve(dir, "agent.toml")
+}
+
 fn key_toml(name: &str, label: &str, extra: &str) -> String {
     format!("[[keys]]\nname = \"{name}\"\nlabel = \"{label}\"\ncertificate = \"token\"\n{extra}\n")
 }
@@ -148,12 +158,7 @@ async fn sign(agent: &DevAgent, key: &str, environment: &str) -> Result<String, 
     let mut p = params();
     p.key = key.into();
     p.environment = environment.into();
-    agent
-        .client()
-        .await
-        .sign_grant(SignGrantRequest { grant: Some(p) })
-        .await
-        .map(|r| r.into_inner().assertion)
+    agent.sign(p).await.map(|r| r.assertion)
 }
 
 #[tokio::test]
@@ -269,17 +274,7 @@ async fn a_key_made_in_the_token_gets_a_csr_a_certificate_and_signs() {
     );
 
     let (flags, _) = common::private_key_access(dir.path(), "vs-2027");
-    for flag in [
-        "sensitive",
-        "always sensitive",
-        "never extractable",
-        "local",
-    ] {
-        assert!(
-            flags.contains(&flag.to_owned()),
-            "{flag} missing: {flags:?}"
-        );
-    }
+    common::assert_generated_in_token(&flags);
     let listing = ok(run(&dir, &["key", "list"]));
     assert!(listing.contains("key \"vs-2027\" (id "), "{listing}");
     assert!(
@@ -297,12 +292,10 @@ async fn a_key_made_in_the_token_gets_a_csr_a_certificate_and_signs() {
         "{listing}"
     );
 
-    config(
-        &dir,
-        "agent.toml",
-        &key_toml("default", "vs-2027", "algorithm = \"RS384\""),
+    let agent = serve_keys(
+        dir,
+        &[key_toml("default", "vs-2027", "algorithm = \"RS384\"")],
     );
-    let agent = DevAgent::serve(dir, "agent.toml");
     let assertion = sign(&agent, "", "test").await.expect("signed");
     let grant = verify(&assertion, TEST_AUD);
     assert_eq!(grant.header["alg"], "RS384");
@@ -354,19 +347,16 @@ async fn both_profiles_and_the_environment_guard_both_ways() {
     certified(&dir, "unknown", &unknown, SEID2, now - DAY, now + year);
     certified(&dir, "declared", &unknown, SEID2, now - DAY, now + year);
     certified(&dir, "lenient", &buypass_test, SEID2, now - DAY, now + year);
-    config(
-        &dir,
-        "agent.toml",
+    let agent = serve_keys(
+        dir,
         &[
             key_toml("seid1-prod", "seid1-prod", ""),
             key_toml("old-test", "old-test", ""),
             key_toml("unknown", "unknown", ""),
             key_toml("declared", "declared", "certificate_environment = \"prod\""),
             key_toml("lenient", "lenient", "allow_environment_mismatch = true"),
-        ]
-        .concat(),
+        ],
     );
-    let agent = DevAgent::serve(dir, "agent.toml");
     let keys = list(&agent).await;
     let by_name = |n: &str| keys.iter().find(|k| k.name == n).expect("key listed");
     assert_eq!(keys.len(), 5, "several keys in one agent");
@@ -436,19 +426,7 @@ fn expired_and_not_yet_valid_certificates_stop_start_up() {
     certified(&dir, "future", &ca, SEID2, now + DAY, now + 30 * DAY);
     let sign_with = |key: &str| {
         config(&dir, "agent.toml", &key_toml("default", key, ""));
-        let config = dir.path().join("agent.toml");
-        fails(run(
-            &dir,
-            &[
-                "sign",
-                "--config",
-                config.to_str().expect("utf-8"),
-                "--client-id",
-                "c",
-                "--scope",
-                "a:b",
-            ],
-        ))
+        fails(sign_a_b(&dir))
     };
     let err = sign_with("expired");
     assert!(
@@ -473,18 +451,15 @@ async fn renewal_rolls_over_by_itself() {
     // "expiry": the newest expires in a few seconds; the older one takes over.
     certified(&dir, "short", &ca, SEID2, now - 60, now + 5);
     certified(&dir, "long", &ca, SEID2, now - 2 * DAY, now + 300 * DAY);
-    config(
-        &dir,
-        "agent.toml",
+    let agent = serve_keys(
+        dir,
         &[
             key_toml("renewal", "old", ""),
             key_toml("renewal", "new", ""),
             key_toml("expiry", "short", ""),
             key_toml("expiry", "long", ""),
-        ]
-        .concat(),
+        ],
     );
-    let agent = DevAgent::serve(dir, "agent.toml");
     let active = |keys: &[KeyInfo], name: &str| {
         let active: Vec<i64> = keys
             .iter()
@@ -573,9 +548,7 @@ async fn sighup_reloads_without_dropping_requests_and_a_bad_config_keeps_the_old
         for _ in 0..300 {
             let mut c = client.clone();
             let _ = c
-                .sign_grant(SignGrantRequest {
-                    grant: Some(params()),
-                })
+                .sign_grant(grant_request(params()))
                 .await
                 .expect("no request fails during reload");
             signed += 1;
@@ -694,19 +667,7 @@ fn kid_mode_signs_with_a_registered_key_and_the_jwk_verifies_it() {
         ]
         .concat(),
     );
-    let config_path = dir.path().join("agent.toml");
-    let jws = ok(run(
-        &dir,
-        &[
-            "sign",
-            "--config",
-            config_path.to_str().expect("utf-8"),
-            "--client-id",
-            "c",
-            "--scope",
-            "a:b",
-        ],
-    ));
+    let jws = ok(sign_a_b(&dir));
     let jws = jws.trim_end();
     let header: serde_json::Value = serde_json::from_slice(
         &URL_SAFE_NO_PAD
@@ -748,8 +709,7 @@ async fn a_certificate_near_expiry_is_warned_about_and_flagged() {
         unix_now() - DAY,
         unix_now() + 10 * DAY + 600,
     );
-    config(&dir, "agent.toml", &key_toml("default", "soon", ""));
-    let agent = DevAgent::serve(dir, "agent.toml");
+    let agent = serve_keys(dir, &[key_toml("default", "soon", "")]);
     let keys = list(&agent).await;
     assert!(keys[0].expires_soon);
     assert_eq!(keys[0].days_to_expiry, 10);
@@ -786,19 +746,7 @@ fn an_ec_key_in_the_token_is_refused_for_maskinporten() {
         ],
     );
     config(&dir, "agent.toml", &key_toml("default", "ec", ""));
-    let config = dir.path().join("agent.toml");
-    let err = fails(run(
-        &dir,
-        &[
-            "sign",
-            "--config",
-            config.to_str().expect("utf-8"),
-            "--client-id",
-            "c",
-            "--scope",
-            "a:b",
-        ],
-    ));
+    let err = fails(sign_a_b(&dir));
     assert!(
         err.contains("key \"default\" (label \"ec\"): the key with label \"ec\" is a")
             && err.contains("not RSA; Maskinporten needs RSA keys of 2048 bits or more"),
@@ -941,17 +889,14 @@ async fn a_pkcs12_file_moves_into_the_token_and_signs() {
     assert!(block.contains("Usage:      sign\n"), "{block}");
 
     // And it signs grants that verify against the delivered certificate.
-    config(
-        &dir,
-        "agent.toml",
+    let delivered = read(&chain);
+    let agent = serve_keys(
+        dir,
         &[
             key_toml("default", "p12-modern", ""),
             key_toml("legacy", "p12-legacy", ""),
-        ]
-        .concat(),
+        ],
     );
-    let delivered = read(&chain);
-    let agent = DevAgent::serve(dir, "agent.toml");
     for key in ["default", "legacy"] {
         let grant = verify(&sign(&agent, key, "test").await.expect("signed"), TEST_AUD);
         let leaf_pem = &delivered[..delivered.find("-----END CERTIFICATE-----").expect("pem")];

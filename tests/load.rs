@@ -13,7 +13,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{DevAgent, TEST_AUD, http_get, params, read, verify};
+use common::{DevAgent, TEST_AUD, grant_request, http_get, params, read, verify};
 use grant_agent::proto::SignGrantRequest;
 use tonic::Code;
 
@@ -105,13 +105,7 @@ async fn a_full_queue_is_refused_at_once_and_the_rest_is_signed() {
             let mut c = client.clone();
             tokio::spawn(async move {
                 let sent = Instant::now();
-                (
-                    c.sign_grant(SignGrantRequest {
-                        grant: Some(params()),
-                    })
-                    .await,
-                    sent.elapsed(),
-                )
+                (c.sign_grant(grant_request(params())).await, sent.elapsed())
             })
         })
         .collect();
@@ -123,19 +117,7 @@ async fn a_full_queue_is_refused_at_once_and_the_rest_is_signed() {
                 signed += 1;
             }
             (Err(status), took) => {
-                assert_eq!(
-                    status.code(),
-                    Code::ResourceExhausted,
-                    "{}",
-                    status.message()
-                );
-                assert!(
-                    status
-                        .message()
-                        .starts_with("signing in the token failed: the token is busy:"),
-                    "{}",
-                    status.message()
-                );
+                common::assert_token_busy(&status);
                 assert!(
                     took < Duration::from_secs(1),
                     "refused at once, not after waiting ({took:?})"
@@ -152,16 +134,7 @@ async fn a_full_queue_is_refused_at_once_and_the_rest_is_signed() {
     assert!(busy > 0, "64 at once must overflow a queue of 4");
     busy_is_overload_not_failure(&agent, busy).await;
     let _ = verify(
-        &agent
-            .client()
-            .await
-            .sign_grant(SignGrantRequest {
-                grant: Some(params()),
-            })
-            .await
-            .expect("serving")
-            .into_inner()
-            .assertion,
+        &agent.sign(params()).await.expect("serving").assertion,
         TEST_AUD,
     );
 }
@@ -174,9 +147,7 @@ async fn a_deadline_that_cannot_be_met_is_refused_at_once() {
     for _ in 0..20 {
         let _ = client
             .clone()
-            .sign_grant(SignGrantRequest {
-                grant: Some(params()),
-            })
+            .sign_grant(grant_request(params()))
             .await
             .expect("signed");
     }
@@ -190,12 +161,7 @@ async fn a_deadline_that_cannot_be_met_is_refused_at_once() {
     let backlog: Vec<_> = (0..3000)
         .map(|i| {
             let mut c = clients[i % clients.len()].clone();
-            tokio::spawn(async move {
-                c.sign_grant(SignGrantRequest {
-                    grant: Some(params()),
-                })
-                .await
-            })
+            tokio::spawn(async move { c.sign_grant(grant_request(params())).await })
         })
         .collect();
     // Wait until the agent holds a good part of them, however slow the machine is to send
@@ -260,16 +226,14 @@ async fn metrics_count_what_happened_and_logs_carry_request_ids() {
     let mut client = agent.client().await;
     for _ in 0..3 {
         let _ = client
-            .sign_grant(SignGrantRequest {
-                grant: Some(params()),
-            })
+            .sign_grant(grant_request(params()))
             .await
             .expect("signed");
     }
     let mut bad = params();
     bad.lifetime_seconds = 500;
     let _ = client
-        .sign_grant(SignGrantRequest { grant: Some(bad) })
+        .sign_grant(grant_request(bad))
         .await
         .expect_err("refused");
 

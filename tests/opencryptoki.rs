@@ -143,21 +143,7 @@ async fn keys_csrs_certificates_and_grants_on_opencryptoki() {
             &["key", "generate", "--label", label, "--type", key_type],
         );
         let csr = p.join(format!("{label}.csr"));
-        let _ = run(
-            &config,
-            &[
-                "key",
-                "csr",
-                "--label",
-                label,
-                "--org-number",
-                "974760673",
-                "--org-name",
-                "ACME AS",
-                "--out",
-                csr.to_str().expect("utf-8"),
-            ],
-        );
+        let _ = run(&config, &common::csr_args(label, &csr));
         // The request was signed over a DigestInfo; openssl checks that signature.
         let out = openssl(
             &[

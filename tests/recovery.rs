@@ -20,8 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BIN, DevAgent, TEST_AUD, openssl, params, read, verify};
-use grant_agent::proto::SignGrantRequest;
+use common::{BIN, DevAgent, TEST_AUD, grant_request, openssl, params, read, self_signed, verify};
 use tonic::Code;
 
 /// Runs a tool with the test's SoftHSM configuration; its stderr if it fails.
@@ -135,17 +134,11 @@ fn agent_with_importable_key() -> DevAgent {
 fn agent_with_importable_key_through(module: Option<&str>) -> DevAgent {
     let dir = DevAgent::start().stop();
     let p = dir.path();
-    let _ = openssl(
+    self_signed(
+        p,
+        "vs.key",
+        "vs.pem",
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "vs.key",
-            "-out",
-            "vs.pem",
             "-days",
             "30",
             "-subj",
@@ -153,7 +146,6 @@ fn agent_with_importable_key_through(module: Option<&str>) -> DevAgent {
             "-addext",
             "keyUsage=critical,nonRepudiation",
         ],
-        p,
     );
     std::fs::write(p.join("p12-password"), "pw\n").expect("password");
     let _ = openssl(
@@ -214,9 +206,7 @@ async fn heals_under_load(agent: DevAgent) {
     let client = agent.client().await;
     let before = client
         .clone()
-        .sign_grant(SignGrantRequest {
-            grant: Some(params()),
-        })
+        .sign_grant(grant_request(params()))
         .await
         .expect("signed")
         .into_inner();
@@ -228,11 +218,7 @@ async fn heals_under_load(agent: DevAgent) {
             tokio::spawn(async move {
                 let mut outcomes = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let result = c
-                        .sign_grant(SignGrantRequest {
-                            grant: Some(params()),
-                        })
-                        .await;
+                    let result = c.sign_grant(grant_request(params())).await;
                     outcomes.push((
                         Instant::now(),
                         result
@@ -256,9 +242,7 @@ async fn heals_under_load(agent: DevAgent) {
     for _ in 0..300 {
         if client
             .clone()
-            .sign_grant(SignGrantRequest {
-                grant: Some(params()),
-            })
+            .sign_grant(grant_request(params()))
             .await
             .is_ok()
         {
@@ -304,9 +288,7 @@ async fn heals_under_load(agent: DevAgent) {
     );
     let after = client
         .clone()
-        .sign_grant(SignGrantRequest {
-            grant: Some(params()),
-        })
+        .sign_grant(grant_request(params()))
         .await
         .expect("signed")
         .into_inner();
@@ -374,14 +356,9 @@ async fn health_notices_a_lost_token_with_no_request() {
         )
         .await;
     let grant = agent
-        .client()
+        .sign(params())
         .await
-        .sign_grant(SignGrantRequest {
-            grant: Some(params()),
-        })
-        .await
-        .expect("signed after the token came back")
-        .into_inner();
+        .expect("signed after the token came back");
     let _ = verify(&grant.assertion, TEST_AUD);
     assert!(agent.log().contains("found by the idle check"));
 }
@@ -391,9 +368,7 @@ async fn a_refused_pin_while_recovering_is_not_retried() {
     let agent = agent_with_importable_key();
     let mut client = agent.client().await;
     let _ = client
-        .sign_grant(SignGrantRequest {
-            grant: Some(params()),
-        })
+        .sign_grant(grant_request(params()))
         .await
         .expect("signed");
     let dir = agent.dir.path().to_owned();
@@ -401,9 +376,7 @@ async fn a_refused_pin_while_recovering_is_not_retried() {
         .await
         .expect("recreate");
     let status = client
-        .sign_grant(SignGrantRequest {
-            grant: Some(params()),
-        })
+        .sign_grant(grant_request(params()))
         .await
         .expect_err("token gone");
     assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
@@ -421,9 +394,7 @@ async fn a_refused_pin_while_recovering_is_not_retried() {
         "{log}"
     );
     let status = client
-        .sign_grant(SignGrantRequest {
-            grant: Some(params()),
-        })
+        .sign_grant(grant_request(params()))
         .await
         .expect_err("still down");
     assert_eq!(status.code(), Code::Unavailable);

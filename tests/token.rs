@@ -13,7 +13,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{BIN, DevAgent, Mock, TEST_AUD, params, pem, read, verify};
+use common::{BIN, DevAgent, Mock, TEST_AUD, grant_request, params, pem, read, verify};
 use grant_agent::proto::{
     GetAccessTokenRequest, GetAccessTokenResponse, GrantParameters, SignGrantRequest,
     grant_agent_client::GrantAgentClient,
@@ -53,15 +53,7 @@ struct Options<'a> {
 /// that knows the client, and an agent whose `mock` environment discovers the mock.
 async fn setup(options: Options<'_>) -> Setup {
     let dev = DevAgent::start();
-    let signed = dev
-        .client()
-        .await
-        .sign_grant(SignGrantRequest {
-            grant: Some(params()),
-        })
-        .await
-        .expect("signed")
-        .into_inner();
+    let signed = dev.sign(params()).await.expect("signed");
     let leaf = verify(&signed.assertion, TEST_AUD).leaf_der;
     let dir = dev.stop();
     let path = |name: &str| dir.path().join(name);
@@ -189,16 +181,8 @@ async fn tokens_verify_are_cached_and_never_logged() {
     assert_eq!(requests_at_mock(&mock).await, 3);
 
     // The command line prints the bare (cached) token, for $(...) in scripts.
-    let out = std::process::Command::new(BIN)
-        .args([
-            "client",
-            "token",
-            "--addr",
-            &agent.addr,
-            "--client-id",
-            CLIENT_ID,
-        ])
-        .args(["--scope", "test:scope", "--env", "mock"])
+    let out = client_token(&agent.addr)
+        .args(["--scope", "test:scope"])
         .output()
         .expect("client token");
     assert!(
@@ -530,16 +514,8 @@ async fn oauth_errors_reach_the_caller_intact_and_are_not_retried() {
         );
     }
     // The CLI shows the same on stderr and fails.
-    let out = std::process::Command::new(BIN)
-        .args([
-            "client",
-            "token",
-            "--addr",
-            &agent.addr,
-            "--client-id",
-            CLIENT_ID,
-        ])
-        .args(["--scope", "test:forbidden", "--env", "mock"])
+    let out = client_token(&agent.addr)
+        .args(["--scope", "test:forbidden"])
         .output()
         .expect("client token");
     assert!(!out.status.success());
@@ -723,15 +699,7 @@ async fn a_flight_whose_callers_all_left_still_fills_the_cache() {
 #[tokio::test]
 async fn the_mock_refuses_a_replayed_grant() {
     let Setup { agent, mock } = setup(Options::default()).await;
-    let grant = agent
-        .client()
-        .await
-        .sign_grant(SignGrantRequest {
-            grant: Some(mock_params()),
-        })
-        .await
-        .expect("signed")
-        .into_inner();
+    let grant = agent.sign(mock_params()).await.expect("signed");
     let (status, body) = mock.exchange(&grant.assertion).await;
     assert_eq!(status, 200, "{body}");
     let claims = mock
@@ -796,9 +764,7 @@ async fn authorization_details_reach_the_token_and_the_policy() {
         status.message()
     );
     let status = client
-        .sign_grant(SignGrantRequest {
-            grant: Some(consent),
-        })
+        .sign_grant(grant_request(consent))
         .await
         .expect_err("type not allowed for grants either");
     assert_eq!(status.code(), Code::PermissionDenied);
@@ -1006,13 +972,7 @@ async fn a_full_session_queue_is_busy_not_a_failed_token() {
         if let Err(status) = task.await.expect("task")
             && status.code() == Code::ResourceExhausted
         {
-            assert!(
-                status
-                    .message()
-                    .starts_with("signing in the token failed: the token is busy:"),
-                "{}",
-                status.message()
-            );
+            common::assert_token_busy(&status);
             busy += 1;
         }
     }
@@ -1029,6 +989,23 @@ async fn a_full_session_queue_is_busy_not_a_failed_token() {
     );
 }
 
+/// `grant-agent client token` asking the agent at `addr` for the test client's token from
+/// the mock; the caller adds the scopes and the rest.
+fn client_token(addr: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(BIN);
+    let _ = command.args([
+        "client",
+        "token",
+        "--addr",
+        addr,
+        "--client-id",
+        CLIENT_ID,
+        "--env",
+        "mock",
+    ]);
+    command
+}
+
 /// `grant-agent client token ... --out FILE` plus `extra`, as a child process whose
 /// stderr goes to `stderr`.
 fn token_to_file(
@@ -1038,16 +1015,8 @@ fn token_to_file(
     extra: &[&str],
     stderr: &std::path::Path,
 ) -> std::process::Child {
-    std::process::Command::new(BIN)
-        .args([
-            "client",
-            "token",
-            "--addr",
-            &agent.addr,
-            "--client-id",
-            CLIENT_ID,
-        ])
-        .args(["--scope", scope, "--env", "mock", "--out"])
+    client_token(&agent.addr)
+        .args(["--scope", scope, "--out"])
         .arg(file)
         .args(extra)
         .stdout(std::process::Stdio::piped())
@@ -1131,18 +1100,8 @@ async fn client_token_out_writes_the_token_to_a_private_file() {
         ),
         (&["--watch"][..], "--out <FILE>"),
     ] {
-        let mut command = std::process::Command::new(BIN);
-        let _ = command.args([
-            "client",
-            "token",
-            "--addr",
-            &agent.addr,
-            "--client-id",
-            CLIENT_ID,
-        ]);
-        let _ = command
-            .args(["--scope", "test:scope", "--env", "mock"])
-            .args(args);
+        let mut command = client_token(&agent.addr);
+        let _ = command.args(["--scope", "test:scope"]).args(args);
         if args == ["--json"] {
             let _ = command.arg("--out").arg(&file);
         }
@@ -1265,16 +1224,8 @@ async fn client_token_watch_stops_on_a_refusal_a_retry_would_repeat() {
     assert_eq!(requests_at_mock(&mock).await, 1, "not retried");
 
     // An agent that is not there (yet) is waited for, not given up on; SIGINT ends that.
-    let mut waiting = std::process::Command::new(BIN)
-        .args([
-            "client",
-            "token",
-            "--addr",
-            "127.0.0.1:9",
-            "--client-id",
-            CLIENT_ID,
-        ])
-        .args(["--scope", "test:scope", "--env", "mock", "--watch", "--out"])
+    let mut waiting = client_token("127.0.0.1:9")
+        .args(["--scope", "test:scope", "--watch", "--out"])
         .arg(&file)
         .stderr(std::fs::File::create(&stderr).expect("stderr file"))
         .spawn()

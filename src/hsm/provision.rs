@@ -9,7 +9,7 @@ use std::path::Path;
 use cryptoki::{
     mechanism::Mechanism,
     object::{Attribute, CertificateType, KeyType, ObjectClass, ObjectHandle},
-    session::UserType,
+    session::{Session, UserType},
     types::AuthPin,
 };
 use der::{Any, asn1::ObjectIdentifier};
@@ -69,6 +69,14 @@ pub fn init_token(
 }
 
 impl Token {
+    /// A read-write session to put objects into the token (the signing pool's sessions are
+    /// read-only).
+    fn rw_session(&self) -> Result<Session, HsmError> {
+        self.pkcs11
+            .open_rw_session(self.slot)
+            .map_err(|e| FailedCall::of("C_OpenSession")(e).into())
+    }
+
     /// Generates an RSA key pair inside the token. The private key is sensitive, never
     /// extractable, and usable only for signing.
     pub fn generate_rsa_key(
@@ -77,10 +85,7 @@ impl Token {
         id: &[u8],
         bits: u64,
     ) -> Result<TokenKey, HsmError> {
-        let session = self
-            .pkcs11
-            .open_rw_session(self.slot)
-            .map_err(FailedCall::of("C_OpenSession"))?;
+        let session = self.rw_session()?;
         let common = [
             Attribute::Token(true),
             Attribute::Label(label.as_bytes().to_vec()),
@@ -110,10 +115,7 @@ impl Token {
         id: &[u8],
         parts: &RsaKeyParts<'_>,
     ) -> Result<(ObjectHandle, ObjectHandle), HsmError> {
-        let session = self
-            .pkcs11
-            .open_rw_session(self.slot)
-            .map_err(FailedCall::of("C_OpenSession"))?;
+        let session = self.rw_session()?;
         let common = [
             Attribute::Token(true),
             Attribute::KeyType(KeyType::RSA),
@@ -171,10 +173,7 @@ impl Token {
         der: &[u8],
         subject_der: &[u8],
     ) -> Result<ObjectHandle, HsmError> {
-        let session = self
-            .pkcs11
-            .open_rw_session(self.slot)
-            .map_err(FailedCall::of("C_OpenSession"))?;
+        let session = self.rw_session()?;
         session
             .create_object(&[
                 Attribute::Class(ObjectClass::CERTIFICATE),
@@ -193,10 +192,7 @@ impl Token {
 impl Token {
     /// Deletes an object this process created, to undo a half-finished import.
     pub fn destroy_object(&self, object: ObjectHandle) -> Result<(), HsmError> {
-        let session = self
-            .pkcs11
-            .open_rw_session(self.slot)
-            .map_err(FailedCall::of("C_OpenSession"))?;
+        let session = self.rw_session()?;
         session
             .destroy_object(object)
             .map_err(|e| FailedCall::of("C_DestroyObject")(e).into())

@@ -21,23 +21,11 @@ fn read(dir: &Path, name: &str) -> Vec<u8> {
 
 /// A self-signed RSA-2048 certificate and key: `key.pem`, `cert.pem`.
 fn self_signed(dir: &Path) {
-    let _ = openssl(
+    crate::testing::self_signed(
         dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-            "-subj",
-            "/CN=Test Virksomhet",
-            "-days",
-            "2",
-        ],
+        "key.pem",
+        "cert.pem",
+        &["-subj", "/CN=Test Virksomhet", "-days", "2"],
     );
 }
 
@@ -220,23 +208,11 @@ fn empty_password_given_as_no_password() {
 
 /// Root → intermediate → leaf.
 fn ca_chain(dir: &Path) {
-    let _ = openssl(
+    crate::testing::self_signed(
         dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "root.key",
-            "-out",
-            "root.pem",
-            "-subj",
-            "/CN=Test Root CA",
-            "-days",
-            "3",
-        ],
+        "root.key",
+        "root.pem",
+        &["-subj", "/CN=Test Root CA", "-days", "3"],
     );
     let ca_ext = "ca.ext";
     std::fs::write(
@@ -560,23 +536,11 @@ fn key_and_certificate_problems() {
     let dir = TempDir::new().expect("temp dir");
     let d = dir.path();
     self_signed(d);
-    let _ = openssl(
+    crate::testing::self_signed(
         d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "other.key",
-            "-out",
-            "other.pem",
-            "-subj",
-            "/CN=Other",
-            "-days",
-            "2",
-        ],
+        "other.key",
+        "other.pem",
+        &["-subj", "/CN=Other", "-days", "2"],
     );
     let pass = format!("pass:{PASSWORD}");
     let make = |out: &str, args: &[&str]| {

@@ -45,6 +45,8 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::{config::CachedAudit, metrics::Metrics};
 
+use super::policy::Ask;
+
 /// Lines queued for the writer at most; one more is lost (or, with `fail_closed`, its
 /// request refused). About a second of the agent's peak rate.
 pub(crate) const QUEUE_LINES: usize = 4096;
@@ -66,22 +68,11 @@ pub(crate) struct Decision<'a> {
     pub(crate) time: String,
     pub(crate) caller: &'a str,
     pub(crate) peer: &'a str,
-    pub(crate) key: &'a str,
+    /// What was asked, as the policy judged it: the same fields, so the trail says exactly
+    /// what was allowed or refused.
+    #[serde(flatten)]
+    pub(crate) ask: Ask<'a>,
     pub(crate) certificate_sha256: &'a str,
-    pub(crate) client_id: &'a str,
-    pub(crate) scopes: &'a [String],
-    pub(crate) environment: &'a str,
-    pub(crate) resources: &'a [String],
-    pub(crate) consumer_org: &'a str,
-    /// The `type` of each authorization_details entry (the details themselves may name
-    /// people or systems, and stay out of the trail).
-    pub(crate) authorization_types: &'a [String],
-    /// Whether the token was restricted to a person. The pid itself is personal data and
-    /// never written.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub(crate) pid: bool,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    pub(crate) iss_onbehalfof: &'a str,
     pub(crate) jti: &'a str,
     pub(crate) expires_at: Option<i64>,
     /// For a grant signed to fetch a token: which try of the fetch it was.

@@ -134,12 +134,7 @@ impl Stop {
 
 impl<S> Gate<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send,
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible> + Clone,
 {
     async fn pass(self, request: http::Request<Body>) -> http::Response<Body> {
         let call = call_name(request.uri().path());

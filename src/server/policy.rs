@@ -9,12 +9,15 @@
 use std::{num::NonZeroU32, sync::RwLock};
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde::Serialize;
 
 use crate::config::{Pattern, PolicyRule};
 
 use super::caller::Caller;
 
-/// A request as the policy sees it, with the defaults resolved.
+/// A request as the policy sees it, with the defaults resolved; the audit line of a
+/// decision carries it as it is.
+#[derive(Debug, Clone, Copy, Serialize)]
 pub(crate) struct Ask<'a> {
     pub(crate) key: &'a str,
     pub(crate) client_id: &'a str,
@@ -22,11 +25,14 @@ pub(crate) struct Ask<'a> {
     pub(crate) environment: &'a str,
     pub(crate) resources: &'a [String],
     pub(crate) consumer_org: &'a str,
-    /// The `type` of each authorization_details entry.
+    /// The `type` of each authorization_details entry (the details themselves may name
+    /// people or systems, and stay out of the policy and the trail).
     pub(crate) authorization_types: &'a [String],
-    /// Whether the request restricts the token to a person (the pid itself is not
-    /// the policy's business, and stays out of refusals).
+    /// Whether the request restricts the token to a person (the pid itself is personal
+    /// data: not the policy's business, never in a refusal or an audit line).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub(crate) pid: bool,
+    #[serde(skip_serializing_if = "str::is_empty")]
     pub(crate) iss_onbehalfof: &'a str,
 }
 

@@ -107,16 +107,8 @@ impl GrantAgentService {
             time: crate::agent::rfc3339(unix_now()),
             caller: at.caller.name(),
             peer: &at.peer,
-            key: &at.key,
+            ask: ask(&at.key, &at.environment, &at.authorization_types, params),
             certificate_sha256: result.certificate_sha256,
-            client_id: &params.client_id,
-            scopes: &params.scopes,
-            environment: &at.environment,
-            resources: &params.resources,
-            consumer_org: &params.consumer_org,
-            authorization_types: &at.authorization_types,
-            pid: !params.pid.is_empty(),
-            iss_onbehalfof: &params.iss_onbehalfof,
             jti: result.jti,
             expires_at: result.expires_at,
             attempt: None,
@@ -201,17 +193,12 @@ impl GrantAgentService {
             return Err(self.refuse(audit, &head, grant.params(), failure));
         }
         let params = grant.params();
-        let ask = Ask {
-            key: &head.key,
-            client_id: &params.client_id,
-            scopes: &params.scopes,
-            environment: &head.environment,
-            resources: &params.resources,
-            consumer_org: &params.consumer_org,
-            authorization_types: &head.authorization_types,
-            pid: !params.pid.is_empty(),
-            iss_onbehalfof: &params.iss_onbehalfof,
-        };
+        let ask = ask(
+            &head.key,
+            &head.environment,
+            &head.authorization_types,
+            params,
+        );
         if let Err(refusal) = self.policy.authorize(&head.caller, &ask) {
             let failure = status::refusal(&refusal);
             return Err(self.refuse(audit, &head, params, failure));
@@ -371,16 +358,13 @@ pub(super) fn grant_audit(audit: Arc<AuditLog>) -> GrantAudit {
             time: crate::agent::rfc3339(unix_now()),
             caller: &origin.caller,
             peer: &origin.peer,
-            key: &origin.key,
+            ask: ask(
+                &origin.key,
+                &origin.environment,
+                &origin.authorization_types,
+                params,
+            ),
             certificate_sha256: &spent.grant.certificate_sha256,
-            client_id: &params.client_id,
-            scopes: &params.scopes,
-            environment: &origin.environment,
-            resources: &params.resources,
-            consumer_org: &params.consumer_org,
-            authorization_types: &origin.authorization_types,
-            pid: !params.pid.is_empty(),
-            iss_onbehalfof: &params.iss_onbehalfof,
             jti: &spent.grant.jti,
             expires_at: Some(spent.grant.expires_at),
             attempt: Some(spent.attempt),
@@ -389,6 +373,27 @@ pub(super) fn grant_audit(audit: Arc<AuditLog>) -> GrantAudit {
             reason: &spent.reason,
         });
     })
+}
+
+/// The request as the policy judges it and the audit line records it, from its resolved
+/// key and environment, its authorization_details types and the caller's parameters.
+fn ask<'a>(
+    key: &'a str,
+    environment: &'a str,
+    authorization_types: &'a [String],
+    params: &'a GrantParameters,
+) -> Ask<'a> {
+    Ask {
+        key,
+        client_id: &params.client_id,
+        scopes: &params.scopes,
+        environment,
+        resources: &params.resources,
+        consumer_org: &params.consumer_org,
+        authorization_types,
+        pid: !params.pid.is_empty(),
+        iss_onbehalfof: &params.iss_onbehalfof,
+    }
 }
 
 /// The `type` of each authorization_details entry, for the audit line of a request that is

@@ -20,8 +20,10 @@ use base64::{
     engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
 };
 use der::Decode;
-use grant_agent::proto::{GrantParameters, grant_agent_client::GrantAgentClient};
-use tonic::transport::Channel;
+use grant_agent::proto::{
+    GrantParameters, SignGrantRequest, SignGrantResponse, grant_agent_client::GrantAgentClient,
+};
+use tonic::{Status, transport::Channel};
 
 pub(crate) mod secured;
 
@@ -131,6 +133,15 @@ impl DevAgent {
         grant_agent::client::connect(&self.addr, None)
             .await
             .expect("connect to the agent")
+    }
+
+    /// Asks the agent, over a connection of its own, to sign a grant for `grant`.
+    pub(crate) async fn sign(&self, grant: GrantParameters) -> Result<SignGrantResponse, Status> {
+        self.client()
+            .await
+            .sign_grant(grant_request(grant))
+            .await
+            .map(tonic::Response::into_inner)
     }
 
     pub(crate) fn path(&self, name: &str) -> PathBuf {
@@ -298,6 +309,29 @@ fn start_listening(mut command: Command, log: &Path) -> (Child, Vec<String>) {
     (child, addrs)
 }
 
+/// Asserts that `status` is the agent's answer when the token's session queue is full:
+/// overload, not a failure.
+pub(crate) fn assert_token_busy(status: &Status) {
+    assert_eq!(
+        status.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status
+            .message()
+            .starts_with("signing in the token failed: the token is busy:"),
+        "{}",
+        status.message()
+    );
+}
+
+/// The SignGrant request for `grant`.
+pub(crate) fn grant_request(grant: GrantParameters) -> SignGrantRequest {
+    SignGrantRequest { grant: Some(grant) }
+}
+
 /// Grant parameters with a client and one scope; tests change what they test.
 pub(crate) fn params() -> GrantParameters {
     GrantParameters {
@@ -405,6 +439,40 @@ pub(crate) fn private_key_access(dir: &Path, label: &str) -> (Vec<String>, Strin
     (flags, block)
 }
 
+/// Asserts the `Access:` flags of a key generated in the token: sensitive from the start,
+/// never extractable, made there.
+pub(crate) fn assert_generated_in_token(flags: &[String]) {
+    for flag in [
+        "sensitive",
+        "always sensitive",
+        "never extractable",
+        "local",
+    ] {
+        assert!(
+            flags.contains(&flag.to_owned()),
+            "{flag} missing: {flags:?}"
+        );
+    }
+    assert!(!flags.contains(&"extractable".to_owned()), "{flags:?}");
+}
+
+/// `grant-agent key csr` for the key labelled `label`, for the test organisation, written
+/// to `out`.
+pub(crate) fn csr_args<'a>(label: &'a str, out: &'a Path) -> [&'a str; 10] {
+    [
+        "key",
+        "csr",
+        "--label",
+        label,
+        "--org-number",
+        "974760673",
+        "--org-name",
+        "ACME AS",
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]
+}
+
 /// A DER certificate as PEM.
 pub(crate) fn pem(der: &[u8]) -> String {
     der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, der).expect("PEM")
@@ -425,61 +493,48 @@ pub(crate) fn openssl(args: &[&str], dir: &Path) -> std::process::Output {
     out
 }
 
+/// `openssl req -x509` in `dir`: a new unencrypted RSA-2048 key in `key` and a certificate
+/// signed by it in `cert`, with `options` (subject, days, extensions).
+pub(crate) fn self_signed(dir: &Path, key: &str, cert: &str, options: &[&str]) {
+    let mut args = vec![
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+    ];
+    args.extend_from_slice(&["-out", cert]);
+    args.extend_from_slice(options);
+    let _ = openssl(&args, dir);
+}
+
 /// A CA (`ca.pem`, `ca.key`) and a server certificate for 127.0.0.1 and localhost signed
 /// by it (`server.pem`, `server.key`), made with openssl in `dir`.
 pub(crate) fn server_tls(dir: &Path) {
-    let run = |args: &[&str]| {
-        let _ = openssl(args, dir);
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
+    self_signed(
+        dir,
         "ca.key",
-        "-out",
         "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Internal CA",
-    ]);
+        &["-days", "2", "-subj", "/CN=Internal CA"],
+    );
     std::fs::write(
         dir.join("server.ext"),
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
     )
     .expect("extfile");
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-out",
-        "server.pem",
-        "-extfile",
-        "server.ext",
-    ]);
+    issue(dir, "ca", "server", "/CN=localhost", "server.ext");
+}
+
+/// A new RSA-2048 key `NAME.key` and a certificate `NAME.pem` for `subject`, issued by the
+/// CA `CA.pem`/`CA.key` with the extensions in `ext_file`, all in `dir`.
+pub(crate) fn issue(dir: &Path, ca: &str, name: &str, subject: &str, ext_file: &str) {
+    let file = |ext: &str| format!("{name}.{ext}");
+    let (key, csr, pem) = (file("key"), file("csr"), file("pem"));
+    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+    let request = [
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr,
+    ];
+    let _ = openssl(&[&request[..], &["-subj", subject]].concat(), dir);
+    let mut x509 = vec!["x509", "-req", "-in", &csr, "-out", &pem, "-days", "2"];
+    x509.extend_from_slice(&["-CA", &ca_pem, "-CAkey", &ca_key, "-CAcreateserial"]);
+    x509.extend_from_slice(&["-extfile", ext_file]);
+    let _ = openssl(&x509, dir);
 }
 
 /// A certificate authority made with openssl, standing in for Buypass or Commfides: it
@@ -503,12 +558,11 @@ impl TestCa {
              [leaf]\nkeyUsage = critical,nonRepudiation\n[encrypt]\nkeyUsage = critical,keyEncipherment\n",
         )
         .expect("ca config");
-        let _ = openssl(
-            &[
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-                "ca.pem", "-days", "3650", "-subj", subject,
-            ],
+        self_signed(
             &dir,
+            "ca.key",
+            "ca.pem",
+            &["-days", "3650", "-subj", subject],
         );
         TestCa { dir }
     }

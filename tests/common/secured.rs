@@ -5,7 +5,7 @@ use std::path::Path;
 
 use grant_agent::{client::ClientTls, proto::SignGrantRequest};
 
-use super::{DevAgent, openssl, params, read};
+use super::{DevAgent, issue, params, read, self_signed};
 
 /// The SPIFFE id of the caller the policy knows.
 pub(crate) const PAYMENTS: &str = "spiffe://acme/ns/prod/sa/payments";
@@ -16,68 +16,25 @@ pub(crate) const OTHER: &str = "spiffe://acme/ns/prod/sa/other";
 /// two caller certificates (`payments`, `other`), and one from a CA the agent does not
 /// trust (`rogue`).
 pub(crate) fn tls_material(dir: &Path) {
-    let run = |args: &[&str]| {
-        let _ = openssl(args, dir);
-    };
     let ext = |name: &str, text: &str| std::fs::write(dir.join(name), text).expect("extfile");
     super::server_tls(dir);
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
+    self_signed(
+        dir,
         "rogue-ca.key",
-        "-out",
         "rogue-ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Rogue CA",
-    ]);
-    let issue = |name: &str, ca: &str, ext_file: &str| {
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            &format!("{name}.pem"),
-            "-extfile",
-            ext_file,
-        ]);
-    };
+        &["-days", "2", "-subj", "/CN=Rogue CA"],
+    );
     ext(
         "payments.ext",
         &format!("subjectAltName=URI:{PAYMENTS}\nextendedKeyUsage=clientAuth\n"),
     );
-    issue("payments", "ca", "payments.ext");
+    issue(dir, "ca", "payments", "/CN=payments", "payments.ext");
     ext(
         "other.ext",
         &format!("subjectAltName=URI:{OTHER}\nextendedKeyUsage=clientAuth\n"),
     );
-    issue("other", "ca", "other.ext");
-    issue("rogue", "rogue-ca", "payments.ext");
+    issue(dir, "ca", "other", "/CN=other", "other.ext");
+    issue(dir, "rogue-ca", "rogue", "/CN=rogue", "payments.ext");
 }
 
 /// The test process's uid.

@@ -79,28 +79,18 @@ fn refused(n: usize) -> Refused<'static> {
 fn a_decision_is_one_json_line_with_only_whether_there_was_a_pid() {
     let (log, lines) = audit(CachedAudit::Each);
     let scopes = ["nav:a".to_owned(), "nav:b".to_owned()];
+    let base = decision("r-1");
     let decision = Decision {
         audit: "token",
-        request_id: "r-1",
-        time: "2026-12-02T10:00:00Z".into(),
-        caller: "uid:1000",
-        peer: "unix",
-        key: "default",
-        certificate_sha256: "ab12",
-        client_id: "c",
-        scopes: &scopes,
-        environment: "test",
-        resources: &[],
-        consumer_org: "",
-        authorization_types: &[],
-        pid: true,
-        iss_onbehalfof: "",
+        ask: Ask {
+            scopes: &scopes,
+            pid: true,
+            ..base.ask
+        },
         jti: "j-1",
-        expires_at: Some(1_800_000_000),
-        attempt: None,
         outcome: "issued",
         code: "OK",
-        reason: "",
+        ..base
     };
     let _ = log.record(&decision);
     let written = lines.take(&log);
@@ -121,9 +111,12 @@ fn a_decision_is_one_json_line_with_only_whether_there_was_a_pid() {
         assert!(line.get(absent).is_none(), "{absent}: {line}");
     }
     let _ = log.record(&Decision {
-        pid: false,
+        ask: Ask {
+            pid: false,
+            iss_onbehalfof: "kunde-1",
+            ..decision.ask
+        },
         attempt: Some(2),
-        iss_onbehalfof: "kunde-1",
         ..decision
     });
     let line = &lines.take(&log)[0];
@@ -230,16 +223,18 @@ fn decision(id: &str) -> Decision<'_> {
         time: "2026-12-02T10:00:00Z".into(),
         caller: "uid:1000",
         peer: "unix",
-        key: "default",
+        ask: Ask {
+            key: "default",
+            client_id: "c",
+            scopes: &[],
+            environment: "test",
+            resources: &[],
+            consumer_org: "",
+            authorization_types: &[],
+            pid: false,
+            iss_onbehalfof: "",
+        },
         certificate_sha256: "ab12",
-        client_id: "c",
-        scopes: &[],
-        environment: "test",
-        resources: &[],
-        consumer_org: "",
-        authorization_types: &[],
-        pid: false,
-        iss_onbehalfof: "",
         jti: "j",
         expires_at: Some(1_800_000_000),
         attempt: None,
@@ -332,6 +327,18 @@ fn gated(fail_closed: bool, queue: usize) -> GatedLog {
     }
 }
 
+/// Records `count` decisions, numbered from 0, the rest while the writer is held in its
+/// write of the first; gives back their ids.
+fn record_behind_the_first(log: &AuditLog, entered: &Receiver<()>, count: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..count).map(|n| n.to_string()).collect();
+    let _ = log.record(&decision(&ids[0]));
+    entered.recv().expect("the writer is in its first write");
+    for id in &ids[1..] {
+        let _ = log.record(&decision(id));
+    }
+    ids
+}
+
 #[test]
 fn lines_keep_their_order_and_what_waits_is_written_in_one_batch() {
     let GatedLog {
@@ -341,12 +348,7 @@ fn lines_keep_their_order_and_what_waits_is_written_in_one_batch() {
         permits,
         writes,
     } = gated(false, QUEUE_LINES);
-    let ids: Vec<String> = (0..300).map(|n| n.to_string()).collect();
-    let _ = log.record(&decision(&ids[0]));
-    entered.recv().expect("the writer is in its first write");
-    for id in &ids[1..] {
-        let _ = log.record(&decision(id));
-    }
+    let ids = record_behind_the_first(&log, &entered, 300);
     // One write for the first line, then the 299 that waited: a batch of
     // BATCH_LINES, and the rest.
     for _ in 0..3 {
@@ -438,12 +440,7 @@ fn closing_writes_what_is_queued_and_later_lines_are_counted_lost() {
         permits,
         ..
     } = gated(false, QUEUE_LINES);
-    let ids: Vec<String> = (0..20).map(|n| n.to_string()).collect();
-    let _ = log.record(&decision(&ids[0]));
-    entered.recv().expect("the writer is in its first write");
-    for id in &ids[1..] {
-        let _ = log.record(&decision(id));
-    }
+    let ids = record_behind_the_first(&log, &entered, 20);
     for _ in 0..2 {
         permits.send(()).expect("the writer waits");
     }
