@@ -63,6 +63,10 @@ struct Shared {
 struct Jobs {
     waiting: VecDeque<Job>,
     closed: bool,
+    /// Session threads waiting on `ready`. A request wakes one only if one waits: when
+    /// all are signing, the next to finish takes it, and the wake-up would be a wasted
+    /// system call on every request of a busy pool.
+    sleeping: usize,
 }
 
 type Job = Box<dyn FnOnce(&mut Worker) + Send>;
@@ -235,8 +239,11 @@ impl Shared {
             }
         }
         jobs.waiting.push_back(job);
+        let wake = jobs.sleeping > 0;
         drop(jobs);
-        self.ready.notify_one();
+        if wake {
+            self.ready.notify_one();
+        }
         Ok(())
     }
 
@@ -270,10 +277,12 @@ fn serve(shared: &Arc<Shared>) {
                 if let Some(job) = jobs.waiting.pop_front() {
                     break job;
                 }
+                jobs.sleeping += 1;
                 jobs = match shared.ready.wait(jobs) {
                     Ok(jobs) => jobs,
                     Err(poisoned) => poisoned.into_inner(),
                 };
+                jobs.sleeping -= 1;
             }
         };
         let _ = shared.busy.fetch_add(1, Ordering::Relaxed);

@@ -54,6 +54,13 @@ pub(crate) const QUEUE_LINES: usize = 4096;
 /// Lines written in one `write` and flush at most.
 const BATCH_LINES: u64 = 256;
 
+/// How long the writer lets lines gather after a write, unless requests wait for their
+/// line (`fail_closed`). Without it, at thousands of grants a second, each line wakes the
+/// writer thread on its own: a futex wake on the request's worker and a thread switch, a
+/// fifth of the agent's CPU per grant in a profile. With it the writer wakes at most
+/// about 500 times a second, and a line reaches the sink at most this much later.
+const LINGER: Duration = Duration::from_millis(2);
+
 /// Least time between two error logs about lost lines.
 pub(crate) const LOST_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -304,11 +311,17 @@ impl AuditLog {
     ) -> std::io::Result<Self> {
         let losses = Arc::new(Losses::new(metrics));
         let (sender, receiver) = std::sync::mpsc::sync_channel(queue);
+        // A request that waits for its line must not wait for others to gather.
+        let linger = if settings.fail_closed {
+            Duration::ZERO
+        } else {
+            LINGER
+        };
         let writer = {
             let losses = Arc::clone(&losses);
             std::thread::Builder::new()
                 .name("audit-writer".into())
-                .spawn(move || write_lines(&receiver, sink, &losses))?
+                .spawn(move || write_lines(&receiver, sink, &losses, linger))?
         };
         Ok(AuditLog {
             queue: sender,
@@ -503,10 +516,15 @@ impl Drop for AuditLog {
 }
 
 /// The writer thread: takes what is queued, up to [`BATCH_LINES`] lines, writes it in one
-/// `write` and flush, then tells each waiting request whether its line was written. Ends
-/// at [`Queued::Stop`] (after writing everything queued before it) or when every sender
-/// is gone.
-fn write_lines(queue: &Receiver<Queued>, mut sink: Box<dyn Write + Send>, losses: &Losses) {
+/// `write` and flush, then tells each waiting request whether its line was written, and
+/// lets the next lines gather for `linger`. Ends at [`Queued::Stop`] (after writing
+/// everything queued before it) or when every sender is gone.
+fn write_lines(
+    queue: &Receiver<Queued>,
+    mut sink: Box<dyn Write + Send>,
+    losses: &Losses,
+    linger: Duration,
+) {
     let mut batch: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut waiting = Vec::new();
     #[cfg(test)]
@@ -553,6 +571,9 @@ fn write_lines(queue: &Receiver<Queued>, mut sink: Box<dyn Write + Send>, losses
         batch.shrink_to(1 << 20);
         if stop {
             return;
+        }
+        if lines > 0 && lines < BATCH_LINES {
+            std::thread::sleep(linger);
         }
     }
 }

@@ -125,6 +125,54 @@ fn a_decision_is_one_json_line_with_only_whether_there_was_a_pid() {
     assert_eq!(line["iss_onbehalfof"], "kunde-1");
 }
 
+/// A sink that counts its writes.
+#[derive(Clone, Default)]
+struct Counted(Lines, Arc<std::sync::atomic::AtomicUsize>);
+
+impl Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Lines queued one by one, as requests answer, share writes: the writer lingers after
+/// a write instead of waking for each line, so it writes at most about once per
+/// [`LINGER`]. (Without the linger, each line 100 µs apart is a write of its own.)
+#[test]
+fn lines_that_come_one_by_one_share_a_write() {
+    let sink = Counted::default();
+    let log = AuditLog::with_sink(
+        Box::new(sink.clone()),
+        settings(CachedAudit::Each, false),
+        QUEUE_LINES,
+        &Metrics::new(),
+    )
+    .expect("a writer thread");
+    let per_second = usize::try_from(REFUSALS_PER_SECOND).expect("small");
+    let started = std::time::Instant::now();
+    for n in 0..per_second {
+        log.refused(refused(n));
+        // Time for the writer to take each line alone, were it not to linger.
+        let gap = std::time::Instant::now();
+        while gap.elapsed() < Duration::from_micros(100) {
+            std::hint::spin_loop();
+        }
+    }
+    let took = started.elapsed();
+    assert_eq!(sink.0.take(&log).len(), per_second);
+    let writes = sink.1.load(std::sync::atomic::Ordering::SeqCst);
+    let most = 2 + usize::try_from(took.as_micros() / LINGER.as_micros()).expect("small");
+    assert!(
+        writes <= most,
+        "{writes} writes for {per_second} lines in {took:?}; at most {most} with the linger"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn refusals_are_cut_at_the_rate_and_the_next_line_says_how_many_were_left_out() {
     let (log, lines) = audit(CachedAudit::Each);
