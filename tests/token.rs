@@ -1,5 +1,5 @@
 //! Access tokens end to end: a real agent on a SoftHSM token exchanges grants at
-//! `grant-agent mock-maskinporten` over real HTTP(S): tokens verify against the mock's
+//! the `mock-maskinporten` binary over real HTTP(S): tokens verify against the mock's
 //! JWKS, the cache and single flight are counted at the mock, refresh ahead, force
 //! refresh, OAuth2 errors reach the caller intact, retries stay within the deadline with a
 //! new grant each time, the mock refuses a replayed jti, and no secret reaches a log.

@@ -11,10 +11,11 @@
 //! Usage rules that follow from PKCS#11 (see `shared/PKCS11.md`):
 //! - Login belongs to the application, not the session, and closing the *last* session
 //!   logs everything out, so [`Token`] keeps one anchor session open for its whole life.
-//! - A `cryptoki::Session` is `Send` but not `Sync`: each call takes a session from the
-//!   pool for its own thread and gives it back.
-//! - Every PKCS#11 call blocks; async callers go through [`Token::sign`], which runs on
-//!   tokio's blocking threads and never holds a session across an `.await`.
+//! - A `cryptoki::Session` is `Send` but not `Sync`: each session lives on a thread of
+//!   its own in the pool, and requests queue for those threads.
+//! - Every PKCS#11 call blocks; async callers go through [`Token::sign`], which hands the
+//!   call to a session's thread and awaits the answer, so no async worker ever waits on
+//!   the token.
 //! - A wrong PIN is never retried: tokens lock the user PIN after a few attempts.
 
 mod error;
@@ -153,7 +154,7 @@ impl Token {
         })
     }
 
-    /// Signs `data` with `key` on a pooled session, on a blocking thread, if a session
+    /// Signs `data` with `key` on a pooled session, on that session's thread, if a session
     /// frees up before `deadline`, by `path` (from [`Token::sign_path`] when the key was
     /// found, so a request cannot fail on a missing mechanism). Returns the signature and
     /// the time spent queued.
