@@ -163,21 +163,18 @@ pub enum RequestError {
     /// A PKCS#11 call failed.
     #[error(transparent)]
     Call(#[from] FailedCall),
-    /// The token is out of service while the agent recovers it.
-    #[error(
-        "the token is unavailable (being recovered, or waiting for an operator: see the agent log)"
-    )]
+    /// The token is out of service while the agent recovers it. (What a caller should
+    /// do about this and the next two is the agent's to say: `agent::SignError`.)
+    #[error("the session pool is closed")]
     Unavailable,
     /// Too many requests are waiting for a session.
-    #[error(
-        "the token is busy: {queued} requests are already waiting for a session; retry with backoff"
-    )]
+    #[error("the session queue is full ({queued} waiting)")]
     Busy {
         /// Requests ahead.
         queued: usize,
     },
     /// The caller's deadline would pass before a session is free.
-    #[error("the caller's deadline cannot be met with the queue ahead of it")]
+    #[error("the deadline passes before a session is free")]
     Deadline,
 }
 
