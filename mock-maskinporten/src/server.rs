@@ -166,15 +166,7 @@ async fn token(
             }
         }
     }
-    let is_form = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| {
-            v.trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        });
-    let verdict = if is_form {
+    let verdict = if is_form(&headers) {
         mock.verifier.verify(&body, unix_now())
     } else {
         Err(invalid_request(format!(
@@ -226,6 +218,18 @@ async fn token(
             )
         }
     }
+}
+
+/// Whether the request's body is a form, as RFC 6749 asks of a token request.
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
 }
 
 fn refused(mock: &Mock, refusal: &Refusal) -> Response {

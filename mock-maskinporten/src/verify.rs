@@ -123,27 +123,7 @@ impl Verifier {
         now: i64,
         client_id: &mut Option<String>,
     ) -> Result<Granted, Refusal> {
-        let (grant_type, assertion) = form_parameters(form)?;
-        match grant_type.as_deref() {
-            None => {
-                return Err(invalid_request(format!(
-                    "grant_type is missing; use {JWT_BEARER}"
-                )));
-            }
-            Some(JWT_BEARER) => {}
-            Some(other) => {
-                return Err(refuse(
-                    OAuthError::UnsupportedGrantType,
-                    None,
-                    format!("grant_type {other:?} is not supported; use {JWT_BEARER}"),
-                ));
-            }
-        }
-        let Some(assertion) = assertion.filter(|a| !a.is_empty()) else {
-            return Err(invalid_request(
-                "assertion (the signed JWT grant) is missing",
-            ));
-        };
+        let assertion = assertion(form)?;
         let jws = Jws::parse(&assertion)?;
 
         if let Some(name) = jws.claims.keys().find(|k| !CLAIMS.contains(&k.as_str())) {
@@ -179,44 +159,12 @@ impl Verifier {
         self.check_jti(jws.claims.get("jti"), exp, now)?;
         let scopes = check_scopes(client, jws.claims.get("scope"))?;
         let consumer_org = check_consumer_org(client, jws.claims.get("consumer_org"))?;
-        let authorization_details = jws.claims.get("authorization_details").cloned();
-        if let Some(details) = &authorization_details
-            && !is_authorization_details(details)
-        {
-            return Err(invalid_request(
-                "authorization_details must be a JSON array of objects, each with a string `type`",
-            ));
-        }
-        let pid = match jws.claims.get("pid") {
-            None => None,
-            Some(Value::String(pid)) if grant_agent::grant::is_national_identity_number(pid) => {
-                Some(pid.clone())
-            }
-            Some(_) => {
-                return Err(invalid_request(
-                    "pid must be an 11-digit national identity number or D-number",
-                ));
-            }
-        };
-        let iss_onbehalfof = match jws.claims.get("iss_onbehalfof") {
-            None => None,
-            Some(Value::String(value)) if !value.is_empty() => Some(value.clone()),
-            Some(_) => return Err(invalid_request("iss_onbehalfof must be a string")),
-        };
-        let resources = match jws.claims.get("resource") {
-            None => Vec::new(),
-            Some(Value::String(one)) => vec![one.clone()],
-            Some(Value::Array(many)) if many.iter().all(Value::is_string) => many
-                .iter()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect(),
-            Some(_) => {
-                return Err(invalid_request(
-                    "resource must be a URI or an array of URIs",
-                ));
-            }
-        };
+        let Optional {
+            resources,
+            authorization_details,
+            pid,
+            iss_onbehalfof,
+        } = optional_claims(&jws.claims)?;
         Ok(Granted {
             client_id: client.client_id.clone(),
             scopes,
@@ -477,6 +425,84 @@ fn is_authorization_details(details: &Value) -> bool {
         entries
             .iter()
             .all(|entry| entry.get("type").is_some_and(Value::is_string))
+    })
+}
+
+/// The assertion of a token request's form, once its grant type is the JWT bearer one.
+fn assertion(form: &[u8]) -> Result<String, Refusal> {
+    let (grant_type, assertion) = form_parameters(form)?;
+    match grant_type.as_deref() {
+        None => {
+            return Err(invalid_request(format!(
+                "grant_type is missing; use {JWT_BEARER}"
+            )));
+        }
+        Some(JWT_BEARER) => {}
+        Some(other) => {
+            return Err(refuse(
+                OAuthError::UnsupportedGrantType,
+                None,
+                format!("grant_type {other:?} is not supported; use {JWT_BEARER}"),
+            ));
+        }
+    }
+    assertion
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| invalid_request("assertion (the signed JWT grant) is missing"))
+}
+
+/// The claims a grant may leave out, each checked for its shape.
+struct Optional {
+    resources: Vec<String>,
+    authorization_details: Option<Value>,
+    pid: Option<String>,
+    iss_onbehalfof: Option<String>,
+}
+
+fn optional_claims(claims: &serde_json::Map<String, Value>) -> Result<Optional, Refusal> {
+    let authorization_details = claims.get("authorization_details").cloned();
+    if let Some(details) = &authorization_details
+        && !is_authorization_details(details)
+    {
+        return Err(invalid_request(
+            "authorization_details must be a JSON array of objects, each with a string `type`",
+        ));
+    }
+    let pid = match claims.get("pid") {
+        None => None,
+        Some(Value::String(pid)) if grant_agent::grant::is_national_identity_number(pid) => {
+            Some(pid.clone())
+        }
+        Some(_) => {
+            return Err(invalid_request(
+                "pid must be an 11-digit national identity number or D-number",
+            ));
+        }
+    };
+    let iss_onbehalfof = match claims.get("iss_onbehalfof") {
+        None => None,
+        Some(Value::String(value)) if !value.is_empty() => Some(value.clone()),
+        Some(_) => return Err(invalid_request("iss_onbehalfof must be a string")),
+    };
+    let resources = match claims.get("resource") {
+        None => Vec::new(),
+        Some(Value::String(one)) => vec![one.clone()],
+        Some(Value::Array(many)) if many.iter().all(Value::is_string) => many
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        Some(_) => {
+            return Err(invalid_request(
+                "resource must be a URI or an array of URIs",
+            ));
+        }
+    };
+    Ok(Optional {
+        resources,
+        authorization_details,
+        pid,
+        iss_onbehalfof,
     })
 }
 

@@ -90,7 +90,7 @@ pub(crate) struct Decision<'a> {
     /// or the deadline could not be met with the queue ahead) or "failed" (the token or
     /// Maskinporten failed).
     pub(crate) outcome: &'static str,
-    /// The gRPC code sent to the caller ([`code_name`]).
+    /// The gRPC code sent to the caller ([`code_name`](super::status::code_name)).
     pub(crate) code: &'static str,
     pub(crate) reason: &'a str,
 }
@@ -106,7 +106,7 @@ pub(crate) struct Refused<'a> {
     pub(crate) peer: &'a str,
     /// "denied" (no rule names the caller), "refused" (malformed input) or "busy".
     pub(crate) outcome: &'static str,
-    /// The gRPC code sent ([`code_name`]), empty for a connection.
+    /// The gRPC code sent ([`code_name`](super::status::code_name)), empty for a connection.
     pub(crate) code: &'static str,
     pub(crate) reason: String,
     /// Refusals left out of the trail since the previous refusal line.
@@ -575,31 +575,6 @@ fn write_lines(
         if lines > 0 && lines < BATCH_LINES {
             std::thread::sleep(linger);
         }
-    }
-}
-
-/// The name of a gRPC code as audit lines spell it (`Ok`, `InvalidArgument`, ...: its
-/// `Debug` form), without formatting it anew for every line.
-pub(crate) fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "Ok",
-        Code::Cancelled => "Cancelled",
-        Code::Unknown => "Unknown",
-        Code::InvalidArgument => "InvalidArgument",
-        Code::DeadlineExceeded => "DeadlineExceeded",
-        Code::NotFound => "NotFound",
-        Code::AlreadyExists => "AlreadyExists",
-        Code::PermissionDenied => "PermissionDenied",
-        Code::ResourceExhausted => "ResourceExhausted",
-        Code::FailedPrecondition => "FailedPrecondition",
-        Code::Aborted => "Aborted",
-        Code::OutOfRange => "OutOfRange",
-        Code::Unimplemented => "Unimplemented",
-        Code::Internal => "Internal",
-        Code::Unavailable => "Unavailable",
-        Code::DataLoss => "DataLoss",
-        Code::Unauthenticated => "Unauthenticated",
     }
 }
 

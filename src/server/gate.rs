@@ -307,7 +307,7 @@ where
             caller: peer.caller.name(),
             peer: &peer.address,
             outcome: stop.outcome,
-            code: super::audit::code_name(stop.status.code()),
+            code: super::status::code_name(stop.status.code()),
             reason: stop.status.message().to_owned(),
             suppressed: 0,
         });

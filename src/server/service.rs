@@ -24,10 +24,10 @@ use crate::{
 };
 
 use super::{
-    audit::{AuditLog, CachedAnswer, Decision, Receipt, code_name},
+    audit::{AuditLog, CachedAnswer, Decision, Receipt},
     caller::{Caller, Peer},
     policy::{Ask, Policy},
-    status::{self, Failure, Outcome},
+    status::{self, Failure, Outcome, code_name},
 };
 
 #[derive(Clone)]

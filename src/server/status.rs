@@ -169,6 +169,30 @@ pub(super) fn token_failure(error: &TokenError) -> Failure {
     }
 }
 
+/// The name of a gRPC code as audit lines spell it (`Ok`, `InvalidArgument`, ...: its
+/// `Debug` form), without formatting it anew for every line.
+pub(crate) fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "Ok",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use cryptoki::{
@@ -188,6 +212,14 @@ mod tests {
         FailedCall {
             function: "C_Sign",
             source: Pkcs11Error::Pkcs11(RvError::DeviceError, Function::Sign),
+        }
+    }
+
+    #[test]
+    fn code_names_are_the_codes_debug_form() {
+        for number in 0..=16 {
+            let code = Code::from_i32(number);
+            assert_eq!(code_name(code), format!("{code:?}"));
         }
     }
 
