@@ -13,6 +13,7 @@ use der::{Decode, EncodePem, pem::LineEnding};
 use sha2::{Digest, Sha256};
 use x509_cert::{builder::Builder, name::Name, request::RequestBuilder};
 
+pub use crate::p12::P12Error;
 use crate::{
     cert::{CertError, CertificateChain, escape_rfc4514},
     config::{Config, ConfigError, KeyLocator},
@@ -61,7 +62,7 @@ pub enum AdminError {
     },
     /// The PKCS#12 file could not be read.
     #[error("FILE: {0}")]
-    P12(#[from] crate::p12::P12Error),
+    P12(#[from] P12Error),
     /// A request or JWK could not be built.
     #[error("cannot build the {what}: {detail}")]
     Build {

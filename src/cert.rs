@@ -34,7 +34,7 @@ pub enum CertEnvironment {
     Test,
     /// A production certificate.
     Production,
-    /// An issuer not in [`ISSUERS`]; the config must say which it is.
+    /// An issuer not in `ISSUERS`; the config must say which it is.
     Unknown,
 }
 
@@ -51,7 +51,7 @@ impl CertEnvironment {
 
 /// How an issuer is recognised.
 #[derive(Debug)]
-pub enum IssuerMatch {
+pub(crate) enum IssuerMatch {
     /// The issuer DN contains both strings (case-sensitive).
     DnContainsBoth(&'static str, &'static str),
     /// The issuer's CN is exactly this.
@@ -65,7 +65,7 @@ pub enum IssuerMatch {
 /// test and production SEID 2 certificates share policy OIDs, so for Buypass the DN is the
 /// signal; Commfides marks test issuers with "TEST" and a test policy arc. To add an issuer,
 /// add a row here and a test.
-pub const ISSUERS: [(IssuerMatch, CertEnvironment); 8] = [
+pub(crate) const ISSUERS: [(IssuerMatch, CertEnvironment); 8] = [
     (
         IssuerMatch::DnContainsBoth("Buypass", "Test4"),
         CertEnvironment::Test,
@@ -169,7 +169,7 @@ impl CertificateChain {
     /// Parses DER certificates in any order and puts them in chain order: the one whose
     /// public key is `public_key_der` (PKCS#1) first, then each certificate's issuer. The
     /// token stores a key's certificates as unordered objects; this recovers the chain.
-    pub fn for_key(der: Vec<Vec<u8>>, public_key_der: &[u8]) -> Result<Self, CertError> {
+    pub(crate) fn for_key(der: Vec<Vec<u8>>, public_key_der: &[u8]) -> Result<Self, CertError> {
         let mut pool = Self::from_der(der)?;
         let leaf = pool
             .certificates
@@ -196,7 +196,7 @@ impl CertificateChain {
     }
 
     /// Parses a PEM chain, leaf first.
-    pub fn from_pem(pem: &[u8]) -> Result<Self, CertError> {
+    pub(crate) fn from_pem(pem: &[u8]) -> Result<Self, CertError> {
         if !pem
             .windows(PEM_BEGIN.len())
             .any(|w| w == PEM_BEGIN.as_bytes())
@@ -220,7 +220,7 @@ impl CertificateChain {
     }
 
     /// DER of every certificate's subject name, in chain order (PKCS#11 wants `CKA_SUBJECT`).
-    pub fn subjects_der(&self) -> Vec<Vec<u8>> {
+    pub(crate) fn subjects_der(&self) -> Vec<Vec<u8>> {
         self.certificates
             .iter()
             .map(|c| c.tbs_certificate().subject().to_der().unwrap_or_default())
@@ -248,7 +248,7 @@ impl CertificateChain {
     }
 
     /// Validity of the leaf as Unix seconds: (not before, not after).
-    pub fn validity(&self) -> (i64, i64) {
+    pub(crate) fn validity(&self) -> (i64, i64) {
         let v = self.leaf().tbs_certificate().validity();
         (
             unix(v.not_before.to_system_time()),
@@ -278,7 +278,7 @@ impl CertificateChain {
             .find(|n| is_organization_number(n))
     }
 
-    /// Test or production, from the leaf's issuer (see [`ISSUERS`]).
+    /// Test or production, from the leaf's issuer (see `ISSUERS`).
     pub fn environment(&self) -> CertEnvironment {
         let tbs = self.leaf().tbs_certificate();
         let issuer_dn = rfc4514(tbs.issuer());
@@ -310,7 +310,7 @@ impl CertificateChain {
 
     /// Whether the leaf may sign: its key usage, when present, must include
     /// digitalSignature or nonRepudiation (Buypass and Commfides use either).
-    pub fn allows_signing(&self) -> Result<(), CertError> {
+    pub(crate) fn allows_signing(&self) -> Result<(), CertError> {
         match self.leaf().tbs_certificate().get_extension::<KeyUsage>() {
             Ok(None) => Ok(()),
             Ok(Some((_, usage)))
@@ -337,18 +337,18 @@ impl CertificateChain {
 
 /// The names in a caller's client certificate that the policy can match.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClientCertificate {
+pub(crate) struct ClientCertificate {
     /// subjectAltName URIs (e.g. SPIFFE ids).
-    pub uris: Vec<String>,
+    pub(crate) uris: Vec<String>,
     /// subjectAltName DNS names.
-    pub dns_names: Vec<String>,
+    pub(crate) dns_names: Vec<String>,
     /// The subject's common name.
-    pub common_name: Option<String>,
+    pub(crate) common_name: Option<String>,
 }
 
 impl ClientCertificate {
     /// Reads the names from a DER certificate (already verified by the TLS layer).
-    pub fn parse(der: &[u8]) -> Result<Self, CertError> {
+    pub(crate) fn parse(der: &[u8]) -> Result<Self, CertError> {
         use x509_cert::ext::pkix::{SubjectAltName, name::GeneralName};
         let certificate = Certificate::from_der(der).map_err(CertError::Parse)?;
         let tbs = certificate.tbs_certificate();
@@ -424,7 +424,7 @@ fn rfc4514(name: &x509_cert::name::Name) -> String {
 }
 
 /// Escapes a value for an RFC 4514 distinguished name string.
-pub fn escape_rfc4514(value: &str) -> String {
+pub(crate) fn escape_rfc4514(value: &str) -> String {
     let last = value.chars().count().saturating_sub(1);
     let mut out = String::with_capacity(value.len());
     for (i, c) in value.chars().enumerate() {

@@ -40,11 +40,11 @@ use crate::{
 };
 
 /// Token label of the development token.
-pub const TOKEN_LABEL: &str = "grant-agent";
+pub(crate) const TOKEN_LABEL: &str = "grant-agent";
 /// Key label of the development key.
-pub const KEY_LABEL: &str = "virksomhetssertifikat";
+pub(crate) const KEY_LABEL: &str = "virksomhetssertifikat";
 /// A synthetic organisation number with a valid check digit, as in Digdir's test data.
-pub const ORGANIZATION_NUMBER: &str = "313367002";
+pub(crate) const ORGANIZATION_NUMBER: &str = "313367002";
 const KEY_ID: [u8; 1] = [0x01];
 const REEXEC_MARK: &str = "GRANT_AGENT_DEV_REEXEC";
 

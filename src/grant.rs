@@ -68,39 +68,40 @@ impl Algorithm {
 pub use crate::proto::GrantParameters;
 
 mod invalid;
-pub use invalid::{GrantField, InvalidGrant};
+pub use invalid::GrantField;
+pub use invalid::InvalidGrant;
 
 /// The claims of one grant, in the order they are serialised: those of
 /// [`maskinporten::CLAIMS`](crate::maskinporten::CLAIMS). Its Debug leaves the pid out.
 #[derive(Clone, Serialize)]
-pub struct Claims {
+pub(crate) struct Claims {
     /// Maskinporten's issuer URL for the environment.
-    pub aud: String,
+    pub(crate) aud: String,
     /// The client_id.
-    pub iss: String,
+    pub(crate) iss: String,
     /// Space-separated scopes.
-    pub scope: String,
+    pub(crate) scope: String,
     /// Issued at, Unix seconds.
-    pub iat: i64,
+    pub(crate) iat: i64,
     /// Expiry, Unix seconds.
-    pub exp: i64,
+    pub(crate) exp: i64,
     /// Unique id (UUID v4); Maskinporten refuses a reused one.
-    pub jti: String,
+    pub(crate) jti: String,
     /// Audience-restricted token targets.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub resource: Vec<String>,
+    pub(crate) resource: Vec<String>,
     /// Organisation acted for, by delegation.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub consumer_org: Option<String>,
+    pub(crate) consumer_org: Option<String>,
     /// Rich authorization requests (Altinn system users, consent).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub authorization_details: Option<AuthorizationDetails>,
+    pub(crate) authorization_details: Option<AuthorizationDetails>,
     /// The person a person-restricted token is for. Personal data.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub pid: Option<String>,
+    pub(crate) pid: Option<String>,
     /// The customer a supplier acts for.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub iss_onbehalfof: Option<String>,
+    pub(crate) iss_onbehalfof: Option<String>,
 }
 
 impl std::fmt::Debug for Claims {
@@ -135,8 +136,9 @@ impl Claims {
 
     /// Validates `params` and builds the claims for a grant issued at `now` (Unix seconds)
     /// to `aud`, with a fresh random `jti`. A service validates once, with
-    /// [`ValidGrant::new`], and builds claims from that.
-    pub fn new(params: &GrantParameters, aud: &str, now: i64) -> Result<Self, InvalidGrant> {
+    /// [`ValidGrant::new`], and builds claims from that; this shortcut is for tests.
+    #[cfg(test)]
+    pub(crate) fn new(params: &GrantParameters, aud: &str, now: i64) -> Result<Self, InvalidGrant> {
         let grant = ValidGrant::new(params.clone()).map_err(|rejected| rejected.invalid)?;
         Ok(grant.claims(aud, now))
     }
@@ -146,7 +148,7 @@ impl Claims {
 /// are made from it at signing time ([`ValidGrant::claims`]). Only [`ValidGrant::new`] makes
 /// one, so a request is validated once, before the policy sees it, and never again.
 #[derive(Debug, Clone)]
-pub struct ValidGrant {
+pub(crate) struct ValidGrant {
     params: GrantParameters,
     lifetime: u32,
     authorization_details: Option<AuthorizationDetails>,
@@ -155,16 +157,16 @@ pub struct ValidGrant {
 /// A request that failed validation, given back whole so that the refusal can still be
 /// audited with what was asked.
 #[derive(Debug)]
-pub struct Rejected {
+pub(crate) struct Rejected {
     /// The request as it came.
-    pub params: Box<GrantParameters>,
+    pub(crate) params: Box<GrantParameters>,
     /// Why it was refused, naming the field.
-    pub invalid: InvalidGrant,
+    pub(crate) invalid: InvalidGrant,
 }
 
 impl ValidGrant {
     /// Checks every field of `params` (the limits in the module doc).
-    pub fn new(params: GrantParameters) -> Result<Self, Rejected> {
+    pub(crate) fn new(params: GrantParameters) -> Result<Self, Rejected> {
         match check(&params) {
             Ok((lifetime, authorization_details)) => Ok(ValidGrant {
                 params,
@@ -179,18 +181,18 @@ impl ValidGrant {
     }
 
     /// The request as it came (defaults such as the key and environment not resolved).
-    pub fn params(&self) -> &GrantParameters {
+    pub(crate) fn params(&self) -> &GrantParameters {
         &self.params
     }
 
     /// The parsed authorization_details, if the request has any.
-    pub fn authorization_details(&self) -> Option<&AuthorizationDetails> {
+    pub(crate) fn authorization_details(&self) -> Option<&AuthorizationDetails> {
         self.authorization_details.as_ref()
     }
 
     /// The claims for a grant issued at `now` (Unix seconds) to `aud`, with a fresh random
     /// `jti`.
-    pub fn claims(&self, aud: &str, now: i64) -> Claims {
+    pub(crate) fn claims(&self, aud: &str, now: i64) -> Claims {
         let params = &self.params;
         Claims {
             aud: aud.to_owned(),
@@ -286,11 +288,11 @@ pub fn is_national_identity_number(s: &str) -> bool {
 /// caller policy decide which types a caller may ask for.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(transparent)]
-pub struct AuthorizationDetails(serde_json::Value);
+pub(crate) struct AuthorizationDetails(serde_json::Value);
 
 impl AuthorizationDetails {
     /// Parses `json`; `None` when it is empty (no claim).
-    pub fn parse(json: &str) -> Result<Option<Self>, InvalidGrant> {
+    pub(crate) fn parse(json: &str) -> Result<Option<Self>, InvalidGrant> {
         const FIELD: GrantField = GrantField::AuthorizationDetails;
         if json.trim().is_empty() {
             return Ok(None);
@@ -346,7 +348,7 @@ impl AuthorizationDetails {
     }
 
     /// The `type` of each entry, in order.
-    pub fn types(&self) -> Vec<&str> {
+    pub(crate) fn types(&self) -> Vec<&str> {
         self.0
             .as_array()
             .into_iter()
@@ -356,7 +358,7 @@ impl AuthorizationDetails {
     }
 
     /// One spelling for equal values (object keys sorted, no spaces), for cache keys.
-    pub fn canonical(&self) -> String {
+    pub(crate) fn canonical(&self) -> String {
         self.0.to_string()
     }
 }
@@ -514,7 +516,7 @@ pub fn is_organization_number(s: &str) -> bool {
 /// The JOSE header for a key: `alg` and the certificate chain in `x5c`. Built once per
 /// key and reused, since it never changes between grants.
 #[derive(Debug, Clone)]
-pub struct Header {
+pub(crate) struct Header {
     algorithm: Algorithm,
     encoded: String,
 }
@@ -522,7 +524,10 @@ pub struct Header {
 impl Header {
     /// A header carrying `x5c`: each DER certificate as standard (not URL-safe) base64,
     /// leaf first, as RFC 7515 section 4.1.6 requires.
-    pub fn with_x5c<'a>(algorithm: Algorithm, chain: impl IntoIterator<Item = &'a [u8]>) -> Self {
+    pub(crate) fn with_x5c<'a>(
+        algorithm: Algorithm,
+        chain: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Self {
         #[derive(Serialize)]
         struct Json<'a> {
             alg: &'a str,
@@ -540,7 +545,7 @@ impl Header {
     }
 
     /// A header carrying `kid`, for a key registered on the Maskinporten client.
-    pub fn with_kid(algorithm: Algorithm, kid: &str) -> Self {
+    pub(crate) fn with_kid(algorithm: Algorithm, kid: &str) -> Self {
         #[derive(Serialize)]
         struct Json<'a> {
             alg: &'a str,
@@ -558,7 +563,7 @@ impl Header {
     }
 
     /// The algorithm the signature must use.
-    pub fn algorithm(&self) -> Algorithm {
+    pub(crate) fn algorithm(&self) -> Algorithm {
         self.algorithm
     }
 }
@@ -569,7 +574,7 @@ const SIGNATURE_ROOM: usize = 1 + 683;
 
 /// `header.claims`, the bytes the token signs, in a string with room for the signature.
 /// The claims' JSON is encoded as it is written, with no copy of it in between.
-pub fn signing_input(header: &Header, claims: &Claims) -> String {
+pub(crate) fn signing_input(header: &Header, claims: &Claims) -> String {
     let json = claims.json_len_estimate();
     let mut input =
         String::with_capacity(header.encoded.len() + 1 + json.div_ceil(3) * 4 + SIGNATURE_ROOM);
@@ -583,7 +588,7 @@ pub fn signing_input(header: &Header, claims: &Claims) -> String {
 }
 
 /// Appends the signature to the signing input, giving the compact JWS.
-pub fn compact(mut signing_input: String, signature: &[u8]) -> String {
+pub(crate) fn compact(mut signing_input: String, signature: &[u8]) -> String {
     signing_input.push('.');
     URL_SAFE_NO_PAD.encode_string(signature, &mut signing_input);
     signing_input

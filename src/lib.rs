@@ -5,6 +5,10 @@
 //! returns the compact JWS. The private key never leaves the token.
 //!
 //! # Modules
+//! The public modules hold what the `grant-agent` binary, the benches, the integration
+//! tests and the local Maskinporten (`mock-maskinporten/`) use, and nothing else: every
+//! other item is `pub(crate)`, so that what the library promises stays small
+//! (`tests/layers.rs` keeps the modules' dependency direction).
 //! - [`config`]: the TOML configuration, validated before anything starts.
 //! - [`grant`]: claims, request validation and JWS encoding; no PKCS#11.
 //! - [`cert`]: the certificate chain and what the agent reads from it.
@@ -16,11 +20,11 @@
 //! - [`hsm`]: the PKCS#11 token: login, session pool, key lookup, signing, provisioning.
 //! - [`admin`]: key management commands: generate, CSR, certificate import, JWK, list.
 //! - [`agent`]: keys bound to certificates, and `sign_grant`, which ties the above together.
-//! - [`metrics`]: Prometheus metrics on their own address.
+//! - `metrics`: Prometheus metrics on their own address.
 //! - [`token`]: access tokens: grant exchange at Maskinporten, cache, retries, error hints.
 //! - [`server`]: the gRPC services (GrantAgent, health, reflection) and status mapping.
 //! - [`dev`]: the development SoftHSM token behind `grant-agent dev`.
-//! - [`p12`]: reading a PKCS#12 (.p12/.pfx) file into its RSA key parts and certificate chain.
+//! - `p12`: reading a PKCS#12 (.p12/.pfx) file into its RSA key parts and certificate chain.
 //! - [`process`]: hardening the agent's own process: not dumpable, no core files, the
 //!   open files limit.
 //! - [`telemetry`]: log output.
@@ -39,8 +43,8 @@ pub mod grant;
 mod hex;
 pub mod hsm;
 pub mod maskinporten;
-pub mod metrics;
-pub mod p12;
+mod metrics;
+mod p12;
 pub mod process;
 pub mod server;
 pub mod telemetry;

@@ -37,22 +37,22 @@ pub const ERROR_URI_BASE: &str = "https://docs.digdir.no/maskinporten/errors/";
 
 /// A Maskinporten or Skyporten environment Digdir runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Environment {
+pub(crate) struct Environment {
     /// The name a config or request uses for it.
-    pub name: &'static str,
+    pub(crate) name: &'static str,
     /// The issuer, which a grant's `aud` must equal exactly.
-    pub issuer: &'static str,
+    pub(crate) issuer: &'static str,
     /// Whether it takes production certificates (otherwise test certificates).
-    pub production: bool,
+    pub(crate) production: bool,
     /// The token endpoint; `None` where Digdir documents only the issuer's metadata, from
     /// which the endpoint is discovered.
-    pub token_endpoint: Option<&'static str>,
+    pub(crate) token_endpoint: Option<&'static str>,
 }
 
 /// Digdir's environments, sorted by name. Maskinporten's issuers end in `/`; Skyporten's
 /// do not, so each is kept as Digdir publishes it. Digdir documents Skyporten's metadata
 /// (`/.well-known/openid-configuration`) but not its token endpoint.
-pub const ENVIRONMENTS: [Environment; 4] = [
+pub(crate) const ENVIRONMENTS: [Environment; 4] = [
     Environment {
         name: "prod",
         issuer: "https://maskinporten.no/",
@@ -81,13 +81,13 @@ pub const ENVIRONMENTS: [Environment; 4] = [
 
 /// Maskinporten's layout, for an issuer whose token endpoint is not given: the token
 /// endpoint is `token` under the issuer.
-pub fn token_endpoint_under(issuer: &str) -> String {
+pub(crate) fn token_endpoint_under(issuer: &str) -> String {
     format!("{}/token", issuer.trim_end_matches('/'))
 }
 
 /// `MP-` and three or more digits, anywhere in `text`: how an error code appears in an
 /// answer's `error_uri` or `error_description`.
-pub fn find_error_code(text: &str) -> Option<&str> {
+pub(crate) fn find_error_code(text: &str) -> Option<&str> {
     text.match_indices("MP-").find_map(|(at, _)| {
         let digits = text[at + 3..]
             .bytes()
@@ -98,7 +98,7 @@ pub fn find_error_code(text: &str) -> Option<&str> {
 }
 
 /// What to do about an MP error code, for the codes we know.
-pub fn error_hint(code: &str) -> Option<&'static str> {
+pub(crate) fn error_hint(code: &str) -> Option<&'static str> {
     Some(match code {
         "MP-011" => {
             "Maskinporten could not read the grant (a claim missing or of the wrong form); error_description names it: compare the grant (grant-agent client grant) with Digdir's JWT grant page"

@@ -71,7 +71,7 @@ struct CertificateLabels {
 }
 
 /// The agent's metrics. Cheap to update from any thread.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     grants: Family<GrantLabels, Counter>,
     sign_seconds: Histogram,
@@ -103,7 +103,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Registers every metric.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let buckets = [
             0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
         ];
@@ -237,7 +237,7 @@ impl Metrics {
     }
 
     /// Counts a decision.
-    pub fn grant(&self, key: &str, outcome: &'static str) {
+    pub(crate) fn grant(&self, key: &str, outcome: &'static str) {
         let _ = self
             .grants
             .get_or_create(&GrantLabels {
@@ -248,13 +248,13 @@ impl Metrics {
     }
 
     /// Records a signed grant's queue wait and signing time.
-    pub fn signed(&self, queued: Duration, signing: Duration) {
+    pub(crate) fn signed(&self, queued: Duration, signing: Duration) {
         self.queue_wait_seconds.observe(queued.as_secs_f64());
         self.sign_seconds.observe(signing.as_secs_f64());
     }
 
     /// Counts an access token decision.
-    pub fn token(&self, key: &str, outcome: &'static str) {
+    pub(crate) fn token(&self, key: &str, outcome: &'static str) {
         let _ = self
             .tokens
             .get_or_create(&GrantLabels {
@@ -265,7 +265,7 @@ impl Metrics {
     }
 
     /// Counts a cache lookup.
-    pub fn token_cache(&self, hit: bool) {
+    pub(crate) fn token_cache(&self, hit: bool) {
         let result = if hit { "hit" } else { "miss" };
         let _ = self
             .token_cache
@@ -274,24 +274,24 @@ impl Metrics {
     }
 
     /// Records one request to a token endpoint.
-    pub fn token_upstream(&self, status: String, took: Duration) {
+    pub(crate) fn token_upstream(&self, status: String, took: Duration) {
         self.token_upstream
             .get_or_create(&UpstreamLabels { status })
             .observe(took.as_secs_f64());
     }
 
     /// Counts a connection past its handshake.
-    pub fn connection_opened(&self) {
+    pub(crate) fn connection_opened(&self) {
         let _ = self.connections.inc();
     }
 
     /// Counts a connection's end.
-    pub fn connection_closed(&self) {
+    pub(crate) fn connection_closed(&self) {
         let _ = self.connections.dec();
     }
 
     /// Counts a connection refused or closed by a limit.
-    pub fn connection_refused(&self, reason: &'static str) {
+    pub(crate) fn connection_refused(&self, reason: &'static str) {
         let _ = self
             .connections_refused
             .get_or_create(&ReasonLabels { reason })
@@ -299,7 +299,7 @@ impl Metrics {
     }
 
     /// Counts a request refused before its message was read.
-    pub fn request_refused(&self, reason: &'static str) {
+    pub(crate) fn request_refused(&self, reason: &'static str) {
         let _ = self
             .requests_refused
             .get_or_create(&ReasonLabels { reason })
@@ -308,14 +308,14 @@ impl Metrics {
 
     /// The counter of audit lines lost for `reason` (`queue_full`, `write_failed`), for
     /// the audit writer to keep.
-    pub fn audit_dropped(&self, reason: &'static str) -> Counter {
+    pub(crate) fn audit_dropped(&self, reason: &'static str) -> Counter {
         self.audit_dropped
             .get_or_create(&ReasonLabels { reason })
             .clone()
     }
 
     /// The text exposition, with the present-tense values read from `agent` now.
-    pub fn render(&self, agent: &Agent) -> String {
+    pub(crate) fn render(&self, agent: &Agent) -> String {
         let load = agent.load().unwrap_or(crate::hsm::PoolLoad {
             size: 0,
             busy: 0,
@@ -373,7 +373,7 @@ impl Metrics {
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` completes.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     agent: Arc<Agent>,
@@ -400,6 +400,6 @@ pub async fn serve(
 }
 
 /// The address metrics were bound to, for the start-up line.
-pub fn describe(addr: SocketAddr) -> String {
+pub(crate) fn describe(addr: SocketAddr) -> String {
     format!("http://{addr}/metrics")
 }

@@ -14,7 +14,7 @@ use super::{SignError, StartError};
 
 /// One version of a key: a token key and how Maskinporten knows it.
 #[derive(Debug)]
-pub struct SigningKey {
+pub(crate) struct SigningKey {
     name: String,
     pub(super) key: KeyRef,
     /// How the token signs with this key's algorithm, found when the key was loaded.
@@ -38,17 +38,17 @@ enum Identity {
 
 impl SigningKey {
     /// The configured name.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// The JWS algorithm.
-    pub fn algorithm(&self) -> Algorithm {
+    pub(crate) fn algorithm(&self) -> Algorithm {
         self.header.algorithm()
     }
 
     /// The certificate chain, leaf first; `None` for a `kid` key.
-    pub fn chain(&self) -> Option<&CertificateChain> {
+    pub(crate) fn chain(&self) -> Option<&CertificateChain> {
         match &self.identity {
             Identity::Certificate { chain, .. } => Some(chain),
             Identity::Kid(_) => None,
@@ -56,7 +56,7 @@ impl SigningKey {
     }
 
     /// Lowercase hex SHA-256 of the leaf certificate; empty for a `kid` key.
-    pub fn certificate_sha256(&self) -> &str {
+    pub(crate) fn certificate_sha256(&self) -> &str {
         match &self.identity {
             Identity::Certificate { sha256, .. } => sha256,
             Identity::Kid(_) => "",
@@ -64,7 +64,7 @@ impl SigningKey {
     }
 
     /// Test or production (after any config override); `None` for a `kid` key.
-    pub fn environment(&self) -> Option<CertEnvironment> {
+    pub(crate) fn environment(&self) -> Option<CertEnvironment> {
         match &self.identity {
             Identity::Certificate { environment, .. } => Some(*environment),
             Identity::Kid(_) => None,
@@ -72,7 +72,7 @@ impl SigningKey {
     }
 
     /// The registered key id, for a `kid` key.
-    pub fn kid(&self) -> Option<&str> {
+    pub(crate) fn kid(&self) -> Option<&str> {
         match &self.identity {
             Identity::Kid(kid) => Some(kid),
             Identity::Certificate { .. } => None,
@@ -80,7 +80,7 @@ impl SigningKey {
     }
 
     /// When this version may be used, as Unix seconds (`None` = unbounded).
-    pub fn validity(&self) -> (Option<i64>, Option<i64>) {
+    pub(crate) fn validity(&self) -> (Option<i64>, Option<i64>) {
         (self.not_before, self.not_after)
     }
 
@@ -92,13 +92,13 @@ impl SigningKey {
 /// Every key the agent signs with, and the environments it signs for. Replaced whole on
 /// reload; requests in flight keep the set they started with.
 #[derive(Debug)]
-pub struct KeySet {
+pub(crate) struct KeySet {
     keys: BTreeMap<String, Vec<SigningKey>>,
     default_key: String,
     environments: BTreeMap<String, EnvironmentConfig>,
     default_environment: Option<String>,
     /// Days before expiry when warnings start.
-    pub expiry_warning_days: u32,
+    pub(crate) expiry_warning_days: u32,
 }
 
 impl KeySet {
@@ -144,7 +144,7 @@ impl KeySet {
     }
 
     /// The version of `name` that signs at `now`: the newest (latest start) valid one.
-    pub fn select(&self, name: &str, now: i64) -> Result<&SigningKey, SignError> {
+    pub(crate) fn select(&self, name: &str, now: i64) -> Result<&SigningKey, SignError> {
         let versions = self
             .keys
             .get(name)
@@ -201,7 +201,7 @@ impl KeySet {
     /// Checks the names a valid request uses against this key set, before the policy: the
     /// environment must exist (`grant.environment`) and so must the key (`grant.key`).
     /// Whether a certificate is valid, and for that environment, is judged when signing.
-    pub fn check_names(&self, grant: &ValidGrant) -> Result<(), SignError> {
+    pub(crate) fn check_names(&self, grant: &ValidGrant) -> Result<(), SignError> {
         let params = grant.params();
         let _ = self.environment(&params.environment)?;
         let name = self.key_name(&params.key);
@@ -213,7 +213,7 @@ impl KeySet {
     }
 
     /// The key name a request means: the one it names, or the default key's.
-    pub fn key_name<'a>(&'a self, requested: &'a str) -> &'a str {
+    pub(crate) fn key_name<'a>(&'a self, requested: &'a str) -> &'a str {
         if requested.is_empty() {
             &self.default_key
         } else {
@@ -223,7 +223,7 @@ impl KeySet {
 
     /// The environment name a request means: the one it names, or the default (empty
     /// when there is none).
-    pub fn environment_name<'a>(&'a self, requested: &'a str) -> &'a str {
+    pub(crate) fn environment_name<'a>(&'a self, requested: &'a str) -> &'a str {
         match (requested, &self.default_environment) {
             ("", Some(default)) => default,
             (env, _) => env,
@@ -231,7 +231,7 @@ impl KeySet {
     }
 
     /// The environment a request names, or the default when it names none.
-    pub fn environment<'a>(
+    pub(crate) fn environment<'a>(
         &'a self,
         requested: &'a str,
     ) -> Result<(&'a str, &'a EnvironmentConfig), InvalidGrant> {
@@ -258,12 +258,12 @@ impl KeySet {
     }
 
     /// Every version of every key, by name then file order.
-    pub fn versions(&self) -> impl Iterator<Item = &SigningKey> {
+    pub(crate) fn versions(&self) -> impl Iterator<Item = &SigningKey> {
         self.keys.values().flatten()
     }
 
     /// The name used when a request names none.
-    pub fn default_key(&self) -> &str {
+    pub(crate) fn default_key(&self) -> &str {
         &self.default_key
     }
 }

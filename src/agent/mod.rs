@@ -1,5 +1,5 @@
 //! The signing agent: the configured keys, found in the token and bound to their
-//! certificates, and the one operation everything else calls, [`Agent::sign_grant`].
+//! certificates, and the one operation everything else calls, `Agent::sign_grant`.
 //!
 //! Start-up checks what can be checked before the first request, so a misconfiguration
 //! stops the agent with a message naming the key instead of failing calls later: each key
@@ -8,7 +8,7 @@
 //!
 //! A key name may have several versions (a renewed certificate, a new registered key):
 //! each request signs with the newest version valid at that moment, so renewal needs no
-//! restart and no cut-over at midnight. [`Agent::reload`] swaps in a new key set built
+//! restart and no cut-over at midnight. `Agent::reload` swaps in a new key set built
 //! from a new config; requests in flight finish with the set they started with.
 
 mod error;
@@ -22,7 +22,8 @@ use std::{
 };
 
 pub use error::{SignError, StartError};
-pub use keys::{KeySet, SigningKey, rfc3339};
+pub use keys::rfc3339;
+pub(crate) use keys::{KeySet, SigningKey};
 use recovery::DeviceErrorRun;
 
 use cryptoki::types::AuthPin;
@@ -39,19 +40,19 @@ pub struct SignedGrant {
     /// The compact JWS. A bearer credential for up to two minutes: never log it.
     pub assertion: String,
     /// The grant's unique id.
-    pub jti: String,
+    pub(crate) jti: String,
     /// `iat`, Unix seconds.
-    pub issued_at: i64,
+    pub(crate) issued_at: i64,
     /// `exp`, Unix seconds.
-    pub expires_at: i64,
+    pub(crate) expires_at: i64,
     /// The JWS algorithm.
-    pub algorithm: Algorithm,
+    pub(crate) algorithm: Algorithm,
     /// The key name that signed.
-    pub key: String,
+    pub(crate) key: String,
     /// SHA-256 of the leaf certificate in `x5c`; empty for a `kid` key.
-    pub certificate_sha256: String,
+    pub(crate) certificate_sha256: String,
     /// How long the request waited for a token session.
-    pub queued: Duration,
+    pub(crate) queued: Duration,
 }
 
 /// The running agent. Share it behind an `Arc`; all methods take `&self`.
@@ -90,12 +91,12 @@ struct Losses {
 }
 
 /// How often an idle agent checks that its token is still there.
-pub const TOKEN_CHECK_EVERY: Duration = Duration::from_secs(2);
+pub(crate) const TOKEN_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// How long DEVICE_ERROR may go on, with no sign succeeding, before it counts as a token
 /// fault and the token is re-initialised. Shorter runs are an HSM throttling (AWS
 /// CloudHSM), which a re-initialisation would make worse: requests back off instead.
-pub const DEVICE_ERROR_PERSISTS: Duration = Duration::from_secs(5);
+pub(crate) const DEVICE_ERROR_PERSISTS: Duration = Duration::from_secs(5);
 /// The first wait after a DEVICE_ERROR; it doubles on each retry of the same request.
 const FIRST_DEVICE_BACKOFF: Duration = Duration::from_millis(20);
 /// Most retries of one request after DEVICE_ERROR.
@@ -149,7 +150,7 @@ impl Agent {
 
     /// Replaces the keys with those of `config`, or keeps the current ones and says why.
     /// Blocking (it reads the token).
-    pub fn reload(&self, config: &Config) -> Result<(), StartError> {
+    pub(crate) fn reload(&self, config: &Config) -> Result<(), StartError> {
         if config.pkcs11 != self.pkcs11 {
             return Err(StartError::TokenChanged);
         }
@@ -171,7 +172,7 @@ impl Agent {
     }
 
     /// The current key set (a snapshot; a reload does not change it).
-    pub fn keys(&self) -> Arc<KeySet> {
+    pub(crate) fn keys(&self) -> Arc<KeySet> {
         match self.keys.read() {
             Ok(keys) => Arc::clone(&keys),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
@@ -181,7 +182,7 @@ impl Agent {
     /// Builds a grant from a validated request, signs it in the token and returns it,
     /// unless the token cannot get to it before `deadline`. Every call signs a new grant
     /// with a new `jti`.
-    pub async fn sign_grant(
+    pub(crate) async fn sign_grant(
         &self,
         grant: &ValidGrant,
         deadline: Option<std::time::Instant>,
@@ -300,7 +301,7 @@ impl Agent {
         Ok(Ok(grant))
     }
 
-    /// [`Agent::sign_grant`] on the calling thread, for the command line.
+    /// `Agent::sign_grant` on the calling thread, for the command line.
     pub fn sign_grant_blocking(&self, params: &GrantParameters) -> Result<SignedGrant, SignError> {
         let grant = ValidGrant::new(params.clone()).map_err(|rejected| rejected.invalid)?;
         let token = self.current_token().ok_or(SignError::Unavailable)?;
@@ -317,7 +318,7 @@ impl Agent {
     }
 
     /// Logs a warning for every version in use that expires within the warning window.
-    pub fn warn_about_expiry(&self) {
+    pub(crate) fn warn_about_expiry(&self) {
         let keys = self.keys();
         let now = unix_now();
         let window = i64::from(keys.expiry_warning_days) * 86_400;
@@ -340,7 +341,7 @@ impl Agent {
         }
     }
 
-    /// Runs until dropped: checks the token every [`TOKEN_CHECK_EVERY`] (so health turns
+    /// Runs until dropped: checks the token every `TOKEN_CHECK_EVERY` (so health turns
     /// NOT_SERVING within seconds of a token loss even when no request comes), recovers
     /// the token when it or a request found it gone, logs when a key switches to another
     /// version (rollover), and repeats expiry warnings daily. Spawn it next to the server.
@@ -430,25 +431,25 @@ impl Agent {
     }
 
     /// How busy the token's session pool is; `None` while the token is being recovered.
-    pub fn load(&self) -> Option<crate::hsm::PoolLoad> {
+    pub(crate) fn load(&self) -> Option<crate::hsm::PoolLoad> {
         self.current_token().map(|t| t.load())
     }
 
     /// How many times the token was found gone since start.
-    pub fn recoveries(&self) -> u64 {
+    pub(crate) fn recoveries(&self) -> u64 {
         self.recoveries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every PKCS#11 error met while signing, checking or recovering the token since
     /// start, as `(class, rv, count)`; the class is [`Recovery::class`]. Most never reach
     /// a caller: the agent mends the session, the handle or the login and signs again.
-    pub fn pkcs11_errors(&self) -> Vec<(&'static str, String, u64)> {
+    pub(crate) fn pkcs11_errors(&self) -> Vec<(&'static str, String, u64)> {
         self.errors.snapshot()
     }
 
     /// How long the last completed recovery took, from the token found gone to serving
     /// again; `None` before the first.
-    pub fn last_recovery(&self) -> Option<std::time::Duration> {
+    pub(crate) fn last_recovery(&self) -> Option<std::time::Duration> {
         self.lock_losses().last
     }
 
@@ -460,7 +461,7 @@ impl Agent {
     }
 
     /// Follows whether the agent can sign (false while the token is being recovered).
-    pub fn serving(&self) -> tokio::sync::watch::Receiver<bool> {
+    pub(crate) fn serving(&self) -> tokio::sync::watch::Receiver<bool> {
         self.serving.subscribe()
     }
 

@@ -76,13 +76,13 @@ impl TokenFile {
     }
 
     /// FILE.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Replaces FILE with `token`: a new file next to it, mode 0600 from its creation,
     /// synced, renamed over FILE, and the folder synced so the rename survives a crash.
-    pub fn write(&self, token: &GetAccessTokenResponse) -> Result<(), TokenFileError> {
+    pub(crate) fn write(&self, token: &GetAccessTokenResponse) -> Result<(), TokenFileError> {
         let shown = self.path.display().to_string();
         let Some(name) = self.path.file_name() else {
             return Err(TokenFileError::NoFileName(shown));
@@ -141,7 +141,7 @@ impl TokenFile {
 /// unavailable or slow, a busy token, a rate limit. Everything a retry would only repeat
 /// (an invalid request, a policy refusal, an unknown key, an expired certificate,
 /// Maskinporten's OAuth2 refusals) is not.
-pub fn is_transient(code: Code) -> bool {
+pub(crate) fn is_transient(code: Code) -> bool {
     !matches!(
         code,
         Code::InvalidArgument
@@ -157,14 +157,14 @@ pub fn is_transient(code: Code) -> bool {
 
 /// How long to keep a token that expires at `expires_at` (Unix seconds) before renewing
 /// it, at `now`: two thirds of what is left of its life, at least a second.
-pub fn renew_after(expires_at: i64, now: i64) -> Duration {
+pub(crate) fn renew_after(expires_at: i64, now: i64) -> Duration {
     let left = u64::try_from(expires_at.saturating_sub(now)).unwrap_or(0);
     Duration::from_millis(left.saturating_mul(2000) / 3).max(Duration::from_secs(1))
 }
 
 /// The pause before retry number `failures` (1 for the first): from 1 s doubling to at
 /// most 30 s, with jitter between half and all of it.
-pub fn retry_pause(failures: u32) -> Duration {
+pub(crate) fn retry_pause(failures: u32) -> Duration {
     let full = Duration::from_secs(1)
         .saturating_mul(1 << failures.saturating_sub(1).min(5))
         .min(Duration::from_secs(30));

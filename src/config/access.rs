@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::{ConfigError, Invalid};
 
 /// Requests per second per caller when a policy rule sets no `requests_per_second`.
-pub const DEFAULT_REQUESTS_PER_SECOND: u32 = 100;
+pub(crate) const DEFAULT_REQUESTS_PER_SECOND: u32 = 100;
 
 /// Listeners and caller rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,25 +22,25 @@ pub struct Access {
     /// Unix socket path and file mode; callers are known by their uid and gid.
     pub unix_socket: Option<UnixSocket>,
     /// Plain TCP on loopback, every caller `anonymous`. Logged as a warning at start-up.
-    pub insecure: bool,
+    pub(crate) insecure: bool,
     /// Mutual TLS for the TCP listener.
     pub tls: Option<Tls>,
     /// Who may ask for what; default deny.
     pub policy: Vec<PolicyRule>,
     /// Where audit lines go; `None` is stderr.
-    pub audit_file: Option<PathBuf>,
+    pub(crate) audit_file: Option<PathBuf>,
     /// How tokens served from the cache are audited.
-    pub audit_cached: CachedAudit,
+    pub(crate) audit_cached: CachedAudit,
     /// `[audit] fail_closed`: a grant or token whose audit line cannot be written is
     /// refused (`UNAVAILABLE`) instead of answered; off, such lines are counted as lost.
-    pub audit_fail_closed: bool,
+    pub(crate) audit_fail_closed: bool,
 }
 
 /// How GetAccessToken answers served from the cache are audited. They are the agent's
 /// most frequent answer and reveal nothing new (the grant behind the token is audited
 /// when it is spent), so by default they are counted, not written one by one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CachedAudit {
+pub(crate) enum CachedAudit {
     /// One line per answer (`[audit] cached = "each"`).
     Each,
     /// One `"audit":"token_cached"` line per caller and request shape per interval, with
@@ -57,25 +57,25 @@ pub struct UnixSocket {
     /// Socket file path.
     pub path: PathBuf,
     /// File mode (e.g. 0o660: the agent's user and group).
-    pub mode: u32,
+    pub(crate) mode: u32,
 }
 
 /// Mutual TLS settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tls {
     /// Server certificate chain (PEM).
-    pub certificate: PathBuf,
+    pub(crate) certificate: PathBuf,
     /// Server private key (PEM). The TLS key, not the signing key.
-    pub key: PathBuf,
+    pub(crate) key: PathBuf,
     /// CA bundle that caller certificates must chain to (PEM).
-    pub client_ca: PathBuf,
+    pub(crate) client_ca: PathBuf,
     /// Which name in the caller's certificate identifies it.
-    pub caller_identity: IdentityField,
+    pub(crate) caller_identity: IdentityField,
 }
 
 /// The name in a client certificate that identifies the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdentityField {
+pub(crate) enum IdentityField {
     /// A subjectAltName URI (e.g. a SPIFFE id): `uri:...`.
     SanUri,
     /// A subjectAltName DNS name: `dns:...`.
@@ -88,42 +88,42 @@ pub enum IdentityField {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyRule {
     /// Who: `uri:`, `dns:`, `cn:`, `uid:`, `gid:` or `anonymous`.
-    pub caller: String,
+    pub(crate) caller: String,
     /// Key names (empty request = the default key's name).
-    pub keys: Vec<Pattern>,
+    pub(crate) keys: Vec<Pattern>,
     /// client_id values.
-    pub client_ids: Vec<Pattern>,
+    pub(crate) client_ids: Vec<Pattern>,
     /// Scopes; every requested scope must match.
-    pub scopes: Vec<Pattern>,
+    pub(crate) scopes: Vec<Pattern>,
     /// Environment names.
-    pub environments: Vec<Pattern>,
+    pub(crate) environments: Vec<Pattern>,
     /// Resources (audience-restricted token targets); every requested resource must match,
     /// and a request without resources is always fine.
-    pub resources: Vec<Pattern>,
+    pub(crate) resources: Vec<Pattern>,
     /// consumer_org values a caller may delegate to; a request without one is always fine.
-    pub consumer_orgs: Vec<Pattern>,
+    pub(crate) consumer_orgs: Vec<Pattern>,
     /// authorization_details types a caller may ask for (e.g. `urn:altinn:systemuser`); a
     /// request without authorization_details is always fine.
-    pub authorization_types: Vec<Pattern>,
+    pub(crate) authorization_types: Vec<Pattern>,
     /// Whether a caller may ask for person-restricted tokens (`pid`); false unless set.
-    pub allow_pid: bool,
+    pub(crate) allow_pid: bool,
     /// iss_onbehalfof values (customers) a supplier may act for; a request without one is
     /// always fine.
-    pub iss_onbehalfof: Vec<Pattern>,
+    pub(crate) iss_onbehalfof: Vec<Pattern>,
     /// Requests per second for each caller matching the rule, counted per caller identity
     /// (every uid matched by a `gid:` rule has its own).
-    pub requests_per_second: u32,
+    pub(crate) requests_per_second: u32,
     /// Requests a caller may make at once above the rate.
-    pub burst: u32,
+    pub(crate) burst: u32,
 }
 
 /// A value pattern: `*` (anything), `prefix*`, or an exact value.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pattern(String);
+pub(crate) struct Pattern(String);
 
 impl Pattern {
     /// Whether `value` matches.
-    pub fn matches(&self, value: &str) -> bool {
+    pub(crate) fn matches(&self, value: &str) -> bool {
         match self.0.strip_suffix('*') {
             Some(prefix) => value.starts_with(prefix),
             None => value == self.0,

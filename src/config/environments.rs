@@ -11,18 +11,18 @@ use crate::{cert::CertEnvironment, maskinporten};
 
 /// An environment: where grants are addressed and exchanged.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EnvironmentConfig {
+pub(crate) struct EnvironmentConfig {
     /// The `aud` claim, Maskinporten's issuer URL.
-    pub audience: String,
+    pub(crate) audience: String,
     /// Which certificates it accepts (test or production).
-    pub certificates: CertEnvironment,
+    pub(crate) certificates: CertEnvironment,
     /// Where grants are exchanged for access tokens.
-    pub token_endpoint: TokenEndpoint,
+    pub(crate) token_endpoint: TokenEndpoint,
 }
 
 /// How the token endpoint of an environment is found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenEndpoint {
+pub(crate) enum TokenEndpoint {
     /// This URL.
     Url(String),
     /// `token_endpoint` from the issuer's `/.well-known/oauth-authorization-server`, or
@@ -54,7 +54,7 @@ fn built_in(name: &str) -> Option<EnvironmentConfig> {
 impl Config {
     /// An environment by name: the config's own first, then the built-in `test`, `prod`
     /// (Maskinporten) and `sky-test`, `sky` (Skyporten).
-    pub fn environment(&self, name: &str) -> Option<EnvironmentConfig> {
+    pub(crate) fn environment(&self, name: &str) -> Option<EnvironmentConfig> {
         match self.environments.get(name) {
             Some(env) => Some(env.clone()),
             None => built_in(name),
@@ -62,7 +62,7 @@ impl Config {
     }
 
     /// All environment names a request may use, sorted.
-    pub fn environment_names(&self) -> Vec<String> {
+    pub(crate) fn environment_names(&self) -> Vec<String> {
         let mut names: Vec<String> = maskinporten::ENVIRONMENTS
             .iter()
             .map(|env| env.name.to_owned())

@@ -15,18 +15,18 @@ pub struct KeyConfig {
     /// The name callers use in `GrantParameters.key`.
     pub name: String,
     /// How the private key is found in the token.
-    pub locator: KeyLocator,
+    pub(crate) locator: KeyLocator,
     /// How Maskinporten knows the key: by certificate (`x5c`) or registered key (`kid`).
-    pub binding: KeyBinding,
+    pub(crate) binding: KeyBinding,
     /// JWS algorithm for grants signed with this key.
-    pub algorithm: Algorithm,
+    pub(crate) algorithm: Algorithm,
     /// Sign for an environment that does not match the certificate's (test vs production).
-    pub allow_environment_mismatch: bool,
+    pub(crate) allow_environment_mismatch: bool,
 }
 
 /// How the grant tells Maskinporten which key signed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyBinding {
+pub(crate) enum KeyBinding {
     /// Virksomhetssertifikat mode: the certificate chain goes in `x5c`.
     Certificate {
         /// Where the chain comes from.
@@ -48,7 +48,7 @@ pub enum KeyBinding {
 
 /// Where a key's certificate chain comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CertificateSource {
+pub(crate) enum CertificateSource {
     /// The `CKO_CERTIFICATE` object in the token with the key's `CKA_ID`.
     Token,
     /// A PEM file: the leaf first, then intermediates.

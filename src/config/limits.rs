@@ -13,46 +13,46 @@ use super::{ConfigError, Invalid};
 
 /// The connection and HTTP/2 limits of the gRPC listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Connections open at once over all listeners. Clamped at start to the open-files
     /// limit less a reserve for the token, the audit and the metrics.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Connections open at once from one peer: an IP address on TCP, a uid on the socket.
-    pub max_connections_per_peer: usize,
+    pub(crate) max_connections_per_peer: usize,
     /// Connections still in their TLS handshake or before their HTTP/2 preface. When
     /// full, the oldest of them is closed to make room, so junk that never speaks cannot
     /// keep a real caller out.
-    pub max_unauthenticated: usize,
+    pub(crate) max_unauthenticated: usize,
     /// From accept until the TLS handshake is done and the HTTP/2 preface has arrived.
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     /// A connection with no call in flight for this long is closed (GOAWAY first).
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// HTTP/2 PING interval; a peer that does not answer within the same time is
     /// dropped, so a vanished peer does not hold its connection.
-    pub keepalive_interval: Duration,
+    pub(crate) keepalive_interval: Duration,
     /// HTTP/2 streams (calls) open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
-    pub max_concurrent_streams: u32,
+    pub(crate) max_concurrent_streams: u32,
     /// HTTP/2 flow-control window of one stream: request bytes a peer may send on one
     /// call before the agent has read them.
-    pub window_bytes: u32,
+    pub(crate) window_bytes: u32,
     /// HTTP/2 flow-control window of a whole connection. At least `window_bytes`. h2
     /// also sizes its allowance for small DATA frames from it (half the window): below
     /// ~128 KiB, a burst of cancelled calls trips that allowance and ends the connection
     /// with ENHANCE_YOUR_CALM, taking its other calls along.
-    pub connection_window_bytes: u32,
+    pub(crate) connection_window_bytes: u32,
     /// Largest header list of one request (SETTINGS_MAX_HEADER_LIST_SIZE).
-    pub max_header_list_bytes: u32,
+    pub(crate) max_header_list_bytes: u32,
     /// Streams a peer may cancel before the agent has taken them up, per connection; more
     /// is an HTTP/2 rapid-reset attack and ends the connection. Set well above
     /// `max_concurrent_streams` (four times), so callers that give up on many calls at once
     /// (tiny deadlines), storm after storm on a busy machine, never cost the calls they did
     /// not give up. Each holds its request's headers until it is taken up.
-    pub max_pending_resets: usize,
+    pub(crate) max_pending_resets: usize,
     /// Request bytes buffered at once over all calls, before their messages are decoded.
     /// A request that would go over is refused at once with RESOURCE_EXHAUSTED.
-    pub max_buffered_request_bytes: usize,
+    pub(crate) max_buffered_request_bytes: usize,
     /// How long a call may take to send its whole request message.
-    pub request_timeout: Duration,
+    pub(crate) request_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -96,7 +96,7 @@ pub(super) struct RawLimits {
 
 /// Largest request message accepted, far above any valid grant request (see `grant` for
 /// the per-field limits), so an oversized message is refused before it is read.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// Smallest HTTP/2 window (RFC 9113's initial value); the largest is 2^31 - 1.
 const MIN_WINDOW: u32 = 65_535;

@@ -25,22 +25,21 @@ mod pkcs11;
 mod tests;
 mod token;
 
-pub use access::{
-    Access, CachedAudit, DEFAULT_REQUESTS_PER_SECOND, IdentityField, Pattern, PolicyRule, Tls,
-    UnixSocket,
-};
-pub use environments::{EnvironmentConfig, TokenEndpoint};
-pub use keys::{CertificateSource, KeyBinding, KeyConfig, KeyLocator};
-pub use limits::{Limits, MAX_REQUEST_BYTES};
-pub use pkcs11::{DEFAULT_QUEUE, PinSource, Pkcs11Config, TokenSelector, default_sessions};
+pub use access::{Access, PolicyRule, Tls, UnixSocket};
+pub(crate) use access::{CachedAudit, IdentityField, Pattern};
+pub(crate) use environments::{EnvironmentConfig, TokenEndpoint};
+pub(crate) use keys::{CertificateSource, KeyBinding};
+pub use keys::{KeyConfig, KeyLocator};
+pub(crate) use limits::{Limits, MAX_REQUEST_BYTES};
+pub use pkcs11::{PinSource, Pkcs11Config, default_sessions};
 pub use token::TokenSettings;
 pub(crate) use token::endpoint_problem;
 
 /// Where the agent listens when the config says nothing.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 
 /// Days before expiry when the agent starts warning, unless the config says otherwise.
-pub const DEFAULT_EXPIRY_WARNING_DAYS: u32 = 30;
+pub(crate) const DEFAULT_EXPIRY_WARNING_DAYS: u32 = 30;
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -53,20 +52,20 @@ pub struct Config {
     /// are versions of one key (rollover): the newest valid one signs.
     pub keys: Vec<KeyConfig>,
     /// Name of the key used when a request names none.
-    pub default_key: String,
+    pub(crate) default_key: String,
     /// Environment used when a request names none; `None` makes it required.
-    pub default_environment: Option<String>,
+    pub(crate) default_environment: Option<String>,
     /// Named environments beyond (or overriding) the built-in `test`, `prod`, `sky-test`
     /// and `sky`.
-    pub environments: BTreeMap<String, EnvironmentConfig>,
+    pub(crate) environments: BTreeMap<String, EnvironmentConfig>,
     /// Warn when a certificate expires within this many days.
-    pub expiry_warning_days: u32,
+    pub(crate) expiry_warning_days: u32,
     /// Address for Prometheus metrics (`GET /metrics`); `None` serves none.
-    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub(crate) metrics_listen: Option<std::net::SocketAddr>,
     /// Reaching Maskinporten's token endpoint, and the access token cache.
     pub token: TokenSettings,
     /// What a peer may make the agent hold: connections, streams, windows, timeouts.
-    pub limits: Limits,
+    pub(crate) limits: Limits,
 }
 
 /// A configuration that cannot be used, with what to do about it.
@@ -114,7 +113,7 @@ impl Config {
 
     /// Reads only the `[pkcs11]` section, for key management commands that run before any
     /// key is configured.
-    pub fn load_token_settings(path: &Path) -> Result<Pkcs11Config, ConfigError> {
+    pub(crate) fn load_token_settings(path: &Path) -> Result<Pkcs11Config, ConfigError> {
         let (text, file) = read(path)?;
         let raw: RawConfig = from_toml(&text, &file)?;
         let pkcs11 = pkcs11::pkcs11(raw.pkcs11, base_of(path), &invalid_in(&file))?;
@@ -123,8 +122,9 @@ impl Config {
     }
 
     /// Parses and validates config text; `origin` names it in errors and relative paths
-    /// resolve against the current directory.
-    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
+    /// resolve against the current directory. Tests use it to need no files.
+    #[cfg(test)]
+    pub(crate) fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
         Self::parse(text, origin, Path::new("."))
     }
 

@@ -8,14 +8,15 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{ConfigError, Invalid, within};
+pub(crate) use crate::hsm::TokenSelector;
 use crate::hsm::exposed_pin_file;
-pub use crate::hsm::{PinSource, Pkcs11Config, TokenSelector};
+pub use crate::hsm::{PinSource, Pkcs11Config};
 
 /// Most sessions a pool may open; more buys nothing on any token we know of.
 const MAX_SESSIONS: usize = 256;
 
 /// Requests that may wait for a PKCS#11 session before more are refused.
-pub const DEFAULT_QUEUE: usize = 1024;
+pub(crate) const DEFAULT_QUEUE: usize = 1024;
 
 /// Sessions when the config sets none: four per CPU (at least 4). A soft token signs on the
 /// CPU, so extra sessions keep every core busy while other requests are between signs

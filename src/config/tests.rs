@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::grant::Algorithm;
+use crate::{grant::Algorithm, hsm::TokenSelector};
 
 const GOOD: &str = r#"
 listen = "127.0.0.1:50051"

@@ -17,25 +17,25 @@ use super::{ConfigError, Invalid, within};
 pub struct TokenSettings {
     /// HTTP(S) proxy for every token request (e.g. `http://proxy.internal:3128`). Without
     /// it the standard `HTTPS_PROXY`/`NO_PROXY` environment variables apply.
-    pub proxy: Option<String>,
+    pub(crate) proxy: Option<String>,
     /// Hosts reached without the proxy, comma-separated as in `NO_PROXY`.
-    pub no_proxy: Option<String>,
+    pub(crate) no_proxy: Option<String>,
     /// Extra trust anchors (PEM) besides the system's and the Mozilla roots: a
     /// TLS-inspecting proxy's CA, or a test CA for a local Maskinporten.
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// How long a request may take in all, retries included, when the caller sends no
     /// deadline.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Tries per request (the first and the retries); each try signs a new grant.
-    pub attempts: u32,
+    pub(crate) attempts: u32,
     /// A cached token is used until this long before it expires (at most a quarter of
     /// its lifetime), so callers never get a token about to lapse in flight.
-    pub expiry_margin: Duration,
+    pub(crate) expiry_margin: Duration,
     /// A cached token used within this long of going stale (at most a quarter of its
     /// lifetime) is refreshed in the background, so hot entries never wait for Maskinporten.
-    pub refresh_ahead: Duration,
+    pub(crate) refresh_ahead: Duration,
     /// Most cache entries; beyond it expired, then least recently used, entries go.
-    pub cache_entries: usize,
+    pub(crate) cache_entries: usize,
 }
 
 impl Default for TokenSettings {

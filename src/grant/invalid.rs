@@ -27,7 +27,7 @@ pub enum GrantField {
 impl GrantField {
     /// The field's path in the gRPC request, so a caller can find the mistake without
     /// reading our code.
-    pub fn path(self) -> &'static str {
+    pub(crate) fn path(self) -> &'static str {
         match self {
             GrantField::ClientId => "grant.client_id",
             GrantField::Scopes => "grant.scopes",
@@ -49,14 +49,14 @@ pub struct InvalidGrant {
     /// The field at fault.
     pub field: GrantField,
     /// Where in a list field: `[2]`, or `[0].type`; empty for the field as a whole.
-    pub at: String,
+    pub(crate) at: String,
     /// What is wrong, without echoing secrets (the request holds none).
     pub reason: String,
 }
 
 impl InvalidGrant {
     /// `field` as a whole is wrong.
-    pub fn new(field: GrantField, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(field: GrantField, reason: impl Into<String>) -> Self {
         InvalidGrant {
             field,
             at: String::new(),

@@ -19,10 +19,10 @@ use super::Hash;
 #[error("PKCS#11 {function} failed: {}", self.rv_label())]
 pub struct FailedCall {
     /// What was being done.
-    pub function: &'static str,
+    pub(crate) function: &'static str,
     /// The cryptoki error with the failing function.
     #[source]
-    pub source: Pkcs11Error,
+    pub(crate) source: Pkcs11Error,
 }
 
 impl FailedCall {
@@ -33,7 +33,7 @@ impl FailedCall {
 
     /// The PKCS#11 return value, when the module returned one (cryptoki can also fail
     /// before or after the call).
-    pub fn rv(&self) -> Option<RvError> {
+    pub(crate) fn rv(&self) -> Option<RvError> {
         match self.source {
             Pkcs11Error::Pkcs11(rv, _) => Some(rv),
             _ => None,
@@ -43,7 +43,7 @@ impl FailedCall {
     /// The return value as messages and the `rv` label of
     /// `grant_agent_pkcs11_errors_total` name it (`DeviceError`), or cryptoki's own error
     /// when there is none. The one place that text is made.
-    pub fn rv_label(&self) -> String {
+    pub(crate) fn rv_label(&self) -> String {
         match self.rv() {
             Some(rv) => format!("{rv:?}"),
             None => self.source.to_string(),
@@ -52,7 +52,7 @@ impl FailedCall {
 
     /// What brings the token back after this failure, and the class it is counted under.
     /// The pool, the agent and the metrics all ask here.
-    pub fn recovery(&self) -> Recovery {
+    pub(crate) fn recovery(&self) -> Recovery {
         self.rv().map_or(Recovery::None, Recovery::of)
     }
 }
@@ -149,7 +149,7 @@ impl HsmError {
     }
 
     /// The failed PKCS#11 call, if that is what this is.
-    pub fn call(&self) -> Option<&FailedCall> {
+    pub(crate) fn call(&self) -> Option<&FailedCall> {
         match self {
             HsmError::Call(call) => Some(call),
             _ => None,
@@ -159,7 +159,7 @@ impl HsmError {
 
 /// A failure signing one request, or checking the token between requests.
 #[derive(Debug, thiserror::Error)]
-pub enum RequestError {
+pub(crate) enum RequestError {
     /// A PKCS#11 call failed.
     #[error(transparent)]
     Call(#[from] FailedCall),
@@ -180,7 +180,7 @@ pub enum RequestError {
 
 impl RequestError {
     /// The failed PKCS#11 call, if that is what this is.
-    pub fn call(&self) -> Option<&FailedCall> {
+    pub(crate) fn call(&self) -> Option<&FailedCall> {
         match self {
             RequestError::Call(call) => Some(call),
             _ => None,
@@ -189,7 +189,7 @@ impl RequestError {
 
     /// What brings the token back after this error ([`Recovery::None`] for all but a
     /// failed call).
-    pub fn recovery(&self) -> Recovery {
+    pub(crate) fn recovery(&self) -> Recovery {
         self.call().map_or(Recovery::None, FailedCall::recovery)
     }
 }
@@ -199,7 +199,7 @@ impl RequestError {
 /// the right one: a full re-initialisation drops every session, and on a throttled HSM
 /// (CloudHSM's CKR_DEVICE_ERROR) makes things worse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recovery {
+pub(crate) enum Recovery {
     /// The session is gone (SESSION_HANDLE_INVALID, SESSION_CLOSED): close it, open another.
     NewSession,
     /// The object handle is not valid in this session (OBJECT_HANDLE_INVALID,
@@ -236,7 +236,7 @@ impl Recovery {
     }
 
     /// The `class` label of `grant_agent_pkcs11_errors_total`.
-    pub fn class(self) -> &'static str {
+    pub(crate) fn class(self) -> &'static str {
         match self {
             Recovery::NewSession => "session",
             Recovery::FindKeyAgain => "handle",
@@ -252,11 +252,11 @@ impl Recovery {
 /// and return value, including those it recovered from without the caller noticing. Shared
 /// by the pool's threads and the agent; it outlives a re-initialised token.
 #[derive(Debug, Clone, Default)]
-pub struct ErrorCounts(Arc<Mutex<BTreeMap<(&'static str, String), u64>>>);
+pub(crate) struct ErrorCounts(Arc<Mutex<BTreeMap<(&'static str, String), u64>>>);
 
 impl ErrorCounts {
     /// Counts a failed call under its class and return value.
-    pub fn count(&self, call: &FailedCall) {
+    pub(crate) fn count(&self, call: &FailedCall) {
         let mut counts = match self.0.lock() {
             Ok(counts) => counts,
             Err(poisoned) => poisoned.into_inner(),
@@ -267,7 +267,7 @@ impl ErrorCounts {
     }
 
     /// The counts so far: `(class, rv, count)`.
-    pub fn snapshot(&self) -> Vec<(&'static str, String, u64)> {
+    pub(crate) fn snapshot(&self) -> Vec<(&'static str, String, u64)> {
         let counts = match self.0.lock() {
             Ok(counts) => counts,
             Err(poisoned) => poisoned.into_inner(),

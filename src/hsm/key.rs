@@ -11,7 +11,7 @@ use super::{FailedCall, HsmError, Token};
 use crate::hex;
 
 /// Smallest RSA modulus Maskinporten (and we) accept.
-pub const MIN_RSA_BITS: usize = 2048;
+pub(crate) const MIN_RSA_BITS: usize = 2048;
 
 /// The size in bits of a big-endian RSA modulus (leading zero bytes already stripped).
 fn rsa_bits(modulus: &[u8]) -> usize {
@@ -22,7 +22,7 @@ fn rsa_bits(modulus: &[u8]) -> usize {
 /// modulus and exponent a token or a PKCS#12 file holds (leading zero bytes allowed). The
 /// DER is canonical, so a key read from the token and one read from a file compare byte
 /// for byte.
-pub fn rsa_public_key(modulus: &[u8], exponent: &[u8]) -> der::Result<(usize, Vec<u8>)> {
+pub(crate) fn rsa_public_key(modulus: &[u8], exponent: &[u8]) -> der::Result<(usize, Vec<u8>)> {
     let modulus = UintRef::new(modulus)?;
     let bits = rsa_bits(modulus.as_bytes());
     let der = rsa::pkcs1::RsaPublicKey {
@@ -37,21 +37,21 @@ pub fn rsa_public_key(modulus: &[u8], exponent: &[u8]) -> der::Result<(usize, Ve
 #[derive(Debug, Clone)]
 pub struct TokenKey {
     /// The private key object.
-    pub handle: ObjectHandle,
+    pub(crate) handle: ObjectHandle,
     /// Its `CKA_ID`, which ties it to its certificate object.
     pub id: Vec<u8>,
     /// The public key as PKCS#1 `RSAPublicKey` DER (canonical, so comparable byte for byte).
-    pub public_key_der: Vec<u8>,
+    pub(crate) public_key_der: Vec<u8>,
     /// Modulus size.
     pub bits: usize,
     /// How it was found, to find it again where its handle is not valid.
-    pub locator: KeyLocator,
+    pub(crate) locator: KeyLocator,
 }
 
 impl TokenKey {
     /// The key as signing uses it: its handle, and how to find it again in a session
     /// where that handle is not valid (handles are per session on some HSMs).
-    pub fn key_ref(&self) -> KeyRef {
+    pub(crate) fn key_ref(&self) -> KeyRef {
         KeyRef {
             handle: self.handle,
             locator: std::sync::Arc::new(self.locator.clone()),
@@ -61,9 +61,9 @@ impl TokenKey {
 
 /// A private key as the pool's sessions use it. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct KeyRef {
+pub(crate) struct KeyRef {
     /// The handle found when the key was loaded; valid in every session on most tokens.
-    pub handle: ObjectHandle,
+    pub(crate) handle: ObjectHandle,
     pub(super) locator: std::sync::Arc<KeyLocator>,
 }
 
@@ -77,7 +77,7 @@ impl Token {
 
     /// Reads the DER of every certificate object that shares the key's `CKA_ID` (the leaf
     /// and any intermediates imported with it), in no particular order.
-    pub fn certificates_der(&self, key: &TokenKey) -> Result<Vec<Vec<u8>>, HsmError> {
+    pub(crate) fn certificates_der(&self, key: &TokenKey) -> Result<Vec<Vec<u8>>, HsmError> {
         let id = key.id.clone();
         self.pool
             .run_blocking(move |session| certificates_der(session, &id))
@@ -179,25 +179,25 @@ fn certificates_der(session: &Session, id: &[u8]) -> Result<Vec<Vec<u8>>, HsmErr
 
 /// A private key object as `key list` shows it.
 #[derive(Debug, Clone)]
-pub struct KeyObject {
+pub(crate) struct KeyObject {
     /// `CKA_LABEL`.
-    pub label: String,
+    pub(crate) label: String,
     /// `CKA_ID`.
-    pub id: Vec<u8>,
+    pub(crate) id: Vec<u8>,
     /// The RSA key's public facts, when it is an RSA key of a usable size.
-    pub rsa: Option<TokenKey>,
+    pub(crate) rsa: Option<TokenKey>,
     /// `CKA_SENSITIVE`: the token never reveals the value.
-    pub sensitive: bool,
+    pub(crate) sensitive: bool,
     /// `CKA_EXTRACTABLE`: the token would wrap it out.
-    pub extractable: bool,
+    pub(crate) extractable: bool,
     /// `CKA_NEVER_EXTRACTABLE`: it was never extractable, so it never existed outside a
     /// token (false for an imported key).
-    pub never_extractable: bool,
+    pub(crate) never_extractable: bool,
 }
 
 impl Token {
     /// Every private key object in the token, with its protection attributes.
-    pub fn private_keys(&self) -> Result<Vec<KeyObject>, HsmError> {
+    pub(crate) fn private_keys(&self) -> Result<Vec<KeyObject>, HsmError> {
         self.pool.run_blocking(move |session| {
             let handles = session
                 .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])

@@ -32,7 +32,7 @@ pub enum Hash {
 
 /// How one hash is signed on this token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SignPath {
+pub(crate) enum SignPath {
     /// The token hashes and signs (`CKM_SHAxxx_RSA_PKCS`).
     InToken,
     /// The agent hashes; the token signs the DigestInfo with `CKM_RSA_PKCS`.
@@ -41,7 +41,7 @@ pub enum SignPath {
 
 impl SignPath {
     /// For the log: which mechanism the token is asked for.
-    pub fn describe(self, hash: Hash) -> &'static str {
+    pub(crate) fn describe(self, hash: Hash) -> &'static str {
         match (self, hash) {
             (SignPath::InToken, Hash::Sha256) => "CKM_SHA256_RSA_PKCS",
             (SignPath::InToken, Hash::Sha384) => "CKM_SHA384_RSA_PKCS",

@@ -5,7 +5,7 @@
 //! bytes: keys are [`ObjectHandle`]s, signing sends data in and gets a signature out, and
 //! keys are generated (or imported) with `CKA_SENSITIVE` true and `CKA_EXTRACTABLE` false.
 //! The one way key material passes through the agent is *into* a token: `key import-p12`
-//! moves an existing key in through [`RsaKeyParts`], which borrows the parts for the one
+//! moves an existing key in through `RsaKeyParts`, which borrows the parts for the one
 //! `C_CreateObject` call; the caller wipes them right after.
 //!
 //! Usage rules that follow from PKCS#11 (see `shared/PKCS11.md`):
@@ -13,7 +13,7 @@
 //!   logs everything out, so [`Token`] keeps one anchor session open for its whole life.
 //! - A `cryptoki::Session` is `Send` but not `Sync`: each session lives on a thread of
 //!   its own in the pool, and requests queue for those threads.
-//! - Every PKCS#11 call blocks; async callers go through [`Token::sign`], which hands the
+//! - Every PKCS#11 call blocks; async callers go through `Token::sign`, which hands the
 //!   call to a session's thread and awaits the answer, so no async worker ever waits on
 //!   the token.
 //! - A wrong PIN is never retried: tokens lock the user PIN after a few attempts.
@@ -37,16 +37,20 @@ use cryptoki::{
     types::AuthPin,
 };
 
-pub use cryptoki::object::ObjectHandle;
-pub use error::{ErrorCounts, FailedCall, HsmError, Recovery, RequestError};
-pub use key::{KeyObject, KeyRef, MIN_RSA_BITS, TokenKey, rsa_public_key};
-pub use mechanism::{Hash, SignPath};
+pub(crate) use cryptoki::object::ObjectHandle;
+pub(crate) use error::{ErrorCounts, Recovery, RequestError};
+pub use error::{FailedCall, HsmError};
+pub use key::TokenKey;
+pub(crate) use key::{KeyRef, MIN_RSA_BITS, rsa_public_key};
+pub use mechanism::Hash;
+pub(crate) use mechanism::SignPath;
 pub(crate) use pin::exposed_pin_file;
 pub use pin::{PinSource, read_pin};
-pub use provision::{RsaKeyParts, TokenSigner, init_token};
-pub use settings::{KeyLocator, Pkcs11Config, TokenSelector};
+pub(crate) use provision::{RsaKeyParts, TokenSigner, init_token};
+pub(crate) use settings::TokenSelector;
+pub use settings::{KeyLocator, Pkcs11Config};
 
-pub use pool::PoolLoad;
+pub(crate) use pool::PoolLoad;
 use pool::SessionPool;
 
 /// An open, logged-in token with a pool of sessions.
@@ -88,7 +92,7 @@ impl Token {
     /// C_Initialize with CKR_CRYPTOKI_ALREADY_INITIALIZED and keep its stale slot list,
     /// and recovery would never see the token come back.
     /// PKCS#11 errors met while signing or checking are counted in `errors`.
-    pub fn open(
+    pub(crate) fn open(
         config: &Pkcs11Config,
         pin: &AuthPin,
         errors: ErrorCounts,
@@ -158,7 +162,7 @@ impl Token {
     /// frees up before `deadline`, by `path` (from [`Token::sign_path`] when the key was
     /// found, so a request cannot fail on a missing mechanism). Returns the signature and
     /// the time spent queued.
-    pub async fn sign(
+    pub(crate) async fn sign(
         &self,
         key: KeyRef,
         hash: Hash,
@@ -174,19 +178,19 @@ impl Token {
     }
 
     /// How this token signs `hash`: in the token, or over a DigestInfo.
-    pub fn sign_path(&self, hash: Hash) -> Result<SignPath, HsmError> {
+    pub(crate) fn sign_path(&self, hash: Hash) -> Result<SignPath, HsmError> {
         self.mechanisms
             .path(hash)
             .ok_or(HsmError::NoMechanism(hash))
     }
 
     /// How busy the session pool is now.
-    pub fn load(&self) -> PoolLoad {
+    pub(crate) fn load(&self) -> PoolLoad {
         self.pool.load()
     }
 
     /// Signs and waits on the calling thread; for command-line tools that are not async.
-    pub fn sign_blocking(
+    pub(crate) fn sign_blocking(
         &self,
         key: KeyRef,
         hash: Hash,
@@ -202,7 +206,7 @@ impl Token {
     /// fails when the token was removed, re-provisioned or lost its login. A handle the
     /// anchor session does not know is looked up again there first. Blocking; uses no
     /// pooled session.
-    pub fn check(&self, key: &KeyRef) -> Result<(), RequestError> {
+    pub(crate) fn check(&self, key: &KeyRef) -> Result<(), RequestError> {
         let mut anchor = self.lock_anchor();
         let anchor = &mut *anchor;
         let Some(session) = anchor.session.as_ref() else {
@@ -226,7 +230,7 @@ impl Token {
     /// Logs in again on the anchor session after the token answered USER_NOT_LOGGED_IN (a
     /// network HSM that reconnected, or a logout elsewhere in the process). Checks the PIN
     /// flags first, and never tries a PIN the token has refused.
-    pub fn log_in_again(&self, pin: &AuthPin) -> Result<(), HsmError> {
+    pub(crate) fn log_in_again(&self, pin: &AuthPin) -> Result<(), HsmError> {
         let mut anchor = self.lock_anchor();
         if let Some(rv) = anchor.refused {
             return Err(HsmError::PinRefused(rv));

@@ -73,13 +73,13 @@ type Job = Box<dyn FnOnce(&mut Worker) + Send>;
 
 /// How full the pool is, for metrics.
 #[derive(Debug, Clone, Copy)]
-pub struct PoolLoad {
+pub(crate) struct PoolLoad {
     /// Sessions in the pool.
-    pub size: usize,
+    pub(crate) size: usize,
     /// Sessions signing now.
-    pub busy: usize,
+    pub(crate) busy: usize,
     /// Requests waiting for a session.
-    pub waiting: usize,
+    pub(crate) waiting: usize,
 }
 
 impl SessionPool {

@@ -26,7 +26,7 @@ const SHA256_WITH_RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.
 
 /// Initialises the first uninitialised token of `module` with `label`, sets its user PIN,
 /// and finalizes the module again. Returns an error when no free slot exists.
-pub fn init_token(
+pub(crate) fn init_token(
     module: &Path,
     label: &str,
     so_pin: &AuthPin,
@@ -79,7 +79,7 @@ impl Token {
 
     /// Generates an RSA key pair inside the token. The private key is sensitive, never
     /// extractable, and usable only for signing.
-    pub fn generate_rsa_key(
+    pub(crate) fn generate_rsa_key(
         &self,
         label: &str,
         id: &[u8],
@@ -109,7 +109,7 @@ impl Token {
     /// Creates an RSA key pair in the token from key parts brought in from outside (a
     /// PKCS#12 file): the private key sensitive, never extractable and sign-only, like a
     /// generated one. Returns the handles (private, public) so a failed import can be undone.
-    pub fn import_rsa_key(
+    pub(crate) fn import_rsa_key(
         &self,
         label: &str,
         id: &[u8],
@@ -166,7 +166,7 @@ impl Token {
 
     /// Stores a DER certificate as a token object with the key's `CKA_ID` and a label, so
     /// `certificate = "token"` finds it.
-    pub fn store_certificate(
+    pub(crate) fn store_certificate(
         &self,
         label: &str,
         id: &[u8],
@@ -191,7 +191,7 @@ impl Token {
 
 impl Token {
     /// Deletes an object this process created, to undo a half-finished import.
-    pub fn destroy_object(&self, object: ObjectHandle) -> Result<(), HsmError> {
+    pub(crate) fn destroy_object(&self, object: ObjectHandle) -> Result<(), HsmError> {
         let session = self.rw_session()?;
         session
             .destroy_object(object)
@@ -217,23 +217,23 @@ fn private_key_protection() -> [Attribute; 7] {
 
 /// RSA private key parts to import, borrowed so the caller keeps (and wipes) the only copy.
 #[derive(Clone, Copy)]
-pub struct RsaKeyParts<'a> {
+pub(crate) struct RsaKeyParts<'a> {
     /// n.
-    pub modulus: &'a [u8],
+    pub(crate) modulus: &'a [u8],
     /// e.
-    pub public_exponent: &'a [u8],
+    pub(crate) public_exponent: &'a [u8],
     /// d.
-    pub private_exponent: &'a [u8],
+    pub(crate) private_exponent: &'a [u8],
     /// p.
-    pub prime1: &'a [u8],
+    pub(crate) prime1: &'a [u8],
     /// q.
-    pub prime2: &'a [u8],
+    pub(crate) prime2: &'a [u8],
     /// d mod (p-1).
-    pub exponent1: &'a [u8],
+    pub(crate) exponent1: &'a [u8],
     /// d mod (q-1).
-    pub exponent2: &'a [u8],
+    pub(crate) exponent2: &'a [u8],
     /// q^-1 mod p.
-    pub coefficient: &'a [u8],
+    pub(crate) coefficient: &'a [u8],
 }
 
 impl std::fmt::Debug for RsaKeyParts<'_> {
@@ -244,7 +244,7 @@ impl std::fmt::Debug for RsaKeyParts<'_> {
 
 /// A token key seen as a `signature::Signer`, so `x509-cert`'s builders can sign
 /// certificates and requests inside the token (sha256WithRSAEncryption).
-pub struct TokenSigner<'a> {
+pub(crate) struct TokenSigner<'a> {
     token: &'a Token,
     key: KeyRef,
     path: SignPath,
@@ -253,7 +253,7 @@ pub struct TokenSigner<'a> {
 
 impl<'a> TokenSigner<'a> {
     /// Wraps `key` of `token`.
-    pub fn new(token: &'a Token, key: &TokenKey) -> Result<Self, HsmError> {
+    pub(crate) fn new(token: &'a Token, key: &TokenKey) -> Result<Self, HsmError> {
         let public = rsa::PublicKey::from_pkcs1_der(&key.public_key_der).map_err(|e| {
             HsmError::UnusableKey {
                 what: format!("handle {}", key.handle),

@@ -8,20 +8,20 @@ use super::PinSource;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pkcs11Config {
     /// Path of the PKCS#11 shared library.
-    pub module: PathBuf,
+    pub(crate) module: PathBuf,
     /// Which token: by label (slot numbers move; labels do not), serial number or slot id.
-    pub token: TokenSelector,
+    pub(crate) token: TokenSelector,
     /// Where the user PIN comes from.
     pub pin: PinSource,
     /// Sessions in the signing pool.
-    pub sessions: usize,
+    pub(crate) sessions: usize,
     /// Requests that may wait for a session; more are refused at once.
-    pub queue: usize,
+    pub(crate) queue: usize,
 }
 
 /// How the token is found among the module's slots.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenSelector {
+pub(crate) enum TokenSelector {
     /// By token label (`token_label`).
     Label(String),
     /// By token serial number (`token_serial`).

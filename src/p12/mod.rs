@@ -55,7 +55,7 @@ use decrypt::{Budget, Password, bmp_password, decrypt, mac_matches};
 ///
 /// OpenSSL uses 2,048 per item; even a cautious exporter stays far below this. It bounds
 /// the work a hostile file can cause to a few seconds.
-pub const MAX_KDF_ITERATIONS: u64 = 10_000_000;
+pub(crate) const MAX_KDF_ITERATIONS: u64 = 10_000_000;
 
 /// The most certificates one file may hold. A virksomhetssertifikat file has three or
 /// four; the bound keeps chain ordering (quadratic) cheap on hostile input.
@@ -75,13 +75,13 @@ const SHA384: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.
 const SHA512: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.3");
 
 /// The contents of a PKCS#12 file: one RSA private key and its certificates.
-pub struct Pkcs12Contents {
+pub(crate) struct Pkcs12Contents {
     /// The RSA private key components (big-endian unsigned bytes, no leading zeros needed).
-    pub key: RsaPrivateParts,
+    pub(crate) key: RsaPrivateParts,
     /// DER certificates, the one whose public key matches the private key FIRST (the leaf),
     /// then the others ordered so that each one's issuer is the next one's subject where
     /// possible (intermediates, then root if present).
-    pub chain: Vec<Vec<u8>>,
+    pub(crate) chain: Vec<Vec<u8>>,
 }
 
 impl fmt::Debug for Pkcs12Contents {
@@ -95,23 +95,23 @@ impl fmt::Debug for Pkcs12Contents {
 
 /// RSA private key parts, wiped from memory on drop. `Debug` shows only the key size.
 #[derive(Zeroize, ZeroizeOnDrop)]
-pub struct RsaPrivateParts {
+pub(crate) struct RsaPrivateParts {
     /// n.
-    pub modulus: Vec<u8>,
+    pub(crate) modulus: Vec<u8>,
     /// e.
-    pub public_exponent: Vec<u8>,
+    pub(crate) public_exponent: Vec<u8>,
     /// d.
-    pub private_exponent: Vec<u8>,
+    pub(crate) private_exponent: Vec<u8>,
     /// p.
-    pub prime1: Vec<u8>,
+    pub(crate) prime1: Vec<u8>,
     /// q.
-    pub prime2: Vec<u8>,
+    pub(crate) prime2: Vec<u8>,
     /// d mod (p - 1).
-    pub exponent1: Vec<u8>,
+    pub(crate) exponent1: Vec<u8>,
     /// d mod (q - 1).
-    pub exponent2: Vec<u8>,
+    pub(crate) exponent2: Vec<u8>,
     /// q⁻¹ mod p.
-    pub coefficient: Vec<u8>,
+    pub(crate) coefficient: Vec<u8>,
 }
 
 impl fmt::Debug for RsaPrivateParts {
@@ -157,7 +157,7 @@ pub enum P12Error {
         "the file uses an unsupported algorithm: {0}; re-export it with `openssl pkcs12 -export` (AES-256-CBC)"
     )]
     UnsupportedAlgorithm(String),
-    /// The file asks for more key-derivation work than [`MAX_KDF_ITERATIONS`].
+    /// The file asks for more key-derivation work than `MAX_KDF_ITERATIONS`.
     #[error(
         "the file asks for more than {MAX_KDF_ITERATIONS} key-derivation iterations; refusing to spend that long"
     )]
@@ -168,7 +168,7 @@ pub enum P12Error {
 ///
 /// The MAC is verified before anything is decrypted. The file must hold exactly one
 /// private key, it must be RSA, and one of the certificates must carry its public key.
-pub fn read_pkcs12(data: &[u8], password: &str) -> Result<Pkcs12Contents, P12Error> {
+pub(crate) fn read_pkcs12(data: &[u8], password: &str) -> Result<Pkcs12Contents, P12Error> {
     let pfx = Pfx::from_der(data).map_err(|e| der_error("outer structure", e))?;
     if pfx.auth_safe.content_type != ID_DATA {
         return Err(P12Error::UnsupportedAlgorithm(format!(

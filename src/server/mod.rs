@@ -39,7 +39,7 @@ use policy::Policy;
 use service::GrantAgentService;
 
 /// How long in-flight requests may run after SIGTERM before the agent stops anyway.
-pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The health service name that says only whether the agent's process answers: SERVING
 /// from start to shutdown, whatever its token does. For liveness probes, which must not

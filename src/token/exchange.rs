@@ -415,7 +415,7 @@ mod tests {
             br#"{"access_token":"abc","token_type":"Bearer","expires_in":119,"scope":"a:b c:d"}"#,
         )
         .expect("token");
-        assert_eq!(token.lifetime(), Duration::from_secs(119));
+        assert_eq!(token.lifetime, Duration::from_secs(119));
         assert_eq!(token.scope, "a:b c:d");
         for body in [
             &br#"{"access_token":"abc","token_type":"Bearer"}"#[..],

@@ -1,7 +1,7 @@
 //! Access tokens: sign a grant, exchange it at the environment's token endpoint, cache the
 //! token, and explain Maskinporten's refusals.
 //!
-//! [`TokenService::get`] is what `GetAccessToken` calls. A fresh cached token is returned
+//! `TokenService::get` is what `GetAccessToken` calls. A fresh cached token is returned
 //! at once. Otherwise one request per cache entry (single flight) signs a grant and POSTs
 //! it; network failures and 5xx answers are retried with exponential backoff and jitter
 //! while the caller's deadline allows, each try with a newly signed grant, because
@@ -33,20 +33,21 @@ use cache::{CacheKey, Flight, Lookup, TokenCache};
 use exchange::Exchange;
 
 /// An access token from Maskinporten.
-pub struct AccessToken {
+pub(crate) struct AccessToken {
     /// The bearer token. A secret: never logged, wiped from memory when dropped.
-    pub access_token: Zeroizing<String>,
+    pub(crate) access_token: Zeroizing<String>,
     /// As sent, normally "Bearer".
-    pub token_type: String,
+    pub(crate) token_type: String,
     /// The scopes granted, space-separated.
-    pub scope: String,
+    pub(crate) scope: String,
     /// Unix seconds: when the answer arrived plus `expires_in`.
-    pub expires_at: i64,
+    pub(crate) expires_at: i64,
     /// The `jti` of the grant this token was bought with, for the audit of every answer
     /// it serves.
-    pub grant_jti: String,
+    pub(crate) grant_jti: String,
     /// SHA-256 of the certificate that signed that grant (empty for a `kid` key).
-    pub certificate_sha256: String,
+    pub(crate) certificate_sha256: String,
+    /// `expires_in` as Maskinporten sent it.
     lifetime: Duration,
     /// On tokio's clock, the monotonic clock that paused-time tests control.
     received: tokio::time::Instant,
@@ -81,11 +82,6 @@ impl AccessToken {
         }
     }
 
-    /// `expires_in` as Maskinporten sent it.
-    pub fn lifetime(&self) -> Duration {
-        self.lifetime
-    }
-
     /// `setting`, but at most a quarter of the lifetime, so that short-lived tokens are
     /// still cached and refreshed ahead.
     fn capped(&self, setting: Duration) -> Duration {
@@ -100,13 +96,13 @@ impl AccessToken {
 
 /// An OAuth2 error answer (RFC 6749 section 5.2), as Maskinporten sent it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OAuthError {
+pub(crate) struct OAuthError {
     /// e.g. `invalid_grant`; empty when the answer had no OAuth2 body.
-    pub error: String,
+    pub(crate) error: String,
     /// Maskinporten's explanation, with its `trace_id` for their support.
-    pub description: String,
+    pub(crate) description: String,
     /// A link to the error's documentation, ending in the MP code.
-    pub uri: String,
+    pub(crate) uri: String,
 }
 
 impl fmt::Display for OAuthError {
@@ -125,21 +121,21 @@ impl fmt::Display for OAuthError {
 
 impl OAuthError {
     /// The Maskinporten error code (`MP-130`), from `error_uri` or else the description.
-    pub fn mp_code(&self) -> Option<&str> {
+    pub(crate) fn mp_code(&self) -> Option<&str> {
         [self.uri.as_str(), self.description.as_str()]
             .into_iter()
             .find_map(maskinporten::find_error_code)
     }
 
     /// What to do about it, for the codes we know.
-    pub fn hint(&self) -> Option<&'static str> {
+    pub(crate) fn hint(&self) -> Option<&'static str> {
         maskinporten::error_hint(self.mp_code()?)
     }
 }
 
 /// Why no access token was returned.
 #[derive(Debug, thiserror::Error)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     /// The grant could not be signed.
     #[error(transparent)]
     Sign(#[from] SignError),
@@ -190,11 +186,11 @@ fn tried(attempts: u32) -> String {
 
 /// A token for a request, and whether the request caused a call to Maskinporten.
 #[derive(Debug)]
-pub struct Issued {
+pub(crate) struct Issued {
     /// The token, shared with the cache.
-    pub token: Arc<AccessToken>,
+    pub(crate) token: Arc<AccessToken>,
     /// True when no call to Maskinporten was made for this request.
-    pub from_cache: bool,
+    pub(crate) from_cache: bool,
 }
 
 /// Checks that the HTTPS client for `settings` can be set up (the CA file reads, the proxy
@@ -206,44 +202,44 @@ pub fn check_settings(settings: &TokenSettings) -> Result<(), SetupError> {
 /// Who asked for the fetch of a token: named in the audit lines of the grants the fetch
 /// signs (a fetch serves everyone who joins it; these are the request that started it).
 #[derive(Debug, Clone, Default)]
-pub struct Origin {
+pub(crate) struct Origin {
     /// The starting request's id.
-    pub request_id: String,
+    pub(crate) request_id: String,
     /// Its caller.
-    pub caller: String,
+    pub(crate) caller: String,
     /// Its peer address.
-    pub peer: String,
+    pub(crate) peer: String,
     /// The key name, resolved.
-    pub key: String,
+    pub(crate) key: String,
     /// The environment name, resolved.
-    pub environment: String,
+    pub(crate) environment: String,
     /// The `type` of each authorization_details entry.
-    pub authorization_types: Vec<String>,
+    pub(crate) authorization_types: Vec<String>,
 }
 
 /// One grant a fetch signed, and what the token endpoint made of it.
 #[derive(Debug)]
-pub struct GrantSpent<'a> {
+pub(crate) struct GrantSpent<'a> {
     /// Who started the fetch.
-    pub origin: &'a Origin,
+    pub(crate) origin: &'a Origin,
     /// The request the grant was made for.
-    pub request: &'a ValidGrant,
+    pub(crate) request: &'a ValidGrant,
     /// The grant (its jti, certificate, expiry; never log its assertion).
-    pub grant: &'a SignedGrant,
+    pub(crate) grant: &'a SignedGrant,
     /// 1 for the first try of the fetch.
-    pub attempt: u32,
+    pub(crate) attempt: u32,
     /// `issued`, `refused` (Maskinporten said no) or `failed` (no usable answer).
-    pub outcome: &'static str,
+    pub(crate) outcome: &'static str,
     /// What the token endpoint answered, when it was not a token.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// Where a fetch reports each grant it signed: every grant is audited with its `jti`,
 /// retries included, whether or not any caller is still waiting.
-pub type GrantAudit = Arc<dyn Fn(&GrantSpent<'_>) + Send + Sync>;
+pub(crate) type GrantAudit = Arc<dyn Fn(&GrantSpent<'_>) + Send + Sync>;
 
 /// Access tokens for every caller: cache, single flight, exchange, retries.
-pub struct TokenService {
+pub(crate) struct TokenService {
     agent: Arc<Agent>,
     audit: GrantAudit,
     exchange: Exchange,
@@ -254,7 +250,7 @@ pub struct TokenService {
 
 impl TokenService {
     /// Sets up the HTTPS client (trust anchors, proxy) and an empty cache.
-    pub fn new(
+    pub(crate) fn new(
         agent: Arc<Agent>,
         settings: &TokenSettings,
         metrics: Arc<Metrics>,
@@ -277,7 +273,7 @@ impl TokenService {
     /// An access token for a validated request, from the cache unless `force_refresh` or
     /// it is not fresh, within `deadline` (the configured timeout when `None`). `origin`
     /// is called only when this request starts a fetch.
-    pub async fn get(
+    pub(crate) async fn get(
         self: &Arc<Self>,
         grant: &ValidGrant,
         force_refresh: bool,
