@@ -12,6 +12,7 @@ mod caller;
 mod conn;
 mod gate;
 mod policy;
+mod reload;
 mod service;
 mod status;
 mod tls;
@@ -36,6 +37,7 @@ use conn::{Connections, Listener};
 use gate::Gate;
 pub(crate) use gate::Reached;
 use policy::Policy;
+use reload::Reload;
 use service::GrantAgentService;
 
 /// How long in-flight requests may run after SIGTERM before the agent stops anyway.
@@ -66,8 +68,8 @@ pub enum ServeError {
     /// The TLS files do not make a usable server configuration.
     #[error("tls: {0}")]
     TlsConfig(String),
-    /// A TLS file could not be read.
-    #[error("tls: cannot read {path}: {source}")]
+    /// A TLS file could not be read, or holds no usable PEM.
+    #[error("tls: {path}: {source}")]
     TlsFile {
         /// The file.
         path: String,
@@ -127,14 +129,8 @@ struct Server {
     /// Removed when serving stops.
     socket_path: Option<PathBuf>,
     reload: Option<Reload>,
-}
-
-/// What a SIGHUP reload reads again and compares the new config with.
-struct Reload {
-    path: PathBuf,
-    access: crate::config::Access,
-    token: crate::config::TokenSettings,
-    limits: crate::config::Limits,
+    /// The TCP listener's TLS files, reloaded while serving.
+    tls: Option<Arc<tls::TlsMaterial>>,
 }
 
 impl Server {
@@ -159,7 +155,7 @@ impl Server {
         let policy = Arc::new(Policy::new(&access.policy));
         let (connections, all_closed, routes) =
             services(&agent, config, &policy, &audit, &metrics).await?;
-        let (listeners, mut endpoints) = bind_listeners(access, &policy).await?;
+        let (listeners, mut endpoints, tls) = bind_listeners(access, &policy, &metrics).await?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => {
                 let (listener, local) = bind_metrics(addr).await?;
@@ -186,6 +182,7 @@ impl Server {
                 token: config.token.clone(),
                 limits: config.limits,
             }),
+            tls,
         })
     }
 
@@ -217,11 +214,14 @@ impl Server {
             });
         }
         if let Some(reload) = self.reload {
-            let _reload = tokio::spawn(reload_on_hangup(
+            let _reload = tokio::spawn(reload::reload_on_hangup(
                 Arc::clone(&self.agent),
                 Arc::clone(&self.policy),
                 reload,
             ));
+        }
+        if let Some(tls) = self.tls {
+            let _tls = tokio::spawn(tls.watch(stopped.clone()));
         }
         spawn_summaries(&self.audit, &stopped);
         tracing::info!(endpoints = %self.endpoints.join(", "), "listening");
@@ -330,13 +330,16 @@ async fn services(
 }
 
 /// Binds the TCP listener (with its TLS acceptor, or plain when `insecure`) and the Unix
-/// socket that `access` names, with their endpoints in the form `on_ready` reports.
+/// socket that `access` names, with their endpoints in the form `on_ready` reports and
+/// the TLS material to keep current.
 async fn bind_listeners(
     access: &crate::config::Access,
     policy: &Arc<Policy>,
-) -> Result<(Vec<Listener>, Vec<String>), ServeError> {
+    metrics: &Arc<Metrics>,
+) -> Result<(Vec<Listener>, Vec<String>, Option<Arc<tls::TlsMaterial>>), ServeError> {
     let mut endpoints = Vec::new();
     let mut listeners = Vec::new();
+    let mut material = None;
     if let Some(addr) = access.listen {
         let listen_error = |source| ServeError::Listen {
             what: format!("{addr} (set `listen` in the config)"),
@@ -345,11 +348,11 @@ async fn bind_listeners(
         let tcp = TcpListener::bind(addr).await.map_err(listen_error)?;
         let local = tcp.local_addr().map_err(listen_error)?;
         let listener = match &access.tls {
-            Some(tls) => Listener::Tls(
-                tcp,
-                tls::acceptor(tls, Arc::clone(policy))?,
-                tls.caller_identity,
-            ),
+            Some(tls) => {
+                let loaded = tls::TlsMaterial::load(tls, Arc::clone(policy), Arc::clone(metrics))?;
+                material = Some(Arc::clone(&loaded));
+                Listener::Tls(tcp, loaded, tls.caller_identity)
+            }
             None => Listener::Plain(tcp, access.insecure),
         };
         listeners.push(listener);
@@ -366,7 +369,7 @@ async fn bind_listeners(
         listeners.push(Listener::Unix(unix));
         endpoints.push(format!("unix:{}", socket.path.display()));
     }
-    Ok((listeners, endpoints))
+    Ok((listeners, endpoints, material))
 }
 
 /// Binds the Prometheus listener at `addr`, with the address it got.
@@ -511,78 +514,4 @@ pub async fn shutdown_signal() {
         () = term => {}
     }
     tracing::info!("shutdown requested");
-}
-
-/// Why a SIGHUP reload changed nothing.
-#[derive(Debug, thiserror::Error)]
-enum ReloadError {
-    /// The file does not load or validate.
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    /// The agent refused the new keys (or a changed `[pkcs11]`).
-    #[error(transparent)]
-    Start(#[from] crate::agent::StartError),
-    /// The blocking task that reads the file and the token did not finish.
-    #[error(transparent)]
-    Task(#[from] tokio::task::JoinError),
-}
-
-/// Reloads the config on SIGHUP: keys, certificates, environments, the default key and
-/// the policy take effect for the next request; in-flight requests finish with the old
-/// ones. A config that fails to load or validate is logged and nothing changes.
-async fn reload_on_hangup(agent: Arc<Agent>, policy: Arc<Policy>, reload: Reload) {
-    let Reload {
-        path,
-        access: running,
-        token: running_token,
-        limits: running_limits,
-    } = reload;
-    let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
-        tracing::warn!("cannot listen for SIGHUP; reload by restarting");
-        return;
-    };
-    while hangup.recv().await.is_some() {
-        let agent = Arc::clone(&agent);
-        let file = path.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let config = Config::load(&file)?;
-            agent.reload(&config)?;
-            Ok::<_, ReloadError>(config)
-        })
-        .await
-        .map_err(ReloadError::from)
-        .and_then(|r| r);
-        match result {
-            Ok(config) => {
-                policy.replace(&config.access.policy);
-                tracing::info!(
-                    config = %path.display(),
-                    versions = config.keys.len(),
-                    rules = config.access.policy.len(),
-                    "reloaded"
-                );
-                let listeners_changed = config.access.listen != running.listen
-                    || config.access.unix_socket != running.unix_socket
-                    || config.access.tls != running.tls
-                    || config.access.insecure != running.insecure
-                    || config.access.audit_file != running.audit_file
-                    || config.access.audit_fail_closed != running.audit_fail_closed;
-                if listeners_changed {
-                    tracing::warn!(
-                        "listeners, [tls], insecure or [audit] changed; restart the agent to apply them"
-                    );
-                }
-                if config.token != running_token {
-                    tracing::warn!("[token] changed; restart the agent to apply it");
-                }
-                if config.limits != running_limits {
-                    tracing::warn!("[limits] changed; restart the agent to apply them");
-                }
-            }
-            Err(error) => {
-                tracing::error!(config = %path.display(), %error, "reload failed; keeping the running keys");
-            }
-        }
-    }
 }
