@@ -11,6 +11,7 @@ mod audit;
 mod caller;
 mod conn;
 mod gate;
+mod health;
 mod policy;
 mod reload;
 mod service;
@@ -124,6 +125,8 @@ struct Server {
     routes: Routes,
     listeners: Vec<Listener>,
     metrics_listener: Option<TcpListener>,
+    /// `[health] listen`: health alone, plaintext.
+    health_port: Option<health::HealthPort>,
     /// In the form `on_ready` reports them.
     endpoints: Vec<String>,
     /// Removed when serving stops.
@@ -134,8 +137,9 @@ struct Server {
 }
 
 impl Server {
-    /// Opens the audit log, builds the services and binds the GrantAgent listeners and
-    /// the metrics listener of `config`, in that order; the first failure is returned.
+    /// Opens the audit log, builds the services and binds the GrantAgent listeners, the
+    /// metrics listener and the health port of `config`, in that order; the first
+    /// failure is returned.
     async fn bind(
         agent: Arc<Agent>,
         config: &Config,
@@ -153,14 +157,25 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let audit = open_audit(access, &metrics)?;
         let policy = Arc::new(Policy::new(&access.policy));
+        let health = health::service(agent.serving()).await;
         let (connections, all_closed, routes) =
-            services(&agent, config, &policy, &audit, &metrics).await?;
+            services(&agent, config, &policy, &audit, &metrics, health.clone()).await?;
         let (listeners, mut endpoints, tls) = bind_listeners(access, &policy, &metrics).await?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => {
-                let (listener, local) = bind_metrics(addr).await?;
+                let (listener, local) = bind_tcp(addr, "[metrics] listen").await?;
                 endpoints.push(crate::metrics::describe(local));
                 Some(listener)
+            }
+            None => None,
+        };
+        let health_port = match config.health_listen {
+            Some(addr) => {
+                let limits = *connections.limits();
+                let (port, local) =
+                    health::HealthPort::bind(addr, health, limits, &audit, &metrics).await?;
+                endpoints.push(health::describe(local));
+                Some(port)
             }
             None => None,
         };
@@ -174,6 +189,7 @@ impl Server {
             routes,
             listeners,
             metrics_listener,
+            health_port,
             endpoints,
             socket_path: access.unix_socket.as_ref().map(|s| s.path.clone()),
             reload: config_path.map(|path| Reload {
@@ -219,6 +235,9 @@ impl Server {
                 Arc::clone(&self.policy),
                 reload,
             ));
+        }
+        if let Some(port) = self.health_port {
+            let _health = tokio::spawn(port.serve(stopped.clone()));
         }
         if let Some(tls) = self.tls {
             let _tls = tokio::spawn(tls.watch(stopped.clone()));
@@ -289,6 +308,7 @@ async fn services(
     policy: &Arc<Policy>,
     audit: &Arc<AuditLog>,
     metrics: &Arc<Metrics>,
+    health: health::Health,
 ) -> Result<(Arc<Connections>, mpsc::Receiver<()>, Routes), ServeError> {
     let tokens = Arc::new(crate::token::TokenService::new(
         Arc::clone(agent),
@@ -325,7 +345,7 @@ async fn services(
         limits.max_buffered_request_bytes,
         limits.request_timeout,
     );
-    let routes = routes(gate, agent.serving()).await?;
+    let routes = routes(gate, health)?;
     Ok((connections, all_closed, routes))
 }
 
@@ -372,18 +392,14 @@ async fn bind_listeners(
     Ok((listeners, endpoints, material))
 }
 
-/// Binds the Prometheus listener at `addr`, with the address it got.
-async fn bind_metrics(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Listen {
-            what: format!("{addr} (set [metrics] listen in the config)"),
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| ServeError::Listen {
-        what: addr.to_string(),
+/// Binds a TCP listener at `addr`, which the config's `key` set; the address it got.
+async fn bind_tcp(addr: SocketAddr, key: &str) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let listen_error = |source| ServeError::Listen {
+        what: format!("{addr} (set {key} in the config)"),
         source,
-    })?;
+    };
+    let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
+    let local = listener.local_addr().map_err(listen_error)?;
     Ok((listener, local))
 }
 
@@ -429,35 +445,11 @@ fn bind_socket(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     bound
 }
 
-/// GrantAgent (behind its gate), health and reflection. Health follows `serving`:
-/// NOT_SERVING while the token is being recovered.
-async fn routes(
+/// GrantAgent (behind its gate), `health` and reflection.
+fn routes(
     grants: Gate<proto::grant_agent_server::GrantAgentServer<GrantAgentService>>,
-    mut serving: watch::Receiver<bool>,
+    health: health::Health,
 ) -> Result<Routes, ServeError> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    type Grants = proto::grant_agent_server::GrantAgentServer<GrantAgentService>;
-    // Set before serving starts, so a probe never sees UNKNOWN.
-    health.set_serving::<Grants>().await;
-    health
-        .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving)
-        .await;
-    let _follow = tokio::spawn(async move {
-        while serving.changed().await.is_ok() {
-            let up = *serving.borrow_and_update();
-            if up {
-                health.set_serving::<Grants>().await;
-                health
-                    .set_service_status("", tonic_health::ServingStatus::Serving)
-                    .await;
-            } else {
-                health.set_not_serving::<Grants>().await;
-                health
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
-            }
-        }
-    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -468,13 +460,11 @@ async fn routes(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?
         .max_decoding_message_size(MAX_PROBE_BYTES);
-    Ok(
-        Routes::new(health_service.max_decoding_message_size(MAX_PROBE_BYTES))
-            .add_service(reflection)
-            .add_service(reflection_alpha)
-            .add_service(grants)
-            .prepare(),
-    )
+    Ok(Routes::new(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(grants)
+        .prepare())
 }
 
 /// A socket file left by an agent that did not stop cleanly would make bind fail; remove
