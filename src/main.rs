@@ -223,6 +223,7 @@ fn check_command(config: &Path) -> Result<(), Failure> {
                 .unix_socket
                 .as_ref()
                 .map(|u| format!("unix:{}", u.path.display())),
+            c.health_listen.map(|a| format!("{a} (health)")),
         ]
         .into_iter()
         .flatten()

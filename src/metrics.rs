@@ -24,6 +24,8 @@
 //! | `grant_agent_connections_refused_total` | counter | `reason`: unknown_caller, tls, handshake_timeout, evicted, per_peer, idle (closed for idling) |
 //! | `grant_agent_requests_refused_total` | counter | `reason`: refused before the message was read (unknown_caller, content_type, too_large, busy, request_timeout, malformed) |
 //! | `grant_agent_audit_dropped_total` | counter | `reason`: audit lines lost (queue_full: the writer's queue was full or closed; write_failed: the write or flush failed) |
+//! | `grant_agent_tls_reloads_total` | counter | `outcome` (ok, failed): `[tls]` files read again after SIGHUP or a change; failed keeps the old ones |
+//! | `grant_agent_tls_certificate_not_after_seconds` | gauge | `certificate_sha256`: notAfter (Unix time) of the TLS certificate new handshakes get |
 //!
 //! Values that describe the present (queue, sessions, expiry) are read when scraped.
 
@@ -65,6 +67,16 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsCertificateLabels {
+    certificate_sha256: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CertificateLabels {
     key: String,
     certificate_sha256: String,
@@ -93,6 +105,8 @@ pub(crate) struct Metrics {
     connections_refused: Family<ReasonLabels, Counter>,
     requests_refused: Family<ReasonLabels, Counter>,
     audit_dropped: Family<ReasonLabels, Counter>,
+    tls_reloads: Family<OutcomeLabels, Counter>,
+    tls_not_after: Family<TlsCertificateLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -130,6 +144,8 @@ impl Metrics {
             connections_refused: Family::default(),
             requests_refused: Family::default(),
             audit_dropped: Family::default(),
+            tls_reloads: Family::default(),
+            tls_not_after: Family::default(),
         };
         let mut registry = std::mem::take(&mut metrics.registry);
         metrics.register_signing(&mut registry);
@@ -234,6 +250,16 @@ impl Metrics {
             "Audit lines lost: not queued (queue_full) or not written (write_failed)",
             self.audit_dropped.clone(),
         );
+        registry.register(
+            "tls_reloads",
+            "Reloads of the [tls] files by outcome (ok, failed: the old ones kept)",
+            self.tls_reloads.clone(),
+        );
+        registry.register(
+            "tls_certificate_not_after_seconds",
+            "notAfter (Unix time) of the TLS certificate new handshakes get",
+            self.tls_not_after.clone(),
+        );
     }
 
     /// Counts a decision.
@@ -312,6 +338,23 @@ impl Metrics {
         self.audit_dropped
             .get_or_create(&ReasonLabels { reason })
             .clone()
+    }
+
+    /// Counts a reload of the `[tls]` files: `ok` or `failed`.
+    pub(crate) fn tls_reload(&self, outcome: &'static str) {
+        let _ = self
+            .tls_reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Records the TLS certificate now served: its SHA-256 (hex) and notAfter.
+    pub(crate) fn tls_certificate(&self, certificate_sha256: String, not_after: i64) {
+        self.tls_not_after.clear();
+        let _ = self
+            .tls_not_after
+            .get_or_create(&TlsCertificateLabels { certificate_sha256 })
+            .set(not_after);
     }
 
     /// The text exposition, with the present-tense values read from `agent` now.

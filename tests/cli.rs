@@ -677,3 +677,42 @@ fn the_token_can_be_chosen_by_serial_number() {
         stderr(&out)
     );
 }
+
+/// `[health] listen` is checked with the rest: a good address is listed, a bad one named.
+#[test]
+fn check_lists_the_health_port_and_names_a_bad_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = |health: &str| {
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "unix_socket = \"a.sock\"\n[health]\nlisten = \"{health}\"\n\
+                 [pkcs11]\nmodule = \"/nonexistent.so\"\ntoken_label = \"t\"\npin_env = \"UNSET\"\n\
+                 [[keys]]\nname = \"default\"\nlabel = \"k\"\ncertificate = \"token\"\n"
+            ),
+        )
+        .expect("write");
+        std::process::Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("check")
+    };
+    let out = config("0.0.0.0:8081");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("0.0.0.0:8081 (health)"),
+        "{}",
+        stdout(&out)
+    );
+    let out = config("everywhere:8081");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(
+            "`health.listen`: \"everywhere:8081\" is not an IP address and port; write it as \"127.0.0.1:8081\""
+        ),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -340,20 +340,14 @@ async fn list_keys_describes_the_certificate() {
     assert_eq!(key.certificate_sha256, signed.certificate_sha256);
 }
 
-#[tokio::test]
-async fn health_and_reflection_are_served() {
+/// Asserts that health on `channel` says SERVING for each of `services`.
+async fn assert_serving(channel: &tonic::transport::Channel, services: &[&str]) {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let agent = DevAgent::start();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agent.addr))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
     let mut health = HealthClient::new(channel.clone());
-    for service in ["", "grantagent.v1.GrantAgent"] {
+    for service in services {
         let status = health
             .check(HealthCheckRequest {
-                service: service.into(),
+                service: (*service).into(),
             })
             .await
             .expect("health check")
@@ -361,6 +355,17 @@ async fn health_and_reflection_are_served() {
             .status;
         assert_eq!(status, 1, "{service:?} is SERVING");
     }
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served() {
+    let agent = DevAgent::start();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agent.addr))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    assert_serving(&channel, &["", "grantagent.v1.GrantAgent"]).await;
 
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
@@ -393,4 +398,38 @@ async fn health_and_reflection_are_served() {
         names.contains(&"grpc.health.v1.Health".to_owned()),
         "{names:?}"
     );
+}
+
+/// `[health] listen`: Kubernetes' gRPC probe reaches health without a client certificate,
+/// while the gRPC port wants one; nothing but health answers there.
+#[tokio::test]
+async fn the_health_port_serves_health_alone_without_a_client_certificate() {
+    let dir = common::secured::prepared();
+    common::secured::write_config(
+        dir.path(),
+        "listen = \"127.0.0.1:0\"\n[health]\nlisten = \"127.0.0.1:0\"\n[tls]\ncertificate = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n",
+        "",
+    );
+    let agent = DevAgent::serve(dir, "agent.toml");
+    let port = agent
+        .endpoints
+        .iter()
+        .find_map(|e| e.strip_suffix(" (grpc.health.v1)")?.strip_prefix("http://"))
+        .unwrap_or_else(|| panic!("no health port in {:?}", agent.endpoints));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{port}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect without TLS");
+    let services = [
+        "",
+        "grantagent.v1.GrantAgent",
+        grant_agent::server::LIVENESS_SERVICE,
+    ];
+    assert_serving(&channel, &services).await;
+    let refused = grant_agent::proto::grant_agent_client::GrantAgentClient::new(channel)
+        .sign_grant(common::grant_request(params()))
+        .await
+        .expect_err("no grants on the health port");
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
 }

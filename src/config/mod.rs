@@ -62,6 +62,9 @@ pub struct Config {
     pub(crate) expiry_warning_days: u32,
     /// Address for Prometheus metrics (`GET /metrics`); `None` serves none.
     pub(crate) metrics_listen: Option<std::net::SocketAddr>,
+    /// `[health] listen`: an address serving only `grpc.health.v1` over plaintext HTTP/2,
+    /// for probes that cannot present a client certificate; `None` serves none.
+    pub health_listen: Option<std::net::SocketAddr>,
     /// Reaching Maskinporten's token endpoint, and the access token cache.
     pub token: TokenSettings,
     /// What a peer may make the agent hold: connections, streams, windows, timeouts.
@@ -153,7 +156,8 @@ impl Config {
         let token = token::token(raw.token, base, &invalid)?;
         let limits = limits::limits(raw.limits, &invalid)?;
         let environments = environments::environments(raw.environments, &invalid)?;
-        let metrics_listen = metrics_listen(raw.metrics, &invalid)?;
+        let metrics_listen = listen_address(raw.metrics, "metrics.listen", "9464", &invalid)?;
+        let health_listen = listen_address(raw.health, "health.listen", "8081", &invalid)?;
         let config = Config {
             access,
             pkcs11,
@@ -163,6 +167,7 @@ impl Config {
             environments,
             expiry_warning_days,
             metrics_listen,
+            health_listen,
             token,
             limits,
         };
@@ -198,19 +203,22 @@ fn expiry_warning_days(raw: Option<u32>, invalid: Invalid<'_>) -> Result<u32, Co
     }
 }
 
-/// `[metrics] listen`: an IP address and port, or no metrics.
-fn metrics_listen(
-    raw: Option<RawMetrics>,
+/// `[metrics] listen` or `[health] listen` (`key`): an IP address and port, or none
+/// served; `port` is the example in the fix.
+fn listen_address(
+    raw: Option<RawListen>,
+    key: &str,
+    port: &str,
     invalid: Invalid<'_>,
 ) -> Result<Option<std::net::SocketAddr>, ConfigError> {
-    let Some(RawMetrics { listen }) = raw else {
+    let Some(RawListen { listen }) = raw else {
         return Ok(None);
     };
     listen.parse().map(Some).map_err(|_| {
         invalid(
-            "metrics.listen",
+            key,
             format!("{listen:?} is not an IP address and port"),
-            "write it as \"127.0.0.1:9464\"",
+            &format!("write it as \"127.0.0.1:{port}\""),
         )
     })
 }
@@ -330,13 +338,15 @@ struct RawConfig {
     #[serde(default)]
     environments: BTreeMap<String, environments::RawEnvironment>,
     expiry_warning_days: Option<u32>,
-    metrics: Option<RawMetrics>,
+    metrics: Option<RawListen>,
+    health: Option<RawListen>,
     token: Option<token::RawToken>,
     limits: Option<limits::RawLimits>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawMetrics {
+/// `[metrics]` and `[health]`: one address each.
+struct RawListen {
     listen: String,
 }

@@ -437,3 +437,17 @@ fn unknown_keys_and_a_pin_on_the_command_line_are_refused() {
     assert!(e.starts_with("agent.toml: "), "{e}");
     assert!(e.contains("unknown field `pin`"), "{e}");
 }
+
+#[test]
+fn the_health_port_is_off_unless_set_and_its_address_is_checked() {
+    let c = Config::from_toml_str(GOOD, "agent.toml").expect("valid");
+    assert_eq!(c.health_listen, None);
+    let text = format!("{GOOD}[health]\nlisten = \"0.0.0.0:8081\"\n");
+    let c = Config::from_toml_str(&text, "agent.toml").expect("valid");
+    assert_eq!(c.health_listen, Some("0.0.0.0:8081".parse().expect("addr")));
+    assert_eq!(
+        err(&format!("{GOOD}[health]\nlisten = \":8081\"\n")),
+        "agent.toml: `health.listen`: \":8081\" is not an IP address and port; write it as \"127.0.0.1:8081\""
+    );
+    assert!(err(&format!("{GOOD}[health]\nport = 8081\n")).contains("unknown field `port`"));
+}

@@ -11,7 +11,9 @@ mod audit;
 mod caller;
 mod conn;
 mod gate;
+mod health;
 mod policy;
+mod reload;
 mod service;
 mod status;
 mod tls;
@@ -36,6 +38,7 @@ use conn::{Connections, Listener};
 use gate::Gate;
 pub(crate) use gate::Reached;
 use policy::Policy;
+use reload::Reload;
 use service::GrantAgentService;
 
 /// How long in-flight requests may run after SIGTERM before the agent stops anyway.
@@ -66,8 +69,8 @@ pub enum ServeError {
     /// The TLS files do not make a usable server configuration.
     #[error("tls: {0}")]
     TlsConfig(String),
-    /// A TLS file could not be read.
-    #[error("tls: cannot read {path}: {source}")]
+    /// A TLS file could not be read, or holds no usable PEM.
+    #[error("tls: {path}: {source}")]
     TlsFile {
         /// The file.
         path: String,
@@ -122,24 +125,21 @@ struct Server {
     routes: Routes,
     listeners: Vec<Listener>,
     metrics_listener: Option<TcpListener>,
+    /// `[health] listen`: health alone, plaintext.
+    health_port: Option<health::HealthPort>,
     /// In the form `on_ready` reports them.
     endpoints: Vec<String>,
     /// Removed when serving stops.
     socket_path: Option<PathBuf>,
     reload: Option<Reload>,
-}
-
-/// What a SIGHUP reload reads again and compares the new config with.
-struct Reload {
-    path: PathBuf,
-    access: crate::config::Access,
-    token: crate::config::TokenSettings,
-    limits: crate::config::Limits,
+    /// The TCP listener's TLS files, reloaded while serving.
+    tls: Option<Arc<tls::TlsMaterial>>,
 }
 
 impl Server {
-    /// Opens the audit log, builds the services and binds the GrantAgent listeners and
-    /// the metrics listener of `config`, in that order; the first failure is returned.
+    /// Opens the audit log, builds the services and binds the GrantAgent listeners, the
+    /// metrics listener and the health port of `config`, in that order; the first
+    /// failure is returned.
     async fn bind(
         agent: Arc<Agent>,
         config: &Config,
@@ -157,14 +157,25 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let audit = open_audit(access, &metrics)?;
         let policy = Arc::new(Policy::new(&access.policy));
+        let health = health::service(agent.serving()).await;
         let (connections, all_closed, routes) =
-            services(&agent, config, &policy, &audit, &metrics).await?;
-        let (listeners, mut endpoints) = bind_listeners(access, &policy).await?;
+            services(&agent, config, &policy, &audit, &metrics, health.clone()).await?;
+        let (listeners, mut endpoints, tls) = bind_listeners(access, &policy, &metrics).await?;
         let metrics_listener = match config.metrics_listen {
             Some(addr) => {
-                let (listener, local) = bind_metrics(addr).await?;
+                let (listener, local) = bind_tcp(addr, "[metrics] listen").await?;
                 endpoints.push(crate::metrics::describe(local));
                 Some(listener)
+            }
+            None => None,
+        };
+        let health_port = match config.health_listen {
+            Some(addr) => {
+                let limits = *connections.limits();
+                let (port, local) =
+                    health::HealthPort::bind(addr, health, limits, &audit, &metrics).await?;
+                endpoints.push(health::describe(local));
+                Some(port)
             }
             None => None,
         };
@@ -178,6 +189,7 @@ impl Server {
             routes,
             listeners,
             metrics_listener,
+            health_port,
             endpoints,
             socket_path: access.unix_socket.as_ref().map(|s| s.path.clone()),
             reload: config_path.map(|path| Reload {
@@ -186,6 +198,7 @@ impl Server {
                 token: config.token.clone(),
                 limits: config.limits,
             }),
+            tls,
         })
     }
 
@@ -217,11 +230,17 @@ impl Server {
             });
         }
         if let Some(reload) = self.reload {
-            let _reload = tokio::spawn(reload_on_hangup(
+            let _reload = tokio::spawn(reload::reload_on_hangup(
                 Arc::clone(&self.agent),
                 Arc::clone(&self.policy),
                 reload,
             ));
+        }
+        if let Some(port) = self.health_port {
+            let _health = tokio::spawn(port.serve(stopped.clone()));
+        }
+        if let Some(tls) = self.tls {
+            let _tls = tokio::spawn(tls.watch(stopped.clone()));
         }
         spawn_summaries(&self.audit, &stopped);
         tracing::info!(endpoints = %self.endpoints.join(", "), "listening");
@@ -289,6 +308,7 @@ async fn services(
     policy: &Arc<Policy>,
     audit: &Arc<AuditLog>,
     metrics: &Arc<Metrics>,
+    health: health::Health,
 ) -> Result<(Arc<Connections>, mpsc::Receiver<()>, Routes), ServeError> {
     let tokens = Arc::new(crate::token::TokenService::new(
         Arc::clone(agent),
@@ -325,18 +345,21 @@ async fn services(
         limits.max_buffered_request_bytes,
         limits.request_timeout,
     );
-    let routes = routes(gate, agent.serving()).await?;
+    let routes = routes(gate, health)?;
     Ok((connections, all_closed, routes))
 }
 
 /// Binds the TCP listener (with its TLS acceptor, or plain when `insecure`) and the Unix
-/// socket that `access` names, with their endpoints in the form `on_ready` reports.
+/// socket that `access` names, with their endpoints in the form `on_ready` reports and
+/// the TLS material to keep current.
 async fn bind_listeners(
     access: &crate::config::Access,
     policy: &Arc<Policy>,
-) -> Result<(Vec<Listener>, Vec<String>), ServeError> {
+    metrics: &Arc<Metrics>,
+) -> Result<(Vec<Listener>, Vec<String>, Option<Arc<tls::TlsMaterial>>), ServeError> {
     let mut endpoints = Vec::new();
     let mut listeners = Vec::new();
+    let mut material = None;
     if let Some(addr) = access.listen {
         let listen_error = |source| ServeError::Listen {
             what: format!("{addr} (set `listen` in the config)"),
@@ -345,11 +368,11 @@ async fn bind_listeners(
         let tcp = TcpListener::bind(addr).await.map_err(listen_error)?;
         let local = tcp.local_addr().map_err(listen_error)?;
         let listener = match &access.tls {
-            Some(tls) => Listener::Tls(
-                tcp,
-                tls::acceptor(tls, Arc::clone(policy))?,
-                tls.caller_identity,
-            ),
+            Some(tls) => {
+                let loaded = tls::TlsMaterial::load(tls, Arc::clone(policy), Arc::clone(metrics))?;
+                material = Some(Arc::clone(&loaded));
+                Listener::Tls(tcp, loaded, tls.caller_identity)
+            }
             None => Listener::Plain(tcp, access.insecure),
         };
         listeners.push(listener);
@@ -366,21 +389,17 @@ async fn bind_listeners(
         listeners.push(Listener::Unix(unix));
         endpoints.push(format!("unix:{}", socket.path.display()));
     }
-    Ok((listeners, endpoints))
+    Ok((listeners, endpoints, material))
 }
 
-/// Binds the Prometheus listener at `addr`, with the address it got.
-async fn bind_metrics(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Listen {
-            what: format!("{addr} (set [metrics] listen in the config)"),
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| ServeError::Listen {
-        what: addr.to_string(),
+/// Binds a TCP listener at `addr`, which the config's `key` set; the address it got.
+async fn bind_tcp(addr: SocketAddr, key: &str) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let listen_error = |source| ServeError::Listen {
+        what: format!("{addr} (set {key} in the config)"),
         source,
-    })?;
+    };
+    let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
+    let local = listener.local_addr().map_err(listen_error)?;
     Ok((listener, local))
 }
 
@@ -426,35 +445,11 @@ fn bind_socket(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     bound
 }
 
-/// GrantAgent (behind its gate), health and reflection. Health follows `serving`:
-/// NOT_SERVING while the token is being recovered.
-async fn routes(
+/// GrantAgent (behind its gate), `health` and reflection.
+fn routes(
     grants: Gate<proto::grant_agent_server::GrantAgentServer<GrantAgentService>>,
-    mut serving: watch::Receiver<bool>,
+    health: health::Health,
 ) -> Result<Routes, ServeError> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    type Grants = proto::grant_agent_server::GrantAgentServer<GrantAgentService>;
-    // Set before serving starts, so a probe never sees UNKNOWN.
-    health.set_serving::<Grants>().await;
-    health
-        .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving)
-        .await;
-    let _follow = tokio::spawn(async move {
-        while serving.changed().await.is_ok() {
-            let up = *serving.borrow_and_update();
-            if up {
-                health.set_serving::<Grants>().await;
-                health
-                    .set_service_status("", tonic_health::ServingStatus::Serving)
-                    .await;
-            } else {
-                health.set_not_serving::<Grants>().await;
-                health
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
-            }
-        }
-    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -465,13 +460,11 @@ async fn routes(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?
         .max_decoding_message_size(MAX_PROBE_BYTES);
-    Ok(
-        Routes::new(health_service.max_decoding_message_size(MAX_PROBE_BYTES))
-            .add_service(reflection)
-            .add_service(reflection_alpha)
-            .add_service(grants)
-            .prepare(),
-    )
+    Ok(Routes::new(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(grants)
+        .prepare())
 }
 
 /// A socket file left by an agent that did not stop cleanly would make bind fail; remove
@@ -511,78 +504,4 @@ pub async fn shutdown_signal() {
         () = term => {}
     }
     tracing::info!("shutdown requested");
-}
-
-/// Why a SIGHUP reload changed nothing.
-#[derive(Debug, thiserror::Error)]
-enum ReloadError {
-    /// The file does not load or validate.
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    /// The agent refused the new keys (or a changed `[pkcs11]`).
-    #[error(transparent)]
-    Start(#[from] crate::agent::StartError),
-    /// The blocking task that reads the file and the token did not finish.
-    #[error(transparent)]
-    Task(#[from] tokio::task::JoinError),
-}
-
-/// Reloads the config on SIGHUP: keys, certificates, environments, the default key and
-/// the policy take effect for the next request; in-flight requests finish with the old
-/// ones. A config that fails to load or validate is logged and nothing changes.
-async fn reload_on_hangup(agent: Arc<Agent>, policy: Arc<Policy>, reload: Reload) {
-    let Reload {
-        path,
-        access: running,
-        token: running_token,
-        limits: running_limits,
-    } = reload;
-    let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
-        tracing::warn!("cannot listen for SIGHUP; reload by restarting");
-        return;
-    };
-    while hangup.recv().await.is_some() {
-        let agent = Arc::clone(&agent);
-        let file = path.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let config = Config::load(&file)?;
-            agent.reload(&config)?;
-            Ok::<_, ReloadError>(config)
-        })
-        .await
-        .map_err(ReloadError::from)
-        .and_then(|r| r);
-        match result {
-            Ok(config) => {
-                policy.replace(&config.access.policy);
-                tracing::info!(
-                    config = %path.display(),
-                    versions = config.keys.len(),
-                    rules = config.access.policy.len(),
-                    "reloaded"
-                );
-                let listeners_changed = config.access.listen != running.listen
-                    || config.access.unix_socket != running.unix_socket
-                    || config.access.tls != running.tls
-                    || config.access.insecure != running.insecure
-                    || config.access.audit_file != running.audit_file
-                    || config.access.audit_fail_closed != running.audit_fail_closed;
-                if listeners_changed {
-                    tracing::warn!(
-                        "listeners, [tls], insecure or [audit] changed; restart the agent to apply them"
-                    );
-                }
-                if config.token != running_token {
-                    tracing::warn!("[token] changed; restart the agent to apply it");
-                }
-                if config.limits != running_limits {
-                    tracing::warn!("[limits] changed; restart the agent to apply them");
-                }
-            }
-            Err(error) => {
-                tracing::error!(config = %path.display(), %error, "reload failed; keeping the running keys");
-            }
-        }
-    }
 }

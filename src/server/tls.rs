@@ -5,9 +5,17 @@
 //! handshake (the peer sees the alert `certificate_unknown`), so an unknown caller is
 //! refused before it can open a single HTTP/2 stream. The error carries the caller's
 //! identity as [`UnknownCaller`], which `conn` audits with the peer's address.
+//!
+//! The files can change while the agent runs (`material`): each handshake takes the
+//! configuration current at that moment.
+
+mod material;
+
+pub(super) use material::TlsMaterial;
 
 use std::{path::Path, sync::Arc};
 
+use crate::config::{IdentityField, Tls};
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
     client::danger::HandshakeSignatureValid,
@@ -17,9 +25,6 @@ use rustls::{
         danger::{ClientCertVerified, ClientCertVerifier},
     },
 };
-use tokio_rustls::TlsAcceptor;
-
-use crate::config::{IdentityField, Tls};
 
 use super::{ServeError, caller::Caller, policy::Policy};
 
@@ -29,31 +34,40 @@ use super::{ServeError, caller::Caller, policy::Policy};
 #[error("caller {0} is not in the policy")]
 pub(super) struct UnknownCaller(pub(super) String);
 
-/// The TLS acceptor for `tls`, checking callers against `policy` (read at every
-/// handshake, so a reload applies to the next connection).
-pub(super) fn acceptor(tls: &Tls, policy: Arc<Policy>) -> Result<TlsAcceptor, ServeError> {
-    let file_error = |path: &Path| {
-        let path = path.display().to_string();
-        move |error: rustls::pki_types::pem::Error| ServeError::TlsFile {
-            path,
-            source: std::io::Error::other(error.to_string()),
-        }
-    };
-    let chain = CertificateDer::pem_file_iter(&tls.certificate)
-        .map_err(file_error(&tls.certificate))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(file_error(&tls.certificate))?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(file_error(&tls.key))?;
+/// The server side of mutual TLS as read from the `[tls]` files at one moment, with the
+/// facts of its certificate for the log and the metrics.
+pub(super) struct Loaded {
+    /// What a handshake uses.
+    pub(super) config: Arc<rustls::ServerConfig>,
+    /// The leaf's SHA-256, hex.
+    pub(super) sha256: String,
+    /// The leaf's subject, RFC 4514.
+    pub(super) subject: String,
+    /// The leaf's notAfter, Unix seconds.
+    pub(super) not_after: i64,
+}
+
+/// Reads the `[tls]` files and builds the server configuration, checking callers against
+/// `policy` (read at every handshake, so a policy reload applies to the next connection).
+/// Every error names the file and why it cannot be used, because a reload that fails is
+/// seen only in the log.
+pub(super) fn load(tls: &Tls, policy: Arc<Policy>) -> Result<Loaded, ServeError> {
+    let chain = read_certificates(&tls.certificate)?;
+    let leaf = crate::cert::CertificateChain::from_der(
+        chain.iter().map(|c| c.as_ref().to_vec()).collect(),
+    )
+    .map_err(|error| invalid("tls.certificate", &tls.certificate, &error))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| file_error(&tls.key, &e))?;
     let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(&tls.client_ca).map_err(file_error(&tls.client_ca))? {
+    for ca in read_certificates(&tls.client_ca)? {
         roots
-            .add(ca.map_err(file_error(&tls.client_ca))?)
-            .map_err(|error| ServeError::TlsConfig(format!("tls.client_ca: {error}")))?;
+            .add(ca)
+            .map_err(|error| invalid("tls.client_ca", &tls.client_ca, &error))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
         .build()
-        .map_err(|error| ServeError::TlsConfig(format!("tls.client_ca: {error}")))?;
+        .map_err(|error| invalid("tls.client_ca", &tls.client_ca, &error))?;
     let verifier = Arc::new(PolicyVerifier {
         inner,
         policy,
@@ -64,9 +78,47 @@ pub(super) fn acceptor(tls: &Tls, policy: Arc<Policy>) -> Result<TlsAcceptor, Se
         .map_err(|error| ServeError::TlsConfig(error.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|error| ServeError::TlsConfig(format!("tls.certificate / tls.key: {error}")))?;
+        .map_err(|error| {
+            ServeError::TlsConfig(format!(
+                "tls.key {} does not go with tls.certificate {}: {error}",
+                tls.key.display(),
+                tls.certificate.display()
+            ))
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(Loaded {
+        config: Arc::new(config),
+        sha256: leaf.leaf_sha256_hex(),
+        subject: leaf.subject(),
+        not_after: leaf.validity().1,
+    })
+}
+
+/// Every certificate in the PEM file at `path`; none is an error, so an empty or
+/// truncated file is never taken for a chain.
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, ServeError> {
+    let certificates = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(path, &e))?;
+    if certificates.is_empty() {
+        return Err(ServeError::TlsFile {
+            path: path.display().to_string(),
+            source: std::io::Error::other("no PEM CERTIFICATE in the file"),
+        });
+    }
+    Ok(certificates)
+}
+
+fn file_error(path: &Path, error: &rustls::pki_types::pem::Error) -> ServeError {
+    ServeError::TlsFile {
+        path: path.display().to_string(),
+        source: std::io::Error::other(error.to_string()),
+    }
+}
+
+fn invalid(key: &str, path: &Path, error: &dyn std::fmt::Display) -> ServeError {
+    ServeError::TlsConfig(format!("{key} {}: {error}", path.display()))
 }
 
 /// The CA's verdict first, then the policy's.

@@ -45,6 +45,7 @@ use crate::{
 use super::{
     audit::{AuditLog, Refused},
     caller::Caller,
+    tls::TlsMaterial,
 };
 
 /// Descriptors kept back from the connection cap for the token, the audit file, the
@@ -56,8 +57,9 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How a listener's peers are met.
 pub(super) enum Listener {
-    /// TCP with mutual TLS: callers by their certificate.
-    Tls(TcpListener, TlsAcceptor, IdentityField),
+    /// TCP with mutual TLS: callers by their certificate; each handshake takes the
+    /// material current when its connection is accepted.
+    Tls(TcpListener, Arc<TlsMaterial>, IdentityField),
     /// Plain TCP on loopback: every caller `anonymous` when `insecure`.
     Plain(TcpListener, bool),
     /// The Unix socket: callers by uid and gid.
@@ -204,7 +206,8 @@ impl Connections {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// The guard, also after a panic elsewhere: the data behind these locks stays whole.
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match mutex.lock() {
         Ok(guard) => guard,
         Err(poisoned) => poisoned.into_inner(),
@@ -375,7 +378,7 @@ async fn accept(listener: &Listener) -> std::io::Result<(Accepted, PeerKey, Stri
             let _ = stream.set_nodelay(true);
             let key = PeerKey::Ip(address.ip());
             Ok((
-                Accepted::Tls(stream, tls.clone(), *field),
+                Accepted::Tls(stream, tls.acceptor(), *field),
                 key,
                 address.to_string(),
             ))

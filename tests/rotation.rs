@@ -1,0 +1,224 @@
+//! Certificates that rotate: the `[tls]` certificate, key and client CA replaced while
+//! the agent runs, by SIGHUP and by the files changing alone. New handshakes get the new
+//! material, established connections keep working, a broken file keeps the old one.
+//! Certificates are made with openssl; files are replaced by rename, as spiffe-helper
+//! and Kubernetes do.
+
+#![allow(
+    clippy::expect_used,
+    reason = "a test that cannot go on should fail loudly"
+)]
+
+mod common;
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{
+    DevAgent, http_get, issue, metric_sum,
+    secured::{PAYMENTS, payments_request, prepared, tls, write_config},
+    self_signed,
+};
+use grant_agent::client::{ClientTls, connect};
+
+/// The files the agent reads, in a folder of their own (`live/`), as a secret volume.
+const TLS: &str = "[metrics]\nlisten = \"127.0.0.1:0\"\n[tls]\ncertificate = \"live/server.pem\"\nkey = \"live/server.key\"\nclient_ca = \"live/clients.pem\"\n";
+
+/// The payments rule.
+fn policy() -> String {
+    format!(
+        "[[policy]]\ncaller = \"uri:{PAYMENTS}\"\nkeys = [\"default\"]\nclient_ids = [\"payments-*\"]\n\
+         scopes = [\"nav:*\"]\nenvironments = [\"test\"]\nconsumer_orgs = [\"974760673\"]\n\n"
+    )
+}
+
+/// An agent serving `server.pem` (CA `ca.pem`) and trusting callers from `ca.pem`; in
+/// the same folder a second server certificate `server-b.pem` from another CA
+/// (`ca-b.pem`), and a payments certificate `payments-c.pem` from a third (`ca-c.pem`).
+fn rotating_agent() -> DevAgent {
+    let dir = prepared();
+    let path = dir.path();
+    std::fs::create_dir(path.join("live")).expect("live folder");
+    new_ca_issuing(path, "ca-b", "server-b", "server.ext");
+    new_ca_issuing(path, "ca-c", "payments-c", "payments.ext");
+    install(path, "server.pem", "server.pem");
+    install(path, "server.key", "server.key");
+    install(path, "ca.pem", "clients.pem");
+    write_config(path, &format!("listen = \"127.0.0.1:0\"\n{TLS}"), &policy());
+    DevAgent::serve(dir, "agent.toml")
+}
+
+/// A new CA `CA.pem` in `dir` and one certificate `NAME.pem` from it, with the
+/// extensions in `ext_file`.
+fn new_ca_issuing(dir: &Path, ca: &str, name: &str, ext_file: &str) {
+    let (key, pem) = (format!("{ca}.key"), format!("{ca}.pem"));
+    let subject = format!("/CN={ca}");
+    self_signed(dir, &key, &pem, &["-days", "2", "-subj", &subject]);
+    issue(dir, ca, name, &format!("/CN={name}"), ext_file);
+}
+
+/// Puts `from` at `live/to` the way rotation tools do: written aside, then renamed.
+fn install(dir: &Path, from: &str, to: &str) {
+    let staged = dir.join("live").join(format!(".{to}.new"));
+    let _ = std::fs::copy(dir.join(from), &staged).expect("stage");
+    std::fs::rename(&staged, dir.join("live").join(to)).expect("rename");
+}
+
+/// The subject line of the certificate the agent shows a new handshake, read with
+/// `openssl s_client` as the payments caller.
+fn served_subject(agent: &DevAgent) -> String {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &agent.addr, "-alpn", "h2"])
+        .args(["-cert", "payments.pem", "-key", "payments.key"])
+        .current_dir(agent.dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with("subject="))
+        .unwrap_or_else(|| panic!("no subject from s_client: {text}"))
+        .to_owned()
+}
+
+/// Waits up to 10 s for the agent to serve a certificate whose subject has `name`.
+fn wait_for_subject(agent: &DevAgent, name: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let subject = served_subject(agent);
+        if subject.contains(name) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still {subject}; log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether the caller in `client` gets a grant on a new connection (a new handshake).
+async fn grant_on_new_connection(agent: &DevAgent, client: &ClientTls) -> bool {
+    match connect(&agent.addr, Some(client)).await {
+        Err(_) => false,
+        Ok(mut c) => c.sign_grant(payments_request()).await.is_ok(),
+    }
+}
+
+#[tokio::test]
+async fn sighup_rotates_the_server_certificate_and_open_connections_keep_working() {
+    let agent = rotating_agent();
+    let dir = agent.dir.path();
+    assert!(served_subject(&agent).contains("localhost"));
+    let mut old = connect(&agent.addr, Some(&tls(dir, "payments", "ca.pem")))
+        .await
+        .expect("connect");
+    let _ = old.sign_grant(payments_request()).await.expect("grant");
+
+    install(dir, "server-b.key", "server.key");
+    install(dir, "server-b.pem", "server.pem");
+    agent.signal("HUP");
+    let _ = wait_for_subject(&agent, "server-b");
+    let log = agent.log_when(|l| l.contains("TLS files reloaded") && l.contains("SIGHUP"));
+    assert!(log.contains("SIGHUP"), "{log}");
+
+    assert!(grant_on_new_connection(&agent, &tls(dir, "payments", "ca-b.pem")).await);
+    assert!(
+        !grant_on_new_connection(&agent, &tls(dir, "payments", "ca.pem")).await,
+        "a new handshake must not get the old certificate"
+    );
+    // The open connection was handshaken with the old certificate; a new one trusting
+    // only the old CA would fail, so these grants prove it is still the same one.
+    for _ in 0..3 {
+        let _ = old
+            .sign_grant(payments_request())
+            .await
+            .expect("the connection open before the reload still works");
+    }
+}
+
+#[tokio::test]
+async fn changed_files_reload_without_a_signal_and_a_broken_file_keeps_the_old_ones() {
+    let agent = rotating_agent();
+    let dir = agent.dir.path();
+    install(dir, "server-b.key", "server.key");
+    install(dir, "server-b.pem", "server.pem");
+    let took = wait_for_subject(&agent, "server-b");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(agent.log().contains("file change"), "{}", agent.log());
+
+    // A garbled certificate: one error line naming the file; new connections still get B.
+    std::fs::write(
+        dir.join("live/server.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot a certificate!\n-----END CERTIFICATE-----\n",
+    )
+    .expect("garble");
+    let log = agent.log_when(|l| l.contains("TLS reload failed"));
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("TLS reload failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{log}");
+    assert!(failed[0].contains("live/server.pem"), "{}", failed[0]);
+    assert!(served_subject(&agent).contains("server-b"));
+    assert!(grant_on_new_connection(&agent, &tls(dir, "payments", "ca-b.pem")).await);
+
+    // A certificate whose key is not the one in `key`: the error names both files.
+    install(dir, "server.pem", "server.pem");
+    let log = agent.log_when(|l| l.matches("TLS reload failed").count() >= 2);
+    let mismatch = log
+        .lines()
+        .filter(|l| l.contains("TLS reload failed"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no second failure: {log}"));
+    assert!(
+        mismatch.contains("tls.key") && mismatch.contains("live/server.key"),
+        "{mismatch}"
+    );
+    assert!(served_subject(&agent).contains("server-b"));
+    let metrics = http_get(agent.metrics_url()).await;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "grant_agent_tls_reloads_total{outcome=\"failed\"}"
+        ),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "grant_agent_tls_reloads_total{outcome=\"ok\"}"),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("grant_agent_tls_certificate_not_after_seconds{"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_rotated_client_ca_admits_its_callers_and_refuses_the_old_ones() {
+    let agent = rotating_agent();
+    let dir = agent.dir.path();
+    let old_ca = tls(dir, "payments", "ca.pem");
+    let new_ca = tls(dir, "payments-c", "ca.pem");
+    assert!(grant_on_new_connection(&agent, &old_ca).await);
+    assert!(!grant_on_new_connection(&agent, &new_ca).await);
+
+    install(dir, "ca-c.pem", "clients.pem");
+    agent.signal("HUP");
+    let _ = agent.log_when(|l| l.contains("TLS files reloaded"));
+    assert!(
+        grant_on_new_connection(&agent, &new_ca).await,
+        "{}",
+        agent.log()
+    );
+    assert!(
+        !grant_on_new_connection(&agent, &old_ca).await,
+        "a caller from the old CA must be refused on a new handshake"
+    );
+}
