@@ -8,6 +8,8 @@
 #            port) serves a grant to the host's client, which OpenSSL verifies against the
 #            x5c certificate; started again on the same state volume it signs with the
 #            same token and certificate.
+#   vendor:  a runtime image derived as docs/deployment.md shows, with SoftHSM as the
+#            vendor's module, signs with that token.
 #
 # buildah's chroot isolation shares the host's network, so the host reaches the agent on
 # 127.0.0.1. Needs openssl on the host.
@@ -110,3 +112,16 @@ echo "$script: dev: served on 0.0.0.0 inside the image, signed a grant from the 
 sign_through_dev "$work/second.der"
 cmp -s "$work/first.der" "$work/second.der" || fail "dev: a restart on the same state volume made a new certificate"
 echo "$script: dev: restarted on the same state volume: same token, same certificate"
+
+# The recipe docs/deployment.md gives for a vendor module, with SoftHSM (C++, as most
+# vendors' modules are) as the vendor's: a derived runtime image, nothing run inside to
+# build it, signs with the dev token on the same volume.
+v=$(bh from --quiet "oci-archive:$out/grant-agent-runtime.oci.tar")
+softhsm=$(ls /usr/lib/softhsm/libsofthsm2.so /usr/lib/*/softhsm/libsofthsm2.so 2>/dev/null | head -n1)
+bh copy "$v" "$softhsm" /usr/lib/pkcs11/libvendorpkcs11.so >/dev/null
+sed 's|^module = .*|module = "/usr/lib/pkcs11/libvendorpkcs11.so"|' "$state/config.toml" >"$state/vendor.toml"
+jws=$(run --volume "$state:/var/lib/grant-agent" --env SOFTHSM2_CONF=/var/lib/grant-agent/softhsm2.conf "$v" -- \
+  grant-agent sign --config /var/lib/grant-agent/vendor.toml --client-id image-check --scope test:vendor 2>"$work/vendor.log") \
+  || { cat "$work/vendor.log" >&2; fail "runtime: a derived image with a C++ PKCS#11 module did not sign"; }
+[ "$(printf '%s' "$jws" | tr -cd . | wc -c)" = 2 ] || fail "runtime: the derived image printed no grant: $jws"
+echo "$script: runtime: a derived image with a C++ PKCS#11 module (SoftHSM standing in for a vendor's) signs"
