@@ -104,6 +104,7 @@ ln -s usr/lib "$rt/lib"
 ln -s usr/lib64 "$rt/lib64"
 install -m 0755 "$agent" "$rt/usr/bin/grant-agent"
 stage_libraries "$rt" "$agent" "${vendor[@]}"
+[ -s /etc/ssl/certs/ca-certificates.crt ] || { echo "$script: no CA roots in /etc/ssl/certs/ca-certificates.crt (apt-get install ca-certificates)" >&2; exit 1; }
 cp -L /etc/ssl/certs/ca-certificates.crt "$rt/etc/ssl/certs/ca-certificates.crt"
 printf 'root:x:0:0:root:/root:/usr/sbin/nologin\ngrant-agent:x:%s:%s:grant-agent:/var/lib/grant-agent:/usr/sbin/nologin\n' "$uid" "$uid" >"$rt/etc/passwd"
 printf 'root:x:0:\ngrant-agent:x:%s:\n' "$uid" >"$rt/etc/group"
