@@ -21,7 +21,9 @@ script=deploy/image/build.sh
 . deploy/image/common.sh
 start_buildah
 
-cargo build --release --locked --quiet -p grant-agent -p mock-maskinporten
+# As softhsm/demo.sh and the benchmark build them, so that CI finds them built.
+cargo build --release --locked --quiet
+cargo build --release --locked --quiet -p mock-maskinporten
 agent=target/release/grant-agent
 mock=target/release/mock-maskinporten
 
