@@ -27,8 +27,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
     };
     let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let dirty =
-        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    // Without optional locks `git status` leaves the index alone: rewriting it here would
+    // make the next build run this script, and relink the binary, again.
+    let dirty = git(&[
+        "--no-optional-locks",
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+    ])
+    .is_some_and(|s| !s.is_empty());
     let date = git(&["log", "-1", "--format=%cs"]).unwrap_or_else(|| "unknown".into());
     let rustc = std::process::Command::new(env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
         .arg("--version")
@@ -42,7 +49,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         env::var("PROFILE").unwrap_or_default(),
         env::var("TARGET").unwrap_or_default()
     );
-    println!("cargo:rerun-if-changed=.git/HEAD");
-    println!("cargo:rerun-if-changed=.git/index");
+    // Where git keeps them: `.git/` in a clone, elsewhere in a worktree (where a missing
+    // path would run this script on every build).
+    for file in ["HEAD", "index"] {
+        let path =
+            git(&["rev-parse", "--git-path", file]).unwrap_or_else(|| format!(".git/{file}"));
+        println!("cargo:rerun-if-changed={path}");
+    }
     Ok(())
 }

@@ -9,11 +9,16 @@
 //! SoftHSM reads `SOFTHSM2_CONF` when the module is initialised, so the process must
 //! have it in its environment from the start; [`ensure_environment`] re-executes the
 //! program with it set rather than changing the environment of a running process.
+//!
+//! `dev` alone may serve plain TCP beyond loopback (in a container, `--listen
+//! 0.0.0.0:50051`): its token is throwaway and its certificate self-signed, which no
+//! Maskinporten accepts. The config file keeps to loopback, so `serve --config` on it
+//! never opens that door; [`listen_beyond_loopback`] opens it in memory, with a warning.
 
 use std::{
     fs,
     io::Write,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::{fs::OpenOptionsExt, process::CommandExt},
     path::{Path, PathBuf},
     process::Command,
@@ -127,6 +132,7 @@ pub fn ensure_environment(state_dir: &Path) -> Result<(), DevError> {
 /// Makes (or reuses) the token, key, certificate and config in `state_dir`, and returns
 /// the config's path. Safe to run again: what exists is kept, what is missing is made.
 pub fn provision(state_dir: &Path, listen: SocketAddr) -> Result<PathBuf, DevError> {
+    let listen = SocketAddr::new(loopback_of(listen), listen.port());
     let module = softhsm_module()?;
     let pin_path = state_dir.join("pin");
     let so_pin_path = state_dir.join("so-pin");
@@ -183,6 +189,33 @@ pub fn provision(state_dir: &Path, listen: SocketAddr) -> Result<PathBuf, DevErr
     result?;
     closed?;
     Ok(config_path)
+}
+
+/// Serves `config` on `listen` even where that is not loopback: plain TCP on which anyone
+/// who reaches the address gets grants, allowed for `grant-agent dev` alone and logged as a
+/// warning. A loopback address changes nothing. The config file written by [`provision`]
+/// listens on loopback on the same port, so `serve --config` on it stays local.
+pub fn listen_beyond_loopback(config: &mut Config, listen: SocketAddr) {
+    if listen.ip().is_loopback() {
+        return;
+    }
+    tracing::warn!(
+        %listen,
+        "grant-agent dev: plain TCP beyond loopback, for development only: whoever reaches \
+         this address gets grants from the throwaway dev token, whose self-signed certificate \
+         no Maskinporten accepts"
+    );
+    config.access.listen = Some(listen);
+}
+
+/// The loopback address of `listen`'s family: what the config file says for an address
+/// beyond loopback.
+fn loopback_of(listen: SocketAddr) -> IpAddr {
+    match listen.ip() {
+        ip if ip.is_loopback() => ip,
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    }
 }
 
 fn ensure_key_and_certificate(token: &Token) -> Result<(), DevError> {

@@ -63,7 +63,9 @@ enum Command {
     },
     /// Make (or reuse) a development SoftHSM token, key, certificate and config, then serve.
     Dev {
-        /// Address to serve on; port 0 picks a free port.
+        /// Address to serve on; port 0 picks a free port. Beyond loopback (0.0.0.0:50051 in
+        /// a container) it is plain TCP for anyone who reaches it: development only, logged
+        /// as a warning, and the config file written keeps to loopback.
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
         /// Folder for the token, PINs and config, relative to the current folder (a
@@ -243,10 +245,12 @@ fn dev_command(listen: SocketAddr, state_dir: PathBuf) -> Result<(), Failure> {
     let state_dir = absolute(&state_dir)?;
     dev::ensure_environment(&state_dir)?;
     let config_path = dev::provision(&state_dir, listen)?;
+    let mut config = Config::load(&config_path)?;
+    dev::listen_beyond_loopback(&mut config, listen);
     let conf = state_dir.join("softhsm2.conf");
     let exe = std::env::current_exe()
         .map_or_else(|_| "grant-agent".to_owned(), |p| p.display().to_string());
-    serve(&config_path, |endpoints| {
+    serve(&config_path, config, |endpoints| {
         let addr = endpoints.first().map_or("", String::as_str);
         println!("grant-agent dev: listening on {addr}");
         println!("  token, PINs and config in {}", state_dir.display());
@@ -266,7 +270,7 @@ fn dev_command(listen: SocketAddr, state_dir: PathBuf) -> Result<(), Failure> {
 
 fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Serve { config } => serve(&config, |endpoints| {
+        Command::Serve { config } => serve(&config, Config::load(&config)?, |endpoints| {
             for endpoint in endpoints {
                 println!("grant-agent: listening on {endpoint}");
             }
@@ -323,10 +327,13 @@ fn take_pin(source: &PinSource) -> Result<cryptoki::types::AuthPin, Failure> {
     Err(format!("cannot re-run without {var} in the environment: {error}").into())
 }
 
-/// Starts the agent, serves until SIGINT/SIGTERM (reloading on SIGHUP), then logs out and
-/// finalizes the module.
-fn serve(config_path: &Path, on_ready: impl FnOnce(&[String])) -> Result<(), Failure> {
-    let config = Config::load(config_path)?;
+/// Starts the agent on `config` (loaded from `config_path`), serves until SIGINT/SIGTERM
+/// (reloading `config_path` on SIGHUP), then logs out and finalizes the module.
+fn serve(
+    config_path: &Path,
+    config: Config,
+    on_ready: impl FnOnce(&[String]),
+) -> Result<(), Failure> {
     let pin = take_pin(&config.pkcs11.pin)?;
     // After the PIN's re-execution, if any, so it is logged once; before any socket.
     match grant_agent::process::raise_open_files_limit() {

@@ -174,6 +174,71 @@ fn dev_defaults_to_dev_in_the_current_folder_not_the_build_path() {
     assert!(agent.path(".dev/config.toml").is_file());
 }
 
+/// In a container `dev --listen 0.0.0.0:50051` must reach the host: `dev` alone may serve
+/// plain TCP beyond loopback, says so in its log, and writes a config that keeps to
+/// loopback, so `serve --config` on it (which refuses plain TCP elsewhere) stays local.
+#[test]
+fn dev_serves_beyond_loopback_with_a_warning_and_a_loopback_config() {
+    common::require_softhsm();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut command = std::process::Command::new(BIN);
+    let _ = command
+        .args(["dev", "--listen", "0.0.0.0:0", "--state-dir"])
+        .arg(dir.path())
+        .env_remove("SOFTHSM2_CONF");
+    let agent = DevAgent::spawn(command, dir);
+    let port = agent
+        .addr
+        .strip_prefix("0.0.0.0:")
+        .unwrap_or_else(|| panic!("listens on {}, not 0.0.0.0", agent.addr));
+    assert!(
+        agent.log().contains(
+            "grant-agent dev: plain TCP beyond loopback, for development only: whoever reaches \
+             this address gets grants from the throwaway dev token"
+        ),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        read(&agent.path("config.toml")).contains("listen = \"127.0.0.1:0\"\n"),
+        "{}",
+        read(&agent.path("config.toml"))
+    );
+
+    let addr = format!("127.0.0.1:{port}");
+    let out = cli(
+        &agent,
+        &[
+            "client",
+            "grant",
+            "--addr",
+            &addr,
+            "--client-id",
+            "c",
+            "--scope",
+            "test:s",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let claims = verify(stdout(&out).trim_end(), TEST_AUD).claims;
+    assert_eq!(claims["iss"], "c");
+
+    let check = cli(
+        &agent,
+        &[
+            "check",
+            "--config",
+            agent.path("config.toml").to_str().expect("utf-8"),
+        ],
+    );
+    assert!(check.status.success(), "{}", stderr(&check));
+    assert!(
+        stdout(&check).contains("127.0.0.1:0 (insecure loopback)"),
+        "{}",
+        stdout(&check)
+    );
+}
+
 /// The certificate object, read back with OpenSC's pkcs11-tool (independent of our code).
 fn export_certificate(agent: &DevAgent) -> Vec<u8> {
     let out_file = agent.path("exported.der");
