@@ -46,6 +46,10 @@ enum Command {
         /// The TOML config file.
         #[arg(long)]
         config: PathBuf,
+        /// Write the agent's process id to FILE once it listens (and SIGHUP reloads), for
+        /// tools that signal it, such as spiffe-helper's `pid_file_name`; removed at exit.
+        #[arg(long, value_name = "FILE")]
+        pid_file: Option<PathBuf>,
     },
     /// Validate a config file without touching the token (run it before a reload).
     Check {
@@ -270,11 +274,17 @@ fn dev_command(listen: SocketAddr, state_dir: PathBuf) -> Result<(), Failure> {
 
 fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Serve { config } => serve(&config, Config::load(&config)?, |endpoints| {
-            for endpoint in endpoints {
-                println!("grant-agent: listening on {endpoint}");
-            }
-        }),
+        Command::Serve { config, pid_file } => {
+            let pid_file = pid_file.map(PidFile::new).transpose()?;
+            serve(&config, Config::load(&config)?, |endpoints| {
+                if let Some(pid_file) = &pid_file {
+                    pid_file.write();
+                }
+                for endpoint in endpoints {
+                    println!("grant-agent: listening on {endpoint}");
+                }
+            })
+        }
         Command::Key { command } => cli::key_command(command),
         Command::Check { config } => check_command(&config),
         Command::Cert { command } => cli::cert_command(command),
@@ -394,5 +404,44 @@ pub(crate) fn name_the_flag(error: SignError) -> Failure {
         }
         SignError::UnknownKey(name) => format!("--key: no key is named {name:?}").into(),
         other => other.into(),
+    }
+}
+
+/// `serve --pid-file`: the process id, written once the agent listens and removed when
+/// it ends, if the file still names this process.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    /// Checks at start that FILE's folder exists, so a typo fails before the token is
+    /// opened rather than after.
+    fn new(path: PathBuf) -> Result<Self, Failure> {
+        let path = std::path::absolute(&path)
+            .map_err(|e| format!("--pid-file {}: {e}", path.display()))?;
+        match path.parent() {
+            Some(folder) if folder.is_dir() => Ok(PidFile(path)),
+            _ => Err(format!("--pid-file {}: its folder does not exist", path.display()).into()),
+        }
+    }
+
+    /// Written aside and renamed into place, so a reader never sees half a number. A
+    /// failure is logged, not fatal: the agent serves, and files still reload when they
+    /// change.
+    fn write(&self) {
+        let staged = self.0.with_extension("pid.new");
+        let written = std::fs::write(&staged, format!("{}\n", std::process::id()))
+            .and_then(|()| std::fs::rename(&staged, &self.0));
+        if let Err(error) = written {
+            tracing::error!(file = %self.0.display(), %error, "cannot write the pid file");
+        }
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let ours = std::fs::read_to_string(&self.0)
+            .is_ok_and(|text| text.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 }

@@ -48,7 +48,23 @@ fn rotating_agent() -> DevAgent {
     install(path, "server.key", "server.key");
     install(path, "ca.pem", "clients.pem");
     write_config(path, &format!("listen = \"127.0.0.1:0\"\n{TLS}"), &policy());
-    DevAgent::serve(dir, "agent.toml")
+    let mut command = Command::new(common::BIN);
+    let _ = command
+        .args(["serve", "--config", "agent.toml", "--pid-file", "agent.pid"])
+        .current_dir(path)
+        .env("SOFTHSM2_CONF", path.join("softhsm2.conf"));
+    DevAgent::spawn(command, dir)
+}
+
+/// Sends `signal` the way spiffe-helper does: to the process its pid file names.
+fn signal_by_pid_file(agent: &DevAgent, signal: &str) {
+    let pid = std::fs::read_to_string(agent.dir.path().join("agent.pid")).expect("pid file");
+    assert_eq!(pid, format!("{}\n", agent.pid()), "the pid file names the agent");
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), pid.trim()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
 }
 
 /// A new CA `CA.pem` in `dir` and one certificate `NAME.pem` from it, with the
@@ -121,7 +137,7 @@ async fn sighup_rotates_the_server_certificate_and_open_connections_keep_working
 
     install(dir, "server-b.key", "server.key");
     install(dir, "server-b.pem", "server.pem");
-    agent.signal("HUP");
+    signal_by_pid_file(&agent, "HUP");
     let _ = wait_for_subject(&agent, "server-b");
     let log = agent.log_when(|l| l.contains("TLS files reloaded") && l.contains("SIGHUP"));
     assert!(log.contains("SIGHUP"), "{log}");
@@ -139,6 +155,14 @@ async fn sighup_rotates_the_server_certificate_and_open_connections_keep_working
             .await
             .expect("the connection open before the reload still works");
     }
+    drop(old);
+
+    // At a signalled exit the pid file goes with the process.
+    let mut agent = agent;
+    signal_by_pid_file(&agent, "TERM");
+    let exit = agent.wait_exit(Duration::from_secs(30)).expect("the agent exits");
+    assert!(exit.success(), "{exit:?}");
+    assert!(!agent.dir.path().join("agent.pid").exists());
 }
 
 #[tokio::test]

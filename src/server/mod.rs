@@ -229,18 +229,21 @@ impl Server {
                 }
             });
         }
-        if let Some(reload) = self.reload {
+        if let Some(reload) = self.reload
+            && let Some(hangup) = hangup()
+        {
             let _reload = tokio::spawn(reload::reload_on_hangup(
                 Arc::clone(&self.agent),
                 Arc::clone(&self.policy),
                 reload,
+                hangup,
             ));
         }
         if let Some(port) = self.health_port {
             let _health = tokio::spawn(port.serve(stopped.clone()));
         }
         if let Some(tls) = self.tls {
-            let _tls = tokio::spawn(tls.watch(stopped.clone()));
+            let _tls = tokio::spawn(tls.watch(stopped.clone(), hangup()));
         }
         spawn_summaries(&self.audit, &stopped);
         tracing::info!(endpoints = %self.endpoints.join(", "), "listening");
@@ -504,4 +507,15 @@ pub async fn shutdown_signal() {
         () = term => {}
     }
     tracing::info!("shutdown requested");
+}
+
+/// A listener for SIGHUP, registered now: SIGHUP's default action ends the process, so
+/// the listeners must exist before `on_ready` announces the agent (and `--pid-file`
+/// tells tools such as spiffe-helper where to send it). `None`, with a warning, where
+/// the signal cannot be listened for: then a reload means a restart.
+fn hangup() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    signal(SignalKind::hangup())
+        .map_err(|error| tracing::warn!(%error, "cannot listen for SIGHUP; reload by restarting"))
+        .ok()
 }

@@ -3,6 +3,7 @@
 //! for SIGHUP too; what else a reload cannot apply is named in a warning.
 
 use std::{path::PathBuf, sync::Arc};
+use tokio::signal::unix::Signal;
 
 use crate::{agent::Agent, config::Config};
 
@@ -33,18 +34,18 @@ enum ReloadError {
 /// Reloads the config on SIGHUP: keys, certificates, environments, the default key and
 /// the policy take effect for the next request; in-flight requests finish with the old
 /// ones. A config that fails to load or validate is logged and nothing changes.
-pub(super) async fn reload_on_hangup(agent: Arc<Agent>, policy: Arc<Policy>, reload: Reload) {
+pub(super) async fn reload_on_hangup(
+    agent: Arc<Agent>,
+    policy: Arc<Policy>,
+    reload: Reload,
+    mut hangup: Signal,
+) {
     let Reload {
         path,
         access: running,
         token: running_token,
         limits: running_limits,
     } = reload;
-    let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-    else {
-        tracing::warn!("cannot listen for SIGHUP; reload by restarting");
-        return;
-    };
     while hangup.recv().await.is_some() {
         let agent = Arc::clone(&agent);
         let file = path.clone();

@@ -86,13 +86,12 @@ impl TlsMaterial {
     }
 
     /// Reloads on SIGHUP and when the files change, until `stopped` changes.
-    pub(in crate::server) async fn watch(self: Arc<Self>, mut stopped: watch::Receiver<bool>) {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangup = signal(SignalKind::hangup())
-            .map_err(|error| {
-                tracing::warn!(%error, "cannot listen for SIGHUP; TLS files reload only when they change");
-            })
-            .ok();
+    /// `hangup` is `None` where SIGHUP cannot be listened for.
+    pub(in crate::server) async fn watch(
+        self: Arc<Self>,
+        mut stopped: watch::Receiver<bool>,
+        mut hangup: Option<tokio::signal::unix::Signal>,
+    ) {
         let mut tick = tokio::time::interval(POLL_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
