@@ -59,7 +59,11 @@ fn rotating_agent() -> DevAgent {
 /// Sends `signal` the way spiffe-helper does: to the process its pid file names.
 fn signal_by_pid_file(agent: &DevAgent, signal: &str) {
     let pid = std::fs::read_to_string(agent.dir.path().join("agent.pid")).expect("pid file");
-    assert_eq!(pid, format!("{}\n", agent.pid()), "the pid file names the agent");
+    assert_eq!(
+        pid,
+        format!("{}\n", agent.pid()),
+        "the pid file names the agent"
+    );
     let status = Command::new("kill")
         .args([&format!("-{signal}"), pid.trim()])
         .status()
@@ -160,7 +164,9 @@ async fn sighup_rotates_the_server_certificate_and_open_connections_keep_working
     // At a signalled exit the pid file goes with the process.
     let mut agent = agent;
     signal_by_pid_file(&agent, "TERM");
-    let exit = agent.wait_exit(Duration::from_secs(30)).expect("the agent exits");
+    let exit = agent
+        .wait_exit(Duration::from_secs(30))
+        .expect("the agent exits");
     assert!(exit.success(), "{exit:?}");
     assert!(!agent.dir.path().join("agent.pid").exists());
 }
