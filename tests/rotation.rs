@@ -27,11 +27,12 @@ use grant_agent::client::{ClientTls, connect};
 /// The files the agent reads, in a folder of their own (`live/`), as a secret volume.
 const TLS: &str = "[metrics]\nlisten = \"127.0.0.1:0\"\n[tls]\ncertificate = \"live/server.pem\"\nkey = \"live/server.key\"\nclient_ca = \"live/clients.pem\"\n";
 
-/// The payments rule.
+/// The payments rule, with room for the load of `rotation_under_load_fails_no_request`.
 fn policy() -> String {
     format!(
         "[[policy]]\ncaller = \"uri:{PAYMENTS}\"\nkeys = [\"default\"]\nclient_ids = [\"payments-*\"]\n\
-         scopes = [\"nav:*\"]\nenvironments = [\"test\"]\nconsumer_orgs = [\"974760673\"]\n\n"
+         scopes = [\"nav:*\"]\nenvironments = [\"test\"]\nconsumer_orgs = [\"974760673\"]\n\
+         requests_per_second = 100000\n\n"
     )
 }
 
@@ -251,4 +252,112 @@ async fn a_rotated_client_ca_admits_its_callers_and_refuses_the_old_ones() {
         !grant_on_new_connection(&agent, &old_ca).await,
         "a caller from the old CA must be refused on a new handshake"
     );
+}
+
+/// The issue's proof: the server certificate and the client CA rotate while callers keep
+/// signing, on connections open across the reload and on new ones, and not one request
+/// fails. The callers trust both server CAs and the new client CA bundle holds the old
+/// and the new CA, as a rotation does while callers move over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_under_load_fails_no_request() {
+    let agent = rotating_agent();
+    let dir = agent.dir.path().to_owned();
+    let both = |a: &str, b: &str, to: &str| {
+        let text = std::fs::read_to_string(dir.join(a)).expect("ca")
+            + &std::fs::read_to_string(dir.join(b)).expect("ca");
+        std::fs::write(dir.join(to), text).expect("bundle");
+    };
+    both("ca.pem", "ca-b.pem", "trust.pem");
+    both("ca.pem", "ca-c.pem", "clients-next.pem");
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..8)
+        .map(|n| {
+            let (addr, client, stop) = (
+                agent.addr.clone(),
+                tls(&dir, "payments", "trust.pem"),
+                std::sync::Arc::clone(&stop),
+            );
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0_u32, Vec::new());
+                // Caller 0 keeps one connection across the reload; the others open a
+                // new one every five requests, so handshakes meet every moment of it.
+                let per_connection = if n == 0 { u32::MAX } else { 5 };
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut connection = match connect(&addr, Some(&client)).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            failed.push(format!("connect: {e:?}"));
+                            if failed.len() > 20 {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    };
+                    for _ in 0..per_connection {
+                        match connection.sign_grant(payments_request()).await {
+                            Ok(_) => ok += 1,
+                            Err(e) => {
+                                failed.push(format!("{e}"));
+                                break;
+                            }
+                        }
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    install(&dir, "server-b.key", "server.key");
+    install(&dir, "server-b.pem", "server.pem");
+    install(&dir, "clients-next.pem", "clients.pem");
+    signal_by_pid_file(&agent, "HUP");
+    let waited = tokio::task::spawn_blocking({
+        let agent_dir = dir.clone();
+        let addr = agent.addr.clone();
+        move || {
+            let start = Instant::now();
+            loop {
+                let out = Command::new("openssl")
+                    .args(["s_client", "-connect", &addr, "-alpn", "h2"])
+                    .args(["-cert", "payments.pem", "-key", "payments.key"])
+                    .current_dir(&agent_dir)
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("openssl s_client");
+                if String::from_utf8_lossy(&out.stdout).contains("server-b") {
+                    return start.elapsed();
+                }
+                assert!(start.elapsed() < Duration::from_secs(10), "no rotation");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    })
+    .await
+    .expect("waited");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let (mut ok, mut failed) = (0, Vec::new());
+    for caller in callers {
+        let (o, f) = caller.await.expect("caller");
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed across the rotation (new certificate after {waited:?}): {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 100, "only {ok} requests in 3 s of load");
+    // After it: a client certificate of the new CA is accepted on a new connection.
+    assert!(grant_on_new_connection(&agent, &tls(&dir, "payments-c", "trust.pem")).await);
 }
