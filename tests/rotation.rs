@@ -358,6 +358,7 @@ async fn rotation_under_load_fails_no_request() {
         &failed[..failed.len().min(5)]
     );
     assert!(ok > 100, "only {ok} requests in 3 s of load");
+    println!("{ok} requests across the rotation, none failed");
     // After it: a client certificate of the new CA is accepted on a new connection.
     assert!(grant_on_new_connection(&agent, &tls(&dir, "payments-c", "trust.pem")).await);
 }
