@@ -781,3 +781,25 @@ fn check_lists_the_health_port_and_names_a_bad_address() {
         stderr(&out)
     );
 }
+
+/// A pid file in a folder that does not exist is refused, naming the flag, before the
+/// config is read or the token opened: a typo must not surface only when spiffe-helper
+/// finds no pid to signal.
+#[test]
+fn serve_refuses_a_pid_file_in_a_missing_folder() {
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--config", "/nonexistent/agent.toml"])
+        .args(["--pid-file", "/nonexistent/run/agent.pid"])
+        .output()
+        .expect("serve");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--pid-file /nonexistent/run/agent.pid: its folder does not exist"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("agent.toml"),
+        "checked before the config: {err}"
+    );
+}
