@@ -122,6 +122,11 @@ pub struct PolicyRule {
 pub(crate) struct Pattern(String);
 
 impl Pattern {
+    /// The one value an exact pattern matches; `None` for `*` and `prefix*`.
+    pub(crate) fn exact(&self) -> Option<&str> {
+        (!self.0.ends_with('*')).then_some(self.0.as_str())
+    }
+
     /// Whether `value` matches.
     pub(crate) fn matches(&self, value: &str) -> bool {
         match self.0.strip_suffix('*') {

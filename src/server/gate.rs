@@ -55,34 +55,106 @@ impl Reached {
     }
 }
 
-/// The gate around the generated server `S`.
+/// What every request passes before its message is read, over gRPC ([`Gate`]) and HTTP
+/// (`http`) alike: the caller check, the shared budget of buffered request bytes, the
+/// time a request may take to arrive, and the audit of a refusal.
 #[derive(Clone)]
-pub(super) struct Gate<S> {
-    inner: S,
+pub(super) struct Door {
     policy: Arc<Policy>,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     budget: Arc<Semaphore>,
-    request_timeout: Duration,
+    pub(super) request_timeout: Duration,
 }
 
-impl<S> Gate<S> {
+impl Door {
     pub(super) fn new(
-        inner: S,
         policy: Arc<Policy>,
         audit: Arc<AuditLog>,
         metrics: Arc<Metrics>,
         budget_bytes: usize,
         request_timeout: Duration,
     ) -> Self {
-        Gate {
-            inner,
+        Door {
             policy,
             audit,
             metrics,
             budget: Arc::new(Semaphore::new(budget_bytes)),
             request_timeout,
         }
+    }
+
+    /// A caller no policy rule names is refused before its body is read.
+    pub(super) fn knows(&self, peer: &Peer) -> Result<(), Stop> {
+        self.policy.knows(&peer.caller).map_err(|refusal| Stop {
+            label: "unknown_caller",
+            outcome: "denied",
+            status: Status::permission_denied(refusal.to_string()),
+        })
+    }
+
+    /// Takes `bytes` more of the budget, adding them to `held`; refused when the budget
+    /// is spent (other callers hold it).
+    pub(super) fn hold(
+        &self,
+        held: &mut Option<OwnedSemaphorePermit>,
+        bytes: usize,
+    ) -> Result<(), Stop> {
+        let permits = u32::try_from(bytes).unwrap_or(u32::MAX);
+        let more = Arc::clone(&self.budget)
+            .try_acquire_many_owned(permits)
+            .map_err(|_| Stop {
+                label: "busy",
+                outcome: "busy",
+                status: Status::resource_exhausted(
+                    "the agent is reading too many requests at once; try again",
+                ),
+            })?;
+        match held {
+            Some(permit) => permit.merge(more),
+            None => *held = Some(more),
+        }
+        Ok(())
+    }
+
+    /// The refusal for a request whose message did not arrive within `request_timeout`.
+    pub(super) fn too_slow(&self) -> Stop {
+        Stop {
+            label: "request_timeout",
+            outcome: "refused",
+            status: Status::deadline_exceeded(format!(
+                "the request message did not arrive within {} s",
+                self.request_timeout.as_secs()
+            )),
+        }
+    }
+
+    /// Counts and audits a refusal of `call` ("grant", "token", ...).
+    pub(super) fn refuse(&self, call: &'static str, peer: &Peer, stop: &Stop) {
+        self.metrics.request_refused(stop.label);
+        self.audit.refused(Refused {
+            audit: call,
+            time: crate::agent::rfc3339(crate::agent::unix_now()),
+            caller: peer.caller.name(),
+            peer: &peer.address,
+            outcome: stop.outcome,
+            code: super::status::code_name(stop.status.code()),
+            reason: stop.status.message().to_owned(),
+            suppressed: 0,
+        });
+    }
+}
+
+/// The gate around the generated server `S`.
+#[derive(Clone)]
+pub(super) struct Gate<S> {
+    inner: S,
+    door: Door,
+}
+
+impl<S> Gate<S> {
+    pub(super) fn new(inner: S, door: Door) -> Self {
+        Gate { inner, door }
     }
 }
 
@@ -116,14 +188,14 @@ where
 
 /// Why the gate refused, in one place: the reason's metric label, the audit outcome and
 /// the code the caller gets.
-struct Stop {
-    label: &'static str,
-    outcome: &'static str,
-    status: Status,
+pub(super) struct Stop {
+    pub(super) label: &'static str,
+    pub(super) outcome: &'static str,
+    pub(super) status: Status,
 }
 
 impl Stop {
-    fn invalid(label: &'static str, message: String) -> Self {
+    pub(super) fn invalid(label: &'static str, message: String) -> Self {
         Stop {
             label,
             outcome: "refused",
@@ -148,7 +220,7 @@ where
             Ok(message) => message,
             Err(stop) => {
                 let wrong_type = stop.label == "content_type";
-                self.refuse(call, &peer, &stop);
+                self.door.refuse(call, &peer, &stop);
                 let mut response = stop.status.into_http::<Body>();
                 if wrong_type {
                     // gRPC over HTTP/2: a server SHOULD answer 415, so that a client
@@ -183,7 +255,7 @@ where
                         status,
                     }
                 };
-                self.refuse(call, &peer, &stop);
+                self.door.refuse(call, &peer, &stop);
                 stop.status.into_http::<Body>()
             }
             _ => response,
@@ -198,13 +270,7 @@ where
         peer: &Peer,
         body: Body,
     ) -> Result<Buffered, Stop> {
-        if let Err(refusal) = self.policy.knows(&peer.caller) {
-            return Err(Stop {
-                label: "unknown_caller",
-                outcome: "denied",
-                status: Status::permission_denied(refusal.to_string()),
-            });
-        }
+        self.door.knows(peer)?;
         let content_type = parts
             .headers
             .get(http::header::CONTENT_TYPE)
@@ -217,16 +283,9 @@ where
                 format!("content-type {content_type:?} is not application/grpc"),
             ));
         }
-        match tokio::time::timeout(self.request_timeout, self.read(body)).await {
+        match tokio::time::timeout(self.door.request_timeout, self.read(body)).await {
             Ok(read) => read,
-            Err(_elapsed) => Err(Stop {
-                label: "request_timeout",
-                outcome: "refused",
-                status: Status::deadline_exceeded(format!(
-                    "the request message did not arrive within {} s",
-                    self.request_timeout.as_secs()
-                )),
-            }),
+            Err(_elapsed) => Err(self.door.too_slow()),
         }
     }
 
@@ -263,18 +322,7 @@ where
                     });
                 }
                 let total = length + 5;
-                let permits = u32::try_from(total).unwrap_or(u32::MAX);
-                permit = Some(
-                    Arc::clone(&self.budget)
-                        .try_acquire_many_owned(permits)
-                        .map_err(|_| Stop {
-                            label: "busy",
-                            outcome: "busy",
-                            status: Status::resource_exhausted(
-                                "the agent is reading too many requests at once; try again",
-                            ),
-                        })?,
-                );
+                self.door.hold(&mut permit, total)?;
                 buffer.reserve(total.saturating_sub(buffer.len()));
                 expected = Some(total);
             }
@@ -297,20 +345,6 @@ where
                 "the request ended before its message did".to_owned(),
             )),
         }
-    }
-
-    fn refuse(&self, call: &'static str, peer: &Peer, stop: &Stop) {
-        self.metrics.request_refused(stop.label);
-        self.audit.refused(Refused {
-            audit: call,
-            time: crate::agent::rfc3339(crate::agent::unix_now()),
-            caller: peer.caller.name(),
-            peer: &peer.address,
-            outcome: stop.outcome,
-            code: super::status::code_name(stop.status.code()),
-            reason: stop.status.message().to_owned(),
-            suppressed: 0,
-        });
     }
 }
 

@@ -12,6 +12,7 @@ mod caller;
 mod conn;
 mod gate;
 mod health;
+mod http;
 mod policy;
 mod reload;
 mod service;
@@ -35,8 +36,8 @@ use tonic::service::Routes;
 use crate::{agent::Agent, config::Config, metrics::Metrics, proto};
 use audit::AuditLog;
 use conn::{Connections, Listener};
-use gate::Gate;
 pub(crate) use gate::Reached;
+use gate::{Door, Gate};
 use policy::Policy;
 use reload::Reload;
 use service::GrantAgentService;
@@ -339,16 +340,21 @@ async fn services(
         streams = limits.max_concurrent_streams,
         "connection limits"
     );
-    let gate = Gate::new(
-        proto::grant_agent_server::GrantAgentServer::new(service)
-            .max_decoding_message_size(crate::config::MAX_REQUEST_BYTES),
+    // One door for gRPC and JSON: the budget of buffered request bytes is shared.
+    let door = Door::new(
         Arc::clone(policy),
         Arc::clone(audit),
         Arc::clone(metrics),
         limits.max_buffered_request_bytes,
         limits.request_timeout,
     );
-    let routes = routes(gate, health)?;
+    let api = http::HttpApi::new(service.clone(), door.clone(), Arc::clone(policy));
+    let gate = Gate::new(
+        proto::grant_agent_server::GrantAgentServer::new(service)
+            .max_decoding_message_size(crate::config::MAX_REQUEST_BYTES),
+        door,
+    );
+    let routes = routes(gate, health, api)?;
     Ok((connections, all_closed, routes))
 }
 
@@ -448,10 +454,11 @@ fn bind_socket(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     bound
 }
 
-/// GrantAgent (behind its gate), `health` and reflection.
+/// GrantAgent (behind its gate), `health`, reflection and the JSON API.
 fn routes(
     grants: Gate<proto::grant_agent_server::GrantAgentServer<GrantAgentService>>,
     health: health::Health,
+    api: http::HttpApi,
 ) -> Result<Routes, ServeError> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -463,11 +470,12 @@ fn routes(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?
         .max_decoding_message_size(MAX_PROBE_BYTES);
-    Ok(Routes::new(health)
+    let grpc = Routes::new(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(grants)
-        .prepare())
+        .add_service(grants);
+    let router = api.route(grpc.into_axum_router()).fallback(http::not_found);
+    Ok(Routes::from(router).prepare())
 }
 
 /// A socket file left by an agent that did not stop cleanly would make bind fail; remove

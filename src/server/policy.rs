@@ -96,6 +96,21 @@ impl Policy {
         }
     }
 
+    /// The client_id a caller may use when its rules allow exactly one, written out (not a
+    /// pattern): what a texas-shaped request, which names no client_id, is signed for.
+    pub(crate) fn sole_client_id(&self, caller: &Caller) -> Option<String> {
+        let rules = self.current();
+        let mut allowed = rules
+            .iter()
+            .filter(|r| caller.identities.contains(&r.config.caller))
+            .flat_map(|r| r.config.client_ids.iter());
+        let first = allowed.next()?;
+        if allowed.any(|other| other != first) {
+            return None;
+        }
+        first.exact().map(str::to_owned)
+    }
+
     /// Allows the request, counting it against the caller's own bucket in the rule that
     /// allows it.
     pub(crate) fn authorize(&self, caller: &Caller, ask: &Ask<'_>) -> Result<(), Refusal> {

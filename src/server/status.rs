@@ -38,6 +38,9 @@ use crate::{agent::SignError, token::TokenError};
 
 use super::{audit::AuditUnavailable, policy::Refusal};
 
+/// The `google.rpc.ErrorInfo` domain of a refusal that came from Maskinporten.
+pub(super) const MASKINPORTEN_DOMAIN: &str = "maskinporten";
+
 /// A grant or token that was ready but whose audit line could not be written, with
 /// `[audit] fail_closed = true`: the answer is withheld.
 pub(super) fn from_audit(error: &AuditUnavailable) -> Status {
@@ -163,9 +166,46 @@ pub(super) fn token_failure(error: &TokenError) -> Failure {
         status: Status::with_error_details(
             code,
             message,
-            ErrorDetails::with_error_info(oauth.error.clone(), "maskinporten", metadata),
+            ErrorDetails::with_error_info(oauth.error.clone(), MASKINPORTEN_DOMAIN, metadata),
         ),
         outcome: Outcome::Refused,
+    }
+}
+
+/// The HTTP status the JSON API answers for a gRPC code, as Google's API design guide maps
+/// them; 499 is its "client closed request".
+pub(super) fn http_status(code: Code) -> http::StatusCode {
+    use http::StatusCode as H;
+    match code {
+        Code::Ok => H::OK,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => H::BAD_REQUEST,
+        Code::Unauthenticated => H::UNAUTHORIZED,
+        Code::PermissionDenied => H::FORBIDDEN,
+        Code::NotFound => H::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => H::CONFLICT,
+        Code::ResourceExhausted => H::TOO_MANY_REQUESTS,
+        Code::Cancelled => H::from_u16(499).unwrap_or(H::BAD_REQUEST),
+        Code::Unimplemented => H::NOT_IMPLEMENTED,
+        Code::Unavailable => H::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => H::GATEWAY_TIMEOUT,
+        Code::Unknown | Code::Internal | Code::DataLoss => H::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The OAuth2 `error` (RFC 6749 5.2 and 4.1.2.1) the JSON API answers for a failure of the
+/// agent's own; Maskinporten's refusals keep Maskinporten's.
+pub(super) fn oauth_error(code: Code) -> &'static str {
+    match code {
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange | Code::NotFound => {
+            "invalid_request"
+        }
+        Code::PermissionDenied | Code::Unauthenticated => "access_denied",
+        Code::ResourceExhausted
+        | Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::Cancelled
+        | Code::Aborted => "temporarily_unavailable",
+        _ => "server_error",
     }
 }
 
@@ -212,6 +252,27 @@ mod tests {
         FailedCall {
             function: "C_Sign",
             source: Pkcs11Error::Pkcs11(RvError::DeviceError, Function::Sign),
+        }
+    }
+
+    #[test]
+    fn http_statuses_follow_the_code() {
+        let table = [
+            (Code::InvalidArgument, 400, "invalid_request"),
+            (Code::NotFound, 404, "invalid_request"),
+            (Code::FailedPrecondition, 400, "invalid_request"),
+            (Code::PermissionDenied, 403, "access_denied"),
+            (Code::ResourceExhausted, 429, "temporarily_unavailable"),
+            (Code::Unavailable, 503, "temporarily_unavailable"),
+            (Code::DeadlineExceeded, 504, "temporarily_unavailable"),
+            (Code::Internal, 500, "server_error"),
+        ];
+        for (code, http, error) in table {
+            assert_eq!(http_status(code).as_u16(), http, "{code:?}");
+            assert_eq!(oauth_error(code), error, "{code:?}");
+        }
+        for number in 1..=16 {
+            assert!(http_status(Code::from_i32(number)).as_u16() >= 400);
         }
     }
 

@@ -85,7 +85,8 @@ pub(super) fn load(tls: &Tls, policy: Arc<Policy>) -> Result<Loaded, ServeError>
                 tls.certificate.display()
             ))
         })?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // h2 for gRPC; http/1.1 for JSON API clients that do not speak HTTP/2.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Loaded {
         config: Arc::new(config),
         sha256: leaf.leaf_sha256_hex(),

@@ -1,6 +1,7 @@
 //! One accepted connection, from its handshake to its close: the TLS handshake or the
-//! caller's uid, the HTTP/2 preface, then HTTP/2 with an idle timer until the peer leaves,
-//! the connection idles out or the server stops.
+//! caller's uid, the first bytes (the HTTP/2 preface, or an HTTP/1.1 request line for the
+//! JSON API), then HTTP with an idle timer until the peer leaves, the connection idles out
+//! or the server stops.
 
 use std::{
     pin::{Pin, pin},
@@ -32,6 +33,10 @@ use super::{Accepted, Connections, lock, refuse_connection};
 /// The HTTP/2 connection preface every client sends first (RFC 9113, 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// The methods an HTTP/1.1 request may start with here: the JSON API is POST, and a GET
+/// gets its 405 from the router rather than a silent close.
+const HTTP1_METHODS: [&[u8; 4]; 2] = [b"POST", b"GET "];
+
 impl Connections {
     /// Handshake (within the timeout, evictable), then HTTP/2 until the peer leaves, the
     /// connection idles out or the server stops.
@@ -57,22 +62,22 @@ impl Connections {
         match admitted {
             Err(_elapsed) => self.metrics.connection_refused("handshake_timeout"),
             Ok(None) => {}
-            Ok(Some(Admitted::Tls(io, caller))) => {
-                self.run(io, Peer::new(caller, &address), routes, stop)
-                    .await;
+            Ok(Some(Admitted::Tls(io, caller, protocol))) => {
+                let peer = Peer::new(caller, &address);
+                self.run(io, protocol, peer, routes, stop).await;
             }
-            Ok(Some(Admitted::Tcp(io, caller))) => {
-                self.run(io, Peer::new(caller, &address), routes, stop)
-                    .await;
+            Ok(Some(Admitted::Tcp(io, caller, protocol))) => {
+                let peer = Peer::new(caller, &address);
+                self.run(io, protocol, peer, routes, stop).await;
             }
-            Ok(Some(Admitted::Unix(io, caller))) => {
-                self.run(io, Peer::new(caller, &address), routes, stop)
-                    .await;
+            Ok(Some(Admitted::Unix(io, caller, protocol))) => {
+                let peer = Peer::new(caller, &address);
+                self.run(io, protocol, peer, routes, stop).await;
             }
         }
     }
 
-    /// TLS (with the caller check in the certificate verifier), then the HTTP/2 preface.
+    /// TLS (with the caller check in the certificate verifier), then the first bytes.
     async fn handshake(&self, accepted: Accepted, address: &str) -> Option<Admitted> {
         match accepted {
             Accepted::Tls(stream, tls, field) => {
@@ -93,16 +98,16 @@ impl Connections {
                         || Caller::plain(false),
                         |leaf| Caller::certificate(leaf.as_ref(), field),
                     );
-                let io = preface(stream).await?;
-                Some(Admitted::Tls(Box::new(io), caller))
+                let (io, protocol) = sniff(stream).await?;
+                Some(Admitted::Tls(Box::new(io), caller, protocol))
             }
             Accepted::Plain(stream, insecure) => {
-                let io = preface(stream).await?;
-                Some(Admitted::Tcp(io, Caller::plain(insecure)))
+                let (io, protocol) = sniff(stream).await?;
+                Some(Admitted::Tcp(io, Caller::plain(insecure), protocol))
             }
             Accepted::Unix(stream, caller) => {
-                let io = preface(stream).await?;
-                Some(Admitted::Unix(io, caller))
+                let (io, protocol) = sniff(stream).await?;
+                Some(Admitted::Unix(io, caller, protocol))
             }
         }
     }
@@ -135,9 +140,15 @@ impl Connections {
         }
     }
 
-    /// Serves HTTP/2 on an admitted connection.
-    async fn run<I>(&self, io: I, peer: Peer, routes: Routes, mut stop: watch::Receiver<bool>)
-    where
+    /// Serves HTTP/2 or HTTP/1.1 on an admitted connection.
+    async fn run<I>(
+        &self,
+        io: I,
+        protocol: Protocol,
+        peer: Peer,
+        routes: Routes,
+        stop: watch::Receiver<bool>,
+    ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let activity = Arc::new(Activity::new());
@@ -154,9 +165,31 @@ impl Connections {
                 }
             });
         self.metrics.connection_opened();
-        let connection = self
-            .h2
-            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+        let service = TowerToHyperService::new(service);
+        match protocol {
+            Protocol::Http2 => {
+                let connection = self.h2.serve_connection(TokioIo::new(io), service);
+                self.drive(connection, |c| c.graceful_shutdown(), &activity, stop)
+                    .await;
+            }
+            Protocol::Http1 => {
+                let connection = self.h1.serve_connection(TokioIo::new(io), service);
+                self.drive(connection, |c| c.graceful_shutdown(), &activity, stop)
+                    .await;
+            }
+        }
+        self.metrics.connection_closed();
+    }
+
+    /// Runs a connection until it ends; the server's stop and the idle timer close it
+    /// gracefully (a GOAWAY on HTTP/2; on HTTP/1.1, after the request in flight).
+    async fn drive<C: Future<Output = Result<(), hyper::Error>>>(
+        &self,
+        connection: C,
+        shut: impl Fn(Pin<&mut C>),
+        activity: &Activity,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut connection = pin!(connection);
         let mut closing = false;
         loop {
@@ -168,17 +201,16 @@ impl Connections {
                     break;
                 }
                 _ = stop.wait_for(|stop| *stop), if !closing => {
-                    connection.as_mut().graceful_shutdown();
+                    shut(connection.as_mut());
                     closing = true;
                 }
                 () = activity.idle(self.limits.idle_timeout), if !closing => {
                     self.metrics.connection_refused("idle");
-                    connection.as_mut().graceful_shutdown();
+                    shut(connection.as_mut());
                     closing = true;
                 }
             }
         }
-        self.metrics.connection_closed();
     }
 }
 
@@ -197,25 +229,52 @@ async fn linger(mut stream: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
-/// A connection past its handshake, with its caller.
+/// A connection past its handshake, with its caller and the HTTP version it speaks.
 enum Admitted {
     Tls(
         Box<Rewind<tokio_rustls::server::TlsStream<TcpStream>>>,
         Caller,
+        Protocol,
     ),
-    Tcp(Rewind<TcpStream>, Caller),
-    Unix(Rewind<UnixStream>, Caller),
+    Tcp(Rewind<TcpStream>, Caller, Protocol),
+    Unix(Rewind<UnixStream>, Caller, Protocol),
 }
 
-/// Waits for the HTTP/2 preface and gives the stream back with it unread. Anything else
-/// (HTTP/1, TLS on a plain port, junk) closes the connection.
-async fn preface<I: AsyncRead + Unpin>(mut io: I) -> Option<Rewind<I>> {
-    let mut buffer = [0u8; PREFACE.len()];
-    let _ = io.read_exact(&mut buffer).await.ok()?;
-    (&buffer == PREFACE).then(|| Rewind {
+/// The HTTP version a connection's first bytes announced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// gRPC, and the JSON API from HTTP/2 clients.
+    Http2,
+    /// The JSON API from HTTP/1.1 clients (curl, scripts, JVM and .NET clients).
+    Http1,
+}
+
+/// Reads the first bytes and gives the stream back with them unread: the HTTP/2 preface,
+/// or the start of an HTTP/1.1 POST or GET. Anything else (TLS on a plain port, junk)
+/// closes the connection, as does a peer that stops before its first bytes (the caller
+/// bounds the wait by the handshake timeout).
+async fn sniff<I: AsyncRead + Unpin>(mut io: I) -> Option<(Rewind<I>, Protocol)> {
+    let mut start = [0u8; 4];
+    let _ = io.read_exact(&mut start).await.ok()?;
+    if HTTP1_METHODS.contains(&&start) {
+        let rewound = Rewind {
+            prefix: Bytes::copy_from_slice(&start),
+            inner: io,
+        };
+        return Some((rewound, Protocol::Http1));
+    }
+    let mut rest = [0u8; PREFACE.len() - 4];
+    if start[..] != PREFACE[..4]
+        || io.read_exact(&mut rest).await.is_err()
+        || rest[..] != PREFACE[4..]
+    {
+        return None;
+    }
+    let rewound = Rewind {
         prefix: Bytes::from_static(PREFACE),
         inner: io,
-    })
+    };
+    Some((rewound, Protocol::Http2))
 }
 
 /// A stream that first replays bytes already read from it.

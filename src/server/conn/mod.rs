@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hyper::server::conn::http2;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::{
     net::{TcpListener, TcpStream, UnixListener, UnixStream},
@@ -80,6 +80,7 @@ pub(super) struct Connections {
     per_peer: Mutex<HashMap<PeerKey, usize>>,
     pending: Mutex<Pending>,
     h2: http2::Builder<TokioExecutor>,
+    h1: http1::Builder,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
     /// Held as long as any listener or connection holds this state: the server waits on
@@ -129,6 +130,7 @@ impl Connections {
             .max_send_buf_size(64 * 1024)
             .keep_alive_interval(limits.keepalive_interval)
             .keep_alive_timeout(limits.keepalive_interval);
+        let h1 = http1_builder(&limits);
         let (done, all_done) = mpsc::channel(1);
         let connections = Connections {
             limits,
@@ -136,6 +138,7 @@ impl Connections {
             per_peer: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
             h2,
+            h1,
             audit,
             metrics,
             _done: done,
@@ -204,6 +207,24 @@ impl Connections {
             evicted,
         )
     }
+}
+
+/// HTTP/1.1 for the JSON API, bounded as HTTP/2 is: the request head within
+/// `request_timeout` (which also closes a keep-alive connection idle that long) and at
+/// most `max_header_list_bytes` (hyper's floor is 8 KiB); no upgrades.
+fn http1_builder(limits: &Limits) -> http1::Builder {
+    let mut h1 = http1::Builder::new();
+    let _ = h1
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.request_timeout)
+        .max_buf_size(
+            usize::try_from(limits.max_header_list_bytes)
+                .unwrap_or(usize::MAX)
+                .max(8 * 1024),
+        )
+        .keep_alive(true)
+        .half_close(false);
+    h1
 }
 
 /// The guard, also after a panic elsewhere: the data behind these locks stays whole.

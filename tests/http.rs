@@ -1,0 +1,545 @@
+//! The HTTP/JSON API with a real HTTP client: curl against the agent over mutual TLS
+//! (HTTP/1.1 and HTTP/2) and over the Unix socket, exchanging at the `mock-maskinporten`
+//! binary. texas-shaped requests, the cache, policy refusals, bad JSON, Maskinporten's
+//! own errors, and the bounds a hostile HTTP/1.1 peer meets.
+
+#![allow(
+    clippy::expect_used,
+    reason = "a test that cannot go on should fail loudly"
+)]
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::{
+    DevAgent, Mock, params, pem, read,
+    secured::{OTHER, PAYMENTS, tls_material, uid, write_config},
+    verify,
+};
+
+const CLIENT_ID: &str = "0a3b5c7d-1111-2222-3333-444455556666";
+
+/// An agent with mutual TLS and a Unix socket whose default environment is the mock:
+/// `payments` may use exactly one client_id (so texas-shaped requests work), the test's
+/// uid any, within `rate` requests a second.
+async fn api_agent(limits: &str, rate: u32) -> (DevAgent, Mock) {
+    let dev = DevAgent::start();
+    let signed = dev.sign(params()).await.expect("signed");
+    let leaf = verify(&signed.assertion, common::TEST_AUD).leaf_der;
+    let dir = dev.stop();
+    let path = |name: &str| dir.path().join(name);
+    std::fs::write(path("dev-cert.pem"), pem(&leaf)).expect("anchor");
+    tls_material(dir.path());
+    let mock = Mock::start(
+        dir.path(),
+        &format!(
+            "certificates = \"test\"\nca = \"{}\"\n\n[[clients]]\nclient_id = \"{CLIENT_ID}\"\n\
+             scopes = [\"test:scope\", \"test:other\"]\norganization_number = \"313367002\"\n",
+            path("dev-cert.pem").display()
+        ),
+        None,
+    );
+    let policy = format!(
+        "[[policy]]\ncaller = \"uri:{PAYMENTS}\"\nkeys = [\"*\"]\nclient_ids = [\"{CLIENT_ID}\"]\n\
+         scopes = [\"test:scope\"]\nenvironments = [\"mock\"]\nallow_pid = true\n\n\
+         [[policy]]\ncaller = \"uid:{}\"\nkeys = [\"*\"]\nclient_ids = [\"*\"]\nscopes = [\"*\"]\n\
+         environments = [\"*\"]\nresources = [\"*\"]\nrequests_per_second = {rate}\nburst = {rate}\n\n",
+        uid()
+    );
+    write_config(
+        dir.path(),
+        &format!(
+            "listen = \"127.0.0.1:0\"\nunix_socket = \"agent.sock\"\n{limits}\n[tls]\n\
+             certificate = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n"
+        ),
+        &policy,
+    );
+    let config = read(&path("agent.toml")).replace(
+        "default_environment = \"test\"",
+        "default_environment = \"mock\"",
+    );
+    let config = format!(
+        "{config}\n[environments.mock]\nissuer = \"{}\"\ndiscover = true\ncertificates = \"test\"\n",
+        mock.url
+    );
+    std::fs::write(path("agent.toml"), config).expect("config");
+    (DevAgent::serve(dir, "agent.toml"), mock)
+}
+
+/// What curl got: the status, the headers (lower-case names) and the body.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// How curl reaches the agent.
+enum Via<'a> {
+    /// HTTPS with the caller's certificate `who`, over HTTP/1.1 or HTTP/2.
+    Tls { who: &'a str, http2: bool },
+    /// The Unix socket.
+    Unix,
+}
+
+/// `curl -X POST` of `body` (JSON unless `content_type` says otherwise) to `path`.
+fn curl(agent: &DevAgent, via: &Via<'_>, path: &str, body: &str, content_type: &str) -> Answer {
+    let dir = agent.dir.path();
+    let mut command = Command::new("curl");
+    let _ = command.args(["-sS", "-i", "--max-time", "20", "-X", "POST"]);
+    let url = match via {
+        Via::Tls { who, http2 } => {
+            let _ = command
+                .arg("--cacert")
+                .arg(dir.join("ca.pem"))
+                .arg("--cert")
+                .arg(dir.join(format!("{who}.pem")))
+                .arg("--key")
+                .arg(dir.join(format!("{who}.key")))
+                .arg(if *http2 { "--http2" } else { "--http1.1" });
+            format!("https://{}{path}", agent.addr)
+        }
+        Via::Unix => {
+            let _ = command.arg("--unix-socket").arg(dir.join("agent.sock"));
+            format!("http://localhost{path}")
+        }
+    };
+    let out = command
+        .args([
+            "-H",
+            &format!("content-type: {content_type}"),
+            "--data-binary",
+            body,
+        ])
+        .arg(url)
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse(text: &str) -> Answer {
+    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+fn post(agent: &DevAgent, via: &Via<'_>, path: &str, body: &serde_json::Value) -> Answer {
+    curl(agent, via, path, &body.to_string(), "application/json")
+}
+
+async fn token_requests(mock: &Mock) -> u64 {
+    mock.stats().await["token_requests"]
+        .as_u64()
+        .expect("token_requests")
+}
+
+const PAYMENTS_H1: Via<'static> = Via::Tls {
+    who: "payments",
+    http2: false,
+};
+const PAYMENTS_H2: Via<'static> = Via::Tls {
+    who: "payments",
+    http2: true,
+};
+
+#[tokio::test]
+async fn texas_requests_get_tokens_over_mutual_tls_and_the_unix_socket() {
+    let (agent, mock) = api_agent("", 100).await;
+    let texas = serde_json::json!({"identity_provider": "maskinporten", "target": "test:scope"});
+
+    // Only identity_provider and target: the caller's rule fixes the client_id, the
+    // config the environment.
+    let first = post(&agent, &PAYMENTS_H1, "/api/v1/token", &texas);
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.header("content-type"), Some("application/json"));
+    assert_eq!(first.header("cache-control"), Some("no-store"));
+    let token = first.json();
+    assert_eq!(token["token_type"], "Bearer");
+    let expires_in = token["expires_in"].as_i64().expect("expires_in");
+    assert!((1..=120).contains(&expires_in), "{expires_in}");
+    let access_token = token["access_token"].as_str().expect("access_token");
+    let claims = mock.verify_access_token(access_token).await;
+    assert_eq!(claims["client_id"], CLIENT_ID);
+    assert_eq!(token_requests(&mock).await, 1);
+
+    // The same request over HTTP/2 is a cache hit: same token, no new exchange.
+    let cached = post(&agent, &PAYMENTS_H2, "/api/v1/token", &texas);
+    assert_eq!(cached.status, 200, "{}", cached.body);
+    assert_eq!(cached.json()["access_token"], access_token);
+    assert_eq!(token_requests(&mock).await, 1);
+
+    // skip_cache goes to Maskinporten again.
+    let mut fresh = texas.clone();
+    fresh["skip_cache"] = true.into();
+    let refreshed = post(&agent, &PAYMENTS_H1, "/api/v1/token", &fresh);
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    assert_ne!(refreshed.json()["access_token"], access_token);
+    assert_eq!(token_requests(&mock).await, 2);
+
+    // The Unix socket's caller may use any client_id, so it names one; resource may be
+    // a list as well as texas's one string.
+    let unix = post(
+        &agent,
+        &Via::Unix,
+        "/api/v1/token",
+        &serde_json::json!({"identity_provider": "maskinporten", "target": "test:other",
+            "client_id": CLIENT_ID, "resource": ["https://api.example.no/"]}),
+    );
+    assert_eq!(unix.status, 200, "{}", unix.body);
+    let claims = mock
+        .verify_access_token(unix.json()["access_token"].as_str().expect("token"))
+        .await;
+    assert_eq!(claims["scope"], "test:other");
+
+    // A signed grant for callers that post to Maskinporten themselves.
+    let grant = post(
+        &agent,
+        &Via::Unix,
+        "/api/v1/grant",
+        &serde_json::json!({"identity_provider": "maskinporten", "target": "test:scope",
+            "client_id": CLIENT_ID}),
+    );
+    assert_eq!(grant.status, 200, "{}", grant.body);
+    let grant = grant.json();
+    let verified = verify(grant["assertion"].as_str().expect("assertion"), &mock.url);
+    assert_eq!(verified.claims["iss"], CLIENT_ID);
+    assert_eq!(verified.claims["jti"], grant["jti"]);
+    let (status, answer) = mock.exchange(grant["assertion"].as_str().expect("a")).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // Audited as GetAccessToken and SignGrant are, by the caller's proven identity.
+    let payments = format!("uri:{PAYMENTS}");
+    let issued = agent.wait_for_audit(|l| {
+        l["audit"] == "token" && l["caller"] == payments.as_str() && l["outcome"] == "issued"
+    });
+    assert!(issued.is_some(), "{:?}", agent.audit_lines());
+    let signed = agent.wait_for_audit(|l| l["audit"] == "grant" && l["outcome"] == "signed");
+    assert!(signed.is_some(), "{:?}", agent.audit_lines());
+    // No token or assertion in the agent's log or audit.
+    let log = agent.log();
+    let audit = read(&agent.dir.path().join("audit.jsonl"));
+    for secret in [access_token, grant["assertion"].as_str().expect("a")] {
+        assert!(!log.contains(secret) && !audit.contains(secret));
+    }
+}
+
+#[tokio::test]
+async fn refusals_are_oauth_errors_with_the_status_of_their_code() {
+    let (agent, mock) = api_agent("[limits]\nrequest_timeout_seconds = 1\n", 100).await;
+    let error = |answer: &Answer, status: u16, error: &str, names: &str| {
+        assert_eq!(answer.status, status, "{}", answer.body);
+        let json = answer.json();
+        assert_eq!(json["error"], error, "{json}");
+        let description = json["error_description"].as_str().expect("description");
+        assert!(
+            description.contains(names),
+            "{description} should name {names}"
+        );
+    };
+
+    // The policy: a scope the caller's rule does not allow.
+    let refused = post(
+        &agent,
+        &PAYMENTS_H2,
+        "/api/v1/token",
+        &serde_json::json!({"identity_provider": "maskinporten", "target": "test:other"}),
+    );
+    error(&refused, 403, "access_denied", "test:other");
+
+    // Bad JSON, by the field.
+    let cases = [
+        (
+            r#"{"identity_provider":"maskinporten","target":5}"#,
+            "target",
+        ),
+        (
+            r#"{"identity_provider":"maskinporten","target":"a","scopes":["x"]}"#,
+            "scopes",
+        ),
+        (
+            r#"{"identity_provider":"maskinporten","target":"a","resource":{"x":1}}"#,
+            "resource",
+        ),
+        (
+            r#"{"identity_provider":"maskinporten","target":"a","skip_cache":"yes"}"#,
+            "skip_cache",
+        ),
+        (r#"{"target":"a"}"#, "identity_provider"),
+        (
+            r#"{"identity_provider":"idporten","target":"a"}"#,
+            "identity_provider",
+        ),
+        (
+            r#"{"identity_provider":"maskinporten","target":"a b"#,
+            "the body",
+        ),
+        (
+            r#"{"identity_provider":"maskinporten","target":" "}"#,
+            "target",
+        ),
+    ];
+    for (body, field) in cases {
+        let answer = curl(
+            &agent,
+            &PAYMENTS_H1,
+            "/api/v1/token",
+            body,
+            "application/json",
+        );
+        error(&answer, 400, "invalid_request", field);
+    }
+    // Without client_id, a caller whose rule allows several must name one.
+    let unix = post(
+        &agent,
+        &Via::Unix,
+        "/api/v1/token",
+        &serde_json::json!({"identity_provider": "maskinporten", "target": "test:scope"}),
+    );
+    error(&unix, 400, "invalid_request", "client_id");
+    // A validation error names the JSON field, not the gRPC one.
+    let lifetime = post(
+        &agent,
+        &Via::Unix,
+        "/api/v1/grant",
+        &serde_json::json!({"identity_provider": "maskinporten", "target": "test:scope",
+            "client_id": CLIENT_ID, "lifetime_seconds": 600}),
+    );
+    error(&lifetime, 400, "invalid_request", "lifetime_seconds");
+
+    // Maskinporten's own refusal passes through: its error, its description, its hint.
+    let before = token_requests(&mock).await;
+    let upstream = post(
+        &agent,
+        &Via::Unix,
+        "/api/v1/token",
+        &serde_json::json!({"identity_provider": "maskinporten", "target": "test:forbidden",
+            "client_id": CLIENT_ID}),
+    );
+    error(&upstream, 403, "invalid_scope", "trace_id");
+    let json = upstream.json();
+    assert!(
+        json["hint"]
+            .as_str()
+            .expect("hint")
+            .contains("check the scope names"),
+        "{json}"
+    );
+    assert!(
+        json["error_uri"]
+            .as_str()
+            .expect("error_uri")
+            .ends_with("/errors/MP-200")
+    );
+    assert_eq!(
+        token_requests(&mock).await,
+        before + 1,
+        "a 4xx is not retried"
+    );
+
+    // The door: content type, size, path, method.
+    let form = curl(
+        &agent,
+        &Via::Unix,
+        "/api/v1/token",
+        "identity_provider=maskinporten",
+        "application/x-www-form-urlencoded",
+    );
+    error(&form, 415, "invalid_request", "application/json");
+    let huge = format!(
+        r#"{{"identity_provider":"maskinporten","target":"{}"}}"#,
+        "a".repeat(70_000)
+    );
+    let large = curl(
+        &agent,
+        &Via::Unix,
+        "/api/v1/token",
+        &huge,
+        "application/json",
+    );
+    error(&large, 413, "invalid_request", "65536");
+    let nowhere = curl(
+        &agent,
+        &Via::Unix,
+        "/api/v1/nothing",
+        "{}",
+        "application/json",
+    );
+    error(&nowhere, 404, "not_found", "/api/v1/token");
+    let get = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(agent.dir.path().join("agent.sock"))
+        .arg("http://localhost/api/v1/token")
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&get.stdout), "405");
+
+    // A caller the policy does not know never reaches HTTP: its TLS handshake fails.
+    let other = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(agent.dir.path().join("ca.pem"))
+        .arg("--cert")
+        .arg(agent.dir.path().join("other.pem"))
+        .arg("--key")
+        .arg(agent.dir.path().join("other.key"))
+        .args(["-H", "content-type: application/json", "-d", "{}"])
+        .arg(format!("https://{}/api/v1/token", agent.addr))
+        .output()
+        .expect("curl");
+    assert!(!other.status.success(), "{OTHER} must be refused");
+
+    // Every refusal is audited, with the code the caller got.
+    let reason =
+        |l: &serde_json::Value, text: &str| l["reason"].as_str().is_some_and(|r| r.contains(text));
+    for (outcome, code, text) in [
+        ("denied", "PermissionDenied", "test:other"),
+        ("refused", "InvalidArgument", "content-type"),
+        ("refused", "InvalidArgument", "target"),
+        ("refused", "ResourceExhausted", "65536"),
+    ] {
+        let line = agent.wait_for_audit(|l| {
+            l["audit"] == "token" && l["outcome"] == outcome && l["code"] == code && reason(l, text)
+        });
+        assert!(
+            line.is_some(),
+            "{outcome} {code} {text}: {:?}",
+            agent.audit_lines()
+        );
+    }
+}
+
+#[tokio::test]
+async fn callers_over_their_rate_get_429_with_retry_after() {
+    let (agent, _mock) = api_agent("", 2).await;
+    let body = serde_json::json!({"identity_provider": "maskinporten", "target": "test:scope",
+        "client_id": CLIENT_ID});
+    let limited = (0..20)
+        .map(|_| post(&agent, &Via::Unix, "/api/v1/grant", &body))
+        .find(|answer| answer.status != 200)
+        .expect("the rate of 2 a second is reached within 20 requests");
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    assert_eq!(limited.header("retry-after"), Some("1"));
+    assert_eq!(limited.json()["error"], "temporarily_unavailable");
+    assert!(limited.body.contains("over its limit"), "{}", limited.body);
+}
+
+/// A raw HTTP/1.1 peer on the Unix socket.
+fn raw(socket: &Path, send: &[u8]) -> UnixStream {
+    let mut stream = UnixStream::connect(socket).expect("connect");
+    stream.write_all(send).expect("send");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    stream
+}
+
+/// Reads until the agent closes the connection (or the read timeout); what it sent.
+fn read_to_close(stream: &mut UnixStream) -> String {
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn slow_idle_and_oversized_http1_peers_are_cut_off() {
+    let (agent, _mock) = api_agent("[limits]\nrequest_timeout_seconds = 1\n", 100).await;
+    let socket = agent.dir.path().join("agent.sock");
+
+    // A body that never finishes: 408 after request_timeout, audited.
+    let started = Instant::now();
+    let mut slow = raw(
+        &socket,
+        b"POST /api/v1/token HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"identity",
+    );
+    let answer = read_to_close(&mut slow);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Headers that never finish, and a keep-alive connection left idle: closed within
+    // request_timeout, without an answer to wait for.
+    for send in [&b"POST /api/v1/token HTTP/1.1\r\nhost: x\r\n"[..], b""] {
+        let started = Instant::now();
+        let mut idle = raw(&socket, send);
+        if send.is_empty() {
+            // A complete request first, then silence.
+            idle.write_all(
+                b"POST /api/v1/nothing HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
+            )
+            .expect("send");
+        }
+        let _ = read_to_close(&mut idle);
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "closed after {:?}",
+            started.elapsed()
+        );
+    }
+
+    // A header block over max_header_list_bytes (8 KiB by default) is refused.
+    let mut big = b"POST /api/v1/token HTTP/1.1\r\nhost: x\r\n".to_vec();
+    for i in 0..400 {
+        big.extend_from_slice(format!("x-filler-{i}: {}\r\n", "y".repeat(40)).as_bytes());
+    }
+    big.extend_from_slice(b"\r\n");
+    let mut oversized = raw(&socket, &big);
+    let answer = read_to_close(&mut oversized);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    // Junk that is neither HTTP/2 nor an HTTP/1.1 request is closed unanswered.
+    let mut junk = raw(&socket, b"HELO agent\r\n\r\n");
+    assert_eq!(read_to_close(&mut junk), "");
+
+    // The agent still serves.
+    let ok = post(
+        &agent,
+        &Via::Unix,
+        "/api/v1/grant",
+        &serde_json::json!({"identity_provider": "maskinporten", "target": "test:scope",
+            "client_id": CLIENT_ID}),
+    );
+    assert_eq!(ok.status, 200, "{}", ok.body);
+}
