@@ -42,6 +42,8 @@ use grant_agent::proto::{
 };
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
+#[path = "throughput/http.rs"]
+mod http_json;
 #[path = "throughput/network.rs"]
 mod network;
 
@@ -357,6 +359,8 @@ struct Steps {
 
 /// The target for cached GetAccessToken against a bare health check.
 const CACHED_TARGET: f64 = 0.80;
+/// The target for the cached token over HTTP/JSON against the same over gRPC.
+const HTTP_TARGET: f64 = 0.80;
 /// In flight for the cached-token rounds against the health check.
 const CACHED_CONCURRENCY: usize = 64;
 
@@ -446,9 +450,12 @@ fn cached_tokens(
     println!(
         "    in turns with a grpc.health.v1 check, {CACHED_CONCURRENCY} in flight over as many connections:"
     );
-    println!("    round   tokens/s   health/s   ratio   agent CPU µs: token   health");
-    let length = Duration::from_millis(seconds * 1000 / 2).max(Duration::from_millis(500));
+    println!(
+        "    round   tokens/s   health/s   ratio   HTTP tokens/s   HTTP/gRPC   agent CPU µs: token   health   HTTP token"
+    );
+    let length = Duration::from_millis(seconds * 1000 / 3).max(Duration::from_millis(500));
     let mut ratios = Vec::new();
+    let mut http_ratios = Vec::new();
     for round in 1..=steps.rounds {
         let tokens = measure(
             runtime,
@@ -466,11 +473,21 @@ fn cached_tokens(
             length,
             Call::Health,
         );
+        let json = measure(
+            runtime,
+            &addr,
+            agent.id(),
+            CACHED_CONCURRENCY,
+            length,
+            Call::HttpCachedToken,
+        );
         let ratio = tokens.rate / health.rate;
         ratios.push(ratio);
+        let http_ratio = json.rate / tokens.rate;
+        http_ratios.push(http_ratio);
         println!(
-            "    {round:>5}   {:>8.0}   {:>8.0}   {ratio:>5.3}   {:>19.1}   {:>6.1}",
-            tokens.rate, health.rate, tokens.agent_us, health.agent_us
+            "    {round:>5}   {:>8.0}   {:>8.0}   {ratio:>5.3}   {:>13.0}   {http_ratio:>9.3}   {:>19.1}   {:>6.1}   {:>10.1}",
+            tokens.rate, health.rate, json.rate, tokens.agent_us, health.agent_us, json.agent_us
         );
     }
     let ratio = median(&ratios);
@@ -478,6 +495,16 @@ fn cached_tokens(
     verdict.add(
         ratio >= CACHED_TARGET,
         format!("cached GetAccessToken: {ratio:.3} of health checks/s (>= {CACHED_TARGET:.2})"),
+    );
+    let http_ratio = median(&http_ratios);
+    println!(
+        "    median HTTP/JSON cached tokens / gRPC cached tokens {http_ratio:.3} (target >= {HTTP_TARGET:.2})"
+    );
+    verdict.add(
+        http_ratio >= HTTP_TARGET,
+        format!(
+            "cached token over HTTP/JSON: {http_ratio:.3} of the gRPC rate (>= {HTTP_TARGET:.2})"
+        ),
     );
     for child in [&mut agent, &mut mock] {
         let _ = child.kill();
@@ -593,6 +620,8 @@ fn measure(
 enum Call {
     Sign,
     CachedToken,
+    /// The cached token through the HTTP/JSON API (`POST /api/v1/token`) over HTTP/2.
+    HttpCachedToken,
     /// `grpc.health.v1.Health/Check`: the smallest call the agent serves, no signing and
     /// no grant, so what it costs is the gRPC transport's floor on this machine.
     Health,
@@ -709,7 +738,12 @@ async fn load(
     // Callers are separate processes in practice, each with its own connection: spread the
     // callers over up to 8 HTTP/2 connections rather than funnelling all through one.
     let mut clients = Vec::new();
+    let mut json_clients = Vec::new();
     for _ in 0..concurrency.min(8) {
+        if matches!(call, Call::HttpCachedToken) {
+            json_clients.push(http_json::Client::connect(addr).await);
+            continue;
+        }
         clients.push(
             tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
                 .expect("address")
@@ -718,6 +752,11 @@ async fn load(
                 .expect("connect"),
         );
     }
+    if json_clients.is_empty() {
+        json_clients.push(http_json::Client::unconnected());
+    } else {
+        clients.push(tonic::transport::Endpoint::from_static("http://[::1]:1").connect_lazy());
+    }
     let started = Instant::now();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let tasks: Vec<_> = (0..concurrency)
@@ -725,6 +764,7 @@ async fn load(
             let channel = clients[i % clients.len()].clone();
             let mut client = GrantAgentClient::new(channel.clone());
             let mut health = HealthClient::new(channel);
+            let mut json = json_clients[i % json_clients.len()].clone();
             let done = std::sync::Arc::clone(&done);
             tokio::spawn(async move {
                 let (mut latencies, mut errors) = (Vec::new(), 0);
@@ -750,6 +790,7 @@ async fn load(
                             })
                             .await
                             .is_ok(),
+                        Call::HttpCachedToken => json.cached_token(CLIENT_ID).await,
                         Call::Health => health
                             .check(HealthCheckRequest {
                                 service: "grantagent.v1.GrantAgent".into(),

@@ -206,6 +206,18 @@ async fn texas_requests_get_tokens_over_mutual_tls_and_the_unix_socket() {
     assert_eq!(cached.json()["access_token"], access_token);
     assert_eq!(token_requests(&mock).await, 1);
 
+    // texas's other body, a form, as `curl -d` sends it.
+    let form = curl(
+        &agent,
+        &PAYMENTS_H1,
+        "/api/v1/token",
+        "identity_provider=maskinporten&target=test%3Ascope",
+        "application/x-www-form-urlencoded",
+    );
+    assert_eq!(form.status, 200, "{}", form.body);
+    assert_eq!(form.json()["access_token"], access_token);
+    assert_eq!(token_requests(&mock).await, 1);
+
     // skip_cache goes to Maskinporten again.
     let mut fresh = texas.clone();
     fresh["skip_cache"] = true.into();
@@ -379,10 +391,12 @@ async fn refusals_are_oauth_errors_with_the_status_of_their_code() {
         &agent,
         &Via::Unix,
         "/api/v1/token",
-        "identity_provider=maskinporten",
+        "identity_provider=maskinporten&target=a&scope=b",
         "application/x-www-form-urlencoded",
     );
-    error(&form, 415, "invalid_request", "application/json");
+    error(&form, 400, "invalid_request", "scope");
+    let text = curl(&agent, &Via::Unix, "/api/v1/token", "{}", "text/plain");
+    error(&text, 415, "invalid_request", "application/json");
     let huge = format!(
         r#"{{"identity_provider":"maskinporten","target":"{}"}}"#,
         "a".repeat(70_000)

@@ -10,8 +10,8 @@
 //! identification, validation, policy, rate limit, cache and audit are the gRPC call's
 //! own. Before that, the checks the gRPC gate makes ([`Door`]) are made here in JSON
 //! terms: a caller no rule names is refused before its body is read; the body must be
-//! JSON, at most [`MAX_REQUEST_BYTES`], within the shared budget, and arrive within
-//! `request_timeout`. Errors are OAuth2-style `{"error", "error_description"}` with the
+//! JSON or a form (texas takes both), at most [`MAX_REQUEST_BYTES`], within the shared
+//! budget, and arrive within `request_timeout`. Errors are OAuth2-style `{"error", "error_description"}` with the
 //! HTTP status `status::http_status` gives the gRPC code; a refusal from Maskinporten
 //! passes through with its own `error`, `error_description` and hint.
 
@@ -103,7 +103,7 @@ impl HttpApi {
             Ok(read) => read,
             Err(stop) => return self.refuse(call, &peer, &stop),
         };
-        let params = match self.parameters(&read.0, &peer) {
+        let params = match self.parameters(&read.0, read.2, &peer) {
             Ok(params) => params,
             Err(stop) => return self.refuse(call, &peer, &stop),
         };
@@ -141,19 +141,25 @@ impl HttpApi {
         headers: &HeaderMap,
         peer: &Peer,
         body: Body,
-    ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Stop> {
+    ) -> Result<(Bytes, Option<OwnedSemaphorePermit>, Format), Stop> {
         self.door.knows(peer)?;
         let content_type = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         let media = content_type.split(';').next().unwrap_or("").trim();
-        if !media.eq_ignore_ascii_case("application/json") {
+        let format = if media.eq_ignore_ascii_case("application/json") {
+            Format::Json
+        } else if media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+            Format::Form
+        } else {
             return Err(Stop::invalid(
                 "content_type",
-                format!("content-type {content_type:?} is not application/json"),
+                format!(
+                    "content-type {content_type:?} is neither application/json nor application/x-www-form-urlencoded"
+                ),
             ));
-        }
+        };
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -162,7 +168,7 @@ impl HttpApi {
             return Err(too_large(length));
         }
         match tokio::time::timeout(self.door.request_timeout, self.read_body(body)).await {
-            Ok(read) => read,
+            Ok(read) => read.map(|(bytes, held)| (bytes, held, format)),
             Err(_elapsed) => Err(self.door.too_slow()),
         }
     }
@@ -190,21 +196,8 @@ impl HttpApi {
     }
 
     /// The request's grant parameters, or a refusal naming the field at fault.
-    fn parameters(&self, body: &[u8], peer: &Peer) -> Result<Parameters, Stop> {
-        let mut parsed = serde_json::Deserializer::from_slice(body);
-        let request: JsonRequest = serde_path_to_error::deserialize(&mut parsed).map_err(|e| {
-            // A syntax error has no field to name; serde_path_to_error says "." for the
-            // top level (a missing field) and "?" before any field.
-            let path = e.path().to_string();
-            let field = if e.inner().is_syntax() || e.inner().is_eof() {
-                "the body is not JSON"
-            } else if path == "." || path == "?" {
-                "the body"
-            } else {
-                &path
-            };
-            Stop::invalid("malformed", format!("{field}: {}", e.inner()))
-        })?;
+    fn parameters(&self, body: &[u8], format: Format, peer: &Peer) -> Result<Parameters, Stop> {
+        let request = format.parse(body)?;
         if request.identity_provider != IDENTITY_PROVIDER {
             return Err(Stop::invalid(
                 "malformed",
@@ -226,6 +219,8 @@ impl HttpApi {
         };
         let authorization_details_json = match request.authorization_details {
             None | Some(serde_json::Value::Null) => String::new(),
+            // A form can only carry it as text; the grant's validation reads the text.
+            Some(serde_json::Value::String(text)) => text,
             Some(details) => details.to_string(),
         };
         Ok(Parameters {
@@ -248,7 +243,7 @@ impl HttpApi {
                 pid: request.pid.unwrap_or_default(),
                 iss_onbehalfof: request.iss_onbehalfof.unwrap_or_default(),
             },
-            skip_cache: request.skip_cache,
+            skip_cache: request.skip_cache.unwrap_or(false),
         })
     }
 
@@ -270,6 +265,48 @@ impl HttpApi {
         };
         json(http, &answer)
     }
+}
+
+/// How a request body is written.
+#[derive(Debug, Clone, Copy)]
+enum Format {
+    Json,
+    /// `application/x-www-form-urlencoded`, as `curl -d name=value` sends it.
+    Form,
+}
+
+impl Format {
+    /// The request in `body`, or a refusal naming the field at fault.
+    fn parse(self, body: &[u8]) -> Result<JsonRequest, Stop> {
+        match self {
+            Format::Json => {
+                let mut parsed = serde_json::Deserializer::from_slice(body);
+                serde_path_to_error::deserialize(&mut parsed).map_err(|e| {
+                    // A syntax error has no field to name.
+                    let syntax = e.inner().is_syntax() || e.inner().is_eof();
+                    let path = e.path().to_string();
+                    malformed(syntax.then_some("the body is not JSON"), &path, e.inner())
+                })
+            }
+            Format::Form => {
+                let parsed = serde_urlencoded::Deserializer::new(form_urlencoded::parse(body));
+                serde_path_to_error::deserialize(parsed)
+                    .map_err(|e| malformed(None, &e.path().to_string(), e.inner()))
+            }
+        }
+    }
+}
+
+/// The refusal of a body that does not parse: `what` when given, else the field's
+/// path (serde_path_to_error says "." for the top level, as for a missing field, and
+/// "?" before any field).
+fn malformed(what: Option<&str>, path: &str, error: &dyn std::fmt::Display) -> Stop {
+    let field = what.unwrap_or(if path == "." || path == "?" {
+        "the body"
+    } else {
+        path
+    });
+    Stop::invalid("malformed", format!("{field}: {error}"))
 }
 
 /// The API's two calls.
@@ -299,8 +336,9 @@ fn too_large(length: u64) -> Stop {
     }
 }
 
-/// A request body: texas's fields, then GetAccessToken's. Unknown fields are refused by
-/// name, as Maskinporten refuses claims it does not list, so a misspelt field is found.
+/// A request body, JSON or a form: texas's fields, then GetAccessToken's. Unknown fields
+/// are refused by name, as Maskinporten refuses claims it does not list, so a misspelt
+/// field is found.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JsonRequest {
@@ -308,9 +346,10 @@ struct JsonRequest {
     /// Scopes, space-separated.
     target: String,
     resource: Option<Resources>,
-    #[serde(default)]
-    skip_cache: bool,
-    /// Given as JSON (an array of objects, or one object), sent on as it is.
+    /// texas allows null, meaning false.
+    skip_cache: Option<bool>,
+    /// Given as JSON (an array of objects), or as text holding that JSON (the only way
+    /// a form can carry it); sent on as it is.
     authorization_details: Option<serde_json::Value>,
     client_id: Option<String>,
     key: Option<String>,
@@ -511,6 +550,45 @@ mod tests {
             "authorization_details: not JSON"
         );
         assert_eq!(json_terms("key foo is not known"), "key foo is not known");
+    }
+
+    #[test]
+    fn forms_carry_the_same_fields() {
+        let form = Format::Form
+            .parse(b"identity_provider=maskinporten&target=a%3Ab+c%3Ad&resource=https%3A%2F%2Fx%2F&skip_cache=true&lifetime_seconds=60&authorization_details=%5B%7B%22type%22%3A%22t%22%7D%5D")
+            .unwrap_or_else(|stop| panic!("{}", stop.status.message()));
+        assert_eq!(form.target, "a:b c:d");
+        assert_eq!(form.resource.unwrap().into_vec(), ["https://x/"]);
+        assert_eq!(form.skip_cache, Some(true));
+        assert_eq!(form.lifetime_seconds, Some(60));
+        assert_eq!(
+            form.authorization_details,
+            Some(serde_json::Value::String(r#"[{"type":"t"}]"#.into()))
+        );
+        for (body, field) in [
+            (
+                &b"identity_provider=maskinporten&target=a&skip_cache=maybe"[..],
+                "skip_cache",
+            ),
+            (
+                b"identity_provider=maskinporten&target=a&lifetime_seconds=-1",
+                "lifetime_seconds",
+            ),
+            (
+                b"identity_provider=maskinporten&target=a&scopes=x",
+                "scopes",
+            ),
+            (b"target=a", "identity_provider"),
+        ] {
+            let Err(stop) = Format::Form.parse(body) else {
+                panic!("{field} accepted");
+            };
+            assert!(
+                stop.status.message().contains(field),
+                "{}",
+                stop.status.message()
+            );
+        }
     }
 
     #[test]
