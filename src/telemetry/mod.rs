@@ -33,7 +33,9 @@ pub enum LogFormat {
 /// Installs the global subscriber for logs alone, in `format`: for commands that send
 /// no traces. Call once, before anything logs.
 pub fn init_logs(format: LogFormat) {
-    tracing_subscriber::registry().with(log_layer(format)).init();
+    tracing_subscriber::registry()
+        .with(log_layer(format))
+        .init();
 }
 
 /// Installs the global subscriber: logs in `format`, and traces to `tracing`'s collector
