@@ -164,8 +164,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
-    match run(cli.command) {
+    match run(cli.command, cli.log_format) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             let mut message = format!("grant-agent: error: {error}");
@@ -254,7 +253,8 @@ fn dev_command(listen: SocketAddr, state_dir: PathBuf) -> Result<(), Failure> {
     let conf = state_dir.join("softhsm2.conf");
     let exe = std::env::current_exe()
         .map_or_else(|_| "grant-agent".to_owned(), |p| p.display().to_string());
-    serve(&config_path, config, |endpoints| {
+    let pin = take_pin(&config.pkcs11.pin)?;
+    serve(&config_path, config, pin, |endpoints| {
         let addr = endpoints.first().map_or("", String::as_str);
         println!("grant-agent dev: listening on {addr}");
         println!("  token, PINs and config in {}", state_dir.display());
@@ -272,19 +272,15 @@ fn dev_command(listen: SocketAddr, state_dir: PathBuf) -> Result<(), Failure> {
     })
 }
 
-fn run(command: Command) -> Result<(), Failure> {
+/// Runs `command` with logs in `log_format`. `serve` sets up logging once its config is
+/// read, because `[tracing]` decides whether traces are sent too; every other command
+/// sets it up first thing.
+fn run(command: Command, log_format: LogFormat) -> Result<(), Failure> {
+    if !matches!(command, Command::Serve { .. }) {
+        telemetry::init_logs(log_format);
+    }
     match command {
-        Command::Serve { config, pid_file } => {
-            let pid_file = pid_file.map(PidFile::new).transpose()?;
-            serve(&config, Config::load(&config)?, |endpoints| {
-                if let Some(pid_file) = &pid_file {
-                    pid_file.write();
-                }
-                for endpoint in endpoints {
-                    println!("grant-agent: listening on {endpoint}");
-                }
-            })
-        }
+        Command::Serve { config, pid_file } => serve_command(&config, pid_file, log_format),
         Command::Key { command } => cli::key_command(command),
         Command::Check { config } => check_command(&config),
         Command::Cert { command } => cli::cert_command(command),
@@ -298,6 +294,31 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Dev { listen, state_dir } => dev_command(listen, state_dir),
         Command::Client { command } => runtime()?.block_on(cli::client(command)),
     }
+}
+
+/// `serve`: loads the config, takes the PIN, sets up logs and traces, serves, and at the
+/// end sends the spans still queued.
+fn serve_command(
+    config_path: &Path,
+    pid_file: Option<PathBuf>,
+    log_format: LogFormat,
+) -> Result<(), Failure> {
+    let pid_file = pid_file.map(PidFile::new).transpose()?;
+    let config = Config::load(config_path)?;
+    // Before telemetry: a PIN from the environment re-executes the agent, and the
+    // exporter's threads would be started twice.
+    let pin = take_pin(&config.pkcs11.pin)?;
+    let telemetry = telemetry::init(log_format, config.tracing.as_ref())?;
+    let served = serve(config_path, config, pin, |endpoints| {
+        if let Some(pid_file) = &pid_file {
+            pid_file.write();
+        }
+        for endpoint in endpoints {
+            println!("grant-agent: listening on {endpoint}");
+        }
+    });
+    telemetry.shutdown();
+    served
 }
 
 /// Set on the re-executed agent whose PIN arrives on stdin.
@@ -337,14 +358,14 @@ fn take_pin(source: &PinSource) -> Result<cryptoki::types::AuthPin, Failure> {
     Err(format!("cannot re-run without {var} in the environment: {error}").into())
 }
 
-/// Starts the agent on `config` (loaded from `config_path`), serves until SIGINT/SIGTERM
+/// Starts the agent on `config` (loaded from `config_path`) with `pin`, serves until SIGINT/SIGTERM
 /// (reloading `config_path` on SIGHUP), then logs out and finalizes the module.
 fn serve(
     config_path: &Path,
     config: Config,
+    pin: cryptoki::types::AuthPin,
     on_ready: impl FnOnce(&[String]),
 ) -> Result<(), Failure> {
-    let pin = take_pin(&config.pkcs11.pin)?;
     // After the PIN's re-execution, if any, so it is logged once; before any socket.
     match grant_agent::process::raise_open_files_limit() {
         Ok(l) if l.from < l.to => {

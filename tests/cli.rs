@@ -803,3 +803,41 @@ fn serve_refuses_a_pid_file_in_a_missing_folder() {
         "checked before the config: {err}"
     );
 }
+
+/// A `[tracing]` section that cannot work stops `check` and `serve` before any module is
+/// loaded or socket bound, naming the key.
+#[test]
+fn a_bad_tracing_section_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_pin(&dir.path().join("pin"), "123456\n", 0o600);
+    let config = dir.path().join("agent.toml");
+    let base = "unix_socket = \"a.sock\"\n[pkcs11]\nmodule = \"/nonexistent.so\"\ntoken_label = \"t\"\n\
+                pin_file = \"pin\"\n[[keys]]\nname = \"default\"\nlabel = \"k\"\ncertificate = \"token\"\n";
+    for (tracing, key) in [
+        (
+            "otlp_endpoint = \"collector:4317\"",
+            "tracing.otlp_endpoint",
+        ),
+        (
+            "otlp_endpoint = \"http://127.0.0.1:4317\"\nsample_ratio = 2.0",
+            "tracing.sample_ratio",
+        ),
+    ] {
+        std::fs::write(&config, format!("{base}[tracing]\n{tracing}\n")).expect("write");
+        for command in ["check", "serve"] {
+            let out = std::process::Command::new(BIN)
+                .args([command, "--config"])
+                .arg(&config)
+                .output()
+                .expect("run");
+            assert_eq!(out.status.code(), Some(1), "{command}");
+            let prefix = format!("grant-agent: error: {}: `{key}`: ", config.display());
+            assert!(
+                stderr(&out).starts_with(&prefix),
+                "{command}: {}",
+                stderr(&out)
+            );
+        }
+    }
+    assert!(!dir.path().join("a.sock").exists(), "nothing was bound");
+}

@@ -32,7 +32,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("cert", &["grant", "hex"]),
     // hsm owns its settings types (token selector, key locator, PIN source); config
     // parses into them.
-    ("config", &["cert", "grant", "hex", "hsm", "maskinporten"]),
+    (
+        "config",
+        &["cert", "grant", "hex", "hsm", "maskinporten", "telemetry"],
+    ),
     ("p12", &["cert"]),
     ("agent", &["cert", "config", "grant", "hsm"]),
     (
@@ -42,13 +45,28 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("metrics", &["agent", "hsm"]),
     (
         "token",
-        &["agent", "config", "grant", "maskinporten", "metrics"],
+        &[
+            "agent",
+            "config",
+            "grant",
+            "maskinporten",
+            "metrics",
+            "telemetry",
+        ],
     ),
     ("client", &["agent", "proto"]),
     (
         "server",
         &[
-            "agent", "cert", "config", "grant", "metrics", "process", "proto", "token",
+            "agent",
+            "cert",
+            "config",
+            "grant",
+            "metrics",
+            "process",
+            "proto",
+            "telemetry",
+            "token",
         ],
     ),
     ("dev", &["config", "hsm"]),

@@ -15,7 +15,9 @@
 //! - `GET /.well-known/oauth-authorization-server`: RFC 8414 metadata; with `well_known =
 //!   "openid-configuration"` only `GET /.well-known/openid-configuration` (the same
 //!   document, as Skyporten publishes it), with `"both"` both.
-//! - `GET /mock/stats`: `{"token_requests", "tokens_issued", "refused", "faults"}` since start.
+//! - `GET /mock/stats`: `{"token_requests", "tokens_issued", "refused", "faults"}` since
+//!   start, and `last_traceparent`: the W3C `traceparent` header of the latest token
+//!   request (`""` without one).
 //! - `POST /mock/faults`: `{"mode": "status"|"delay"|"drop", "status": 503, "delay_ms":
 //!   2000, "count": 3}` applies to the next `count` token requests (0 or absent: until
 //!   cleared). `status` answers with that status (400 to 599, default 503) and an OAuth2

@@ -59,6 +59,9 @@ struct Stats {
     tokens_issued: AtomicU64,
     refused: AtomicU64,
     faults: AtomicU64,
+    /// The W3C `traceparent` header of the latest token request ("" without one), so
+    /// tests can see the agent's trace reach the token endpoint.
+    last_traceparent: Mutex<String>,
 }
 
 /// What a fault does to a token request.
@@ -153,6 +156,17 @@ async fn token(
     body: Bytes,
 ) -> Response {
     let _ = mock.stats.token_requests.fetch_add(1, Relaxed);
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    traceparent.clone_into(
+        &mut mock
+            .stats
+            .last_traceparent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner),
+    );
     if let Some(action) = mock.next_fault() {
         let _ = mock.stats.faults.fetch_add(1, Relaxed);
         tracing::info!(fault = ?action, "mock-maskinporten: injecting a fault");
@@ -326,6 +340,7 @@ async fn stats(State(mock): State<Arc<Mock>>) -> Response {
             "tokens_issued": s.tokens_issued.load(Relaxed),
             "refused": s.refused.load(Relaxed),
             "faults": s.faults.load(Relaxed),
+            "last_traceparent": *s.last_traceparent.lock().unwrap_or_else(PoisonError::into_inner),
         }),
     )
 }

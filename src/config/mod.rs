@@ -7,8 +7,8 @@
 //! move together.
 //!
 //! One file per section, each with its `Raw*` serde struct and its validation:
-//! `access` (listeners, TLS, policy, audit), `pkcs11`, `keys`, `environments`, `token`
-//! and `limits`. This file holds [`Config`], the top-level keys and [`ConfigError`].
+//! `access` (listeners, TLS, policy, audit), `pkcs11`, `keys`, `environments`, `token`,
+//! `limits` and `tracing`. This file holds [`Config`], the top-level keys and [`ConfigError`].
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -24,7 +24,9 @@ mod pkcs11;
 #[cfg(test)]
 mod tests;
 mod token;
+mod tracing;
 
+pub use crate::telemetry::TracingSettings;
 pub use access::{Access, PolicyRule, Tls, UnixSocket};
 pub(crate) use access::{CachedAudit, IdentityField, Pattern};
 pub(crate) use environments::{EnvironmentConfig, TokenEndpoint};
@@ -69,6 +71,8 @@ pub struct Config {
     pub token: TokenSettings,
     /// What a peer may make the agent hold: connections, streams, windows, timeouts.
     pub(crate) limits: Limits,
+    /// `[tracing]`: where OpenTelemetry spans go; `None` sends none.
+    pub tracing: Option<TracingSettings>,
 }
 
 /// A configuration that cannot be used, with what to do about it.
@@ -158,6 +162,7 @@ impl Config {
         let environments = environments::environments(raw.environments, &invalid)?;
         let metrics_listen = listen_address(raw.metrics, "metrics.listen", "9464", &invalid)?;
         let health_listen = listen_address(raw.health, "health.listen", "8081", &invalid)?;
+        let tracing = tracing::tracing(raw.tracing, &invalid)?;
         let config = Config {
             access,
             pkcs11,
@@ -170,6 +175,7 @@ impl Config {
             health_listen,
             token,
             limits,
+            tracing,
         };
         config.check_default_environment(&invalid)?;
         Ok(config)
@@ -342,6 +348,7 @@ struct RawConfig {
     health: Option<RawListen>,
     token: Option<token::RawToken>,
     limits: Option<limits::RawLimits>,
+    tracing: Option<tracing::RawTracing>,
 }
 
 #[derive(Deserialize)]

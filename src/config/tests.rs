@@ -451,3 +451,69 @@ fn the_health_port_is_off_unless_set_and_its_address_is_checked() {
     );
     assert!(err(&format!("{GOOD}[health]\nport = 8081\n")).contains("unknown field `port`"));
 }
+
+#[test]
+fn tracing_is_off_unless_set_and_its_values_are_checked() {
+    let c = Config::from_toml_str(GOOD, "agent.toml").expect("valid");
+    assert_eq!(c.tracing, None);
+    let text = format!("{GOOD}[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\n");
+    let c = Config::from_toml_str(&text, "agent.toml").expect("valid");
+    assert_eq!(
+        c.tracing,
+        Some(TracingSettings {
+            otlp_endpoint: "http://127.0.0.1:4317".into(),
+            service_name: "grant-agent".into(),
+            sample_ratio: 1.0,
+            export_timeout: std::time::Duration::from_secs(10),
+        })
+    );
+    let text = format!(
+        "{GOOD}[tracing]\notlp_endpoint = \"https://otel.example.no\"\nservice_name = \"agent-a\"\nsample_ratio = 0.25\nexport_timeout_seconds = 3\n"
+    );
+    let c = Config::from_toml_str(&text, "agent.toml").expect("valid");
+    let tracing = c.tracing.expect("tracing");
+    assert_eq!(
+        (tracing.service_name.as_str(), tracing.sample_ratio),
+        ("agent-a", 0.25)
+    );
+    assert_eq!(
+        err(&format!(
+            "{GOOD}[tracing]\notlp_endpoint = \"127.0.0.1:4317\"\n"
+        )),
+        "agent.toml: `tracing.otlp_endpoint`: \"127.0.0.1:4317\" is not an http:// or https:// address with a host; write it as \"http://127.0.0.1:4317\" (the collector's OTLP/gRPC port)"
+    );
+    for bad in [
+        "grpc://collector:4317",
+        "http://",
+        "http://collector:4317/v1/traces",
+    ] {
+        let e = err(&format!("{GOOD}[tracing]\notlp_endpoint = \"{bad}\"\n"));
+        assert!(
+            e.starts_with("agent.toml: `tracing.otlp_endpoint`: "),
+            "{e}"
+        );
+    }
+    assert!(
+        err(&format!("{GOOD}[tracing]\nservice_name = \"a\"\n"))
+            .starts_with("agent.toml: `tracing.otlp_endpoint`: is required")
+    );
+    for ratio in ["1.5", "-0.1", "nan"] {
+        let e = err(&format!(
+            "{GOOD}[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\nsample_ratio = {ratio}\n"
+        ));
+        assert!(e.starts_with("agent.toml: `tracing.sample_ratio`: "), "{e}");
+    }
+    let e = err(&format!(
+        "{GOOD}[tracing]\notlp_endpoint = \"http://127.0.0.1:4317\"\nexport_timeout_seconds = 0\n"
+    ));
+    assert!(
+        e.starts_with("agent.toml: `tracing.export_timeout_seconds`: "),
+        "{e}"
+    );
+    assert!(
+        err(&format!(
+            "{GOOD}[tracing]\nendpoint = \"http://127.0.0.1:4317\"\n"
+        ))
+        .contains("unknown field `endpoint`")
+    );
+}

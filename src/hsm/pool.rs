@@ -134,7 +134,17 @@ impl SessionPool {
     ) -> Result<(Vec<u8>, Duration), RequestError> {
         let arrived = Instant::now();
         let (reply, answer) = tokio::sync::oneshot::channel();
+        // Trace spans, disabled (and free) unless traces are exported: `queue_wait` from
+        // here until a session thread takes the job; `C_Sign` on that thread, a child of
+        // the request (held here so it stays open until the sign is done).
+        let queue_wait = tracing::trace_span!("queue_wait");
+        let request = if queue_wait.is_disabled() {
+            tracing::Span::none()
+        } else {
+            tracing::Span::current()
+        };
         let job: Job = Box::new(move |worker: &mut Worker| {
+            drop(queue_wait);
             if reply.is_closed() {
                 return;
             }
@@ -143,7 +153,16 @@ impl SessionPool {
                 return;
             }
             let waited = arrived.elapsed();
-            let _ = reply.send(worker.sign(&key, sign).map(|s| (s, waited)));
+            let c_sign = tracing::trace_span!(
+                parent: &request,
+                "C_Sign",
+                otel.status_code = tracing::field::Empty
+            );
+            let signed = c_sign.in_scope(|| worker.sign(&key, sign));
+            if signed.is_err() {
+                let _ = c_sign.record("otel.status_code", "ERROR");
+            }
+            let _ = reply.send(signed.map(|s| (s, waited)));
         });
         self.shared.submit(job, Some(deadline))?;
         let answer = match deadline {

@@ -18,6 +18,7 @@ mod reload;
 mod service;
 mod status;
 mod tls;
+mod trace;
 
 use std::{
     future::Future,

@@ -28,6 +28,7 @@ use super::{
     caller::{Caller, Peer},
     policy::{Ask, Policy},
     status::{self, Failure, Outcome, code_name},
+    trace::{self, Method},
 };
 
 #[derive(Clone)]
@@ -96,6 +97,7 @@ impl GrantAgentService {
         outcome: &'static str,
         result: &Detail<'_>,
     ) -> Receipt {
+        trace::note_outcome(outcome);
         if audit == "token" {
             self.metrics.token(&at.key, outcome);
         } else {
@@ -172,6 +174,7 @@ impl GrantAgentService {
             authorization_types: Vec::new(),
             deadline,
         };
+        trace::note_caller(head.caller.name());
         if let Err(refusal) = self.policy.knows(&head.caller) {
             head.authorization_types = authorization_types(&params);
             let failure = status::refusal(&refusal);
@@ -193,13 +196,20 @@ impl GrantAgentService {
             return Err(self.refuse(audit, &head, grant.params(), failure));
         }
         let params = grant.params();
+        trace::note_request(&head.key, &params.client_id, &head.environment);
         let ask = ask(
             &head.key,
             &head.environment,
             &head.authorization_types,
             params,
         );
-        if let Err(refusal) = self.policy.authorize(&head.caller, &ask) {
+        let policy = tracing::trace_span!("policy", grant_agent.decision = tracing::field::Empty);
+        let decision = policy.in_scope(|| self.policy.authorize(&head.caller, &ask));
+        let _ = policy.record(
+            "grant_agent.decision",
+            decision.as_ref().map_or("denied", |()| "allowed"),
+        );
+        if let Err(refusal) = decision {
             let failure = status::refusal(&refusal);
             return Err(self.refuse(audit, &head, params, failure));
         }
@@ -294,6 +304,7 @@ impl GrantAgentService {
                     "issued"
                 };
                 if issued.from_cache && self.audit.summary_interval().is_some() {
+                    trace::note_outcome(outcome);
                     self.metrics.token(&at.head.key, outcome);
                     self.audit.count_cached(&CachedAnswer {
                         caller: at.head.caller.name(),
@@ -499,8 +510,18 @@ impl GrantAgent for GrantAgentService {
     ) -> Result<Response<SignGrantResponse>, Status> {
         use tracing::Instrument;
         let request_id = crate::grant::random_uuid().simple().to_string();
-        let span = tracing::info_span!("sign_grant", request_id = %request_id);
-        self.sign(request, request_id).instrument(span).await
+        let span = trace::request_span(Method::SignGrant, &request_id, request.metadata().as_ref());
+        let answer = self
+            .sign(request, request_id)
+            .instrument(span.clone())
+            .await;
+        trace::note_code(
+            &span,
+            answer
+                .as_ref()
+                .map_or_else(Status::code, |_| tonic::Code::Ok),
+        );
+        answer
     }
 
     async fn get_access_token(
@@ -509,8 +530,22 @@ impl GrantAgent for GrantAgentService {
     ) -> Result<Response<GetAccessTokenResponse>, Status> {
         use tracing::Instrument;
         let request_id = crate::grant::random_uuid().simple().to_string();
-        let span = tracing::info_span!("get_access_token", request_id = %request_id);
-        self.token(request, request_id).instrument(span).await
+        let span = trace::request_span(
+            Method::GetAccessToken,
+            &request_id,
+            request.metadata().as_ref(),
+        );
+        let answer = self
+            .token(request, request_id)
+            .instrument(span.clone())
+            .await;
+        trace::note_code(
+            &span,
+            answer
+                .as_ref()
+                .map_or_else(Status::code, |_| tonic::Code::Ok),
+        );
+        answer
     }
 
     async fn list_keys(

@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use crate::{
     config::{EnvironmentConfig, TokenEndpoint, TokenSettings, endpoint_problem},
-    maskinporten,
+    maskinporten, telemetry,
 };
 
 use super::{AccessToken, OAuthError, TokenError, lock};
@@ -190,17 +190,57 @@ impl Exchange {
         )))
     }
 
-    /// POSTs one grant and reads the answer, all before `deadline`.
+    /// POSTs one grant and reads the answer, all before `deadline`, in a `token_exchange`
+    /// span whose W3C `traceparent` goes with the POST when traces are exported.
     pub(super) async fn post(
         &self,
         endpoint: &str,
         assertion: &str,
         deadline: Instant,
     ) -> Result<AccessToken, Failure> {
+        use tracing::{Instrument, field::Empty};
+        let span = tracing::trace_span!(
+            "token_exchange",
+            otel.kind = "client",
+            otel.status_code = Empty,
+            http.request.method = "POST",
+            http.response.status_code = Empty,
+        );
+        // Empty (and not allocated) unless traces are exported.
+        let mut trace_headers = reqwest::header::HeaderMap::new();
+        telemetry::inject(&span, &mut trace_headers);
+        let answer = self
+            .exchange(endpoint, assertion, deadline, trace_headers)
+            .instrument(span.clone())
+            .await;
+        match &answer {
+            Ok((status, _)) => {
+                let _ = span.record("http.response.status_code", status);
+            }
+            Err(_) => {
+                let _ = span.record("otel.status_code", "ERROR");
+            }
+        }
+        let (status, body) = answer?;
+        if !(200..=299).contains(&status) {
+            let _ = span.record("otel.status_code", "ERROR");
+        }
+        read_answer(status, &body)
+    }
+
+    /// The POST itself: the status and the body, read with a size limit.
+    async fn exchange(
+        &self,
+        endpoint: &str,
+        assertion: &str,
+        deadline: Instant,
+        trace_headers: reqwest::header::HeaderMap,
+    ) -> Result<(u16, Zeroizing<Vec<u8>>), Failure> {
         let exchange = async {
             let response = self
                 .http
                 .post(endpoint)
+                .headers(trace_headers)
                 .header(reqwest::header::ACCEPT, "application/json")
                 .form(&[
                     ("grant_type", maskinporten::JWT_BEARER),
@@ -214,27 +254,31 @@ impl Exchange {
             let body = Zeroizing::new(read_limited(response).await.map_err(Failure::Network)?);
             Ok((status, body))
         };
-        let (status, body) = tokio::time::timeout_at(deadline.into(), exchange)
+        tokio::time::timeout_at(deadline.into(), exchange)
             .await
-            .map_err(|_| Failure::Timeout)??;
-        match status {
-            200..=299 => parse_token(&body),
-            400..=499 => Err(Failure::Refused {
-                status,
-                oauth: parse_error(&body).unwrap_or_else(|| OAuthError {
-                    error: String::new(),
-                    description: format!(
-                        "HTTP {status} without an OAuth2 error body{}",
-                        snippet(&body)
-                    ),
-                    uri: String::new(),
-                }),
+            .map_err(|_| Failure::Timeout)?
+    }
+}
+
+/// What an answer says: a token (2xx), a refusal (4xx) or a server failure.
+fn read_answer(status: u16, body: &[u8]) -> Result<AccessToken, Failure> {
+    match status {
+        200..=299 => parse_token(body),
+        400..=499 => Err(Failure::Refused {
+            status,
+            oauth: parse_error(body).unwrap_or_else(|| OAuthError {
+                error: String::new(),
+                description: format!(
+                    "HTTP {status} without an OAuth2 error body{}",
+                    snippet(body)
+                ),
+                uri: String::new(),
             }),
-            _ => Err(Failure::Server {
-                status,
-                oauth: parse_error(&body),
-            }),
-        }
+        }),
+        _ => Err(Failure::Server {
+            status,
+            oauth: parse_error(body),
+        }),
     }
 }
 

@@ -27,6 +27,7 @@ use crate::{
     grant::{AuthorizationDetails, ValidGrant},
     maskinporten,
     metrics::Metrics,
+    telemetry,
 };
 
 use cache::{CacheKey, Flight, Lookup, TokenCache};
@@ -332,17 +333,25 @@ impl TokenService {
         answer_by(Instant::now() + self.settings.timeout)
     }
 
-    /// Runs a flight in its own task, so that it lands even if its caller gives up.
+    /// Runs a flight in its own task, so that it lands even if its caller gives up. In a
+    /// trace the flight (`token_fetch`) is a child of the request that started it, which
+    /// it does not keep open: waiters and a refresh ahead return before it lands.
     fn fly(self: &Arc<Self>, flight: Flight, grant: ValidGrant, deadline: Instant, origin: Origin) {
+        use tracing::Instrument;
+        let span = tracing::trace_span!(parent: None, "token_fetch");
+        telemetry::follow(&span, &tracing::Span::current());
         let service = Arc::clone(self);
-        drop(tokio::spawn(async move {
-            let outcome = service
-                .fetch(&grant, deadline, &origin)
-                .await
-                .map(Arc::new)
-                .map_err(Arc::new);
-            service.cache.land(flight, outcome);
-        }));
+        drop(tokio::spawn(
+            async move {
+                let outcome = service
+                    .fetch(&grant, deadline, &origin)
+                    .await
+                    .map(Arc::new)
+                    .map_err(Arc::new);
+                service.cache.land(flight, outcome);
+            }
+            .instrument(span),
+        ));
     }
 
     /// Signs and exchanges grants until one gives a token, a refusal, or the tries or the

@@ -205,7 +205,7 @@ async fn serves_tokens_that_verify_against_jwks_and_counts_requests() {
     let stats = get_json(&http, &mock.url("mock/stats")).await;
     assert_eq!(
         stats,
-        json!({"token_requests": 3, "tokens_issued": 1, "refused": 2, "faults": 0})
+        json!({"token_requests": 3, "tokens_issued": 1, "refused": 2, "faults": 0, "last_traceparent": ""})
     );
     mock.stop().await;
 }
@@ -288,7 +288,7 @@ async fn faults_answer_with_a_status_delay_or_drop_the_connection() {
     let stats = get_json(&http, &mock.url("mock/stats")).await;
     assert_eq!(
         stats,
-        json!({"token_requests": 6, "tokens_issued": 3, "refused": 0, "faults": 4})
+        json!({"token_requests": 6, "tokens_issued": 3, "refused": 0, "faults": 4, "last_traceparent": ""})
     );
     mock.stop().await;
 }
