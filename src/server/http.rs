@@ -310,7 +310,7 @@ struct JsonRequest {
     resource: Option<Resources>,
     #[serde(default)]
     skip_cache: bool,
-    /// Given as JSON (an array of objects, or one object), sent on as it is.
+    /// Given as JSON (an array of objects, not a string holding one), sent on as it is.
     authorization_details: Option<serde_json::Value>,
     client_id: Option<String>,
     key: Option<String>,
