@@ -74,6 +74,7 @@ struct Operation<'a> {
 }
 
 impl Operation<'_> {
+    /// `POST /api/v1/token`, for failure messages.
     fn name(&self) -> String {
         format!("{} {}", self.method.to_ascii_uppercase(), self.path)
     }
