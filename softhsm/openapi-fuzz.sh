@@ -50,7 +50,11 @@ for _ in $(seq 1 600); do
 done
 [ -n "$addr" ] || { cat "$work/log" >&2; echo "openapi-fuzz: the agent did not start within 60 s" >&2; exit 1; }
 
-"$venv/bin/st" run docs/openapi.yaml \
+# From the temp folder, so that schemathesis's example database (.schemathesis/) goes with it.
+spec=$(pwd)/docs/openapi.yaml
+st=$(realpath "$venv/bin/st")
+cd "$work"
+"$st" run "$spec" \
   --url "http://$addr" \
   --include-path /api/v1/grant \
   --max-examples "${OPENAPI_FUZZ_EXAMPLES:-500}" \
