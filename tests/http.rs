@@ -11,173 +11,19 @@
 mod common;
 
 use std::{
-    io::{Read, Write},
-    os::unix::net::UnixStream,
-    path::Path,
+    io::Write,
     process::Command,
     time::{Duration, Instant},
 };
 
 use common::{
-    DevAgent, Mock, params, pem, read,
-    secured::{OTHER, PAYMENTS, tls_material, uid, write_config},
+    api::{
+        Answer, CLIENT_ID, PAYMENTS_H1, PAYMENTS_H2, Via, api_agent, curl, post, raw,
+        read_to_close, token_requests,
+    },
+    read,
+    secured::{OTHER, PAYMENTS},
     verify,
-};
-
-const CLIENT_ID: &str = "0a3b5c7d-1111-2222-3333-444455556666";
-
-/// An agent with mutual TLS and a Unix socket whose default environment is the mock:
-/// `payments` may use exactly one client_id (so texas-shaped requests work), the test's
-/// uid any, within `rate` requests a second.
-async fn api_agent(limits: &str, rate: u32) -> (DevAgent, Mock) {
-    let dev = DevAgent::start();
-    let signed = dev.sign(params()).await.expect("signed");
-    let leaf = verify(&signed.assertion, common::TEST_AUD).leaf_der;
-    let dir = dev.stop();
-    let path = |name: &str| dir.path().join(name);
-    std::fs::write(path("dev-cert.pem"), pem(&leaf)).expect("anchor");
-    tls_material(dir.path());
-    let mock = Mock::start(
-        dir.path(),
-        &format!(
-            "certificates = \"test\"\nca = \"{}\"\n\n[[clients]]\nclient_id = \"{CLIENT_ID}\"\n\
-             scopes = [\"test:scope\", \"test:other\"]\norganization_number = \"313367002\"\n",
-            path("dev-cert.pem").display()
-        ),
-        None,
-    );
-    let policy = format!(
-        "[[policy]]\ncaller = \"uri:{PAYMENTS}\"\nkeys = [\"*\"]\nclient_ids = [\"{CLIENT_ID}\"]\n\
-         scopes = [\"test:scope\"]\nenvironments = [\"mock\"]\nallow_pid = true\n\n\
-         [[policy]]\ncaller = \"uid:{}\"\nkeys = [\"*\"]\nclient_ids = [\"*\"]\nscopes = [\"*\"]\n\
-         environments = [\"*\"]\nresources = [\"*\"]\nrequests_per_second = {rate}\nburst = {rate}\n\n",
-        uid()
-    );
-    write_config(
-        dir.path(),
-        &format!(
-            "listen = \"127.0.0.1:0\"\nunix_socket = \"agent.sock\"\n{limits}\n[tls]\n\
-             certificate = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n"
-        ),
-        &policy,
-    );
-    let config = read(&path("agent.toml")).replace(
-        "default_environment = \"test\"",
-        "default_environment = \"mock\"",
-    );
-    let config = format!(
-        "{config}\n[environments.mock]\nissuer = \"{}\"\ndiscover = true\ncertificates = \"test\"\n",
-        mock.url
-    );
-    std::fs::write(path("agent.toml"), config).expect("config");
-    (DevAgent::serve(dir, "agent.toml"), mock)
-}
-
-/// What curl got: the status, the headers (lower-case names) and the body.
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Answer {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// How curl reaches the agent.
-enum Via<'a> {
-    /// HTTPS with the caller's certificate `who`, over HTTP/1.1 or HTTP/2.
-    Tls { who: &'a str, http2: bool },
-    /// The Unix socket.
-    Unix,
-}
-
-/// `curl -X POST` of `body` (JSON unless `content_type` says otherwise) to `path`.
-fn curl(agent: &DevAgent, via: &Via<'_>, path: &str, body: &str, content_type: &str) -> Answer {
-    let dir = agent.dir.path();
-    let mut command = Command::new("curl");
-    let _ = command.args(["-sS", "-i", "--max-time", "20", "-X", "POST"]);
-    let url = match via {
-        Via::Tls { who, http2 } => {
-            let _ = command
-                .arg("--cacert")
-                .arg(dir.join("ca.pem"))
-                .arg("--cert")
-                .arg(dir.join(format!("{who}.pem")))
-                .arg("--key")
-                .arg(dir.join(format!("{who}.key")))
-                .arg(if *http2 { "--http2" } else { "--http1.1" });
-            format!("https://{}{path}", agent.addr)
-        }
-        Via::Unix => {
-            let _ = command.arg("--unix-socket").arg(dir.join("agent.sock"));
-            format!("http://localhost{path}")
-        }
-    };
-    let out = command
-        .args([
-            "-H",
-            &format!("content-type: {content_type}"),
-            "--data-binary",
-            body,
-        ])
-        .arg(url)
-        .output()
-        .expect("curl");
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse(&String::from_utf8_lossy(&out.stdout))
-}
-
-fn parse(text: &str) -> Answer {
-    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Answer {
-        status,
-        headers,
-        body: body.to_owned(),
-    }
-}
-
-fn post(agent: &DevAgent, via: &Via<'_>, path: &str, body: &serde_json::Value) -> Answer {
-    curl(agent, via, path, &body.to_string(), "application/json")
-}
-
-async fn token_requests(mock: &Mock) -> u64 {
-    mock.stats().await["token_requests"]
-        .as_u64()
-        .expect("token_requests")
-}
-
-const PAYMENTS_H1: Via<'static> = Via::Tls {
-    who: "payments",
-    http2: false,
-};
-const PAYMENTS_H2: Via<'static> = Via::Tls {
-    who: "payments",
-    http2: true,
 };
 
 #[tokio::test]
@@ -481,23 +327,6 @@ async fn callers_over_their_rate_get_429_with_retry_after() {
     assert!(limited.body.contains("over its limit"), "{}", limited.body);
 }
 
-/// A raw HTTP/1.1 peer on the Unix socket.
-fn raw(socket: &Path, send: &[u8]) -> UnixStream {
-    let mut stream = UnixStream::connect(socket).expect("connect");
-    stream.write_all(send).expect("send");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .expect("timeout");
-    stream
-}
-
-/// Reads until the agent closes the connection (or the read timeout); what it sent.
-fn read_to_close(stream: &mut UnixStream) -> String {
-    let mut got = Vec::new();
-    let _ = stream.read_to_end(&mut got);
-    String::from_utf8_lossy(&got).into_owned()
-}
-
 #[tokio::test]
 async fn slow_idle_and_oversized_http1_peers_are_cut_off() {
     let (agent, _mock) = api_agent("[limits]\nrequest_timeout_seconds = 1\n", 100).await;
@@ -544,8 +373,13 @@ async fn slow_idle_and_oversized_http1_peers_are_cut_off() {
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
 
     // Junk that is neither HTTP/2 nor an HTTP/1.1 request is closed unanswered.
-    let mut junk = raw(&socket, b"HELO agent\r\n\r\n");
-    assert_eq!(read_to_close(&mut junk), "");
+    for start in [&b"hello agent\r\n\r\n"[..], b"\x16\x03\x01\x02\x00\x01\x00"] {
+        let mut junk = raw(&socket, start);
+        assert_eq!(read_to_close(&mut junk), "");
+    }
+    // What looks like a request line but is not one gets hyper's 400.
+    let mut line = raw(&socket, b"HELO agent\r\n\r\n");
+    assert!(read_to_close(&mut line).starts_with("HTTP/1.1 400"));
 
     // The agent still serves.
     let ok = post(

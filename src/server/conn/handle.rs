@@ -33,9 +33,15 @@ use super::{Accepted, Connections, lock, refuse_connection};
 /// The HTTP/2 connection preface every client sends first (RFC 9113, 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// The methods an HTTP/1.1 request may start with here: the JSON API is POST, and a GET
-/// gets its 405 from the router rather than a silent close.
-const HTTP1_METHODS: [&[u8; 4]; 2] = [b"POST", b"GET "];
+/// Whether a connection's first four bytes start an HTTP/1.1 request line: a method is
+/// upper-case letters (RFC 9110's, and newer ones such as QUERY), then a space. The JSON
+/// API is POST; any other method gets its 405 from the router rather than a silent
+/// close, so a client learns what it did wrong. hyper then parses the rest, within its
+/// bounds.
+fn starts_http1(start: &[u8; 4]) -> bool {
+    let letters = start.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    letters >= 3 && start[letters..].iter().all(|&b| b == b' ') && start != &PREFACE[..4]
+}
 
 impl Connections {
     /// Handshake (within the timeout, evictable), then HTTP/2 until the peer leaves, the
@@ -256,7 +262,7 @@ enum Protocol {
 async fn sniff<I: AsyncRead + Unpin>(mut io: I) -> Option<(Rewind<I>, Protocol)> {
     let mut start = [0u8; 4];
     let _ = io.read_exact(&mut start).await.ok()?;
-    if HTTP1_METHODS.contains(&&start) {
+    if starts_http1(&start) {
         let rewound = Rewind {
             prefix: Bytes::copy_from_slice(&start),
             inner: io,
@@ -374,5 +380,27 @@ impl Drop for Call {
     fn drop(&mut self) {
         *lock(&self.0.last) = Instant::now();
         let _ = self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines_are_told_from_the_http2_preface_and_junk() {
+        for start in [b"POST", b"GET ", b"PUT ", b"DELE", b"QUER", b"HEAD"] {
+            assert!(starts_http1(start), "{start:?}");
+        }
+        for start in [
+            b"PRI ",
+            b"post",
+            b"\x16\x03\x01\x02",
+            b"GE T",
+            b"AB  ",
+            b"    ",
+        ] {
+            assert!(!starts_http1(start), "{start:?}");
+        }
     }
 }
