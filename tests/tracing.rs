@@ -35,6 +35,8 @@ const CLIENT_ID: &str = "0a3b5c7d-1111-2222-3333-444455556666";
 const PID: &str = "01019012480";
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
+/// The span of a caller of the HTTP/JSON API, in the same trace.
+const HTTP_CALLER_SPAN: &str = "b7ad6b7169203331";
 
 /// An OTLP/gRPC trace receiver keeping every export.
 #[derive(Clone, Default)]
@@ -180,6 +182,31 @@ async fn spans_follow_the_callers_trace_to_the_token_endpoint_without_secrets() 
         .await
         .expect("signed")
         .into_inner();
+    // The JSON API takes the traceparent from its HTTP headers.
+    let http = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-H",
+            "content-type: application/json",
+            "-H",
+        ])
+        .arg(format!("traceparent: 00-{TRACE_ID}-{HTTP_CALLER_SPAN}-01"))
+        .arg("-d")
+        .arg(
+            serde_json::json!({"identity_provider": "maskinporten", "target": "test:scope",
+                "client_id": CLIENT_ID, "environment": "test", "pid": PID})
+            .to_string(),
+        )
+        .arg(format!("http://{}/api/v1/grant", agent.addr))
+        .output()
+        .expect("curl");
+    let http_grant: serde_json::Value = serde_json::from_slice(&http.stdout).expect("JSON");
+    let http_assertion = http_grant["assertion"]
+        .as_str()
+        .expect("assertion")
+        .to_owned();
     let traceparent = mock.stats().await["last_traceparent"]
         .as_str()
         .expect("last_traceparent")
@@ -199,7 +226,7 @@ async fn spans_follow_the_callers_trace_to_the_token_endpoint_without_secrets() 
     for request in ["get_access_token", "sign_grant"] {
         let span = spans
             .iter()
-            .find(|s| s.name == request)
+            .find(|s| s.name == request && attribute(s, "url.path").is_none())
             .unwrap_or_else(|| panic!("no {request} span in {names:?}"));
         assert_eq!(hex(&span.parent_span_id), CALLER_SPAN, "{request}");
         assert_eq!(span.kind, SpanKind::Server as i32, "{request}");
@@ -212,6 +239,18 @@ async fn spans_follow_the_callers_trace_to_the_token_endpoint_without_secrets() 
             Some("0")
         );
     }
+    // The JSON API's request: its caller's span is the parent, and it says HTTP.
+    let http_span = spans
+        .iter()
+        .find(|s| attribute(s, "url.path").as_deref() == Some("/api/v1/grant"))
+        .unwrap_or_else(|| panic!("no span for POST /api/v1/grant in {names:?}"));
+    assert_eq!(http_span.name, "sign_grant");
+    assert_eq!(hex(&http_span.parent_span_id), HTTP_CALLER_SPAN);
+    assert_eq!(
+        attribute(http_span, "http.request.method").as_deref(),
+        Some("POST")
+    );
+    assert_eq!(attribute(http_span, "rpc.system"), None);
     let outcome = |name: &str| attribute(by_id_name(&spans, name), "grant_agent.outcome");
     assert_eq!(outcome("get_access_token").as_deref(), Some("issued"));
     assert_eq!(outcome("sign_grant").as_deref(), Some("signed"));
@@ -255,6 +294,7 @@ async fn spans_follow_the_callers_trace_to_the_token_endpoint_without_secrets() 
     let pin = read(&agent.path("pin"));
     let mut secrets = vec![PID.to_owned(), pin.trim().to_owned()];
     secrets.extend(grant.assertion.split('.').map(str::to_owned));
+    secrets.extend(http_assertion.split('.').map(str::to_owned));
     secrets.extend(token.access_token.split('.').map(str::to_owned));
     for secret in &secrets {
         assert!(!secret.is_empty());

@@ -40,6 +40,7 @@ use super::{
     policy::Policy,
     service::GrantAgentService,
     status,
+    trace::HttpRoute,
 };
 
 type Body = axum::body::Body;
@@ -108,14 +109,18 @@ impl HttpApi {
             Err(stop) => return self.refuse(call, &peer, &stop),
         };
         drop(read);
+        // The headers become the call's metadata: a `traceparent` continues the caller's
+        // trace as it does over gRPC.
         let metadata = MetadataMap::from_headers(parts.headers);
+        let mut extensions = parts.extensions;
+        let _ = extensions.insert(HttpRoute(call.path()));
         match call {
             Call::Token => {
                 let message = GetAccessTokenRequest {
                     grant: Some(params.grant),
                     force_refresh: params.skip_cache,
                 };
-                let request = tonic::Request::from_parts(metadata, parts.extensions, message);
+                let request = tonic::Request::from_parts(metadata, extensions, message);
                 match self.service.get_access_token(request).await {
                     Ok(answer) => token_answer(answer.into_inner()),
                     Err(status) => error_answer(&status),
@@ -125,7 +130,7 @@ impl HttpApi {
                 let message = SignGrantRequest {
                     grant: Some(params.grant),
                 };
-                let request = tonic::Request::from_parts(metadata, parts.extensions, message);
+                let request = tonic::Request::from_parts(metadata, extensions, message);
                 match self.service.sign_grant(request).await {
                     Ok(answer) => json(StatusCode::OK, &GrantAnswer::from(answer.into_inner())),
                     Err(status) => error_answer(&status),
@@ -317,6 +322,13 @@ enum Call {
 }
 
 impl Call {
+    fn path(self) -> &'static str {
+        match self {
+            Call::Token => TOKEN_PATH,
+            Call::Grant => GRANT_PATH,
+        }
+    }
+
     /// The audit's name for the call, as for its gRPC twin.
     fn audit_name(self) -> &'static str {
         match self {

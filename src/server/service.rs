@@ -510,7 +510,12 @@ impl GrantAgent for GrantAgentService {
     ) -> Result<Response<SignGrantResponse>, Status> {
         use tracing::Instrument;
         let request_id = crate::grant::random_uuid().simple().to_string();
-        let span = trace::request_span(Method::SignGrant, &request_id, request.metadata().as_ref());
+        let span = trace::request_span(
+            Method::SignGrant,
+            &request_id,
+            request.metadata().as_ref(),
+            request.extensions().get(),
+        );
         let answer = self
             .sign(request, request_id)
             .instrument(span.clone())
@@ -534,6 +539,7 @@ impl GrantAgent for GrantAgentService {
             Method::GetAccessToken,
             &request_id,
             request.metadata().as_ref(),
+            request.extensions().get(),
         );
         let answer = self
             .token(request, request_id)

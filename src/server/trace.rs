@@ -11,6 +11,11 @@ use tracing::{Span, field::Empty};
 
 use crate::telemetry;
 
+/// Set by the JSON API on the requests it hands to the service: their span says HTTP, not
+/// gRPC, and names the path.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct HttpRoute(pub(super) &'static str);
+
 /// The RPCs with a request span.
 #[derive(Clone, Copy)]
 pub(super) enum Method {
@@ -30,6 +35,8 @@ macro_rules! request_span {
             rpc.service = Empty,
             rpc.method = Empty,
             rpc.grpc.status_code = Empty,
+            http.request.method = Empty,
+            url.path = Empty,
             otel.status_code = Empty,
             grant_agent.caller = Empty,
             grant_agent.key = Empty,
@@ -41,8 +48,14 @@ macro_rules! request_span {
 }
 
 /// The span a request runs in, continuing the caller's trace when its `headers` (the
-/// gRPC metadata) carry a `traceparent`.
-pub(super) fn request_span(method: Method, request_id: &str, headers: &http::HeaderMap) -> Span {
+/// gRPC metadata, or the HTTP request's headers) carry a `traceparent`; `route` when the
+/// request came through the JSON API.
+pub(super) fn request_span(
+    method: Method,
+    request_id: &str,
+    headers: &http::HeaderMap,
+    route: Option<&HttpRoute>,
+) -> Span {
     let (span, name) = match method {
         Method::SignGrant => (request_span!("sign_grant", request_id), "SignGrant"),
         Method::GetAccessToken => (
@@ -51,11 +64,20 @@ pub(super) fn request_span(method: Method, request_id: &str, headers: &http::Hea
         ),
     };
     if telemetry::exporting() {
-        let _ = span
-            .record("otel.kind", "server")
-            .record("rpc.system", "grpc")
-            .record("rpc.service", "grantagent.v1.GrantAgent")
-            .record("rpc.method", name);
+        let _ = span.record("otel.kind", "server");
+        match route {
+            Some(HttpRoute(path)) => {
+                let _ = span
+                    .record("http.request.method", "POST")
+                    .record("url.path", *path);
+            }
+            None => {
+                let _ = span
+                    .record("rpc.system", "grpc")
+                    .record("rpc.service", "grantagent.v1.GrantAgent")
+                    .record("rpc.method", name);
+            }
+        }
         telemetry::adopt_parent(&span, headers);
     }
     span
