@@ -202,6 +202,33 @@ async fn refusals_are_oauth_errors_with_the_status_of_their_code() {
     );
     error(&lifetime, 400, "invalid_request", "lifetime_seconds");
 
+    // A deadline in the headers, as gRPC clients send it, bounds the call: 1 ms is too
+    // little for a new token.
+    let deadline = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-H",
+            "content-type: application/json",
+            "-H",
+            "grpc-timeout: 1m",
+            "-d",
+        ])
+        .arg(
+            serde_json::json!({"identity_provider": "maskinporten", "target": "test:scope",
+                "client_id": CLIENT_ID, "skip_cache": true})
+            .to_string(),
+        )
+        .arg("--unix-socket")
+        .arg(agent.dir.path().join("agent.sock"))
+        .args(["-w", "\n%{http_code}", "http://localhost/api/v1/token"])
+        .output()
+        .expect("curl");
+    let deadline = String::from_utf8_lossy(&deadline.stdout).into_owned();
+    assert!(deadline.ends_with("\n504"), "{deadline}");
+    assert!(deadline.contains("temporarily_unavailable"), "{deadline}");
+
     // Maskinporten's own refusal passes through: its error, its description, its hint.
     let before = token_requests(&mock).await;
     let upstream = post(

@@ -23,7 +23,8 @@ pub(crate) struct Limits {
     /// full, the oldest of them is closed to make room, so junk that never speaks cannot
     /// keep a real caller out.
     pub(crate) max_unauthenticated: usize,
-    /// From accept until the TLS handshake is done and the HTTP/2 preface has arrived.
+    /// From accept until the TLS handshake is done and the first bytes (the HTTP/2
+    /// preface, or an HTTP/1.1 request line) have arrived.
     pub(crate) handshake_timeout: Duration,
     /// A connection with no call in flight for this long is closed (GOAWAY first).
     pub(crate) idle_timeout: Duration,
@@ -51,7 +52,8 @@ pub(crate) struct Limits {
     /// Request bytes buffered at once over all calls, before their messages are decoded.
     /// A request that would go over is refused at once with RESOURCE_EXHAUSTED.
     pub(crate) max_buffered_request_bytes: usize,
-    /// How long a call may take to send its whole request message.
+    /// How long a call may take to send its whole request message; on HTTP/1.1 also its
+    /// head, and how long a keep-alive connection may idle between requests.
     pub(crate) request_timeout: Duration,
 }
 

@@ -1,4 +1,5 @@
-//! Connections: accept, admit within the limits, serve HTTP/2, close.
+//! Connections: accept, admit within the limits, serve HTTP/2 (gRPC and JSON) or HTTP/1.1
+//! (JSON), close.
 //!
 //! The agent runs its own accept loop instead of tonic's, because every resource a peer
 //! can make it hold before it is known needs a bound here ([`Limits`]):
@@ -6,8 +7,9 @@
 //! - a permit of `max_connections` is taken before `accept`, so the agent never has more
 //!   connections than it can afford file descriptors for;
 //! - `max_connections_per_peer` per IP address (TCP) or uid (Unix socket);
-//! - a connection is *unauthenticated* until its TLS handshake is done and its HTTP/2
-//!   preface has arrived, within `handshake_timeout`. At most `max_unauthenticated` are;
+//! - a connection is *unauthenticated* until its TLS handshake is done and its first
+//!   bytes (the HTTP/2 preface, or an HTTP/1.1 request line) have arrived, within
+//!   `handshake_timeout`. At most `max_unauthenticated` are;
 //!   when one more arrives, or `accept` runs out of file descriptors, the oldest is
 //!   closed. Junk that never speaks therefore cannot keep a real caller out;
 //! - on mutual TLS a certificate that no policy rule names fails the handshake, so an
