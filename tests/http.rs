@@ -202,8 +202,10 @@ async fn refusals_are_oauth_errors_with_the_status_of_their_code() {
     );
     error(&lifetime, 400, "invalid_request", "lifetime_seconds");
 
-    // A deadline in the headers, as gRPC clients send it, bounds the call: 1 ms is too
-    // little for a new token.
+    // A deadline in the headers, as gRPC clients send it, bounds the call: 300 ms is too
+    // little for a token endpoint that takes 2 s.
+    mock.fault(serde_json::json!({"mode": "delay", "delay_ms": 2000, "count": 1}))
+        .await;
     let deadline = Command::new("curl")
         .args([
             "-sS",
@@ -212,7 +214,7 @@ async fn refusals_are_oauth_errors_with_the_status_of_their_code() {
             "-H",
             "content-type: application/json",
             "-H",
-            "grpc-timeout: 1m",
+            "grpc-timeout: 300m",
             "-d",
         ])
         .arg(
@@ -228,6 +230,7 @@ async fn refusals_are_oauth_errors_with_the_status_of_their_code() {
     let deadline = String::from_utf8_lossy(&deadline.stdout).into_owned();
     assert!(deadline.ends_with("\n504"), "{deadline}");
     assert!(deadline.contains("temporarily_unavailable"), "{deadline}");
+    mock.clear_faults().await;
 
     // Maskinporten's own refusal passes through: its error, its description, its hint.
     let before = token_requests(&mock).await;

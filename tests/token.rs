@@ -13,7 +13,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{BIN, DevAgent, Mock, TEST_AUD, grant_request, params, pem, read, verify};
+use common::{BIN, DevAgent, Mock, TEST_AUD, grant_request, params, read, verify};
 use grant_agent::proto::{
     GetAccessTokenRequest, GetAccessTokenResponse, GrantParameters, SignGrantRequest,
     grant_agent_client::GrantAgentClient,
@@ -52,12 +52,8 @@ struct Options<'a> {
 /// A dev token and its self-signed test certificate (the mock's trust anchor), a mock
 /// that knows the client, and an agent whose `mock` environment discovers the mock.
 async fn setup(options: Options<'_>) -> Setup {
-    let dev = DevAgent::start();
-    let signed = dev.sign(params()).await.expect("signed");
-    let leaf = verify(&signed.assertion, TEST_AUD).leaf_der;
-    let dir = dev.stop();
+    let dir = DevAgent::anchored().await;
     let path = |name: &str| dir.path().join(name);
-    std::fs::write(path("dev-cert.pem"), pem(&leaf)).expect("anchor");
 
     let tls = options.https.map(|_| {
         common::server_tls(dir.path());

@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use common::{DevAgent, Mock, TEST_AUD, params, pem, read, verify};
+use common::{DevAgent, Mock, params, read};
 use grant_agent::proto::{GetAccessTokenRequest, GrantParameters, SignGrantRequest};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
@@ -87,12 +87,8 @@ impl Receiver {
 /// A dev token whose certificate the mock trusts, the mock, and an agent with
 /// `[tracing]` sending to `collector` and a `mock` environment discovering the mock.
 async fn setup(collector: &str) -> (DevAgent, Mock) {
-    let dev = DevAgent::start();
-    let signed = dev.sign(params()).await.expect("signed");
-    let leaf = verify(&signed.assertion, TEST_AUD).leaf_der;
-    let dir = dev.stop();
+    let dir = DevAgent::anchored().await;
     let path = |name: &str| dir.path().join(name);
-    std::fs::write(path("dev-cert.pem"), pem(&leaf)).expect("anchor");
     let mock = Mock::start(
         dir.path(),
         &format!(

@@ -502,56 +502,48 @@ fn grpc_deadline<T>(request: &Request<T>) -> Option<std::time::Instant> {
     std::time::Instant::now().checked_add(timeout)
 }
 
+/// Runs `handle` with a new request id inside the request's span (continuing the
+/// caller's trace), and records on the span the code the caller gets.
+async fn traced<T, R, F>(
+    method: Method,
+    request: Request<T>,
+    handle: impl FnOnce(Request<T>, String) -> F,
+) -> Result<R, Status>
+where
+    F: Future<Output = Result<R, Status>>,
+{
+    use tracing::Instrument;
+    let request_id = crate::grant::random_uuid().simple().to_string();
+    let span = trace::request_span(
+        method,
+        &request_id,
+        request.metadata().as_ref(),
+        request.extensions().get(),
+    );
+    let answer = handle(request, request_id).instrument(span.clone()).await;
+    trace::note_code(
+        &span,
+        answer
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok),
+    );
+    answer
+}
+
 #[tonic::async_trait]
 impl GrantAgent for GrantAgentService {
     async fn sign_grant(
         &self,
         request: Request<SignGrantRequest>,
     ) -> Result<Response<SignGrantResponse>, Status> {
-        use tracing::Instrument;
-        let request_id = crate::grant::random_uuid().simple().to_string();
-        let span = trace::request_span(
-            Method::SignGrant,
-            &request_id,
-            request.metadata().as_ref(),
-            request.extensions().get(),
-        );
-        let answer = self
-            .sign(request, request_id)
-            .instrument(span.clone())
-            .await;
-        trace::note_code(
-            &span,
-            answer
-                .as_ref()
-                .map_or_else(Status::code, |_| tonic::Code::Ok),
-        );
-        answer
+        traced(Method::SignGrant, request, |r, id| self.sign(r, id)).await
     }
 
     async fn get_access_token(
         &self,
         request: Request<GetAccessTokenRequest>,
     ) -> Result<Response<GetAccessTokenResponse>, Status> {
-        use tracing::Instrument;
-        let request_id = crate::grant::random_uuid().simple().to_string();
-        let span = trace::request_span(
-            Method::GetAccessToken,
-            &request_id,
-            request.metadata().as_ref(),
-            request.extensions().get(),
-        );
-        let answer = self
-            .token(request, request_id)
-            .instrument(span.clone())
-            .await;
-        trace::note_code(
-            &span,
-            answer
-                .as_ref()
-                .map_or_else(Status::code, |_| tonic::Code::Ok),
-        );
-        answer
+        traced(Method::GetAccessToken, request, |r, id| self.token(r, id)).await
     }
 
     async fn list_keys(

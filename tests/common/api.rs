@@ -11,9 +11,8 @@ use std::{
 };
 
 use super::{
-    DevAgent, Mock, params, pem, read,
+    DevAgent, Mock, read,
     secured::{PAYMENTS, tls_material, uid, write_config},
-    verify,
 };
 
 pub(crate) const CLIENT_ID: &str = "0a3b5c7d-1111-2222-3333-444455556666";
@@ -28,12 +27,8 @@ pub(crate) async fn api_agent(limits: &str, rate: u32) -> (DevAgent, Mock) {
 /// [`api_agent`] with `uid_rule` added to the test's uid's policy rule (`allow_pid =
 /// true`, say), for tests that need the Unix socket's caller to be allowed more.
 pub(crate) async fn api_agent_with(limits: &str, rate: u32, uid_rule: &str) -> (DevAgent, Mock) {
-    let dev = DevAgent::start();
-    let signed = dev.sign(params()).await.expect("signed");
-    let leaf = verify(&signed.assertion, super::TEST_AUD).leaf_der;
-    let dir = dev.stop();
+    let dir = DevAgent::anchored().await;
     let path = |name: &str| dir.path().join(name);
-    std::fs::write(path("dev-cert.pem"), pem(&leaf)).expect("anchor");
     tls_material(dir.path());
     let mock = Mock::start(
         dir.path(),

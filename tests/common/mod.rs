@@ -69,6 +69,17 @@ pub(crate) struct DevAgent {
 }
 
 impl DevAgent {
+    /// A fresh dev token, stopped, with its self-signed certificate in `dev-cert.pem`:
+    /// the trust anchor a `mock-maskinporten` needs to accept its grants.
+    pub(crate) async fn anchored() -> tempfile::TempDir {
+        let dev = DevAgent::start();
+        let signed = dev.sign(params()).await.expect("signed");
+        let leaf = verify(&signed.assertion, TEST_AUD).leaf_der;
+        let dir = dev.stop();
+        std::fs::write(dir.path().join("dev-cert.pem"), pem(&leaf)).expect("anchor");
+        dir
+    }
+
     pub(crate) fn start() -> DevAgent {
         require_softhsm();
         let dir = tempfile::tempdir().expect("temp dir");
