@@ -19,6 +19,7 @@
 //!
 //! Each request carries the connection's [`Peer`](super::caller::Peer) as an extension.
 
+mod frames;
 mod handle;
 
 use std::{
