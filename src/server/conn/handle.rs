@@ -28,7 +28,7 @@ use crate::server::{
     tls::UnknownCaller,
 };
 
-use super::{Accepted, Connections, lock, refuse_connection};
+use super::{Accepted, Connections, frames::SmallFrames, lock, refuse_connection};
 
 /// The HTTP/2 connection preface every client sends first (RFC 9113, 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -167,7 +167,7 @@ impl Connections {
                 async move {
                     let response = routes.oneshot(request).await;
                     drop(call);
-                    response
+                    response.map(|response| response.map(SmallFrames::new))
                 }
             });
         self.metrics.connection_opened();
@@ -322,16 +322,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
+    /// Not vectored, whatever the stream can do: h2 then copies DATA frames under 1024
+    /// bytes into its buffer (see [`super::frames`]), so an answer leaves in one write.
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        false
     }
 }
 

@@ -21,6 +21,7 @@
 //!
 //! Each request carries the connection's [`Peer`](super::caller::Peer) as an extension.
 
+mod frames;
 mod handle;
 
 use std::{
