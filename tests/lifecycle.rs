@@ -445,11 +445,14 @@ async fn renewal_rolls_over_by_itself() {
     let dir = token();
     let now = unix_now();
     let ca = TestCa::new(dir.path(), "ca", BUYPASS_TEST);
+    // The switch comes this long after `now`: time for openssl to issue four certificates
+    // and for the agent to start, on a loaded 2-core machine too (5 s was not).
+    const SWITCH: i64 = 20;
     // "renewal": the successor becomes valid in a few seconds and then takes over.
     certified(&dir, "old", &ca, SEID2, now - DAY, now + 300 * DAY);
-    certified(&dir, "new", &ca, SEID2, now + 5, now + 700 * DAY);
+    certified(&dir, "new", &ca, SEID2, now + SWITCH, now + 700 * DAY);
     // "expiry": the newest expires in a few seconds; the older one takes over.
-    certified(&dir, "short", &ca, SEID2, now - 60, now + 5);
+    certified(&dir, "short", &ca, SEID2, now - 60, now + SWITCH);
     certified(&dir, "long", &ca, SEID2, now - 2 * DAY, now + 300 * DAY);
     let agent = serve_keys(
         dir,
@@ -477,16 +480,23 @@ async fn renewal_rolls_over_by_itself() {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     };
+    assert!(
+        unix_now() < now + SWITCH,
+        "the setup took more than {SWITCH} s: the test saw nothing switch"
+    );
     let keys = list(&agent).await;
     assert_eq!(keys.len(), 4);
     assert_eq!(active(&keys, "renewal"), now + 300 * DAY);
-    assert_eq!(active(&keys, "expiry"), now + 5);
+    assert_eq!(active(&keys, "expiry"), now + SWITCH);
     let before = (
         sha(&sign(&agent, "renewal", "test").await.expect("signed")),
         sha(&sign(&agent, "expiry", "test").await.expect("signed")),
     );
 
-    tokio::time::sleep(Duration::from_secs((now + 7 - unix_now()).max(0) as u64)).await;
+    tokio::time::sleep(Duration::from_secs(
+        (now + SWITCH + 2 - unix_now()).max(0) as u64
+    ))
+    .await;
     let keys = list(&agent).await;
     assert_eq!(
         active(&keys, "renewal"),
