@@ -433,3 +433,78 @@ async fn the_health_port_serves_health_alone_without_a_client_certificate() {
         .expect_err("no grants on the health port");
     assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
 }
+
+/// The health port's own caps under a flood of probes from one peer: the ninth connection
+/// from one address is refused and audited, the eight keep being served, and a freed slot
+/// serves again. Each connection is served once before the next is opened, so the count
+/// the agent holds is the test's, not a race with its accept loop.
+#[tokio::test]
+async fn the_health_port_caps_one_peers_connections_and_frees_them() {
+    let dir = common::secured::prepared();
+    common::secured::write_config(
+        dir.path(),
+        "listen = \"127.0.0.1:0\"\n[health]\nlisten = \"127.0.0.1:0\"\n[tls]\ncertificate = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n",
+        "",
+    );
+    let agent = DevAgent::serve(dir, "agent.toml");
+    let port = agent
+        .endpoints
+        .iter()
+        .find_map(|e| e.strip_suffix(" (grpc.health.v1)")?.strip_prefix("http://"))
+        .unwrap_or_else(|| panic!("no health port in {:?}", agent.endpoints))
+        .to_owned();
+    let connect = || async {
+        tonic::transport::Endpoint::from_shared(format!("http://{port}"))
+            .expect("endpoint")
+            .connect()
+            .await
+    };
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let channel = connect().await.expect("one of the first eight");
+        assert_serving(&channel, &[""]).await;
+        held.push(channel);
+    }
+    // The ninth: its TCP connection is accepted and closed at once, so the call fails.
+    let ninth = match connect().await {
+        Ok(channel) => {
+            use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+            HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await
+                .is_ok()
+        }
+        Err(_) => false,
+    };
+    assert!(!ninth, "a ninth connection from one peer was served");
+    let refused = agent.wait_for_audit(|l| {
+        l["audit"] == "connection"
+            && l["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("more than 8 connections from this peer"))
+    });
+    assert!(refused.is_some(), "{:?}", agent.audit_lines());
+    // The eight are still served, and closing one makes room again.
+    for channel in &held {
+        assert_serving(channel, &[""]).await;
+    }
+    drop(held.pop());
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(channel) = connect().await {
+            use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+            if HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "a freed slot did not serve again"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
