@@ -117,6 +117,21 @@ impl Mock {
         }
     }
 
+    /// Keeps the request's W3C `traceparent` ("" without one) for `/mock/stats`.
+    fn note_traceparent(&self, headers: &HeaderMap) {
+        let traceparent = headers
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default();
+        traceparent.clone_into(
+            &mut self
+                .stats
+                .last_traceparent
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+    }
+
     /// The fault for the next token request, counting it down.
     fn next_fault(&self) -> Option<FaultAction> {
         let mut slot = self.fault.lock().unwrap_or_else(PoisonError::into_inner);
@@ -156,17 +171,7 @@ async fn token(
     body: Bytes,
 ) -> Response {
     let _ = mock.stats.token_requests.fetch_add(1, Relaxed);
-    let traceparent = headers
-        .get("traceparent")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default();
-    traceparent.clone_into(
-        &mut mock
-            .stats
-            .last_traceparent
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner),
-    );
+    mock.note_traceparent(&headers);
     if let Some(action) = mock.next_fault() {
         let _ = mock.stats.faults.fetch_add(1, Relaxed);
         tracing::info!(fault = ?action, "mock-maskinporten: injecting a fault");
