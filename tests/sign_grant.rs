@@ -400,10 +400,9 @@ async fn health_and_reflection_are_served() {
     );
 }
 
-/// `[health] listen`: Kubernetes' gRPC probe reaches health without a client certificate,
-/// while the gRPC port wants one; nothing but health answers there.
-#[tokio::test]
-async fn the_health_port_serves_health_alone_without_a_client_certificate() {
+/// An agent with mutual TLS on its gRPC port and a plaintext health port; the health
+/// port's address.
+fn health_port_agent() -> (DevAgent, String) {
     let dir = common::secured::prepared();
     common::secured::write_config(
         dir.path(),
@@ -415,7 +414,16 @@ async fn the_health_port_serves_health_alone_without_a_client_certificate() {
         .endpoints
         .iter()
         .find_map(|e| e.strip_suffix(" (grpc.health.v1)")?.strip_prefix("http://"))
-        .unwrap_or_else(|| panic!("no health port in {:?}", agent.endpoints));
+        .unwrap_or_else(|| panic!("no health port in {:?}", agent.endpoints))
+        .to_owned();
+    (agent, port)
+}
+
+/// `[health] listen`: Kubernetes' gRPC probe reaches health without a client certificate,
+/// while the gRPC port wants one; nothing but health answers there.
+#[tokio::test]
+async fn the_health_port_serves_health_alone_without_a_client_certificate() {
+    let (_agent, port) = health_port_agent();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{port}"))
         .expect("endpoint")
         .connect()
@@ -440,19 +448,7 @@ async fn the_health_port_serves_health_alone_without_a_client_certificate() {
 /// the agent holds is the test's, not a race with its accept loop.
 #[tokio::test]
 async fn the_health_port_caps_one_peers_connections_and_frees_them() {
-    let dir = common::secured::prepared();
-    common::secured::write_config(
-        dir.path(),
-        "listen = \"127.0.0.1:0\"\n[health]\nlisten = \"127.0.0.1:0\"\n[tls]\ncertificate = \"server.pem\"\nkey = \"server.key\"\nclient_ca = \"ca.pem\"\n",
-        "",
-    );
-    let agent = DevAgent::serve(dir, "agent.toml");
-    let port = agent
-        .endpoints
-        .iter()
-        .find_map(|e| e.strip_suffix(" (grpc.health.v1)")?.strip_prefix("http://"))
-        .unwrap_or_else(|| panic!("no health port in {:?}", agent.endpoints))
-        .to_owned();
+    let (agent, port) = health_port_agent();
     let connect = || async {
         tonic::transport::Endpoint::from_shared(format!("http://{port}"))
             .expect("endpoint")
