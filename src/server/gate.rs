@@ -84,6 +84,11 @@ impl Door {
         }
     }
 
+    /// The policy the door checks callers against.
+    pub(super) fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
     /// A caller no policy rule names is refused before its body is read.
     pub(super) fn knows(&self, peer: &Peer) -> Result<(), Stop> {
         self.policy.knows(&peer.caller).map_err(|refusal| Stop {
@@ -271,12 +276,7 @@ where
         body: Body,
     ) -> Result<Buffered, Stop> {
         self.door.knows(peer)?;
-        let content_type = parts
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let media = content_type.split(';').next().unwrap_or("").trim();
+        let (content_type, media) = content_type(&parts.headers);
         if !matches!(media, "application/grpc" | "application/grpc+proto") {
             return Err(Stop::invalid(
                 "content_type",
@@ -346,6 +346,16 @@ where
             )),
         }
     }
+}
+
+/// A request's `content-type` as sent ("" without one), and its media type without
+/// parameters (`application/json` of `application/json; charset=utf-8`).
+pub(super) fn content_type(headers: &http::HeaderMap) -> (&str, &str) {
+    let sent = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    (sent, sent.split(';').next().unwrap_or("").trim())
 }
 
 /// The audit's name for a GrantAgent method.

@@ -15,8 +15,6 @@
 //! HTTP status `status::http_status` gives the gRPC code; a refusal from Maskinporten
 //! passes through with its own `error`, `error_description` and hint.
 
-use std::sync::Arc;
-
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode, header};
 use http_body_util::BodyExt;
@@ -36,8 +34,7 @@ use crate::{
 
 use super::{
     caller::{Caller, Peer},
-    gate::{Door, Stop},
-    policy::Policy,
+    gate::{Door, Stop, content_type},
     service::GrantAgentService,
     status,
     trace::HttpRoute,
@@ -59,16 +56,11 @@ const IDENTITY_PROVIDER: &str = "maskinporten";
 pub(super) struct HttpApi {
     service: GrantAgentService,
     door: Door,
-    policy: Arc<Policy>,
 }
 
 impl HttpApi {
-    pub(super) fn new(service: GrantAgentService, door: Door, policy: Arc<Policy>) -> Self {
-        HttpApi {
-            service,
-            door,
-            policy,
-        }
+    pub(super) fn new(service: GrantAgentService, door: Door) -> Self {
+        HttpApi { service, door }
     }
 
     /// Adds the API's routes to `router`; a path that is neither gRPC nor the API gets a
@@ -148,11 +140,7 @@ impl HttpApi {
         body: Body,
     ) -> Result<(Bytes, Option<OwnedSemaphorePermit>, Format), Stop> {
         self.door.knows(peer)?;
-        let content_type = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let media = content_type.split(';').next().unwrap_or("").trim();
+        let (content_type, media) = content_type(headers);
         let format = if media.eq_ignore_ascii_case("application/json") {
             Format::Json
         } else if media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
@@ -214,13 +202,17 @@ impl HttpApi {
         }
         let client_id = match request.client_id {
             Some(client_id) => client_id,
-            None => self.policy.sole_client_id(&peer.caller).ok_or_else(|| {
-                Stop::invalid(
-                    "malformed",
-                    "client_id: missing, and the caller's policy does not fix one client_id"
-                        .to_owned(),
-                )
-            })?,
+            None => self
+                .door
+                .policy()
+                .sole_client_id(&peer.caller)
+                .ok_or_else(|| {
+                    Stop::invalid(
+                        "malformed",
+                        "client_id: missing, and the caller's policy does not fix one client_id"
+                            .to_owned(),
+                    )
+                })?,
         };
         let authorization_details_json = match request.authorization_details {
             None | Some(serde_json::Value::Null) => String::new(),
@@ -527,12 +519,10 @@ fn json(status: StatusCode, value: &impl Serialize) -> Response {
 
 /// The answer for a path no route takes: UNIMPLEMENTED for gRPC, a JSON 404 otherwise.
 pub(super) async fn not_found(request: http::Request<Body>) -> Response {
-    let grpc = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
-    if grpc {
+    if content_type(request.headers())
+        .0
+        .starts_with("application/grpc")
+    {
         return Status::unimplemented("").into_http::<Body>();
     }
     let answer = ErrorAnswer {

@@ -349,7 +349,7 @@ async fn services(
         limits.max_buffered_request_bytes,
         limits.request_timeout,
     );
-    let api = http::HttpApi::new(service.clone(), door.clone(), Arc::clone(policy));
+    let api = http::HttpApi::new(service.clone(), door.clone());
     let gate = Gate::new(
         proto::grant_agent_server::GrantAgentServer::new(service)
             .max_decoding_message_size(crate::config::MAX_REQUEST_BYTES),
