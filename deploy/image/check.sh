@@ -81,17 +81,23 @@ b64url() { local s=${1//-/+}; s=${s//_//}; while [ $(( ${#s} % 4 )) -ne 0 ]; do 
 sign_through_dev() {
   local leaf=$1 container addr="" jws header
   container=$(bh from --quiet "oci-archive:$out/grant-agent-dev.oci.tar")
-  # buildah itself in the background (not a function's subshell), so that $! is its pid:
-  # it passes SIGTERM on to the agent.
-  buildah "${storage_options[@]}" run --isolation chroot --volume "$state:/var/lib/grant-agent" "$container" -- \
-    grant-agent dev --listen 0.0.0.0:0 --state-dir /var/lib/grant-agent >"$work/out" 2>"$work/log" &
-  agent=$!
-  for _ in $(seq 1 600); do
-    addr=$(sed -n 's/^grant-agent dev: listening on //p' "$work/out")
-    [ -n "$addr" ] && break
-    kill -0 "$agent" 2>/dev/null || { cat "$work/log" >&2; fail "dev: the agent did not start"; }
-    sleep 0.1
+  for try in 1 2 3; do
+    # buildah itself in the background (not a function's subshell, nor bh), so that $!
+    # is its pid: it passes SIGTERM on to the agent.
+    buildah "${storage_options[@]}" run --isolation chroot --volume "$state:/var/lib/grant-agent" "$container" -- \
+      grant-agent dev --listen 0.0.0.0:0 --state-dir /var/lib/grant-agent >"$work/out" 2>"$work/log" &
+    agent=$!
+    for _ in $(seq 1 600); do
+      addr=$(sed -n 's/^grant-agent dev: listening on //p' "$work/out")
+      [ -n "$addr" ] && break
+      kill -0 "$agent" 2>/dev/null || break
+      sleep 0.1
+    done
+    [ -z "$addr" ] && ! kill -0 "$agent" 2>/dev/null && [ "$try" -lt 3 ] && reexec_refused "$work/log" || break
+    echo "$script: dev: buildah run: $(head -n1 "$work/log"); trying again" >&2
+    stop_started
   done
+  [ -n "$addr" ] || kill -0 "$agent" 2>/dev/null || { cat "$work/log" >&2; fail "dev: the agent did not start"; }
   [ -n "$addr" ] || { cat "$work/log" >&2; fail "dev: the agent did not start within 60 s"; }
   grep -q "plain TCP beyond loopback, for development only" "$work/log" \
     || { cat "$work/log" >&2; fail "dev: no warning about plain TCP beyond loopback"; }

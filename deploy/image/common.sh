@@ -6,8 +6,29 @@
 
 out=target/image
 
+# buildah on this storage. A command whose start fails because the kernel would not seal
+# buildah's copy of itself ("sealing memfd copy: Device or resource busy", a transient
+# EBUSY of F_ADD_SEALS in containers/storage's re-exec, seen once in CI) runs again, up
+# to three times; any other failure is the command's own and is passed on at once.
 bh() {
-  buildah "${storage_options[@]}" "$@"
+  local err status try
+  err=$(mktemp "${TMPDIR:-/tmp}/buildah-stderr.XXXXXX")
+  for try in 1 2 3; do
+    status=0
+    buildah "${storage_options[@]}" "$@" 2>"$err" || status=$?
+    if [ "$status" -eq 0 ] || [ "$try" -eq 3 ] || ! reexec_refused "$err"; then
+      cat "$err" >&2
+      rm -f "$err"
+      return "$status"
+    fi
+    echo "$script: buildah $1: $(head -n1 "$err"); trying again" >&2
+    sleep 1
+  done
+}
+
+# Whether the buildah whose stderr is in $1 failed in its re-exec, before its command ran.
+reexec_refused() {
+  grep -q "sealing memfd copy" "$1"
 }
 
 # Says why and exits: 0 (skipped), or 1 with IMAGE_REQUIRED=1.
