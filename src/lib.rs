@@ -27,6 +27,7 @@
 //! - `p12`: reading a PKCS#12 (.p12/.pfx) file into its RSA key parts and certificate chain.
 //! - [`process`]: hardening the agent's own process: not dumpable, no core files, the
 //!   open files limit.
+//! - [`revocation`]: whether the CA has revoked a certificate (OCSP, CRL as fallback).
 //! - [`telemetry`]: log output.
 //! - [`proto`]: the generated `grantagent.v1` types, server and client.
 //!
@@ -46,6 +47,7 @@ pub mod maskinporten;
 mod metrics;
 mod p12;
 pub mod process;
+pub mod revocation;
 pub mod server;
 pub mod telemetry;
 #[cfg(test)]

@@ -27,6 +27,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("telemetry", &[]),
     ("proto", &[]),
     ("testing", &[]),
+    // OCSP and CRLs over a client it is given; knows nothing of keys or config.
+    ("revocation", &[]),
     ("hsm", &["hex"]),
     ("grant", &["maskinporten", "proto"]),
     ("cert", &["grant", "hex"]),

@@ -26,6 +26,7 @@ use grant_agent::proto::{
 use tonic::{Status, transport::Channel};
 
 pub(crate) mod api;
+pub(crate) mod ca;
 pub(crate) mod secured;
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_grant-agent");
