@@ -105,6 +105,9 @@ const PEM_BEGIN: &str = "-----BEGIN CERTIFICATE-----";
 /// A certificate that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
+    /// A root certificate cannot serve as a trust anchor.
+    #[error("not usable as a trusted root: {0}")]
+    Root(String),
     /// The bytes are not a certificate.
     #[error("not a valid X.509 certificate: {0}")]
     Parse(#[source] der::Error),
@@ -393,7 +396,7 @@ const ATTRIBUTE_NAMES: [(&str, &str); 9] = [
 /// A distinguished name in RFC 4514 string form (last RDN first). x509-cert's own
 /// `Display` shows `organizationIdentifier`, the SEID 2.0 attribute operators look for,
 /// as hex; this shows it as text.
-fn rfc4514(name: &x509_cert::name::Name) -> String {
+pub(crate) fn rfc4514(name: &x509_cert::name::Name) -> String {
     let mut rdns: Vec<String> = name
         .iter_rdn()
         .map(|rdn| {
@@ -457,3 +460,6 @@ fn unix(t: SystemTime) -> i64 {
 
 #[cfg(test)]
 mod tests;
+mod trust;
+
+pub use trust::{ChainStatus, Judged, Root, TrustStore};

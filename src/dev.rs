@@ -51,6 +51,9 @@ pub(crate) const KEY_LABEL: &str = "virksomhetssertifikat";
 /// A synthetic organisation number with a valid check digit, as in Digdir's test data.
 pub(crate) const ORGANIZATION_NUMBER: &str = "313367002";
 const KEY_ID: [u8; 1] = [0x01];
+/// The dev certificate as PEM, beside the config: its own `[trust] test_roots`, so the
+/// dev agent shows a valid chain as a real key would.
+const DEV_ROOT: &str = "dev-root.pem";
 const REEXEC_MARK: &str = "GRANT_AGENT_DEV_REEXEC";
 
 /// Where SoftHSM's module is installed by the distributions we support.
@@ -167,26 +170,34 @@ pub fn provision(state_dir: &Path, listen: SocketAddr) -> Result<PathBuf, DevErr
          label = \"{KEY_LABEL}\"\n\
          certificate = \"token\"\n\
          # The self-signed dev certificate has no known issuer: declare it a test certificate.\n\
-         certificate_environment = \"test\"\n",
+         certificate_environment = \"test\"\n\n\
+         # The dev certificate is its own root (written from the token at every start).\n\
+         [trust]\n\
+         test_roots = [\"{DEV_ROOT}\"]\n",
         module = module.display(),
     );
     fs::write(&config_path, config_text).map_err(file_error(&config_path))?;
-    let config = Config::load(&config_path)?;
-    let pin = read_pin(&config.pkcs11.pin)?;
+    // Only [pkcs11]: [trust] names the certificate this run may still have to make.
+    let pkcs11 = Config::load_token_settings(&config_path)?;
+    let pin = read_pin(&pkcs11.pin)?;
 
-    let token = match Token::open(&config.pkcs11, &pin, Default::default()) {
+    let token = match Token::open(&pkcs11, &pin, Default::default()) {
         Ok(token) => token,
         Err(HsmError::TokenNotFound { .. }) => {
             let so_pin = read_pin(&crate::config::PinSource::File(so_pin_path))?;
             init_token(&module, TOKEN_LABEL, &so_pin, &pin)?;
             tracing::info!(label = TOKEN_LABEL, "initialised a development token");
-            Token::open(&config.pkcs11, &pin, Default::default())?
+            Token::open(&pkcs11, &pin, Default::default())?
         }
         Err(e) => return Err(e.into()),
     };
     let result = ensure_key_and_certificate(&token);
     let closed = token.close();
-    result?;
+    let root = state_dir.join(DEV_ROOT);
+    let pem = <x509_cert::Certificate as der::Decode>::from_der(&result?)
+        .and_then(|c| der::EncodePem::to_pem(&c, der::pem::LineEnding::LF))
+        .map_err(|e| DevError::Certificate(e.to_string()))?;
+    fs::write(&root, pem).map_err(file_error(&root))?;
     closed?;
     Ok(config_path)
 }
@@ -218,7 +229,8 @@ fn loopback_of(listen: SocketAddr) -> IpAddr {
     }
 }
 
-fn ensure_key_and_certificate(token: &Token) -> Result<(), DevError> {
+/// Returns the certificate's DER.
+fn ensure_key_and_certificate(token: &Token) -> Result<Vec<u8>, DevError> {
     let locator = crate::config::KeyLocator::Label(KEY_LABEL.into());
     let key = match token.find_key(&locator) {
         Ok(key) => key,
@@ -232,12 +244,12 @@ fn ensure_key_and_certificate(token: &Token) -> Result<(), DevError> {
         Err(e) => return Err(e.into()),
     };
     match token.certificates_der(&key) {
-        Ok(_) => Ok(()),
-        Err(HsmError::CertificateNotFound(_)) => {
+        Ok(mut ders) if !ders.is_empty() => Ok(ders.swap_remove(0)),
+        Ok(_) | Err(HsmError::CertificateNotFound(_)) => {
             let (der, subject) = self_signed_certificate(token, &key)?;
             let _ = token.store_certificate(KEY_LABEL, &key.id, &der, &subject)?;
             tracing::info!("stored a self-signed SEID 2.0-style test certificate in the token");
-            Ok(())
+            Ok(der)
         }
         Err(e) => Err(e.into()),
     }

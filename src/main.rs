@@ -285,7 +285,10 @@ fn run(command: Command, log_format: LogFormat) -> Result<(), Failure> {
         Command::Check { config } => check_command(&config),
         Command::Cert { command } => cli::cert_command(command),
         Command::Sign { config, grant } => {
-            let agent = Agent::start(&Config::load(&config)?)?;
+            let config = Config::load(&config)?;
+            let agent = Agent::start(&config)?;
+            // As the server does before serving: a revoked certificate never signs.
+            runtime()?.block_on(server::check_certificates(&agent, &config))?;
             let signed = agent.sign_grant_blocking(&grant.into());
             let closed = agent.close();
             println!("{}", signed.map_err(name_the_flag)?.assertion);
@@ -396,7 +399,7 @@ fn serve(
     Ok(())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)

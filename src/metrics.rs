@@ -10,6 +10,8 @@
 //! | `grant_agent_sessions_busy` | gauge | sessions signing now (of `grant_agent_sessions`) |
 //! | `grant_agent_pkcs11_errors_total` | counter | `class` (session, handle, login, device, token, other: what mends it), `rv` (the PKCS#11 return value): every failed call while signing, checking or recovering, including those the agent mended without the caller noticing; never overload |
 //! | `grant_agent_certificate_expiry_seconds` | gauge | `key`, `certificate_sha256`: seconds until notAfter |
+//! | `grant_agent_revocation_last_good_timestamp_seconds` | gauge | `key`, `certificate_sha256`: when OCSP or the CRL last said good (Unix time); absent before the first good answer |
+//! | `grant_agent_certificate_revoked` | gauge | `key`, `certificate_sha256`: 1 once a verified answer said revoked (the key no longer signs) |
 //! | `grant_agent_serving` | gauge | 1 when the token is usable, 0 while it is being recovered |
 //! | `grant_agent_recoveries_total` | counter | times the token was found gone |
 //! | `grant_agent_last_recovery_seconds` | gauge | how long the last recovery took, token gone to serving again |
@@ -93,6 +95,8 @@ pub(crate) struct Metrics {
     sessions: Gauge,
     pkcs11_errors: Family<ErrorLabels, Counter>,
     certificate_expiry: Family<CertificateLabels, Gauge>,
+    revocation_last_good: Family<CertificateLabels, Gauge>,
+    certificate_revoked: Family<CertificateLabels, Gauge>,
     serving: Gauge,
     recoveries: Counter,
     last_recovery_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -131,6 +135,8 @@ impl Metrics {
             sessions: Gauge::default(),
             pkcs11_errors: Family::default(),
             certificate_expiry: Family::default(),
+            revocation_last_good: Family::default(),
+            certificate_revoked: Family::default(),
             serving: Gauge::default(),
             recoveries: Counter::default(),
             last_recovery_seconds: Gauge::default(),
@@ -195,6 +201,16 @@ impl Metrics {
             "certificate_expiry_seconds",
             "Seconds until the certificate's notAfter",
             self.certificate_expiry.clone(),
+        );
+        registry.register(
+            "revocation_last_good_timestamp_seconds",
+            "When OCSP or the CRL last said good for the certificate (Unix time)",
+            self.revocation_last_good.clone(),
+        );
+        registry.register(
+            "certificate_revoked",
+            "1 when a verified OCSP or CRL answer said the certificate is revoked (the key no longer signs)",
+            self.certificate_revoked.clone(),
         );
         registry.register(
             "serving",
@@ -394,17 +410,30 @@ impl Metrics {
                 *seen = total;
             }
         }
-        let now = unix_now();
         self.certificate_expiry.clear();
-        for key in agent.keys().versions() {
-            if let (_, Some(not_after)) = key.validity() {
+        self.revocation_last_good.clear();
+        self.certificate_revoked.clear();
+        for report in agent.report(unix_now()) {
+            if report.certificate_sha256.is_empty() {
+                continue;
+            }
+            let labels = CertificateLabels {
+                key: report.name,
+                certificate_sha256: report.certificate_sha256,
+            };
+            let _ = self
+                .certificate_expiry
+                .get_or_create(&labels)
+                .set(report.not_after - unix_now());
+            let _ = self
+                .certificate_revoked
+                .get_or_create(&labels)
+                .set(i64::from(report.revocation_status == "revoked"));
+            if report.revocation_last_good > 0 {
                 let _ = self
-                    .certificate_expiry
-                    .get_or_create(&CertificateLabels {
-                        key: key.name().to_owned(),
-                        certificate_sha256: key.certificate_sha256().to_owned(),
-                    })
-                    .set(not_after - now);
+                    .revocation_last_good
+                    .get_or_create(&labels)
+                    .set(report.revocation_last_good);
             }
         }
         let mut text = String::new();

@@ -39,7 +39,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &["cert", "grant", "hex", "hsm", "maskinporten", "telemetry"],
     ),
     ("p12", &["cert"]),
-    ("agent", &["cert", "config", "grant", "hsm"]),
+    ("agent", &["cert", "config", "grant", "hsm", "revocation"]),
     (
         "admin",
         &["agent", "cert", "config", "grant", "hex", "hsm", "p12"],
@@ -67,6 +67,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "metrics",
             "process",
             "proto",
+            "revocation",
             "telemetry",
             "token",
         ],

@@ -923,3 +923,84 @@ async fn a_pkcs12_file_moves_into_the_token_and_signs() {
         );
     }
 }
+
+/// The chain is judged against `[trust]`, as Maskinporten judges it against its issuers:
+/// valid up to a configured root; untrusted without one (a warning, the key still signs);
+/// refused at start with `chain = "require"`. `cert check` prints the same and exits 1
+/// when a key cannot sign.
+#[tokio::test]
+async fn the_chain_is_judged_against_the_configured_roots() {
+    let dir = token();
+    let now = unix_now();
+    let ca = TestCa::new(dir.path(), "ca", BUYPASS_TEST);
+    certified(&dir, "vs", &ca, SEID2, now - DAY, now + 30 * DAY);
+    let agent_toml = dir.path().join("agent.toml");
+    let check = || {
+        run(
+            &dir,
+            &[
+                "cert",
+                "check",
+                "--config",
+                agent_toml.to_str().expect("utf-8"),
+            ],
+        )
+    };
+
+    // No test root configured: untrusted, and `cert check` says what to add.
+    config(&dir, "agent.toml", &key_toml("default", "vs", ""));
+    let out = ok(check());
+    assert!(
+        out.contains("key \"default\" (signs now, default)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  chain        untrusted: no root is trusted for test certificates; add the issuer's root to [trust] test_roots"),
+        "{out}"
+    );
+    assert!(
+        out.contains("  revocation   not checked: the certificate names no OCSP responder"),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("verdict: 1 key name(s), each has a certificate that can sign now\n"),
+        "{out}"
+    );
+
+    // chain = "require" refuses the key: `cert check`, `sign` and `serve` all stop.
+    let require = format!(
+        "{}[trust]\nchain = \"require\"\n",
+        key_toml("default", "vs", "")
+    );
+    config(&dir, "agent.toml", &require);
+    let err = fails(check());
+    assert!(
+        err.contains("key \"default\": the certificate chain is untrusted: no root is trusted for test certificates"),
+        "{err}"
+    );
+    let err = fails(sign_a_b(&dir));
+    assert!(err.contains("the certificate chain is untrusted"), "{err}");
+
+    // The CA's root configured: valid, through ListKeys and `cert check`; the agent signs.
+    let trusted = format!(
+        "{}[trust]\ntest_roots = [\"ca/ca.pem\"]\nchain = \"require\"\n",
+        key_toml("default", "vs", "")
+    );
+    config(&dir, "agent.toml", &trusted);
+    let out = ok(check());
+    assert!(
+        out.contains("  chain        valid: leads to CN=Buypass Class 3 Test4 CA G2 ST Business"),
+        "{out}"
+    );
+    let agent = DevAgent::serve(dir, "agent.toml");
+    let keys = list(&agent).await;
+    assert_eq!(keys[0].chain_status, "valid", "{keys:?}");
+    assert!(
+        keys[0]
+            .chain_detail
+            .starts_with("leads to CN=Buypass Class 3 Test4"),
+        "{keys:?}"
+    );
+    assert_eq!(keys[0].revocation_status, "not_checked", "{keys:?}");
+    assert!(sign(&agent, "", "test").await.is_ok());
+}

@@ -26,6 +26,20 @@ pub enum SignError {
         /// "expired (on ...)" or "not valid yet (from ...)".
         state: String,
     },
+    /// The certificate was revoked, as a verified OCSP or CRL answer said.
+    #[error(
+        "key {key:?}: its certificate was revoked on {at} (reason {reason}; {answered_by}); renew it and configure the new one (docs/operations.md, \"A revoked certificate\")"
+    )]
+    Revoked {
+        /// The key name.
+        key: String,
+        /// When, RFC 3339.
+        at: String,
+        /// The CRL reason code's name, or "not given".
+        reason: &'static str,
+        /// Where the answer came from: "ocsp http://…" or "crl http://…".
+        answered_by: String,
+    },
     /// The certificate is for the other Maskinporten environment, which would refuse it.
     #[error("key {key:?} has a {} certificate (issuer {issuer}), which Maskinporten refuses in environment {environment:?}; {}", describe(*certificate), fix(*certificate))]
     WrongEnvironment {
@@ -139,6 +153,16 @@ pub enum StartError {
         key: String,
         /// Why.
         state: String,
+    },
+    /// The chain does not lead to a trusted root, and `[trust] chain = "require"`.
+    #[error("key {key:?}: the certificate chain is {status}: {detail}")]
+    Chain {
+        /// The key name.
+        key: String,
+        /// "untrusted" or "invalid".
+        status: &'static str,
+        /// Why, and what to do.
+        detail: String,
     },
     /// A reload would need settings that only a restart can apply.
     #[error(

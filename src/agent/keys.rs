@@ -1,16 +1,16 @@
 //! Keys as the agent sees them: each configured entry bound to its token key and
 //! certificate (or registered `kid`), grouped by name into versions for rollover.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use crate::{
-    cert::{CertEnvironment, CertificateChain},
+    cert::{CertEnvironment, CertificateChain, ChainStatus},
     config::{CertificateSource, Config, EnvironmentConfig, KeyBinding, KeyConfig},
     grant::{Algorithm, Claims, GrantField, Header, InvalidGrant, ValidGrant},
     hsm::{Hash, HsmError, KeyRef, SignPath, Token, TokenKey},
 };
 
-use super::{SignError, StartError};
+use super::{SignError, StartError, revocation::RevocationBook};
 
 /// One version of a key: a token key and how Maskinporten knows it.
 #[derive(Debug)]
@@ -32,6 +32,10 @@ enum Identity {
         chain: CertificateChain,
         sha256: String,
         environment: CertEnvironment,
+        /// Where the chain leads, judged when the key was loaded.
+        status: ChainStatus,
+        /// DER of the certificate that issued the leaf, for the revocation check.
+        issuer: Option<Vec<u8>>,
     },
     Kid(String),
 }
@@ -51,6 +55,22 @@ impl SigningKey {
     pub(crate) fn chain(&self) -> Option<&CertificateChain> {
         match &self.identity {
             Identity::Certificate { chain, .. } => Some(chain),
+            Identity::Kid(_) => None,
+        }
+    }
+
+    /// Where the chain leads (`None` for a `kid` key).
+    pub(crate) fn chain_status(&self) -> Option<&ChainStatus> {
+        match &self.identity {
+            Identity::Certificate { status, .. } => Some(status),
+            Identity::Kid(_) => None,
+        }
+    }
+
+    /// DER of the certificate that issued the leaf, when known.
+    pub(crate) fn issuer(&self) -> Option<&[u8]> {
+        match &self.identity {
+            Identity::Certificate { issuer, .. } => issuer.as_deref(),
             Identity::Kid(_) => None,
         }
     }
@@ -99,15 +119,23 @@ pub(crate) struct KeySet {
     default_environment: Option<String>,
     /// Days before expiry when warnings start.
     pub(crate) expiry_warning_days: u32,
+    /// What is known of each certificate's revocation; shared with the agent, so it
+    /// outlives this set.
+    revocation: Arc<RevocationBook>,
 }
 
 impl KeySet {
     /// Binds every configured key to its token key and certificate, and checks that each
     /// name has a version usable now. Blocking.
-    pub(super) fn load(token: &Token, config: &Config, now: i64) -> Result<KeySet, StartError> {
+    pub(super) fn load(
+        token: &Token,
+        config: &Config,
+        now: i64,
+        revocation: Arc<RevocationBook>,
+    ) -> Result<KeySet, StartError> {
         let mut keys: BTreeMap<String, Vec<SigningKey>> = BTreeMap::new();
         for key_config in &config.keys {
-            let key = load_key(token, key_config)?;
+            let key = load_key(token, key_config, config, now)?;
             keys.entry(key.name.clone()).or_default().push(key);
         }
         let set = KeySet {
@@ -120,6 +148,7 @@ impl KeySet {
                 .collect(),
             default_environment: config.default_environment.clone(),
             expiry_warning_days: config.expiry_warning_days,
+            revocation,
         };
         for (name, versions) in &set.keys {
             if let Err(SignError::CertificateNotValid { state, .. }) = set.select(name, now) {
@@ -149,6 +178,24 @@ impl KeySet {
             .keys
             .get(name)
             .ok_or_else(|| SignError::UnknownKey(name.to_owned()))?;
+        let newest_first = |v: &&SigningKey| v.not_before.unwrap_or(i64::MIN);
+        let dated = || versions.iter().filter(|v| v.valid_at(now));
+        if let Some(key) = dated()
+            .filter(|v| self.revocation.revoked(v.certificate_sha256()).is_none())
+            .max_by_key(newest_first)
+        {
+            return Ok(key);
+        }
+        if let Some(key) = dated().max_by_key(newest_first)
+            && let Some((at, reason, source)) = self.revocation.revoked(key.certificate_sha256())
+        {
+            return Err(SignError::Revoked {
+                key: name.to_owned(),
+                at: rfc3339(at),
+                reason: reason.unwrap_or("not given"),
+                answered_by: source,
+            });
+        }
         versions
             .iter()
             .filter(|v| v.valid_at(now))
@@ -268,7 +315,12 @@ impl KeySet {
     }
 }
 
-fn load_key(token: &Token, config: &KeyConfig) -> Result<SigningKey, StartError> {
+fn load_key(
+    token: &Token,
+    config: &KeyConfig,
+    all: &Config,
+    now: i64,
+) -> Result<SigningKey, StartError> {
     let name = &config.name;
     let hsm = hsm_error(config);
     let token_key = token.find_key(&config.locator).map_err(hsm)?;
@@ -291,11 +343,16 @@ fn load_key(token: &Token, config: &KeyConfig) -> Result<SigningKey, StartError>
             let chain = checked_chain(token, &token_key, config, source)?;
             let (not_before, not_after) = chain.validity();
             let header = Header::with_x5c(config.algorithm, chain.der());
+            let environment = environment.unwrap_or_else(|| chain.environment());
+            let judged = all.trust.store.judge(&chain, environment, now);
+            judge_chain(name, &judged.status, all.trust.require_chain)?;
             (
                 Identity::Certificate {
                     sha256: chain.leaf_sha256_hex(),
-                    environment: environment.unwrap_or_else(|| chain.environment()),
+                    environment,
                     chain,
+                    status: judged.status,
+                    issuer: judged.issuer,
                 },
                 header,
                 Some(not_before),
@@ -327,6 +384,27 @@ fn load_key(token: &Token, config: &KeyConfig) -> Result<SigningKey, StartError>
         "key ready"
     );
     Ok(key)
+}
+
+/// Refuses a chain that is not valid when `[trust] chain = "require"`; otherwise warns.
+fn judge_chain(key: &str, status: &ChainStatus, require: bool) -> Result<(), StartError> {
+    match status {
+        ChainStatus::Valid { .. } => Ok(()),
+        _ if require => Err(StartError::Chain {
+            key: key.to_owned(),
+            status: status.name(),
+            detail: status.detail(),
+        }),
+        _ => {
+            tracing::warn!(
+                key,
+                chain = status.name(),
+                detail = %status.detail(),
+                "the certificate chain does not lead to a trusted root; Maskinporten may refuse this key's grants ([trust] chain = \"require\" would refuse the key)"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// The certificate chain `source` gives for the key found in the token, checked to hold

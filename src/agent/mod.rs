@@ -14,6 +14,8 @@
 mod error;
 mod keys;
 mod recovery;
+mod report;
+mod revocation;
 
 use std::{
     collections::BTreeMap,
@@ -25,6 +27,7 @@ pub use error::{SignError, StartError};
 pub use keys::rfc3339;
 pub(crate) use keys::{KeySet, SigningKey};
 use recovery::DeviceErrorRun;
+pub use report::KeyReport;
 
 use cryptoki::types::AuthPin;
 
@@ -79,6 +82,8 @@ pub struct Agent {
     /// The token's DEVICE_ERROR answers since a sign last succeeded.
     device_errors: DeviceErrorRun,
     started: Instant,
+    /// What is known of each certificate's revocation, across reloads.
+    revocation: Arc<revocation::RevocationBook>,
 }
 
 /// Recovery times.
@@ -129,7 +134,8 @@ impl Agent {
         };
         let errors = ErrorCounts::default();
         let token = Token::open(&config.pkcs11, &pin, errors.clone()).map_err(hsm)?;
-        let keys = KeySet::load(&token, config, unix_now())?;
+        let book = Arc::new(revocation::RevocationBook::default());
+        let keys = KeySet::load(&token, config, unix_now(), Arc::clone(&book))?;
         let agent = Agent {
             token: RwLock::new(Some(Arc::new(token))),
             pkcs11: config.pkcs11.clone(),
@@ -143,6 +149,7 @@ impl Agent {
             errors,
             device_errors: DeviceErrorRun::default(),
             started: Instant::now(),
+            revocation: book,
         };
         agent.warn_about_expiry();
         Ok(agent)
@@ -158,7 +165,12 @@ impl Agent {
             context: "reload".into(),
             source: HsmError::Unavailable,
         })?;
-        let keys = Arc::new(KeySet::load(&token, config, unix_now())?);
+        let keys = Arc::new(KeySet::load(
+            &token,
+            config,
+            unix_now(),
+            Arc::clone(&self.revocation),
+        )?);
         match self.keys.write() {
             Ok(mut current) => *current = keys,
             Err(poisoned) => *poisoned.into_inner() = keys,
@@ -168,6 +180,7 @@ impl Agent {
             Err(poisoned) => *poisoned.into_inner() = config.clone(),
         }
         self.warn_about_expiry();
+        self.revocation.recheck.notify_one();
         Ok(())
     }
 

@@ -168,7 +168,7 @@ impl Agent {
             Ok(config) => config.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        let keys = KeySet::load(&token, &config, unix_now());
+        let keys = KeySet::load(&token, &config, unix_now(), Arc::clone(&self.revocation));
         let keys = match keys {
             Ok(keys) => keys,
             Err(error) => {

@@ -58,8 +58,18 @@ pub(crate) enum ClientCommand {
         connection: Connection,
         /// Only whether the agent's process answers, SERVING while its token is away: the
         /// liveness probe (restarting an agent for its token would run C_Login again).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "key")]
         liveness: bool,
+        /// Whether this key can sign: SERVING while the token is usable and the key has a
+        /// certificate valid now and not revoked (health service `key/NAME`).
+        #[arg(long, value_name = "NAME")]
+        key: Option<String>,
+    },
+    /// Print the agent's keys (ListKeys) as JSON: certificate, expiry, chain status and
+    /// revocation status with its time of check, one object a version.
+    Keys {
+        #[command(flatten)]
+        connection: Connection,
     },
 }
 
@@ -129,7 +139,24 @@ pub(crate) async fn client(command: ClientCommand) -> Result<(), Failure> {
         ClientCommand::Health {
             connection,
             liveness,
-        } => health(&connection, liveness).await,
+            key,
+        } => health(&connection, liveness, key).await,
+        ClientCommand::Keys { connection } => {
+            let keys = connection
+                .connect()
+                .await?
+                .list_keys(proto::ListKeysRequest {})
+                .await
+                .map_err(|s| refused(&s))?
+                .into_inner()
+                .keys;
+            let keys: Vec<_> = keys.iter().map(key_json).collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&keys).unwrap_or_default()
+            );
+            Ok(())
+        }
         ClientCommand::Grant { connection, grant } => {
             let response = connection
                 .connect()
@@ -174,21 +201,56 @@ pub(crate) async fn client(command: ClientCommand) -> Result<(), Failure> {
     }
 }
 
-/// `client health`: Ok when the agent (or with `liveness`, its process) is SERVING.
-async fn health(connection: &Connection, liveness: bool) -> Result<(), Failure> {
-    let service = if liveness {
-        grant_agent::server::LIVENESS_SERVICE
-    } else {
-        "grantagent.v1.GrantAgent"
+/// `client health`: Ok when the agent (with `liveness`, its process; with `key`, that
+/// key) is SERVING.
+async fn health(
+    connection: &Connection,
+    liveness: bool,
+    key: Option<String>,
+) -> Result<(), Failure> {
+    let service = match (&key, liveness) {
+        (Some(name), _) => format!("{}{name}", grant_agent::server::KEY_SERVICE_PREFIX),
+        (None, true) => grant_agent::server::LIVENESS_SERVICE.to_owned(),
+        (None, false) => "grantagent.v1.GrantAgent".to_owned(),
     };
-    if client::serving(&connection.addr, connection.tls()?.as_ref(), service).await? {
+    if client::serving(&connection.addr, connection.tls()?.as_ref(), &service).await? {
         println!("SERVING");
         Ok(())
+    } else if let Some(name) = key {
+        Err(format!("key {name:?} is NOT_SERVING: it cannot sign now (token unavailable, certificate expired or revoked: see `grant-agent client keys`)").into())
     } else if liveness {
         Err("the agent's process does not answer as SERVING".into())
     } else {
         Err("the agent is NOT_SERVING (its token is unavailable)".into())
     }
+}
+
+/// One ListKeys entry as JSON, with the proto's field names.
+fn key_json(k: &proto::KeyInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": k.name,
+        "active": k.active,
+        "is_default": k.is_default,
+        "algorithm": k.algorithm,
+        "kid": k.kid,
+        "subject": k.subject,
+        "issuer": k.issuer,
+        "organization_number": k.organization_number,
+        "environment": k.environment,
+        "certificate_sha256": k.certificate_sha256,
+        "not_before": k.not_before,
+        "not_after": k.not_after,
+        "days_to_expiry": k.days_to_expiry,
+        "expires_soon": k.expires_soon,
+        "chain_status": k.chain_status,
+        "chain_detail": k.chain_detail,
+        "revocation_status": k.revocation_status,
+        "revocation_checked_at": k.revocation_checked_at,
+        "revocation_last_good": k.revocation_last_good,
+        "revoked_at": k.revoked_at,
+        "revocation_reason": k.revocation_reason,
+        "revocation_detail": k.revocation_detail,
+    })
 }
 
 /// `client token --out`: writes the token to `out` once, or with `watch` keeps it fresh

@@ -92,6 +92,13 @@ pub(crate) enum CertCommand {
         /// PEM file: the certificate, optionally followed by its chain.
         file: PathBuf,
     },
+    /// Check every configured key's certificate as Maskinporten will: expiry, the chain to
+    /// a trusted root, and revocation (OCSP, then the CRL). Exits 1 when a key cannot sign.
+    Check {
+        /// The TOML config file.
+        #[arg(long, env = "GRANT_AGENT_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 /// RSA key sizes Maskinporten accepts.
@@ -231,7 +238,10 @@ fn p12_password(file: Option<&Path>) -> Result<zeroize::Zeroizing<String>, Failu
 
 /// Runs one `cert` command.
 pub(crate) fn cert_command(command: CertCommand) -> Result<(), Failure> {
-    let CertCommand::Import { token, label, file } = command;
+    let (token, label, file) = match command {
+        CertCommand::Import { token, label, file } => (token, label, file),
+        CertCommand::Check { config } => return super::check::check(&config),
+    };
     let pem = std::fs::read(&file).map_err(|e| format!("FILE {}: {e}", file.display()))?;
     let token = admin::open_token(&token.config)?;
     let result = admin::import_certificate(&token, &label, &pem);

@@ -1,6 +1,8 @@
 //! The commands that are more than a call into the library: talking to a running agent
-//! (`client`) and managing keys and certificates in the token (`key`, `cert`).
+//! (`client`), managing keys and certificates in the token (`key`, `cert`), and checking
+//! the certificates before a rollout (`cert check`).
 
+mod check;
 mod client;
 mod key;
 

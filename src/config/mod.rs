@@ -8,7 +8,7 @@
 //!
 //! One file per section, each with its `Raw*` serde struct and its validation:
 //! `access` (listeners, TLS, policy, audit), `pkcs11`, `keys`, `environments`, `token`,
-//! `limits` and `tracing`. This file holds [`Config`], the top-level keys and [`ConfigError`].
+//! `limits`, `tracing`, and `trust` (with `[revocation]`). This file holds [`Config`], the top-level keys and [`ConfigError`].
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -25,6 +25,7 @@ mod pkcs11;
 mod tests;
 mod token;
 mod tracing;
+mod trust;
 
 pub use crate::telemetry::TracingSettings;
 pub use access::{Access, PolicyRule, Tls, UnixSocket};
@@ -36,6 +37,7 @@ pub(crate) use limits::{Limits, MAX_REQUEST_BYTES};
 pub use pkcs11::{PinSource, Pkcs11Config, default_sessions};
 pub use token::TokenSettings;
 pub(crate) use token::endpoint_problem;
+pub use trust::{RevocationSettings, TrustSettings};
 
 /// Where the agent listens when the config says nothing.
 pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -73,6 +75,10 @@ pub struct Config {
     pub(crate) limits: Limits,
     /// `[tracing]`: where OpenTelemetry spans go; `None` sends none.
     pub tracing: Option<TracingSettings>,
+    /// `[trust]`: the roots each key's chain must lead to.
+    pub(crate) trust: TrustSettings,
+    /// `[revocation]`: OCSP and CRL checks of each key's certificate.
+    pub(crate) revocation: RevocationSettings,
 }
 
 /// A configuration that cannot be used, with what to do about it.
@@ -163,6 +169,8 @@ impl Config {
         let metrics_listen = listen_address(raw.metrics, "metrics.listen", "9464", &invalid)?;
         let health_listen = listen_address(raw.health, "health.listen", "8081", &invalid)?;
         let tracing = tracing::tracing(raw.tracing, &invalid)?;
+        let trust = trust::trust(raw.trust, base, &invalid)?;
+        let revocation = trust::revocation(raw.revocation, &invalid)?;
         let config = Config {
             access,
             pkcs11,
@@ -176,6 +184,8 @@ impl Config {
             token,
             limits,
             tracing,
+            trust,
+            revocation,
         };
         config.check_default_environment(&invalid)?;
         Ok(config)
@@ -349,6 +359,8 @@ struct RawConfig {
     token: Option<token::RawToken>,
     limits: Option<limits::RawLimits>,
     tracing: Option<tracing::RawTracing>,
+    trust: Option<trust::RawTrust>,
+    revocation: Option<trust::RawRevocation>,
 }
 
 #[derive(Deserialize)]

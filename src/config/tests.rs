@@ -517,3 +517,77 @@ fn tracing_is_off_unless_set_and_its_values_are_checked() {
         .contains("unknown field `endpoint`")
     );
 }
+
+#[test]
+fn trust_and_revocation_settings() {
+    let c = Config::from_toml_str(GOOD, "agent.toml").expect("valid");
+    assert!(!c.trust.require_chain, "chain = \"warn\" by default");
+    assert_eq!(c.revocation, crate::config::RevocationSettings::default());
+    assert!(c.revocation.enabled);
+    assert_eq!(
+        c.trust
+            .store
+            .roots(crate::cert::CertEnvironment::Production)
+            .len(),
+        1,
+        "the shipped Buypass Class 3 Root CA"
+    );
+    assert!(
+        c.trust
+            .store
+            .roots(crate::cert::CertEnvironment::Test)
+            .is_empty()
+    );
+
+    let dir = tempfile::tempdir().expect("dir");
+    let root = dir.path().join("root.pem");
+    std::fs::write(
+        &root,
+        include_bytes!("../cert/roots/buypass-class-3-root-ca.pem"),
+    )
+    .expect("write");
+    let text = format!(
+        "{GOOD}[trust]\ntest_roots = [{root:?}]\nchain = \"require\"\n\
+         [revocation]\ninterval_seconds = 600\ngood_for_seconds = 3600\ntimeout_seconds = 3\n"
+    );
+    let c = Config::from_toml_str(&text, "agent.toml").expect("valid");
+    assert!(c.trust.require_chain);
+    assert_eq!(
+        c.trust
+            .store
+            .roots(crate::cert::CertEnvironment::Test)
+            .len(),
+        1
+    );
+    assert_eq!(c.revocation.interval.as_secs(), 600);
+    assert_eq!(c.revocation.good_for.as_secs(), 3600);
+    assert_eq!(c.revocation.timeout.as_secs(), 3);
+
+    for (extra, key) in [
+        ("[trust]\nchain = \"strict\"\n", "`trust.chain`"),
+        (
+            "[trust]\ntest_roots = [\"/nonexistent/root.pem\"]\n",
+            "`trust.test_roots[0]`",
+        ),
+        (
+            "[trust]\nprod_roots = [\"agent.toml\"]\n",
+            "`trust.prod_roots[0]`",
+        ),
+        (
+            "[revocation]\ninterval_seconds = 5\n",
+            "`revocation.interval_seconds`",
+        ),
+        (
+            "[revocation]\ninterval_seconds = 600\ngood_for_seconds = 60\n",
+            "`revocation.good_for_seconds`",
+        ),
+        (
+            "[revocation]\ntimeout_seconds = 0\n",
+            "`revocation.timeout_seconds`",
+        ),
+        ("[revocation]\nenable = false\n", "unknown field `enable`"),
+    ] {
+        let message = err(&format!("{GOOD}{extra}"));
+        assert!(message.contains(key), "{extra}: {message}");
+    }
+}

@@ -10,7 +10,7 @@
 //! listeners, with caps of their own ([`HEALTH_CONNECTIONS`]), so a flood of probes
 //! cannot take connections from callers.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
 use tonic::service::Routes;
@@ -19,7 +19,12 @@ use tonic_health::{
     server::{HealthReporter, HealthService},
 };
 
-use crate::{config::Limits, metrics::Metrics, proto};
+use crate::{
+    agent::{Agent, unix_now},
+    config::Limits,
+    metrics::Metrics,
+    proto,
+};
 
 use super::{
     LIVENESS_SERVICE, MAX_PROBE_BYTES, ServeError,
@@ -40,17 +45,68 @@ type Grants = proto::grant_agent_server::GrantAgentServer<GrantAgentService>;
 pub(super) type Health = tonic_health::pb::health_server::HealthServer<HealthService>;
 
 /// The health service, SERVING for liveness from start to shutdown and, for readiness,
-/// following `serving`: NOT_SERVING while the token is being recovered. Statuses are set
-/// before it is returned, so a probe never sees UNKNOWN.
-pub(super) async fn service(serving: watch::Receiver<bool>) -> Health {
+/// following the agent's `serving`: NOT_SERVING while the token is being recovered. Each
+/// key has a service name of its own, [`KEY_SERVICE_PREFIX`] and its name, SERVING only
+/// while the token is usable and the key has a version valid now and not revoked.
+/// Statuses are set before it is returned, so a probe never sees UNKNOWN.
+pub(super) async fn service(agent: Arc<Agent>) -> Health {
     let health = HealthReporter::new();
     let service = Health::new(HealthService::from_health_reporter(health.clone()));
     health.set_serving::<Grants>().await;
     health
         .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
         .await;
-    let _follow = tokio::spawn(follow(health, serving));
+    let mut keys_health = health.clone();
+    let keys = set_keys(&mut keys_health, &agent, Vec::new()).await;
+    let _follow = tokio::spawn(follow(health, agent.serving()));
+    let _keys = tokio::spawn(follow_keys(keys_health, agent, keys));
     service.max_decoding_message_size(MAX_PROBE_BYTES)
+}
+
+/// What comes before a key's name in its health service name: `key/default`.
+pub const KEY_SERVICE_PREFIX: &str = "key/";
+
+/// How often the keys' health is read again when nothing else changes it: a certificate
+/// that expires, or a renewal that becomes valid, shows within this.
+const KEY_HEALTH_EVERY: Duration = Duration::from_secs(30);
+
+/// Sets each key's status; removes the names of keys a reload took away (`before`).
+/// Returns the names set.
+async fn set_keys(health: &mut HealthReporter, agent: &Agent, before: Vec<String>) -> Vec<String> {
+    let up = *agent.serving().borrow();
+    let now = unix_now();
+    let names = agent.key_names();
+    for name in before.iter().filter(|n| !names.contains(n)) {
+        health
+            .clear_service_status(&format!("{KEY_SERVICE_PREFIX}{name}"))
+            .await;
+    }
+    for name in &names {
+        let status = if up && agent.key_usable(name, now) {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health
+            .set_service_status(&format!("{KEY_SERVICE_PREFIX}{name}"), status)
+            .await;
+    }
+    names
+}
+
+/// Keeps the keys' statuses current: on a change of the token's state or of a
+/// revocation, and every [`KEY_HEALTH_EVERY`].
+async fn follow_keys(mut health: HealthReporter, agent: Arc<Agent>, mut names: Vec<String>) {
+    let mut serving = agent.serving();
+    let mut revocations = agent.revocation().changes();
+    loop {
+        tokio::select! {
+            changed = serving.changed() => if changed.is_err() { return },
+            changed = revocations.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(KEY_HEALTH_EVERY) => {}
+        }
+        names = set_keys(&mut health, &agent, names).await;
+    }
 }
 
 /// Sets readiness (`""` and the GrantAgent service) to what `serving` says, until the

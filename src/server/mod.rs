@@ -34,7 +34,13 @@ use tokio::{
 };
 use tonic::service::Routes;
 
-use crate::{agent::Agent, config::Config, metrics::Metrics, proto};
+use crate::{
+    agent::Agent,
+    config::{Config, RevocationSettings},
+    metrics::Metrics,
+    proto,
+    revocation::Checker,
+};
 use audit::AuditLog;
 use conn::{Connections, Listener};
 pub(crate) use gate::Reached;
@@ -51,6 +57,8 @@ pub(crate) const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from
 /// restart an agent whose token is away (a restart would run C_Login again, and with a
 /// wrong PIN count towards locking the token). Readiness asks `grantagent.v1.GrantAgent`.
 pub const LIVENESS_SERVICE: &str = "grant-agent.liveness";
+
+pub use health::KEY_SERVICE_PREFIX;
 
 /// Largest health or reflection request: they are a service name or a symbol, and are
 /// open to any peer that reaches a listener.
@@ -136,6 +144,8 @@ struct Server {
     reload: Option<Reload>,
     /// The TCP listener's TLS files, reloaded while serving.
     tls: Option<Arc<tls::TlsMaterial>>,
+    /// Revocation checks on a timer, unless `[revocation] enabled = false`.
+    revocation: Option<(Checker, RevocationSettings)>,
 }
 
 impl Server {
@@ -159,7 +169,8 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let audit = open_audit(access, &metrics)?;
         let policy = Arc::new(Policy::new(&access.policy));
-        let health = health::service(agent.serving()).await;
+        let revocation = check_revocation(&agent, config).await?;
+        let health = health::service(Arc::clone(&agent)).await;
         let (connections, all_closed, routes) =
             services(&agent, config, &policy, &audit, &metrics, health.clone()).await?;
         let (listeners, mut endpoints, tls) = bind_listeners(access, &policy, &metrics).await?;
@@ -201,6 +212,7 @@ impl Server {
                 limits: config.limits,
             }),
             tls,
+            revocation,
         })
     }
 
@@ -246,6 +258,10 @@ impl Server {
         }
         if let Some(tls) = self.tls {
             let _tls = tokio::spawn(tls.watch(stopped.clone(), hangup()));
+        }
+        if let Some((checker, settings)) = self.revocation {
+            let agent = Arc::clone(&self.agent);
+            let _revocation = tokio::spawn(agent.watch_revocation(checker, settings));
         }
         spawn_summaries(&self.audit, &stopped);
         tracing::info!(endpoints = %self.endpoints.join(", "), "listening");
@@ -302,6 +318,30 @@ fn open_audit(
             }
         })?;
     Ok(Arc::new(audit))
+}
+
+/// The revocation checker on the token exchange's HTTP client (its proxy and roots), after
+/// a first check of every certificate: a revoked one never signs, not even in the first
+/// seconds. `None` with `[revocation] enabled = false`.
+async fn check_revocation(
+    agent: &Agent,
+    config: &Config,
+) -> Result<Option<(Checker, RevocationSettings)>, ServeError> {
+    let settings = config.revocation;
+    if !settings.enabled {
+        tracing::warn!("[revocation] enabled = false: a revoked certificate would go on signing");
+        agent.revocation_not_checked("[revocation] enabled = false");
+        return Ok(None);
+    }
+    let checker = Checker::new(crate::token::http_client(&config.token)?, settings.timeout);
+    agent.check_revocation(&checker, settings.good_for).await;
+    Ok(Some((checker, settings)))
+}
+
+/// Checks every certificate's revocation once, as the server does before serving, for
+/// `grant-agent cert check`.
+pub async fn check_certificates(agent: &Agent, config: &Config) -> Result<(), ServeError> {
+    check_revocation(agent, config).await.map(|_| ())
 }
 
 /// The token exchange, the GrantAgent service behind its gate, health and reflection,

@@ -13,7 +13,6 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     agent::{Agent, SignError, unix_now},
-    cert::{CertEnvironment, CertificateChain},
     grant::{AuthorizationDetails, GrantParameters, ValidGrant},
     metrics::Metrics,
     proto::{
@@ -554,37 +553,33 @@ impl GrantAgent for GrantAgentService {
         self.policy
             .knows(&caller)
             .map_err(|refusal| status::refusal(&refusal).status)?;
-        let keys = self.agent.keys();
-        let now = unix_now();
-        let window = i64::from(keys.expiry_warning_days) * 86_400;
-        let infos = keys
-            .versions()
-            .map(|key| {
-                let (not_before, not_after) = key.validity();
-                let chain = key.chain();
-                KeyInfo {
-                    name: key.name().to_owned(),
-                    algorithm: key.algorithm().jws_name().to_owned(),
-                    subject: chain.map(CertificateChain::subject).unwrap_or_default(),
-                    issuer: chain.map(CertificateChain::issuer).unwrap_or_default(),
-                    organization_number: chain
-                        .and_then(CertificateChain::organization_number)
-                        .unwrap_or_default(),
-                    not_before: not_before.unwrap_or_default(),
-                    not_after: not_after.unwrap_or_default(),
-                    certificate_sha256: key.certificate_sha256().to_owned(),
-                    is_default: key.name() == keys.default_key(),
-                    environment: key
-                        .environment()
-                        .map_or("", CertEnvironment::name)
-                        .to_owned(),
-                    days_to_expiry: not_after.map_or(0, |t| (t - now).div_euclid(86_400)),
-                    expires_soon: not_after.is_some_and(|t| t - now <= window),
-                    active: keys
-                        .select(key.name(), now)
-                        .is_ok_and(|active| std::ptr::eq(active, key)),
-                    kid: key.kid().unwrap_or_default().to_owned(),
-                }
+        let infos = self
+            .agent
+            .report(unix_now())
+            .into_iter()
+            .map(|r| KeyInfo {
+                name: r.name,
+                algorithm: r.algorithm.to_owned(),
+                subject: r.subject,
+                issuer: r.issuer,
+                organization_number: r.organization_number,
+                not_before: r.not_before,
+                not_after: r.not_after,
+                certificate_sha256: r.certificate_sha256,
+                is_default: r.is_default,
+                environment: r.environment.to_owned(),
+                days_to_expiry: r.days_to_expiry,
+                expires_soon: r.expires_soon,
+                active: r.active,
+                kid: r.kid,
+                chain_status: r.chain_status.to_owned(),
+                chain_detail: r.chain_detail,
+                revocation_status: r.revocation_status.to_owned(),
+                revocation_checked_at: r.revocation_checked_at,
+                revocation_last_good: r.revocation_last_good,
+                revoked_at: r.revoked_at,
+                revocation_reason: r.revocation_reason.to_owned(),
+                revocation_detail: r.revocation_detail,
             })
             .collect();
         Ok(Response::new(ListKeysResponse { keys: infos }))

@@ -99,9 +99,9 @@ pub(super) fn sign_failure(error: &SignError) -> Failure {
     let (code, outcome, in_token) = match error {
         SignError::Invalid(_) => (Code::InvalidArgument, Outcome::Refused, false),
         SignError::UnknownKey(_) => (Code::NotFound, Outcome::Refused, false),
-        SignError::CertificateNotValid { .. } | SignError::WrongEnvironment { .. } => {
-            (Code::FailedPrecondition, Outcome::Refused, false)
-        }
+        SignError::CertificateNotValid { .. }
+        | SignError::WrongEnvironment { .. }
+        | SignError::Revoked { .. } => (Code::FailedPrecondition, Outcome::Refused, false),
         SignError::Unavailable | SignError::Pkcs11(_) => (Code::Unavailable, Outcome::Failed, true),
         SignError::Busy { .. } => (Code::ResourceExhausted, Outcome::Busy, true),
         SignError::Deadline => (Code::DeadlineExceeded, Outcome::Busy, true),
@@ -354,6 +354,17 @@ mod tests {
                 Code::FailedPrecondition,
                 Outcome::Refused,
                 "key \"default\" has a test certificate (issuer CN=Buypass Class 3 Test4 CA G2), which Maskinporten refuses in environment \"prod\"; use a key with a certificate for that environment (or set keys[].allow_environment_mismatch = true)".to_owned(),
+            ),
+            (
+                SignError::Revoked {
+                    key: "default".into(),
+                    at: "2026-11-30T12:00:00Z".into(),
+                    reason: "keyCompromise",
+                    answered_by: "ocsp http://ocsp.example/".into(),
+                },
+                Code::FailedPrecondition,
+                Outcome::Refused,
+                "key \"default\": its certificate was revoked on 2026-11-30T12:00:00Z (reason keyCompromise; ocsp http://ocsp.example/); renew it and configure the new one (docs/operations.md, \"A revoked certificate\")".to_owned(),
             ),
             (
                 SignError::Unavailable,

@@ -396,7 +396,8 @@ fn describe(error: reqwest::Error) -> String {
 /// trusting the system's roots, the Mozilla roots (for images without a CA bundle) and
 /// `ca_file`. No redirects: a token endpoint that redirects is misconfigured, and
 /// following it would send the grant somewhere not configured.
-fn http_client(settings: &TokenSettings) -> Result<reqwest::Client, SetupError> {
+/// The revocation checks (OCSP, CRLs) use the same client, so the same proxy and roots.
+pub(crate) fn http_client(settings: &TokenSettings) -> Result<reqwest::Client, SetupError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     let (added, _) = roots.add_parsable_certificates(native.certs);

@@ -20,6 +20,7 @@ use std::{
 use zeroize::Zeroizing;
 
 pub use exchange::SetupError;
+pub(crate) use exchange::http_client;
 
 use crate::{
     agent::{Agent, SignError, SignedGrant, unix_now},

@@ -183,6 +183,11 @@ impl DevAgent {
     /// The health service's status for `grantagent.v1.GrantAgent`: 1 SERVING,
     /// 2 NOT_SERVING (readiness).
     pub(crate) async fn health(&self) -> i32 {
+        self.health_of("grantagent.v1.GrantAgent").await
+    }
+
+    /// The health service's status for `service` (`key/default`: whether that key signs).
+    pub(crate) async fn health_of(&self, service: &str) -> i32 {
         use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
             .expect("endpoint")
@@ -191,7 +196,7 @@ impl DevAgent {
             .expect("connect");
         HealthClient::new(channel)
             .check(HealthCheckRequest {
-                service: "grantagent.v1.GrantAgent".into(),
+                service: service.into(),
             })
             .await
             .expect("health")
