@@ -11,7 +11,9 @@ mod common;
 
 use std::{path::PathBuf, process::Output, time::Duration};
 
-use common::{DevAgent, TEST_AUD, TestCa, grant_request, openssl, params, read, unix_now, verify};
+use common::{
+    DevAgent, TEST_AUD, TestCa, ca, grant_request, openssl, params, read, unix_now, verify,
+};
 use grant_agent::proto::{KeyInfo, ListKeysRequest};
 use tonic::Code;
 
@@ -1003,4 +1005,167 @@ async fn the_chain_is_judged_against_the_configured_roots() {
     );
     assert_eq!(keys[0].revocation_status, "not_checked", "{keys:?}");
     assert!(sign(&agent, "", "test").await.is_ok());
+}
+
+/// A key's certificate under a test PKI with a live `openssl ocsp` responder and a CRL
+/// served over HTTP (tests/common/ca.rs), end to end through the agent: checked before
+/// serving and good; revoked at the CA and found by the check a reload starts, after which
+/// the key no longer signs (FAILED_PRECONDITION naming the time and reason) and ListKeys,
+/// health `key/default`, the metrics and `cert check` say so, while readiness stays
+/// SERVING. With the responder and the CRL gone, a fresh agent only warns, and signs.
+#[tokio::test]
+async fn a_revoked_certificate_stops_its_key_and_an_unreachable_responder_only_warns() {
+    let dir = token();
+    let pki = ca::TestCa::new("Buypass Class 3 Test4 CA G2 ST Business");
+    let crl = ca::HttpServer::start(ca::Behaviour::Serve(pki.crl(24))).await;
+    let csr = key_with_csr(&dir, "vs", "rsa2048");
+    let leaf = pki.issue_for(&csr, SEID2, &pki.ocsp_url(), &crl.url("/issuing.crl"));
+    let chain = leaf.pem.to_str().expect("utf-8");
+    let _ = ok(run(&dir, &["cert", "import", "--label", "vs", chain]));
+    let responder = pki.responder(&pki.file("responder"), &[]);
+    let settings = format!(
+        "{}[trust]\ntest_roots = [{:?}]\nchain = \"require\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[audit]\nfile = \"audit.jsonl\"\n",
+        key_toml("default", "vs", ""),
+        pki.file("root.pem"),
+    );
+    config(&dir, "agent.toml", &settings);
+    let agent = DevAgent::serve(dir, "agent.toml");
+
+    let key = list(&agent).await.remove(0);
+    assert_eq!(
+        (key.chain_status.as_str(), key.revocation_status.as_str()),
+        ("valid", "good"),
+        "{key:?}"
+    );
+    assert!(key.revocation_checked_at > 0, "{key:?}");
+    assert_eq!(
+        key.revocation_last_good, key.revocation_checked_at,
+        "{key:?}"
+    );
+    assert!(
+        key.revocation_detail
+            .starts_with(&format!("good (ocsp {}), checked ", pki.ocsp_url())),
+        "{key:?}"
+    );
+    assert!(sign(&agent, "", "test").await.is_ok());
+    assert_eq!(agent.health_of("key/default").await, 1, "SERVING");
+    let metrics = common::http_get(agent.metrics_url()).await;
+    assert!(
+        metrics.contains("grant_agent_certificate_revoked{key=\"default\"")
+            && metrics
+                .contains("grant_agent_revocation_last_good_timestamp_seconds{key=\"default\""),
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, "grant_agent_certificate_revoked{"), 0.0);
+
+    // Revoked at the CA; the responder reads its database again at its start; a reload
+    // checks at once.
+    let revoked_at = pki.revoke(&leaf, "keyCompromise");
+    drop(responder);
+    let _responder = pki.responder(&pki.file("responder"), &[]);
+    agent.signal("HUP");
+    let key = wait_for_key(&agent, |k| k.revocation_status == "revoked").await;
+    assert_eq!(
+        (key.revoked_at, key.revocation_reason.as_str()),
+        (revoked_at, "keyCompromise"),
+        "{key:?}"
+    );
+    assert!(!key.active, "a revoked version is not the one that signs");
+    let refused = sign(&agent, "", "test").await.expect_err("revoked");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let expected = format!(
+        "key \"default\": its certificate was revoked on {} (reason keyCompromise; ocsp {})",
+        grant_agent::agent::rfc3339(revoked_at),
+        pki.ocsp_url()
+    );
+    assert!(
+        refused.message().starts_with(&expected),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(agent.health_of("key/default").await, 2, "NOT_SERVING");
+    assert_eq!(
+        agent.health().await,
+        1,
+        "readiness: the token itself is fine"
+    );
+    let metrics = common::http_get(agent.metrics_url()).await;
+    assert_eq!(
+        metric(&metrics, "grant_agent_certificate_revoked{"),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        agent
+            .log()
+            .contains("the certificate is revoked: this key no longer signs"),
+        "{}",
+        agent.log()
+    );
+    let audited = agent.wait_for_audit(|l| l["outcome"] == "refused");
+    assert!(
+        audited.is_some(),
+        "the refusal is audited: {:?}",
+        agent.audit_lines()
+    );
+
+    // `cert check` and `sign` from the same config refuse too (exit 1).
+    let dir = agent.stop();
+    let config_path = dir.path().join("agent.toml");
+    let config_path = config_path.to_str().expect("utf-8");
+    let out = run(&dir, &["cert", "check", "--config", config_path]);
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        printed.contains("  revocation   REVOKED on ") && printed.contains("reason keyCompromise"),
+        "{printed}"
+    );
+    let err = fails(out);
+    assert!(
+        err.contains("verdict: 1 of 1 key name(s) cannot sign now: default"),
+        "{err}"
+    );
+    let err = fails(sign_a_b(&dir));
+    assert!(err.contains("its certificate was revoked on"), "{err}");
+
+    // The responder and the CRL gone: a fresh agent warns, and signs.
+    drop(_responder);
+    drop(crl);
+    let agent = DevAgent::serve(dir, "agent.toml");
+    let key = list(&agent).await.remove(0);
+    assert_eq!(key.revocation_status, "unreachable", "{key:?}");
+    assert!(
+        key.revocation_detail.contains(&pki.ocsp_url())
+            && key.revocation_detail.contains("/issuing.crl"),
+        "every place tried is named: {key:?}"
+    );
+    assert!(
+        sign(&agent, "", "test").await.is_ok(),
+        "an unreachable responder only warns"
+    );
+    assert!(
+        agent.log().contains("revocation check got no answer"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// The first key version in ListKeys once `done` holds for it (up to a minute).
+async fn wait_for_key(agent: &DevAgent, done: impl Fn(&KeyInfo) -> bool) -> KeyInfo {
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let key = list(agent).await.remove(0);
+        if done(&key) || std::time::Instant::now() > until {
+            return key;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of the first sample of `prefix` in a Prometheus text.
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1.0)
 }

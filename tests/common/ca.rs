@@ -105,6 +105,41 @@ impl TestCa {
         self.issue_with_section(name, "leaf", Some(&ext))
     }
 
+    /// A leaf for `csr` (a key made in the token) with `subject` (openssl `-subj` form),
+    /// recorded in the CA database, with these AIA OCSP and CRL DP URIs; `pem` holds the
+    /// leaf followed by the issuing CA, as `grant-agent cert import` takes a chain.
+    pub(crate) fn issue_for(&self, csr: &Path, subject: &str, ocsp: &str, crl: &str) -> Issued {
+        let name = format!("token-{}", uuid::Uuid::new_v4());
+        let ext = self.write_leaf_ext(&name, ocsp, crl);
+        let pem = format!("{name}.pem");
+        openssl(
+            self.dir.path(),
+            "ca -batch -config openssl.cnf -notext -preserveDN -extensions leaf",
+            &[
+                "-in",
+                csr.to_str().expect("utf-8 path"),
+                "-subj",
+                subject,
+                "-extfile",
+                &ext,
+                "-out",
+                &pem,
+            ],
+        );
+        let leaf = self.issued(&pem);
+        let chain = self.dir.path().join(format!("{name}-chain.pem"));
+        let issuing = std::fs::read(self.dir.path().join("issuing.pem")).expect("issuing");
+        std::fs::write(
+            &chain,
+            [std::fs::read(&leaf.pem).expect("leaf"), issuing].concat(),
+        )
+        .expect("chain");
+        Issued {
+            pem: chain,
+            der: leaf.der,
+        }
+    }
+
     /// A leaf the CA database does not know (signed with `openssl x509`), so the responder
     /// answers "unknown"; serial 0x7777.
     pub(crate) fn issue_unrecorded(&self, name: &str, ocsp: &str, crl: &str) -> Issued {
