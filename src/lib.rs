@@ -40,6 +40,7 @@ pub mod cert;
 pub mod client;
 pub mod config;
 pub mod dev;
+mod fetch;
 pub mod grant;
 mod hex;
 pub mod hsm;

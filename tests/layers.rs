@@ -28,7 +28,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("proto", &[]),
     ("testing", &[]),
     // OCSP and CRLs over a client it is given; knows nothing of keys or config.
-    ("revocation", &[]),
+    ("fetch", &[]),
+    ("revocation", &["fetch"]),
     ("hsm", &["hex"]),
     ("grant", &["maskinporten", "proto"]),
     ("cert", &["grant", "hex"]),
@@ -50,6 +51,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "agent",
             "config",
+            "fetch",
             "grant",
             "maskinporten",
             "metrics",

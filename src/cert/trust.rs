@@ -191,63 +191,20 @@ impl TrustStore {
             CertEnvironment::Test => "[trust] test_roots",
             _ => "[trust] prod_roots",
         };
+        let status = |status| Judged {
+            status,
+            issuer: second.clone(),
+        };
         if roots.is_empty() {
-            return Judged {
-                status: ChainStatus::Untrusted {
-                    detail: format!(
-                        "no root is trusted for {} certificates; add the issuer's root to {setting} (docs/operations.md, \"Adding an issuer\")",
-                        environment.name()
-                    ),
-                },
-                issuer: second,
-            };
+            return status(ChainStatus::Untrusted {
+                detail: format!(
+                    "no root is trusted for {} certificates; add the issuer's root to {setting} (docs/operations.md, \"Adding an issuer\")",
+                    environment.name()
+                ),
+            });
         }
-        let root_ders: Vec<CertificateDer<'_>> = roots
-            .iter()
-            .map(|r| CertificateDer::from(r.der.as_slice()))
-            .collect();
-        // Root::from_der made sure each reads as an anchor, so the two lists pair up.
-        let anchors: Vec<TrustAnchor<'_>> = root_ders
-            .iter()
-            .filter_map(|d| webpki::anchor_from_trusted_cert(d).ok())
-            .collect();
-        if anchors.len() != roots.len() {
-            return Judged {
-                status: ChainStatus::Invalid {
-                    detail: "a trusted root cannot be read as a trust anchor".to_owned(),
-                },
-                issuer: second,
-            };
-        }
-        let leaf = CertificateDer::from(ders[0]);
-        let intermediates: Vec<CertificateDer<'_>> =
-            ders[1..].iter().map(|d| CertificateDer::from(*d)).collect();
-        let time = UnixTime::since_unix_epoch(Duration::from_secs(u64::try_from(now).unwrap_or(0)));
-        let verified = webpki::EndEntityCert::try_from(&leaf).and_then(|ee| {
-            ee.verify_for_usage(
-                webpki::ALL_VERIFICATION_ALGS,
-                &anchors,
-                &intermediates,
-                time,
-                AnyPurpose,
-                None,
-                None,
-            )
-            .map(|path| {
-                let anchor = path.anchor();
-                let direct = path.intermediate_certificates().next().is_none();
-                let root = anchors
-                    .iter()
-                    .position(|a| {
-                        a.subject == anchor.subject
-                            && a.subject_public_key_info == anchor.subject_public_key_info
-                    })
-                    .map(|i| roots[i]);
-                (root, direct)
-            })
-        });
-        match verified {
-            Ok((Some(root), direct)) => Judged {
+        match verify(&ders, &roots, now) {
+            Ok((root, direct)) => Judged {
                 status: ChainStatus::Valid {
                     root: root.subject.clone(),
                 },
@@ -257,35 +214,66 @@ impl TrustStore {
                     second
                 },
             },
-            Ok((None, _)) => Judged {
-                status: ChainStatus::Invalid {
-                    detail: "the path's root is not one of the roots tried".to_owned(),
-                },
-                issuer: second,
-            },
-            Err(webpki::Error::UnknownIssuer) => Judged {
-                status: ChainStatus::Untrusted {
-                    detail: format!(
-                        "the chain (issuer {}) leads to no root trusted for {} certificates (trusted: {}); if the issuer is genuine, add its root to {setting}, or add the missing intermediate to the certificate",
-                        chain.issuer(),
-                        environment.name(),
-                        roots
-                            .iter()
-                            .map(|r| r.subject.as_str())
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    ),
-                },
-                issuer: second,
-            },
-            Err(e) => Judged {
-                status: ChainStatus::Invalid {
-                    detail: describe(&e),
-                },
-                issuer: second,
-            },
+            Err(webpki::Error::UnknownIssuer) => status(ChainStatus::Untrusted {
+                detail: format!(
+                    "the chain (issuer {}) leads to no root trusted for {} certificates (trusted: {}); if the issuer is genuine, add its root to {setting}, or add the missing intermediate to the certificate",
+                    chain.issuer(),
+                    environment.name(),
+                    roots
+                        .iter()
+                        .map(|r| r.subject.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            }),
+            Err(e) => status(ChainStatus::Invalid {
+                detail: describe(&e),
+            }),
         }
     }
+}
+
+/// Builds a path from the leaf (`ders[0]`) through the other certificates to one of
+/// `roots` at `now`; returns the root reached and whether it issued the leaf directly.
+fn verify<'r>(
+    ders: &[&[u8]],
+    roots: &[&'r Root],
+    now: i64,
+) -> Result<(&'r Root, bool), webpki::Error> {
+    let root_ders: Vec<CertificateDer<'_>> = roots
+        .iter()
+        .map(|r| CertificateDer::from(r.der.as_slice()))
+        .collect();
+    // Root::from_der made sure each reads as an anchor, so the two lists pair up.
+    let anchors = root_ders
+        .iter()
+        .map(webpki::anchor_from_trusted_cert)
+        .collect::<Result<Vec<TrustAnchor<'_>>, _>>()?;
+    let leaf = CertificateDer::from(*ders.first().ok_or(webpki::Error::BadDer)?);
+    let intermediates: Vec<CertificateDer<'_>> =
+        ders[1..].iter().map(|d| CertificateDer::from(*d)).collect();
+    let time = UnixTime::since_unix_epoch(Duration::from_secs(u64::try_from(now).unwrap_or(0)));
+    let ee = webpki::EndEntityCert::try_from(&leaf)?;
+    let path = ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        &intermediates,
+        time,
+        AnyPurpose,
+        None,
+        None,
+    )?;
+    let anchor = path.anchor();
+    let direct = path.intermediate_certificates().next().is_none();
+    let root = anchors
+        .iter()
+        .position(|a| {
+            a.subject == anchor.subject
+                && a.subject_public_key_info == anchor.subject_public_key_info
+        })
+        .map(|i| roots[i])
+        .ok_or(webpki::Error::UnknownIssuer)?;
+    Ok((root, direct))
 }
 
 /// webpki's refusal in an operator's words.

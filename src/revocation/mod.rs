@@ -18,6 +18,8 @@
 
 use std::{fmt, time::Duration};
 
+use crate::fetch::{describe, read_limited};
+
 use der::{Decode, Encode};
 use x509_cert::{
     Certificate,
@@ -354,37 +356,6 @@ fn fetchable(url: &str) -> Result<(), String> {
     } else {
         Err("skipped: only http:// and https:// URLs are fetched".into())
     }
-}
-
-/// The body, refusing one over `limit` bytes as soon as it is known to be.
-async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
-    let too_large = || format!("the answer is larger than {limit} bytes");
-    if response
-        .content_length()
-        .is_some_and(|length| length > limit as u64)
-    {
-        return Err(too_large());
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(describe)? {
-        if body.len() + chunk.len() > limit {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-/// A reqwest error by its innermost cause ("Connection refused (os error 111)"), which
-/// says what happened; reqwest's own message only says a request failed.
-fn describe(error: reqwest::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        text = cause.to_string();
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

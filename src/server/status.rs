@@ -318,7 +318,21 @@ mod tests {
 
     #[test]
     fn each_signing_error_has_its_code_and_a_message_naming_the_cause() {
-        let table = [
+        for (error, code, outcome, message) in signing_errors() {
+            let failure = sign_failure(&error);
+            let status = &failure.status;
+            assert_eq!(
+                (status.code(), status.message(), failure.outcome),
+                (code, message.as_str(), outcome),
+                "{error:?}"
+            );
+            assert!(status.details().is_empty(), "{error:?}: no details");
+        }
+    }
+
+    /// Every kind of signing error, with its code, outcome and message.
+    fn signing_errors() -> Vec<(SignError, Code, Outcome, String)> {
+        vec![
             (
                 SignError::Invalid(InvalidGrant::at(
                     GrantField::Scopes,
@@ -390,17 +404,7 @@ mod tests {
                 Outcome::Failed,
                 "signing in the token failed: PKCS#11 C_Sign failed: DeviceError".to_owned(),
             ),
-        ];
-        for (error, code, outcome, message) in table {
-            let failure = sign_failure(&error);
-            let status = &failure.status;
-            assert_eq!(
-                (status.code(), status.message(), failure.outcome),
-                (code, message.as_str(), outcome),
-                "{error:?}"
-            );
-            assert!(status.details().is_empty(), "{error:?}: no details");
-        }
+        ]
     }
 
     fn refused(status: u16, error: &str, uri: &str) -> TokenError {

@@ -13,6 +13,7 @@ use zeroize::Zeroizing;
 
 use crate::{
     config::{EnvironmentConfig, TokenEndpoint, TokenSettings, endpoint_problem},
+    fetch::{describe, read_limited},
     maskinporten, telemetry,
 };
 
@@ -157,7 +158,7 @@ impl Exchange {
             let (status, body) = tokio::time::timeout_at(deadline.into(), async {
                 let response = self.http.get(&url).send().await.map_err(describe)?;
                 let status = response.status();
-                let body = read_limited(response).await?;
+                let body = read_limited(response, MAX_ANSWER).await?;
                 Ok::<_, String>((status, body))
             })
             .await
@@ -251,7 +252,11 @@ impl Exchange {
                 .map_err(|e| Failure::Network(describe(e)))?;
             let status = response.status().as_u16();
             // Holds the token on success: wiped when dropped.
-            let body = Zeroizing::new(read_limited(response).await.map_err(Failure::Network)?);
+            let body = Zeroizing::new(
+                read_limited(response, MAX_ANSWER)
+                    .await
+                    .map_err(Failure::Network)?,
+            );
             Ok((status, body))
         };
         tokio::time::timeout_at(deadline.into(), exchange)
@@ -362,34 +367,6 @@ fn snippet(body: &[u8]) -> String {
     } else {
         format!(": {:?}", text.trim())
     }
-}
-
-async fn read_limited(mut response: reqwest::Response) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(describe)? {
-        if body.len() + chunk.len() > MAX_ANSWER {
-            return Err(format!("the answer is larger than {MAX_ANSWER} bytes"));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-/// A reqwest error with its causes ("connection refused", "certificate expired"), which
-/// its own message leaves out. Requests carry the assertion in the body, never in the
-/// URL, so nothing here is secret.
-fn describe(error: reqwest::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// HTTPS on rustls with ring (the provider tonic uses; no OpenSSL, no aws-lc build),

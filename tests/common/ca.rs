@@ -346,17 +346,17 @@ fn pem_to_der(pem: &Path) -> Vec<u8> {
 
 /// An `openssl ca` database time (UTCTime "YYMMDDHHMMSSZ") as Unix seconds.
 fn utc_time(stamp: &str) -> i64 {
-    let n = |range: std::ops::Range<usize>| stamp[range].parse::<i64>().expect("digits");
-    let (year, month, day) = (2000 + n(0..2), n(2..4), n(4..6));
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    days * 86_400 + n(6..8) * 3600 + n(8..10) * 60 + n(10..12)
+    let n = |range: std::ops::Range<usize>| stamp[range].parse::<u8>().expect("digits");
+    let time = der::DateTime::new(
+        2000 + u16::from(n(0..2)),
+        n(2..4),
+        n(4..6),
+        n(6..8),
+        n(8..10),
+        n(10..12),
+    )
+    .expect("a database time");
+    i64::try_from(time.unix_duration().as_secs()).expect("in range")
 }
 
 /// What the HTTP server answers to any request.
