@@ -155,6 +155,21 @@ async fn unknown_stays_unknown_when_no_crl_answers() {
 
 /// The OCSP attempt's problem, when the CRL is unreachable so the check ends without an
 /// answer.
+/// Checks `leaf` and expects the CRL's answer: revoked at `at` for `reason`.
+async fn crl_says_revoked(ca: &TestCa, leaf: &Issued, at: i64, reason: Reason) {
+    let answer = check(&patient(), ca, leaf, now())
+        .await
+        .expect("an answer");
+    assert_eq!(answer.source, Source::Crl);
+    assert_eq!(
+        answer.status,
+        Status::Revoked {
+            at,
+            reason: Some(reason)
+        }
+    );
+}
+
 async fn ocsp_problem(checker: &Checker, ca: &TestCa, leaf: &Issued, at: i64) -> String {
     let no = check(checker, ca, leaf, at).await.expect_err("no answer");
     assert_eq!(no.attempts.len(), 2, "{no}");
@@ -224,17 +239,7 @@ async fn a_pem_crl_is_read_too() {
     let _ = ca.crl(48);
     let pem = std::fs::read(ca.dir.path().join("issuing.crl.pem")).expect("PEM CRL");
     crl.set(Behaviour::Serve(pem));
-    let answer = check(&patient(), &ca, &leaf, now())
-        .await
-        .expect("an answer");
-    assert_eq!(answer.source, Source::Crl);
-    assert_eq!(
-        answer.status,
-        Status::Revoked {
-            at,
-            reason: Some(Reason::Superseded)
-        }
-    );
+    crl_says_revoked(&ca, &leaf, at, Reason::Superseded).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,17 +289,7 @@ async fn an_unreachable_responder_falls_to_a_crl_that_revokes() {
     let leaf = ca.issue("revoked", &closed_url("/"), &crl.url("/issuing.crl"));
     let at = ca.revoke(&leaf, "keyCompromise");
     crl.set(Behaviour::Serve(ca.crl(48)));
-    let answer = check(&patient(), &ca, &leaf, now())
-        .await
-        .expect("an answer");
-    assert_eq!(answer.source, Source::Crl);
-    assert_eq!(
-        answer.status,
-        Status::Revoked {
-            at,
-            reason: Some(Reason::KeyCompromise)
-        }
-    );
+    crl_says_revoked(&ca, &leaf, at, Reason::KeyCompromise).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -301,6 +301,12 @@ fn log_change(key: &str, sha256: &str, before: &Record, after: &Record) {
             status = %line,
             "revocation check got no answer"
         ),
+        Revocation::Unknown if before.state != Revocation::Unknown => tracing::warn!(
+            key,
+            certificate_sha256 = sha256,
+            status = %line,
+            "the CA's responder does not know this certificate: check that the chain is the one the CA issued (the key still signs)"
+        ),
         state if *state != before.state => tracing::info!(
             key,
             certificate_sha256 = sha256,
