@@ -153,13 +153,9 @@ async fn unknown_stays_unknown_when_no_crl_answers() {
     );
 }
 
-/// The OCSP attempt's problem, when the CRL is unreachable so the check ends without an
-/// answer.
 /// Checks `leaf` and expects the CRL's answer: revoked at `at` for `reason`.
 async fn crl_says_revoked(ca: &TestCa, leaf: &Issued, at: i64, reason: Reason) {
-    let answer = check(&patient(), ca, leaf, now())
-        .await
-        .expect("an answer");
+    let answer = check(&patient(), ca, leaf, now()).await.expect("an answer");
     assert_eq!(answer.source, Source::Crl);
     assert_eq!(
         answer.status,
@@ -170,6 +166,8 @@ async fn crl_says_revoked(ca: &TestCa, leaf: &Issued, at: i64, reason: Reason) {
     );
 }
 
+/// The OCSP attempt's problem, when the CRL is unreachable so the check ends without an
+/// answer.
 async fn ocsp_problem(checker: &Checker, ca: &TestCa, leaf: &Issued, at: i64) -> String {
     let no = check(checker, ca, leaf, at).await.expect_err("no answer");
     assert_eq!(no.attempts.len(), 2, "{no}");
