@@ -421,3 +421,44 @@ async fn slow_idle_and_oversized_http1_peers_are_cut_off() {
     );
     assert_eq!(ok.status, 200, "{}", ok.body);
 }
+
+/// A JSON caller that hangs up over HTTP/1.1 while its token is being fetched: the fetch
+/// runs in its own task, so it finishes and fills the cache; the next caller gets that
+/// token without a second exchange, and the agent goes on serving.
+#[tokio::test]
+async fn a_caller_hanging_up_mid_fetch_over_http1_does_not_cancel_the_fetch() {
+    let (agent, mock) = api_agent("", 100).await;
+    mock.fault(serde_json::json!({"mode": "delay", "delay_ms": 3000, "count": 1}))
+        .await;
+    let texas = serde_json::json!({"identity_provider": "maskinporten", "target": "test:other",
+        "client_id": common::api::CLIENT_ID});
+    let body = texas.to_string();
+    let request = format!(
+        "POST /api/v1/token HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let stream = raw(&agent.path("agent.sock"), request.as_bytes());
+    // Hang up once Maskinporten has the grant (it answers 3 s later).
+    let until = Instant::now() + Duration::from_secs(60);
+    while token_requests(&mock).await == 0 {
+        assert!(Instant::now() < until, "the exchange never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(stream);
+
+    let next = post(&agent, &Via::Unix, "/api/v1/token", &texas);
+    assert_eq!(next.status, 200, "{}", next.body);
+    assert_eq!(
+        token_requests(&mock).await,
+        1,
+        "the abandoned fetch served the next caller: no second exchange"
+    );
+    let token = next.json()["access_token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let claims = mock.verify_access_token(&token).await;
+    assert_eq!(claims["scope"], "test:other");
+    assert!(!agent.log().contains("panicked"), "{}", agent.log());
+}

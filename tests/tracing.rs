@@ -308,3 +308,42 @@ fn by_id_name<'a>(spans: &'a [Span], name: &str) -> &'a Span {
         .find(|s| s.name == name)
         .unwrap_or_else(|| panic!("no {name} span"))
 }
+
+/// Traces are best effort: with nothing listening at the collector's address, tokens and
+/// grants are served as before, and SIGTERM still stops the agent (the flush at exit
+/// gives up after `export_timeout_seconds`) with a clean exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_down_costs_no_request_and_no_hang_at_exit() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let collector = format!("http://{}", closed.local_addr().expect("address"));
+    drop(closed);
+    let (mut agent, _mock) = setup(&collector).await;
+    let mut client = agent.client().await;
+    let token = GrantParameters {
+        environment: "mock".into(),
+        ..params()
+    };
+    for _ in 0..3 {
+        let _ = client
+            .get_access_token(traced(GetAccessTokenRequest {
+                grant: Some(token.clone()),
+                force_refresh: true,
+            }))
+            .await
+            .expect("a token with the collector down");
+    }
+    for _ in 0..50 {
+        let _ = client
+            .sign_grant(traced(SignGrantRequest {
+                grant: Some(params()),
+            }))
+            .await
+            .expect("a grant with the collector down");
+    }
+    drop(client);
+    agent.signal("TERM");
+    let status = agent
+        .wait_exit(Duration::from_secs(60))
+        .expect("stopped, though the spans could not be sent");
+    assert!(status.success(), "{status:?}\n{}", agent.log());
+}
