@@ -327,6 +327,99 @@ async fn heals_under_load(agent: DevAgent) {
     );
 }
 
+/// The same outage under JSON load (`POST /api/v1/grant`, HTTP/1.1 keep-alive): while the
+/// token is away every answer is a 503 whose body is an OAuth error,
+/// `temporarily_unavailable`, never a hang or a broken connection; once it is back every
+/// answer is a 200 with an assertion, with no restart.
+#[tokio::test]
+async fn json_callers_get_oauth_503s_while_the_token_is_away_and_grants_after() {
+    let agent = agent_with_importable_key();
+    let url = format!("http://{}/api/v1/grant", agent.addr);
+    let body = serde_json::json!({"identity_provider": "maskinporten", "target": "test:scope",
+        "client_id": params().client_id, "environment": "test"});
+    // Plain http://, so HTTP/1.1 with keep-alive.
+    let http = common::test_http_client(None);
+    let post = {
+        let (http, url, body) = (http.clone(), url.clone(), body.clone());
+        move || {
+            let request = http
+                .post(&url)
+                .timeout(Duration::from_secs(30))
+                .header("content-type", "application/json")
+                .body(body.to_string());
+            async move {
+                let response = request.send().await.map_err(|e| e.to_string())?;
+                let status = response.status().as_u16();
+                let bytes = response.bytes().await.map_err(|e| e.to_string())?;
+                let json: serde_json::Value =
+                    serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+                Ok::<_, String>((status, json))
+            }
+        }
+    };
+    assert_eq!(post().await.expect("answered").0, 200);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (post, stop) = (post.clone(), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    outcomes.push((Instant::now(), post().await));
+                }
+                outcomes
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let outage = Instant::now();
+    let dir = agent.dir.path().to_owned();
+    tokio::task::spawn_blocking(move || recreate_token(&dir, &read(&dir.join("pin")).clone()))
+        .await
+        .expect("recreate");
+    let until = Instant::now() + Duration::from_secs(30);
+    while !matches!(post().await, Ok((200, _))) {
+        assert!(
+            Instant::now() < until,
+            "the agent did not recover within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let back = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut outcomes = Vec::new();
+    for task in load {
+        outcomes.extend(task.await.expect("load task"));
+    }
+
+    let mut unavailable = 0;
+    for (at, outcome) in &outcomes {
+        let (status, json) = outcome
+            .as_ref()
+            .expect("every request answered, none broken");
+        match status {
+            200 => assert!(json["assertion"].is_string(), "{json}"),
+            503 => {
+                unavailable += 1;
+                assert_eq!(json["error"], "temporarily_unavailable", "{json}");
+                assert!(
+                    *at < back + Duration::from_millis(200),
+                    "a 503 after recovery: {json}"
+                );
+            }
+            other => panic!("HTTP {other}: {json}"),
+        }
+    }
+    println!(
+        "JSON recovery: {} requests, {unavailable} answered 503, back after {:?}",
+        outcomes.len(),
+        back - outage
+    );
+    assert!(agent.log().contains("the token is back; serving again"));
+}
+
 #[tokio::test]
 async fn health_notices_a_lost_token_with_no_request() {
     let agent = agent_with_importable_key();

@@ -799,7 +799,7 @@ pub(crate) async fn http_get(url: &str) -> String {
 }
 
 /// An HTTP client for tests, trusting `ca` (PEM) when given.
-fn test_http_client(ca: Option<PathBuf>) -> reqwest::Client {
+pub(crate) fn test_http_client(ca: Option<PathBuf>) -> reqwest::Client {
     let mut roots = rustls::RootCertStore::empty();
     if let Some(ca) = ca {
         use rustls::pki_types::{CertificateDer, pem::PemObject};
