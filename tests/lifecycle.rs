@@ -1169,3 +1169,34 @@ fn metric(text: &str, prefix: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(-1.0)
 }
+
+/// A hostile network at start-up: the certificate's OCSP responder and CRL point accept
+/// the connection and never answer. The first check, which the agent makes before it
+/// serves, gives up after `[revocation] timeout_seconds` for each, so the agent starts,
+/// says why in ListKeys, and signs.
+#[tokio::test]
+async fn responders_that_never_answer_delay_start_up_by_the_timeout_only() {
+    let dir = token();
+    let pki = ca::TestCa::new("Buypass Class 3 Test4 CA G2 ST Business");
+    let silent = ca::HttpServer::start(ca::Behaviour::Silent).await;
+    let csr = key_with_csr(&dir, "vs", "rsa2048");
+    let leaf = pki.issue_for(&csr, SEID2, &silent.url("/"), &silent.url("/issuing.crl"));
+    let chain = leaf.pem.to_str().expect("utf-8");
+    let _ = ok(run(&dir, &["cert", "import", "--label", "vs", chain]));
+    let settings = format!(
+        "{}[revocation]\ntimeout_seconds = 1\n",
+        key_toml("default", "vs", "")
+    );
+    config(&dir, "agent.toml", &settings);
+    let agent = DevAgent::serve(dir, "agent.toml");
+    let key = list(&agent).await.remove(0);
+    assert_eq!(key.revocation_status, "unreachable", "{key:?}");
+    assert_eq!(
+        key.revocation_detail
+            .matches("no answer within 1000 ms")
+            .count(),
+        2,
+        "the responder and the CRL point each timed out: {key:?}"
+    );
+    assert!(sign(&agent, "", "test").await.is_ok());
+}
