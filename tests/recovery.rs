@@ -200,6 +200,57 @@ async fn the_agent_heals_behind_a_module_that_stays_loaded() {
     heals_under_load(agent_with_importable_key_through(Some(SPY))).await;
 }
 
+/// Four callers repeat `call` while the agent's token is deleted and re-created, until
+/// `back` holds for an answer and a second more has passed. Every answer with its time,
+/// when the outage began, and when service was back.
+async fn outage_under_load<T, C, F>(
+    agent: &DevAgent,
+    call: C,
+    back: impl Fn(&T) -> bool,
+) -> (Vec<(Instant, T)>, Instant, Instant)
+where
+    T: Send + 'static,
+    C: Fn() -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = T> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (call, stop) = (call.clone(), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    outcomes.push((Instant::now(), call().await));
+                }
+                outcomes
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let outage = Instant::now();
+    let dir = agent.dir.path().to_owned();
+    tokio::task::spawn_blocking(move || recreate_token(&dir, &read(&dir.join("pin")).clone()))
+        .await
+        .expect("recreate");
+    // Service comes back with no restart.
+    let until = Instant::now() + Duration::from_secs(30);
+    while !back(&call().await) {
+        assert!(
+            Instant::now() < until,
+            "the agent did not recover within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let back = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut outcomes = Vec::new();
+    for task in load {
+        outcomes.extend(task.await.expect("load task"));
+    }
+    (outcomes, outage, back)
+}
+
 /// Deletes and re-creates the agent's token under load, and checks that service comes
 /// back with no restart and the same key.
 async fn heals_under_load(agent: DevAgent) {
@@ -211,54 +262,21 @@ async fn heals_under_load(agent: DevAgent) {
         .expect("signed")
         .into_inner();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<_> = (0..4)
-        .map(|_| {
-            let (mut c, stop) = (client.clone(), Arc::clone(&stop));
-            tokio::spawn(async move {
-                let mut outcomes = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let result = c.sign_grant(grant_request(params())).await;
-                    outcomes.push((
-                        Instant::now(),
-                        result
-                            .map(|r| r.into_inner())
-                            .map_err(|s| (s.code(), s.message().to_owned())),
-                    ));
-                }
-                outcomes
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    let outage = Instant::now();
-    let dir = agent.dir.path().to_owned();
-    tokio::task::spawn_blocking(move || recreate_token(&dir, &read(&dir.join("pin")).clone()))
-        .await
-        .expect("recreate");
-    // Service comes back with no restart.
-    let mut back = None;
-    for _ in 0..300 {
-        if client
-            .clone()
-            .sign_grant(grant_request(params()))
-            .await
-            .is_ok()
-        {
-            back = Some(outage.elapsed());
-            break;
+    let sign = {
+        let client = client.clone();
+        move || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .sign_grant(grant_request(params()))
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| (s.code(), s.message().to_owned()))
+            }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let back = back.expect("the agent did not recover within 30 s");
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    stop.store(true, Ordering::Relaxed);
-
-    let mut outcomes = Vec::new();
-    for task in load {
-        outcomes.extend(task.await.expect("load task"));
-    }
+    };
+    let (outcomes, outage, back) = outage_under_load(&agent, sign, Result::is_ok).await;
+    let back = back - outage;
     let failed: Vec<_> = outcomes
         .iter()
         .filter_map(|(_, r)| r.as_ref().err())
@@ -359,41 +377,8 @@ async fn json_callers_get_oauth_503s_while_the_token_is_away_and_grants_after() 
     };
     assert_eq!(post().await.expect("answered").0, 200);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<_> = (0..4)
-        .map(|_| {
-            let (post, stop) = (post.clone(), Arc::clone(&stop));
-            tokio::spawn(async move {
-                let mut outcomes = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    outcomes.push((Instant::now(), post().await));
-                }
-                outcomes
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let outage = Instant::now();
-    let dir = agent.dir.path().to_owned();
-    tokio::task::spawn_blocking(move || recreate_token(&dir, &read(&dir.join("pin")).clone()))
-        .await
-        .expect("recreate");
-    let until = Instant::now() + Duration::from_secs(30);
-    while !matches!(post().await, Ok((200, _))) {
-        assert!(
-            Instant::now() < until,
-            "the agent did not recover within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let back = Instant::now();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut outcomes = Vec::new();
-    for task in load {
-        outcomes.extend(task.await.expect("load task"));
-    }
-
+    let (outcomes, outage, back) =
+        outage_under_load(&agent, post, |r| matches!(r, Ok((200, _)))).await;
     let mut unavailable = 0;
     for (at, outcome) in &outcomes {
         let (status, json) = outcome
