@@ -186,6 +186,7 @@ impl KeySet {
         {
             return Ok(key);
         }
+        // Every version valid now is revoked: say so for the newest.
         if let Some(key) = dated().max_by_key(newest_first)
             && let Some((at, reason, source)) = self.revocation.revoked(key.certificate_sha256())
         {
@@ -196,25 +197,20 @@ impl KeySet {
                 answered_by: source,
             });
         }
-        versions
+        // None is valid now.
+        let future = versions
             .iter()
-            .filter(|v| v.valid_at(now))
-            .max_by_key(|v| v.not_before.unwrap_or(i64::MIN))
-            .ok_or_else(|| {
-                let future = versions
-                    .iter()
-                    .filter_map(|v| v.not_before.filter(|t| *t > now))
-                    .min();
-                let expired = versions.iter().filter_map(|v| v.not_after).max();
-                SignError::CertificateNotValid {
-                    key: name.to_owned(),
-                    state: match (future, expired) {
-                        (Some(t), _) => format!("not valid yet (from {})", rfc3339(t)),
-                        (None, Some(t)) => format!("expired (on {})", rfc3339(t)),
-                        (None, None) => "not valid".to_owned(),
-                    },
-                }
-            })
+            .filter_map(|v| v.not_before.filter(|t| *t > now))
+            .min();
+        let expired = versions.iter().filter_map(|v| v.not_after).max();
+        Err(SignError::CertificateNotValid {
+            key: name.to_owned(),
+            state: match (future, expired) {
+                (Some(t), _) => format!("not valid yet (from {})", rfc3339(t)),
+                (None, Some(t)) => format!("expired (on {})", rfc3339(t)),
+                (None, None) => "not valid".to_owned(),
+            },
+        })
     }
 
     /// Picks the key and makes the claims for a grant issued at `now`.

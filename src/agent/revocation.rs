@@ -9,7 +9,7 @@
 //! every grant, and Maskinporten itself is the final judge.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -228,9 +228,14 @@ impl Agent {
     /// from [`Agent::watch_revocation`]. Logs each change, an error for a revocation.
     pub(crate) async fn check_revocation(&self, checker: &Checker, good_for: Duration) {
         let keys = self.keys();
+        // One certificate may serve several key names: asked about once a round.
+        let mut asked = HashSet::new();
         for key in keys.versions() {
             let Some(chain) = key.chain() else { continue };
             let sha256 = key.certificate_sha256();
+            if !asked.insert(sha256) {
+                continue;
+            }
             let before = self.revocation.get(sha256);
             let Some(issuer) = key.issuer() else {
                 self.revocation.set(
