@@ -413,18 +413,22 @@ impl Metrics {
         self.certificate_expiry.clear();
         self.revocation_last_good.clear();
         self.certificate_revoked.clear();
-        for report in agent.report(unix_now()) {
-            if report.certificate_sha256.is_empty() {
-                continue;
-            }
+        let now = unix_now();
+        for report in agent.report(now) {
             let labels = CertificateLabels {
                 key: report.name,
                 certificate_sha256: report.certificate_sha256,
             };
-            let _ = self
-                .certificate_expiry
-                .get_or_create(&labels)
-                .set(report.not_after - unix_now());
+            // A registered `kid` key's not_after expires it too (empty sha256).
+            if report.not_after != 0 {
+                let _ = self
+                    .certificate_expiry
+                    .get_or_create(&labels)
+                    .set(report.not_after - now);
+            }
+            if labels.certificate_sha256.is_empty() {
+                continue;
+            }
             let _ = self
                 .certificate_revoked
                 .get_or_create(&labels)

@@ -221,6 +221,18 @@ async fn metrics_count_what_happened_and_logs_carry_request_ids() {
         "[pkcs11]\n",
         "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[pkcs11]\nsessions = 3\n",
     );
+    // A second token key, registered on a client: a kid key expires too.
+    let generated = std::process::Command::new(common::BIN)
+        .args(["key", "generate", "--label", "registered"])
+        .env("SOFTHSM2_CONF", dir.path().join("softhsm2.conf"))
+        .env("GRANT_AGENT_CONFIG", dir.path().join("config.toml"))
+        .output()
+        .expect("key generate");
+    assert!(generated.status.success(), "{generated:?}");
+    let config = format!(
+        "{config}\n[[keys]]\nname = \"registered\"\nlabel = \"registered\"\n\
+         kid = \"registered-2099\"\nnot_after = 2099-01-01T00:00:00Z\n"
+    );
     std::fs::write(dir.path().join("agent.toml"), config).expect("config");
     let agent = DevAgent::serve(dir, "agent.toml");
     let mut client = agent.client().await;
@@ -253,8 +265,18 @@ async fn metrics_count_what_happened_and_logs_carry_request_ids() {
     }
     let expiry = text
         .lines()
-        .find(|l| l.starts_with("grant_agent_certificate_expiry_seconds{"))
+        .find(|l| l.starts_with("grant_agent_certificate_expiry_seconds{key=\"default\""))
         .unwrap_or_else(|| panic!("no expiry gauge in\n{text}"));
+    assert!(
+        text.contains(
+            "grant_agent_certificate_expiry_seconds{key=\"registered\",certificate_sha256=\"\"}"
+        ),
+        "the kid key's expiry gauge is missing from\n{text}"
+    );
+    assert!(
+        !text.contains("grant_agent_certificate_revoked{key=\"registered\""),
+        "a kid key has no certificate to revoke:\n{text}"
+    );
     let seconds: i64 = expiry
         .rsplit(' ')
         .next()
